@@ -1,0 +1,496 @@
+"""Space analysis: which parameter axes must share one permutation.
+
+``analyze_traced(traced, rules)`` walks the graph once, in order, with an
+``AxisStore``: placeholders get fresh atoms (graph inputs and non-persistent
+buffers pinned), every op's rule ties its atoms, outputs are pinned. The result
+is an immutable ``Analysis``:
+
+* ``spaces``: leaf classes that touch a parameter or buffer, each ``Space``
+  with its size, member axes and pinned status;
+* ``layouts``: for every parameter/buffer, one ``AxisExpr`` per dimension,
+  a tree of ``Leaf(space)``, ``Product`` (row-major, heads × head_dim) and
+  ``Concat`` (segments) nodes;
+* ``unruled``: ops that had no rule (their axes were pinned: fail closed).
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from .axes import CONCAT, PRODUCT, AxisStore
+from .errors import StrictError
+from .kinds import KINDS, RuleMismatch
+from .rules import Rule, RuleSet, load_rules
+from .trace import BUFFER, CONSTANT, PARAMETER, USER_INPUT, TracedModel, trace
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Leaf:
+    space: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Product:
+    parts: tuple["AxisExpr", ...]
+    size: int
+
+
+@dataclass(frozen=True)
+class Concat:
+    parts: tuple["AxisExpr", ...]
+    size: int
+
+
+AxisExpr = Leaf | Product | Concat
+
+
+def expr_leaves(expr: AxisExpr) -> list[Leaf]:
+    if isinstance(expr, Leaf):
+        return [expr]
+    return [leaf for part in expr.parts for leaf in expr_leaves(part)]
+
+
+def expr_text(expr: AxisExpr) -> str:
+    if isinstance(expr, Leaf):
+        return f"s{expr.space}"
+    sep = "×" if isinstance(expr, Product) else " | "
+    return "(" + sep.join(expr_text(p) for p in expr.parts) + ")"
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """A parameter or persistent buffer: its axes as expressions over spaces."""
+
+    name: str
+    kind: str  # "parameter" or "buffer"
+    shape: tuple[int, ...]
+    axes: tuple[AxisExpr, ...]
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Member:
+    """Space ``s`` occurs in dim ``axis`` of ``param``; ``path`` locates it inside a structured axis."""
+
+    param: str
+    axis: int
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Space:
+    id: int
+    name: str
+    size: int
+    free: bool
+    reason: str | None
+    members: tuple[Member, ...]
+    roles: tuple[str, ...] = ()
+    structure: str = ""
+
+
+@dataclass(frozen=True)
+class UnruledOp:
+    op: str
+    node: str
+    module: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Analysis:
+    traced: TracedModel
+    spaces: tuple[Space, ...]
+    layouts: Mapping[str, ParamLayout]
+    unruled: tuple[UnruledOp, ...]
+    rule_files: tuple[str, ...]
+    node_axes: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def free_spaces(self) -> tuple[Space, ...]:
+        return tuple(s for s in self.spaces if s.free)
+
+    def space(self, sid: int) -> Space:
+        return self.spaces[sid]
+
+    @property
+    def coverage(self) -> float:
+        """Share of parameter elements that lie on at least one free space of size > 1."""
+        free = {s.id for s in self.spaces if s.free and s.size > 1}
+        total = movable = 0
+        for lay in self.layouts.values():
+            if lay.kind != PARAMETER:
+                continue
+            n = 1
+            for d in lay.shape:
+                n *= d
+            total += n
+            if any(leaf.space in free for ax in lay.axes for leaf in expr_leaves(ax)):
+                movable += n
+        return movable / total if total else 0.0
+
+    def report(self) -> dict:
+        """A JSON-serialisable summary: spaces, pins, unruled ops, coverage."""
+        model = self.traced.module
+        n_params = sum(p.numel() for p in model.parameters())
+        return {
+            "model": type(model).__name__,
+            "parameters": n_params,
+            "coverage": round(self.coverage, 6),
+            "spaces": [
+                {
+                    "id": s.id, "name": s.name, "size": s.size, "free": s.free,
+                    "reason": s.reason, "structure": s.structure, "roles": list(s.roles),
+                    "members": [[m.param, m.axis] + ([m.path] if m.path else []) for m in s.members],
+                }
+                for s in self.spaces
+            ],
+            "pinned": [{"id": s.id, "name": s.name, "reason": s.reason} for s in self.spaces if not s.free],
+            "unruled_ops": [
+                {"op": u.op, "node": u.node, "module": u.module, "reason": u.reason} for u in self.unruled
+            ],
+            "layouts": {n: [expr_text(a) for a in lay.axes] for n, lay in self.layouts.items()},
+            "rule_files": list(self.rule_files),
+        }
+
+
+# ---------------------------------------------------------------- the analyser
+
+
+def analyze(model: torch.nn.Module, example_args: tuple, rules: RuleSet | None = None, strict: bool = False,
+            example_kwargs: Mapping[str, Any] | None = None, pins: Mapping[str, str] | None = None) -> Analysis:
+    """Trace ``model`` on ``example_args`` and find its permutation spaces."""
+    return analyze_traced(trace(model, example_args, example_kwargs), rules, strict, pins)
+
+
+def analyze_traced(traced: TracedModel, rules: RuleSet | None = None, strict: bool = False,
+                   pins: Mapping[str, str] | None = None) -> Analysis:
+    """Run the rules over ``traced``'s graph. ``pins`` maps a param axis ``"name:axis"`` to a reason."""
+    rules = rules if rules is not None else load_rules()
+    walker = _Walker(traced, rules)
+    walker.run()
+    if strict and walker.unruled:
+        u = walker.unruled[0]
+        more = f" (and {len(walker.unruled) - 1} more)" if len(walker.unruled) > 1 else ""
+        raise StrictError(f"no rule for {u.op} at node {u.node} ({u.module or 'top level'}){more}: {u.reason}")
+    return walker.result(pins or {})
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).replace("L['self'].", "").replace("L__self___", "")
+
+
+def _op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"{getattr(target, 'namespace', 'higher_order')}.{target.name()}"
+    mod = getattr(target, "__module__", None) or ""
+    return f"{mod}.{getattr(target, '__name__', str(target))}".strip(".")
+
+
+def _is_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor)
+
+
+class _Walker:
+    """Walks one graph (and nested subgraphs) tying atoms; produces an ``Analysis``."""
+
+    def __init__(self, traced: TracedModel, rules: RuleSet):
+        self.traced, self.rules = traced, rules
+        self.store = AxisStore()
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.unruled: list[UnruledOp] = []
+        self.param_atoms: dict[str, tuple[str, list[int]]] = {}  # state-dict name -> (kind, atoms)
+
+    # -- values and atoms
+    def fresh(self, val: Any, pinned: str | None = None) -> Any:
+        if _is_tensor(val):
+            return [self.store.new(int(s), pinned) for s in val.shape]
+        if isinstance(val, (list, tuple)):
+            return [self.fresh(v, pinned) if _is_tensor(v) else None for v in val]
+        return None
+
+    def run(self) -> None:
+        self._walk(self.traced.graph_module, top=True)
+
+    def _walk(self, gm: torch.fx.GraphModule, top: bool, inputs: list | None = None) -> list:
+        graph = gm.graph
+        env = self.env
+        outputs: list = []
+        k = 0
+        for node in graph.nodes:
+            val = node.meta.get("val")
+            if node.op == "placeholder":
+                if not top:
+                    env[node] = inputs[k] if inputs is not None and k < len(inputs) else self.fresh(val)
+                    k += 1
+                    continue
+                ph = self.traced.placeholders.get(node.name)
+                kind = ph.kind if ph else USER_INPUT
+                if kind == USER_INPUT:
+                    env[node] = self.fresh(val, f"interface: graph input '{node.name}'")
+                elif kind == CONSTANT or (kind == BUFFER and not ph.persistent):
+                    env[node] = self.fresh(val, f"constant tensor '{ph.target or node.name}' is not saved with the model")
+                else:
+                    env[node] = self.fresh(val)
+                    if env[node] is not None:
+                        self.param_atoms[ph.target] = (kind, env[node])
+            elif node.op == "get_attr":
+                env[node] = self.fresh(val, f"constant '{node.target}'")
+            elif node.op == "call_function":
+                self._call(node, val)
+            elif node.op == "output":
+                outputs = list(torch.utils._pytree.tree_leaves(node.args[0]))
+                if top:
+                    for leaf in outputs:
+                        if isinstance(leaf, torch.fx.Node):
+                            for atom in self._atoms_flat(env.get(leaf)):
+                                self.store.pin(atom, f"interface: graph output '{leaf.name}'")
+                return [env.get(x) if isinstance(x, torch.fx.Node) else None for x in outputs]
+            else:
+                env[node] = self.fresh(val)
+        return outputs
+
+    def _atoms_flat(self, axes: Any) -> list[int]:
+        if axes is None:
+            return []
+        if axes and isinstance(axes[0], list) or (axes and axes[0] is None):
+            return [a for sub in axes if sub is not None for a in sub]
+        return list(axes)
+
+    def _call(self, node: torch.fx.Node, val: Any) -> None:
+        env = self.env
+        if node.target is operator.getitem:
+            src, idx = node.args
+            axes = env.get(src)
+            if isinstance(axes, list) and isinstance(idx, int) and 0 <= idx < len(axes) and (
+                    axes[idx] is None or isinstance(axes[idx], list)):
+                env[node] = axes[idx]
+            else:
+                env[node] = self.fresh(val, f"getitem of an untracked value at {node.name}")
+            return
+        out = self.fresh(val)
+        env[node] = out
+        inputs = [a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)]
+        touches = self._atoms_flat(out) or any(self._atoms_flat(env.get(a)) for a in inputs)
+        if not touches:
+            return  # shape arithmetic, assertions on scalars: no tensor axes involved
+        op = _op_name(node.target)
+        rule = self.rules.lookup(op)
+        if rule is None:
+            self._fail_closed(node, op, inputs, "no rule for this op")
+            return
+        ctx = OpContext(self, node, rule, op, out, val)
+        before = set(self.store.touched)
+        try:
+            KINDS[rule.kind].apply(ctx)
+        except RuleMismatch as exc:
+            self.store.touched = before
+            self._fail_closed(node, op, inputs, f"rule {rule.source} does not fit: {exc}")
+            return
+        for atom in self._atoms_flat(out):
+            if atom not in self.store.touched and self.store.size(atom) > 1:
+                self.store.pin(atom, f"axis created by {op} at {node.name}")
+
+    def _fail_closed(self, node, op: str, inputs, reason: str) -> None:
+        module = _module_path(node)
+        self.unruled.append(UnruledOp(op, node.name, module, reason))
+        why = f"{reason}: {op} at {node.name}" + (f" ({module})" if module else "")
+        for a in inputs:
+            for atom in self._atoms_flat(self.env.get(a)):
+                self.store.pin(atom, why)
+        for atom in self._atoms_flat(self.env.get(node)):
+            self.store.pin(atom, why)
+
+    # -- result
+    def result(self, pins: Mapping[str, str]) -> Analysis:
+        store = self.store
+        aliases = self.traced.aliases
+        for key, reason in pins.items():
+            name, _, axis = key.rpartition(":")
+            if name in self.param_atoms:
+                store.pin(self.param_atoms[name][1][int(axis)], reason)
+        ids: dict[int, int] = {}
+        members: dict[int, list[Member]] = {}
+        first_param: dict[int, str] = {}
+
+        def build(atom: int, pname: str, axis: int, path: str) -> AxisExpr:
+            root = store.find(atom)
+            ref = store.refinement(root)
+            if ref is None:
+                sid = ids.setdefault(root, len(ids))
+                members.setdefault(sid, []).append(Member(pname, axis, path))
+                first_param.setdefault(sid, f"{pname}:{axis}")
+                return Leaf(sid, store.size(root))
+            sep = "×" if ref.kind == PRODUCT else "|"
+            parts = tuple(build(c, pname, axis, f"{path}{sep}{i}/{len(ref.children)}")
+                          for i, c in enumerate(ref.children))
+            return (Product if ref.kind == PRODUCT else Concat)(parts, store.size(root))
+
+        layouts: dict[str, ParamLayout] = {}
+        for name, (kind, atoms) in self.param_atoms.items():
+            shape = tuple(store.size(a) for a in atoms)
+            axes = tuple(build(a, name, i, "") for i, a in enumerate(atoms))
+            layouts[name] = ParamLayout(name, kind, shape, axes, aliases.get(name, ()))
+        roots = {sid: root for root, sid in ids.items()}
+        spaces = []
+        for sid in range(len(ids)):
+            root = roots[sid]
+            reason = store.pinned(root)
+            size = store.size(root)
+            roles = tuple(r for r, _ in Counter(store.roles(root)).most_common())
+            structure = _structure(members[sid])
+            if size == 1 and reason is None:
+                reason = "size 1"
+            spaces.append(Space(sid, first_param[sid], size, reason is None, reason,
+                                tuple(members[sid]), roles, structure))
+        node_axes = {n.name: self._node_expr(v, ids) for n, v in self.env.items()}
+        return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes)
+
+    def _node_expr(self, axes: Any, ids: dict[int, int]) -> Any:
+        if axes is None:
+            return None
+        if axes and (isinstance(axes[0], list) or axes[0] is None):
+            return tuple(self._node_expr(a, ids) for a in axes)
+        return tuple(self._atom_expr(a, ids) for a in axes)
+
+    def _atom_expr(self, atom: int, ids: dict[int, int]) -> AxisExpr | None:
+        root = self.store.find(atom)
+        ref = self.store.refinement(root)
+        if ref is None:
+            sid = ids.get(root)
+            return Leaf(sid, self.store.size(root)) if sid is not None else Leaf(-1, self.store.size(root))
+        parts = tuple(self._atom_expr(c, ids) for c in ref.children)
+        return (Product if ref.kind == PRODUCT else Concat)(parts, self.store.size(root))
+
+
+def _structure(members: list[Member]) -> str:
+    paths = sorted({m.path for m in members if m.path})
+    return paths[0] if paths else ""
+
+
+class OpContext:
+    """What a kind sees of one node: argument values, shapes, atoms, and the tie/pin verbs."""
+
+    def __init__(self, walker: _Walker, node: torch.fx.Node, rule: Rule, op: str, out: Any, val: Any):
+        self.walker, self.node, self.rule, self.op = walker, node, rule, op
+        self.store = walker.store
+        self.out = out
+        self.out_shape = self._shape_of_val(val)
+        self._bound = self._bind(node)
+
+    @staticmethod
+    def _shape_of_val(val: Any) -> Any:
+        if _is_tensor(val):
+            return [int(s) for s in val.shape]
+        if isinstance(val, (list, tuple)):
+            return [[int(s) for s in v.shape] if _is_tensor(v) else None for v in val]
+        return None
+
+    def _bind(self, node: torch.fx.Node) -> dict[str, Any]:
+        schema = getattr(node.target, "_schema", None)
+        bound: dict[str, Any] = {}
+        if schema is not None:
+            for i, arg in enumerate(schema.arguments):
+                if i < len(node.args) and not arg.kwarg_only:
+                    bound[arg.name] = node.args[i]
+                elif arg.name in node.kwargs:
+                    bound[arg.name] = node.kwargs[arg.name]
+                elif arg.has_default_value():
+                    bound[arg.name] = arg.default_value
+        else:
+            for i, a in enumerate(node.args):
+                bound[f"arg{i}"] = a
+            bound.update(node.kwargs)
+        return bound
+
+    # -- reading
+    def value(self, name: str) -> Any:
+        """The argument called ``name`` (schema name; ``out``/``outN`` for outputs)."""
+        if name == "out":
+            return _OUT
+        if name.startswith("out") and name[3:].isdigit():
+            return (_OUT, int(name[3:]))
+        return self._bound.get(name)
+
+    def shape(self, value: Any) -> list[int] | None:
+        if value is _OUT:
+            return self.out_shape if self.out_shape is None or not self.out_shape or isinstance(self.out_shape[0], int) else None
+        if isinstance(value, tuple) and len(value) == 2 and value[0] is _OUT:
+            shapes = self.out_shape
+            return shapes[value[1]] if isinstance(shapes, list) and value[1] < len(shapes) and isinstance(shapes[value[1]], list) else None
+        if isinstance(value, torch.fx.Node):
+            return self._shape_of_val(value.meta.get("val")) if _is_tensor(value.meta.get("val")) else None
+        return None
+
+    def atoms(self, value: Any) -> list[int] | None:
+        if value is _OUT:
+            return self.out
+        if isinstance(value, tuple) and len(value) == 2 and value[0] is _OUT:
+            return self.out[value[1]]
+        if isinstance(value, torch.fx.Node):
+            return self.walker.env.get(value)
+        return None
+
+    def tensor_args(self) -> list[tuple[str, torch.fx.Node]]:
+        return [(k, v) for k, v in self._bound.items()
+                if isinstance(v, torch.fx.Node) and _is_tensor(v.meta.get("val"))]
+
+    def out_atoms(self) -> list[int]:
+        return self.walker._atoms_flat(self.out)
+
+    # -- writing
+    def new_atom(self, size: int) -> int:
+        return self.store.new(size)
+
+    def tie(self, a: int, b: int) -> None:
+        if self.store.size(a) != self.store.size(b):
+            raise RuleMismatch(f"cannot tie axes of sizes {self.store.size(a)} and {self.store.size(b)}")
+        self.store.unify(a, b, f"{self.op} at {self.node.name}")
+
+    def pin(self, atom: int, reason: str) -> None:
+        self.store.pin(atom, f"{reason} at {self.node.name}")
+
+    def free(self, atom: int) -> None:
+        self.store.touched.add(atom)
+
+    def role(self, atom: int, name: str) -> None:
+        self.store.add_role(atom, name)
+
+    def compose(self, atoms: list[int], kind: str) -> int:
+        """An atom refined as ``kind`` over ``atoms`` (the atom itself when there is one)."""
+        if len(atoms) == 1:
+            return atoms[0]
+        sizes = [self.store.size(a) for a in atoms]
+        total = sum(sizes) if kind == CONCAT else _prod(sizes)
+        joined = self.store.new(total)
+        for child, atom in zip(self.store.refine(joined, kind, sizes), atoms):
+            self.store.unify(child, atom, f"{self.op} at {self.node.name}")
+        return joined
+
+    def analyze_subgraph(self, sub: torch.fx.Node, operands) -> list:
+        gm = getattr(self.walker.traced.graph_module, sub.target)
+        inputs = [self.walker.env.get(o) if isinstance(o, torch.fx.Node) else None for o in operands]
+        return self.walker._walk(gm, top=False, inputs=inputs)
+
+
+_OUT = object()
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out

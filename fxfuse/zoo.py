@@ -1,0 +1,260 @@
+"""A zoo of small models for tests, examples and benchmarks.
+
+Every factory takes an optional ``seed`` and returns ``(module, example_args)``
+with the module in eval mode and random weights drawn from that seed. Hugging
+Face architectures are built from tiny configs (no download); each carries a
+head (classification or LM) so that its residual stream is internal, not a
+returned output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BATCH, SEQ, VOCAB, IMAGE = 2, 8, 97, 32
+
+
+def _ids(vocab: int = VOCAB) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+
+
+def _pixels(channels: int = 3, size: int = IMAGE) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(BATCH, channels, size, size, generator=g)
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- plain torch.nn
+
+
+class MLP(nn.Module):
+    """``in -> hidden... -> out`` with ReLU, the OTFusion MNIST shape in small."""
+
+    def __init__(self, sizes=(64, 48, 32, 10)):
+        super().__init__()
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+class ResidualCNN(nn.Module):
+    """Conv + BatchNorm stem, two residual blocks, global pooling, linear head."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(2 * width),
+                nn.ReLU(),
+                nn.Conv2d(2 * width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+            )
+            for _ in range(2)
+        )
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = torch.relu(h + block(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class MHAClassifier(nn.Module):
+    """Token embedding, one ``nn.MultiheadAttention`` with a residual, mean-pooled head."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        h = self.norm(h + a)
+        return self.head(h.mean(dim=1))
+
+
+class EncoderClassifier(nn.Module):
+    """Token + position embedding, ``nn.TransformerEncoder`` layers, classification head."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, layers: int = 2, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, 64, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.embed(ids) + self.pos[:, : ids.shape[1]]
+        return self.head(self.encoder(h)[:, 0])
+
+
+def mlp(seed: int = 0):
+    _seeded(seed)
+    return MLP().eval(), (torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(1234)),)
+
+
+def cnn(seed: int = 0):
+    _seeded(seed)
+    model = ResidualCNN()
+    _randomise_norm_stats(model)
+    return model.eval(), (_pixels(),)
+
+
+def mha(seed: int = 0):
+    _seeded(seed)
+    return MHAClassifier().eval(), (_ids(),)
+
+
+def encoder(seed: int = 0):
+    _seeded(seed)
+    return EncoderClassifier().eval(), (_ids(),)
+
+
+def _randomise_norm_stats(model: nn.Module) -> None:
+    """Give BatchNorm layers non-trivial running statistics and affine weights."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def _hf(cls_name: str, config, seed: int, args):
+    import transformers
+
+    _seeded(seed)
+    model = getattr(transformers, cls_name)(config)
+    _randomise_norm_stats(model)
+    return model.eval(), args
+
+
+def bert(seed: int = 0, layers: int = 2, hidden: int = 32):
+    from transformers import BertConfig
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=3)
+    return _hf("BertForSequenceClassification", cfg, seed, (_ids(),))
+
+
+def bert_mlm(seed: int = 0):
+    from transformers import BertConfig
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True)
+    return _hf("BertForMaskedLM", cfg, seed, (_ids(),))
+
+
+def roberta(seed: int = 0):
+    from transformers import RobertaConfig
+
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3, pad_token_id=1)
+    return _hf("RobertaForSequenceClassification", cfg, seed, (_ids() + 2,))
+
+
+def distilbert(seed: int = 0):
+    from transformers import DistilBertConfig
+
+    cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                           max_position_embeddings=64, num_labels=3)
+    return _hf("DistilBertForSequenceClassification", cfg, seed, (_ids(),))
+
+
+def gpt2(seed: int = 0):
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False)
+    return _hf("GPT2LMHeadModel", cfg, seed, (_ids(),))
+
+
+def llama(seed: int = 0):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    return _hf("LlamaForCausalLM", cfg, seed, (_ids(),))
+
+
+def qwen2(seed: int = 0):
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    return _hf("Qwen2ForCausalLM", cfg, seed, (_ids(),))
+
+
+def t5(seed: int = 0):
+    from transformers import T5Config
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   use_cache=False)
+    return _hf("T5EncoderModel", cfg, seed, (_ids(),))
+
+
+def vit(seed: int = 0, layers: int = 2, hidden: int = 32):
+    from transformers import ViTConfig
+
+    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                    intermediate_size=2 * hidden, image_size=IMAGE, patch_size=8, num_labels=3)
+    return _hf("ViTForImageClassification", cfg, seed, (_pixels(),))
+
+
+def swin(seed: int = 0):
+    from transformers import SwinConfig
+
+    cfg = SwinConfig(image_size=IMAGE, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                     window_size=4, num_labels=3)
+    return _hf("SwinForImageClassification", cfg, seed, (_pixels(),))
+
+
+def convnext(seed: int = 0):
+    from transformers import ConvNextConfig
+
+    cfg = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3, image_size=IMAGE)
+    return _hf("ConvNextForImageClassification", cfg, seed, (_pixels(),))
+
+
+def resnet(seed: int = 0):
+    from transformers import ResNetConfig
+
+    cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                       layer_type="bottleneck", num_labels=3)
+    return _hf("ResNetForImageClassification", cfg, seed, (_pixels(),))
+
+
+def mobilenet_v2(seed: int = 0):
+    from transformers import MobileNetV2Config
+
+    cfg = MobileNetV2Config(num_channels=3, image_size=IMAGE, depth_multiplier=0.35, num_labels=3)
+    return _hf("MobileNetV2ForImageClassification", cfg, seed, (_pixels(),))
+
+
+PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder}
+HF = {
+    "bert": bert, "bert_mlm": bert_mlm, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
+    "llama": llama, "qwen2": qwen2, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext,
+    "resnet": resnet, "mobilenet_v2": mobilenet_v2,
+}
+ZOO = {**PLAIN, **HF}
+TRANSFORMERS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5", "vit", "swin")
