@@ -184,7 +184,8 @@ def distilbert(seed: int = 0):
 def gpt2(seed: int = 0):
     from transformers import GPT2Config
 
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+                     bos_token_id=0, eos_token_id=0)
     return _hf("GPT2LMHeadModel", cfg, seed, (_ids(),))
 
 
@@ -204,12 +205,27 @@ def qwen2(seed: int = 0):
     return _hf("Qwen2ForCausalLM", cfg, seed, (_ids(),))
 
 
+class T5EncoderClassifier(nn.Module):
+    """HF ``T5EncoderModel`` with a mean-pooled linear head (T5 has no encoder-only head of its own)."""
+
+    def __init__(self, config, classes: int = 3):
+        super().__init__()
+        from transformers import T5EncoderModel
+
+        self.encoder = T5EncoderModel(config)
+        self.head = nn.Linear(config.d_model, classes)
+
+    def forward(self, ids):
+        return self.head(self.encoder(input_ids=ids).last_hidden_state.mean(dim=1))
+
+
 def t5(seed: int = 0):
     from transformers import T5Config
 
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    use_cache=False)
-    return _hf("T5EncoderModel", cfg, seed, (_ids(),))
+    _seeded(seed)
+    return T5EncoderClassifier(cfg).eval(), (_ids(),)
 
 
 def vit(seed: int = 0, layers: int = 2, hidden: int = 32):

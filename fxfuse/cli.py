@@ -1,0 +1,194 @@
+"""The ``fxfuse`` command line: a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import FxfuseError
+
+EPILOG = """model specs:
+  DIR                        a Hugging Face model directory (config.json + safetensors), or a
+                             directory written by fxfuse (fxfuse.json + model.safetensors)
+  pkg.module:factory[@W]     a factory returning a module or (module, example_args); W is an
+                             optional weights file (.safetensors, or a .pt state dict)
+  path/file.py:factory[@W]   the same, from a file
+  model.pt                   a pickled module (only with --trust-pickle)
+"""
+
+
+class Progress:
+    """Phase messages on stderr, silenced by --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rules", action="append", default=[], metavar="FILE",
+                   help="extra rule file (repeatable; later files override earlier and the shipped rules)")
+    p.add_argument("--strict", action="store_true", help="fail if any op has no rule (default: pin and report)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled model files (runs their code)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxfuse", description="Align and fuse trained PyTorch models from their torch.fx graphs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"fxfuse {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("explain", help="show a model's permutation spaces, pinned axes and rule coverage",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("model", help="model spec (see below)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
+    p.add_argument("--dot", metavar="FILE", help="write the space graph (spaces and parameters) for graphviz")
+    p.add_argument("--all", action="store_true", help="list every pinned space, not only the first 20")
+    p.add_argument("--force", action="store_true", help="replace an existing --dot file")
+    _common(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("permute", help="write a randomly permuted copy that computes the same function",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("model", help="model spec (see below)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    _common(p)
+    p.set_defaults(func=cmd_permute)
+
+    p = sub.add_parser("rules", help="check or list propagation rules")
+    rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
+    rsub.required = True
+    c = rsub.add_parser("check", help="validate rule files")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.set_defaults(func=cmd_rules_check)
+    c = rsub.add_parser("list", help="which ops have rules, of which kind, from which file")
+    c.add_argument("--rules", action="append", default=[], metavar="FILE", help="extra rule file (repeatable)")
+    c.add_argument("--json", action="store_true", help="print as JSON")
+    c.set_defaults(func=cmd_rules_list)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _load_and_analyze(args, progress: Progress):
+    from .io import load_model
+    from .rules import load_rules
+    from .spaces import analyze
+
+    rules = load_rules(args.rules)
+    progress(f"loading {args.model}")
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    progress(f"tracing {type(loaded.module).__name__} with torch.export")
+    analysis = analyze(loaded.module, loaded.args, rules=rules, strict=args.strict, example_kwargs=loaded.kwargs)
+    progress(f"found {len(analysis.spaces)} spaces ({len(analysis.free_spaces)} free), "
+             f"coverage {analysis.coverage:.1%}")
+    return loaded, analysis
+
+
+def cmd_explain(args) -> int:
+    from .io import check_output_path, write_text_atomic
+    from .render import render_dot, render_text
+
+    progress = Progress(args.quiet)
+    if args.dot:
+        check_output_path(args.dot, args.force)
+    loaded, analysis = _load_and_analyze(args, progress)
+    if args.dot:
+        write_text_atomic(args.dot, render_dot(analysis), force=args.force)
+        progress(f"wrote {args.dot}")
+    if args.json:
+        json.dump(analysis.report(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_text(analysis, loaded.spec, show_all=args.all))
+    return 0
+
+
+def cmd_permute(args) -> int:
+    import torch
+
+    from .io import check_output_path, save_model
+    from .permute import apply_permutations, random_permutations
+    from .verify import compare_outputs
+
+    progress = Progress(args.quiet)
+    out = check_output_path(args.output, args.force)
+    loaded, analysis = _load_and_analyze(args, progress)
+    perms = random_permutations(analysis, args.seed)
+    permuted = apply_permutations(analysis, perms)
+    before, after = loaded.module.state_dict(), permuted.state_dict()
+    moved = sum(int((before[k] != after[k]).sum()) for k in before if before[k].is_floating_point())
+    total = sum(before[k].numel() for k in before if before[k].is_floating_point())
+    progress("checking that the permuted model computes the same function")
+    err = compare_outputs(loaded.module, permuted, loaded.args, loaded.kwargs)
+    if not err < 1e-4:
+        raise FxfuseError(f"permuted model differs from the original (relative error {err:.2e}); "
+                          "a rule is wrong: run 'fxfuse explain' and check the rules of the ops it lists")
+    save_model(loaded, permuted, out, force=args.force)
+    print(f"wrote {out}: {len(perms)} spaces permuted, {moved:,} of {total:,} weights moved "
+          f"({moved / max(total, 1):.1%}), output relative error {err:.1e}")
+    del torch
+    return 0
+
+
+def cmd_rules_check(args) -> int:
+    from .rules import parse_rule_file
+
+    for f in args.files:
+        rules = parse_rule_file(f)
+        ops = sum(len(r.ops) for r in rules)
+        print(f"ok: {f}: {len(rules)} rules for {ops} ops")
+    return 0
+
+
+def cmd_rules_list(args) -> int:
+    from .rules import load_rules
+
+    ruleset = load_rules(args.rules)
+    rows = sorted((op, r.kind, r.source) for op, r in ruleset.rules.items())
+    if args.json:
+        json.dump([{"op": o, "kind": k, "source": s} for o, k, s in rows], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    width = max(len(o) for o, _, _ in rows)
+    for op, kind, source in rows:
+        print(f"{op:<{width}}  {kind:<11} {source}")
+    print(f"{len(rows)} ops from {len(ruleset.files)} files")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    try:
+        return args.func(args)
+    except FxfuseError as exc:
+        print(f"fxfuse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fxfuse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

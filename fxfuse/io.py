@@ -1,0 +1,295 @@
+"""Model specs: load a model and example inputs; save one atomically.
+
+A spec is one of:
+
+* a Hugging Face model directory (``config.json`` + safetensors), loaded
+  offline; example inputs are made from its config;
+* an fxfuse model directory (``fxfuse.json`` naming a factory, its kwargs and a
+  weights file), as ``fxfuse permute``/``compile`` write for non-HF models;
+* ``package.module:factory`` or ``path/to/file.py:factory``, optionally
+  ``@weights.safetensors`` (or a ``.pt``/``.bin`` state dict, read with
+  ``weights_only=True``). The factory returns a module, ``(module, args)`` or
+  ``(module, args, kwargs)``; a bare module needs an ``example_inputs()`` method;
+* a pickled module file (``.pt``/``.pth``/``.pkl``), only with ``trust_pickle``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import FxfuseError, SpecError
+
+MANIFEST = "fxfuse.json"
+WEIGHTS = "model.safetensors"
+HF, FACTORY, PICKLE = "hf", "factory", "pickle"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with example inputs and where it came from (to save a result the same way)."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: Mapping[str, Any]
+    spec: str
+    source: str  # HF, FACTORY or PICKLE
+    factory: str | None = None
+    factory_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def load_model(spec: str, trust_pickle: bool = False, seed: int = 0) -> LoadedModel:
+    """Resolve ``spec`` (see module doc); raises ``SpecError`` with one line on failure."""
+    path = Path(spec)
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            return _load_manifest_dir(path, spec)
+        if (path / "config.json").is_file():
+            return _load_hf(path, spec, seed)
+        raise SpecError(f"{spec}: directory has neither config.json (Hugging Face) nor {MANIFEST}")
+    if path.is_file() and path.suffix in {".pt", ".pth", ".pkl", ".bin"}:
+        return _load_pickle(path, spec, trust_pickle)
+    if ":" in spec:
+        target, _, weights = spec.partition("@")
+        return _load_factory(target, weights or None, spec)
+    if not path.exists():
+        raise SpecError(f"{spec}: no such file or directory, and not a 'package.module:factory' spec")
+    raise SpecError(f"{spec}: not a model directory, a pickled module or a 'package.module:factory' spec")
+
+
+# ---------------------------------------------------------------- factories
+
+
+def resolve_factory(target: str, spec: str) -> Callable:
+    modname, _, attr = target.rpartition(":")
+    if not modname or not attr:
+        raise SpecError(f"{spec}: expected 'package.module:factory'")
+    try:
+        if modname.endswith(".py"):
+            file = Path(modname)
+            if not file.is_file():
+                raise SpecError(f"{spec}: no such file {modname}")
+            name = f"_fxfuse_spec_{file.stem}_{abs(hash(str(file.resolve())))}"
+            module = sys.modules.get(name)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(name, file)
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module
+                loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(modname)
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError(f"{spec}: cannot import {modname}: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SpecError(f"{spec}: {modname} has no callable '{attr}'")
+    return fn
+
+
+def _call_factory(fn: Callable, kwargs: Mapping[str, Any], spec: str) -> tuple[nn.Module, tuple, dict]:
+    try:
+        made = fn(**kwargs)
+    except Exception as exc:
+        raise SpecError(f"{spec}: factory failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(made, nn.Module):
+        example = getattr(made, "example_inputs", None)
+        if not callable(example):
+            raise SpecError(f"{spec}: factory returned a module without example inputs; "
+                            "return (module, args) or give the module an example_inputs() method")
+        made = (made, tuple(example()))
+    if not (isinstance(made, tuple) and 2 <= len(made) <= 3 and isinstance(made[0], nn.Module)):
+        raise SpecError(f"{spec}: factory must return a module, (module, args) or (module, args, kwargs)")
+    module, args = made[0], tuple(made[1])
+    kw = dict(made[2]) if len(made) == 3 else {}
+    return module.eval(), args, kw
+
+
+def _load_factory(target: str, weights: str | None, spec: str,
+                  factory_kwargs: Mapping[str, Any] | None = None) -> LoadedModel:
+    fn = resolve_factory(target, spec)
+    module, args, kwargs = _call_factory(fn, factory_kwargs or {}, spec)
+    if weights:
+        load_weights(module, Path(weights), spec)
+    return LoadedModel(module, args, kwargs, spec, FACTORY, target, dict(factory_kwargs or {}))
+
+
+def _load_manifest_dir(path: Path, spec: str) -> LoadedModel:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        target = manifest["factory"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"{path / MANIFEST}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    weights = path / manifest.get("weights", WEIGHTS)
+    loaded = _load_factory(target, str(weights), spec, manifest.get("kwargs") or {})
+    return loaded
+
+
+def load_weights(module: nn.Module, path: Path, spec: str) -> None:
+    """Load a state dict from safetensors (or a weights-only torch file) into ``module``, strictly."""
+    if not path.is_file():
+        raise SpecError(f"{spec}: no weights file {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SpecError(f"{spec}: cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise SpecError(f"{spec}: weights {path.name} do not fit the model: {first}") from None
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise SpecError(f"{spec}: loading Hugging Face models needs transformers: pip install 'fxfuse[hf]'") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            cls = transformers.AutoModel
+        if hasattr(config, "use_cache"):
+            config.use_cache = False
+        module = cls.from_pretrained(str(path), config=config, local_files_only=True)
+    except Exception as exc:
+        raise SpecError(f"{spec}: cannot load Hugging Face model: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    module.eval()
+    return LoadedModel(module, (), hf_example_inputs(module, seed), spec, HF)
+
+
+def hf_example_inputs(module: nn.Module, seed: int = 0, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
+    """Example inputs for an HF model from its config: token ids or pixel values."""
+    config = module.config
+    name = getattr(module, "main_input_name", "input_ids")
+    g = torch.Generator().manual_seed(seed)
+    if name == "input_ids":
+        vocab = getattr(config, "vocab_size", None)
+        if not vocab:
+            raise SpecError(f"{type(module).__name__}: config has no vocab_size to make example token ids")
+        seq = min(seq, getattr(config, "max_position_embeddings", seq) or seq)
+        return {name: torch.randint(min(3, vocab - 1), vocab, (batch, seq), generator=g)}
+    if name == "pixel_values":
+        size = getattr(config, "image_size", 32)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        channels = getattr(config, "num_channels", 3)
+        return {name: torch.randn(batch, channels, size, size, generator=g)}
+    raise SpecError(f"{type(module).__name__}: cannot make example inputs for '{name}'")
+
+
+# ---------------------------------------------------------------- pickles
+
+
+def _load_pickle(path: Path, spec: str, trust: bool) -> LoadedModel:
+    if not trust:
+        raise SpecError(f"{spec}: a pickle file can run arbitrary code when loaded; pass --trust-pickle if you trust it")
+    try:
+        module = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SpecError(f"{spec}: cannot unpickle: {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise SpecError(f"{spec}: the pickle holds a {type(module).__name__}, not a module "
+                        "(for a state dict use 'package.module:factory@weights')")
+    example = getattr(module, "example_inputs", None)
+    if not callable(example):
+        raise SpecError(f"{spec}: the pickled module has no example_inputs() method")
+    return LoadedModel(module.eval(), tuple(example()), {}, spec, PICKLE)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def check_output_path(out: str | Path, force: bool) -> Path:
+    """Refuse to overwrite an existing path unless ``force``; call before any work."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FxfuseError(f"{out}: already exists (use --force to replace it)")
+    if not out.parent.exists():
+        raise FxfuseError(f"{out.parent}: no such directory")
+    return out
+
+
+def save_model(like: LoadedModel, module: nn.Module, out: str | Path, force: bool = False,
+               extra: Mapping[str, str] | None = None) -> Path:
+    """Write ``module`` as ``like`` was given (HF dir, or factory manifest + safetensors), atomically.
+
+    ``extra`` maps file names to text written beside the model (e.g. a report).
+    """
+    out = check_output_path(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if like.source == HF:
+            module.save_pretrained(str(tmp), safe_serialization=True)
+        elif like.source == FACTORY and like.factory:
+            save_state(module, tmp / WEIGHTS)
+            manifest = {"factory": like.factory, "kwargs": dict(like.factory_kwargs), "weights": WEIGHTS}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        else:
+            save_state(module, tmp / WEIGHTS)
+            (tmp / "README.txt").write_text("State dict of a pickled model; load it into the same class.\n")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_state(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}, str(path))
+
+
+def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
+    path = check_output_path(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``; an existing ``out`` (``--force``) is removed only after the move succeeds."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    backup = out.with_name(f".{out.name}.old")
+    if backup.exists():
+        shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
+    os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(backup, out)
+        raise
+    shutil.rmtree(backup) if backup.is_dir() else backup.unlink()

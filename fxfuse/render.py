@@ -1,0 +1,79 @@
+"""Human-readable views of an ``Analysis``: a text summary and a graphviz DOT graph."""
+from __future__ import annotations
+
+from collections import Counter
+
+from .spaces import Analysis, Space
+
+PINNED_SHOWN = 20
+
+
+def _members(space: Space, limit: int = 3) -> str:
+    names = [f"{m.param}[{m.axis}]" for m in space.members[:limit]]
+    more = len(space.members) - limit
+    return ", ".join(names) + (f", +{more} more" if more > 0 else "")
+
+
+def _role(space: Space) -> str:
+    nice = [r for r in space.roles if len(r) > 2]
+    return nice[0] if nice else ""
+
+
+def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
+    model = analysis.traced.module
+    n_params = sum(p.numel() for p in model.parameters())
+    free = [s for s in analysis.spaces if s.free]
+    pinned = [s for s in analysis.spaces if not s.free and s.size > 1]
+    lines = [
+        f"{type(model).__name__} ({spec}): {n_params:,} parameters",
+        f"coverage {analysis.coverage:.1%} of parameter elements can move; "
+        f"{len(free)} free spaces, {len(pinned)} pinned; {len(analysis.unruled)} ops without rules",
+        "",
+        "free spaces (move together under one permutation):",
+        f"  {'id':>4} {'size':>6}  {'role':<8} {'part':<6} {'axes':>4}  members",
+    ]
+    for s in free:
+        part = s.structure.split("/")[0] if s.structure else ""
+        lines.append(f"  {s.id:>4} {s.size:>6}  {_role(s):<8} {part:<6} {len(s.members):>4}  {_members(s)}")
+    if pinned:
+        lines += ["", "pinned spaces (identity permutation) and why:"]
+        shown = pinned if show_all else pinned[:PINNED_SHOWN]
+        for s in shown:
+            lines.append(f"  {s.id:>4} {s.size:>6}  {s.name}: {s.reason}")
+        if len(shown) < len(pinned):
+            lines.append(f"  … {len(pinned) - len(shown)} more (use --all)")
+    if analysis.unruled:
+        lines += ["", "ops without rules (their axes are pinned; add a rule with --rules FILE):"]
+        counts = Counter((u.op, u.reason) for u in analysis.unruled)
+        firsts = {}
+        for u in analysis.unruled:
+            firsts.setdefault((u.op, u.reason), u)
+        for (op, reason), n in counts.items():
+            u = firsts[(op, reason)]
+            where = f"{u.node}" + (f" in {u.module}" if u.module else "")
+            lines.append(f"  {op} ×{n} (first at {where}): {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_dot(analysis: Analysis) -> str:
+    """Bipartite graph: spaces (ellipses; green free, grey pinned) and parameters (boxes)."""
+    out = ["graph spaces {", "  rankdir=LR; node [fontsize=10];"]
+    shown = [s for s in analysis.spaces if s.size > 1]
+    params = sorted({m.param for s in shown for m in s.members})
+    for s in shown:
+        label = f"s{s.id} · {s.size}" + (f"\\n{_role(s)}" if _role(s) else "")
+        style = 'style=filled fillcolor="#c8f0c8"' if s.free else 'style=filled fillcolor="#dddddd"'
+        tip = s.reason or "free"
+        out.append(f"  s{s.id} [shape=ellipse {style} label={_q(label)} tooltip={_q(tip)}];")
+    for i, p in enumerate(params):
+        out.append(f"  p{i} [shape=box label={_q(p)}];")
+    index = {p: i for i, p in enumerate(params)}
+    for s in shown:
+        for m in s.members:
+            out.append(f"  s{s.id} -- p{index[m.param]} [label={_q(str(m.axis) + m.path)}];")
+    out.append("}")
+    return "\n".join(out) + "\n"
