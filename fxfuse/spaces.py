@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -94,6 +94,7 @@ class Space:
     members: tuple[Member, ...]
     roles: tuple[str, ...] = ()
     structure: str = ""
+    parent: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,11 @@ class Analysis:
     @property
     def free_spaces(self) -> tuple[Space, ...]:
         return tuple(s for s in self.spaces if s.free)
+
+    @property
+    def parents(self) -> dict[int, int]:
+        """``{nested space: parent space}`` (inside-head dims under their heads)."""
+        return {s.id: s.parent for s in self.spaces if s.parent is not None}
 
     def space(self, sid: int) -> Space:
         return self.spaces[sid]
@@ -147,7 +153,7 @@ class Analysis:
             "spaces": [
                 {
                     "id": s.id, "name": s.name, "size": s.size, "free": s.free,
-                    "reason": s.reason, "structure": s.structure, "roles": list(s.roles),
+                    "reason": s.reason, "structure": s.structure, "roles": list(s.roles), "parent": s.parent,
                     "members": [[m.param, m.axis] + ([m.path] if m.path else []) for m in s.members],
                 }
                 for s in self.spaces
@@ -356,8 +362,63 @@ class _Walker:
                 reason = "size 1"
             spaces.append(Space(sid, first_param[sid], size, reason is None, reason,
                                 tuple(members[sid]), roles, structure))
+        parents = self._nesting(ids)
+        spaces = [replace(s, parent=parents.get(s.id)) for s in spaces]
         node_axes = {n.name: self._node_expr(v, ids) for n, v in self.env.items()}
         return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes)
+
+    def _leaf_roots(self, atom: int) -> list[int]:
+        root = self.store.find(atom)
+        ref = self.store.refinement(root)
+        if ref is None:
+            return [root]
+        return [leaf for c in ref.children for leaf in self._leaf_roots(c)]
+
+    def _nesting(self, ids: dict[int, int]) -> dict[int, int]:
+        """``{child space: parent space}`` where the child may move differently under each parent index.
+
+        In a product ``(heads × head_dim)`` the inside-head permutation may depend on the head
+        iff every tensor of the graph that carries ``head_dim`` also carries ``heads`` (then the
+        joint move ``(h, d) -> (p(h), p_h(d))`` is one bijection applied to whole tensors). A
+        tensor with ``head_dim`` but not ``heads`` (a reduction over heads, a per-dim scale
+        broadcast over heads) forces one shared inside permutation.
+        """
+        store = self.store
+        candidates: dict[int, list[int]] = {}
+        for root, ref in list(store._refine.items()):
+            if store.find(root) != root or ref.kind != PRODUCT:
+                continue
+            leaves = [leaf for c in ref.children for leaf in self._leaf_roots(c)]
+            for i, leaf in enumerate(leaves):
+                for earlier in leaves[:i]:
+                    if earlier != leaf and earlier not in candidates.setdefault(leaf, []):
+                        candidates[leaf].append(earlier)
+        if not candidates:
+            return {}
+        tensors: list[set[int]] = []
+        values = list(self.env.values()) + [atoms for _, atoms in self.param_atoms.values()]
+        for value in values:
+            groups = value if value and (isinstance(value[0], list) or value[0] is None) else [value]
+            for atoms in groups:
+                if atoms:
+                    tensors.append({leaf for a in atoms for leaf in self._leaf_roots(a)})
+        parents: dict[int, int] = {}
+        for child, cands in candidates.items():
+            if child not in ids or store.pinned(child) or store.size(child) <= 1:
+                continue
+            holding = [t for t in tensors if child in t]
+            ok = [c for c in cands if c in ids and store.size(c) > 1 and all(c in t for t in holding)]
+            if ok:
+                parents[ids[child]] = ids[ok[-1]]
+        for child in list(parents):  # no cycles
+            seen, p = {child}, parents.get(child)
+            while p is not None:
+                if p in seen:
+                    parents.pop(child)
+                    break
+                seen.add(p)
+                p = parents.get(p)
+        return parents
 
     def _node_expr(self, axes: Any, ids: dict[int, int]) -> Any:
         if axes is None:

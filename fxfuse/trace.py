@@ -36,6 +36,7 @@ class TracedModel:
     graph_module: torch.fx.GraphModule
     placeholders: Mapping[str, Placeholder]
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    exported: Any = None  # the torch.export.ExportedProgram
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -75,7 +76,7 @@ def trace(model: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None
         }.get(spec.kind.name, USER_INPUT)
         persistent = bool(spec.persistent) if kind == BUFFER else kind == PARAMETER
         placeholders[name] = Placeholder(name, kind, spec.target, persistent)
-    return TracedModel(model, tuple(args), kwargs, ep.graph_module, placeholders, tied_aliases(model))
+    return TracedModel(model, tuple(args), kwargs, ep.graph_module, placeholders, tied_aliases(model), ep)
 
 
 def _explain_failure(model: nn.Module, exc: Exception) -> str:
