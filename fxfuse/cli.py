@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import warnings
@@ -177,6 +178,8 @@ def cmd_rules_list(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `fxfuse rules list | head` ends quietly
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")

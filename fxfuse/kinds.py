@@ -90,6 +90,8 @@ def einsum(ctx) -> None:
         tensors = []
         ok = True
         for arg, sig in alt:
+            if not ctx.has(arg):
+                raise RuleMismatch(f"{ctx.op} has no argument '{arg}' (rule {rule.source})")
             value = ctx.value(arg)
             shape = ctx.shape(value)
             if shape is None:

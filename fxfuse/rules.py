@@ -233,6 +233,8 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
         raise fail("axes", f"kind {kind_name!r} needs axes")
 
     names = {n for alt in axes for _, sig in alt for n in sig.names}
+    if any(sig.ellipsis is not None for alt in axes for _, sig in alt):
+        names.add("...")
     sizes = raw.get("sizes", {}) or {}
     if not isinstance(sizes, dict):
         raise fail("sizes", "expected a mapping from axis name to an argument name or integer")
@@ -260,6 +262,11 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
     if bad:
         allowed = ", ".join(sorted(kind.options)) or "none"
         raise fail("options", f"unknown option {bad[0]!r} for kind {kind_name!r} (allowed: {allowed})")
+    want = int if kind_name == "subgraph" else str
+    for key, value in options.items():
+        if not isinstance(value, want) or isinstance(value, bool):
+            what = "an argument index" if want is int else "an argument name"
+            raise fail("options", f"option {key!r} must be {what}, got {value!r}")
     note = raw.get("note", "")
     if not isinstance(note, str):
         raise fail("note", "expected a string")

@@ -185,7 +185,7 @@ def analyze_traced(traced: TracedModel, rules: RuleSet | None = None, strict: bo
     if strict and walker.unruled:
         u = walker.unruled[0]
         more = f" (and {len(walker.unruled) - 1} more)" if len(walker.unruled) > 1 else ""
-        raise StrictError(f"no rule for {u.op} at node {u.node} ({u.module or 'top level'}){more}: {u.reason}")
+        raise StrictError(f"no usable rule for {u.op} at node {u.node} ({u.module or 'top level'}){more}: {u.reason}")
     return walker.result(pins or {})
 
 
@@ -302,7 +302,8 @@ class _Walker:
         before = set(self.store.touched)
         try:
             KINDS[rule.kind].apply(ctx)
-        except RuleMismatch as exc:
+        except (RuleMismatch, TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+            # a rule that does not fit this node fails closed like a missing one
             self.store.touched = before
             self._fail_closed(node, op, inputs, f"rule {rule.source} does not fit: {exc}")
             return
@@ -485,6 +486,12 @@ class OpContext:
         if name.startswith("out") and name[3:].isdigit():
             return (_OUT, int(name[3:]))
         return self._bound.get(name)
+
+    def has(self, name: str) -> bool:
+        """Whether the op has an argument (or output) called ``name``."""
+        if name == "out" or (name.startswith("out") and name[3:].isdigit()):
+            return True
+        return name in self._bound
 
     def shape(self, value: Any) -> list[int] | None:
         if value is _OUT:

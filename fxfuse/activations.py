@@ -1,0 +1,153 @@
+"""Activation statistics: correlation of target and source units on calibration inputs.
+
+Both models run their exported graphs (``torch.fx.Interpreter``) on the same
+batches; at up to ``nodes_per_space`` graph nodes where a space lives, every
+position other than the space's axis is a sample (each token of each sequence).
+For units ``x`` of the target and ``y`` of the source the accumulated sums give
+the Pearson correlation ``ρ[j, k] = cov(x_j, y_k) / (σ(x_j) σ(y_k))``, summed
+over nodes. A nested pair (heads × head_dim) is correlated jointly over
+``(h, d)`` units and returned as ``(n_h, n_h, n_d, n_d)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .layout import pieces
+from .plan import ActivationCost, blocks
+from .spaces import Analysis, AxisExpr, Leaf, expr_leaves
+
+PREFERRED = ("linear", "conv", "addmm", "layer_norm", "batch_norm", "group_norm", "relu", "gelu", "silu",
+             "tanh", "hardtanh", "hardswish", "sigmoid", "add", "embedding", "scaled_dot_product_attention",
+             "mul", "rms_norm")
+
+
+class _Stats:
+    """Running sums for the cross-correlation of two sets of units."""
+
+    def __init__(self, n_t: int, n_s: int):
+        self.n = 0
+        self.st, self.ss = np.zeros(n_t), np.zeros(n_s)
+        self.qt, self.qs = np.zeros(n_t), np.zeros(n_s)
+        self.cross = np.zeros((n_t, n_s))
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        self.n += x.shape[0]
+        self.st += x.sum(0).numpy()
+        self.ss += y.sum(0).numpy()
+        self.qt += (x * x).sum(0).numpy()
+        self.qs += (y * y).sum(0).numpy()
+        self.cross += (x.T @ y).numpy()
+
+    def correlation(self) -> np.ndarray:
+        n = max(self.n, 1)
+        mt, ms = self.st / n, self.ss / n
+        vt = np.maximum(self.qt / n - mt * mt, 0.0)
+        vs = np.maximum(self.qs / n - ms * ms, 0.0)
+        cov = self.cross / n - np.outer(mt, ms)
+        return cov / (np.sqrt(np.outer(vt, vs)) + 1e-8)
+
+
+def _contains(exprs: tuple, space: int) -> bool:
+    return any(leaf.space == space for e in exprs if e is not None for leaf in expr_leaves(e))
+
+
+def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None) -> list[str]:
+    """Up to ``k`` nodes (evenly spread, preferred ops first) whose output carries ``space`` (and ``also``)."""
+    ops = {n.name: str(n.target) for n in analysis.traced.graph.nodes if n.op == "call_function"}
+    found = []
+    for name, exprs in analysis.node_axes.items():
+        if name not in ops or exprs is None or not exprs or not isinstance(exprs[0], (Leaf,) + AxisExprTypes):
+            continue
+        if _contains(exprs, space) and (also is None or _contains(exprs, also)):
+            found.append(name)
+    good = [n for n in found if any(p in ops[n] for p in PREFERRED)] or found
+    if len(good) <= k:
+        return good
+    step = len(good) / k
+    return [good[int(i * step)] for i in range(k)]
+
+
+from .spaces import Concat, Product  # noqa: E402
+
+AxisExprTypes = (Product, Concat)
+
+
+def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None) -> list[torch.Tensor]:
+    """``(samples, units)`` matrices of ``value`` along ``space`` (joint ``space × child`` if nested)."""
+    out = []
+    for view, spaces in pieces(value, tuple(exprs)):
+        if space not in spaces or (child is not None and child not in spaces):
+            continue
+        d = spaces.index(space)
+        if child is None:
+            out.append(view.movedim(d, -1).reshape(-1, view.shape[d]))
+        else:
+            c = spaces.index(child)
+            moved = view.movedim((d, c), (-2, -1))
+            out.append(moved.reshape(-1, view.shape[d] * view.shape[c]))
+    return out
+
+
+class _Capture(torch.fx.Interpreter):
+    def __init__(self, gm, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n.name in self.wanted and isinstance(result, torch.Tensor):
+            self.values[n.name] = result.detach()
+        return result
+
+
+def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str]) -> dict[str, torch.Tensor]:
+    ep = analysis.traced.exported
+    flat = ep._graph_module_flat_inputs(tuple(args), dict(kwargs))
+    cap = _Capture(ep.graph_module, wanted)
+    with torch.no_grad():
+        cap.run(*flat)
+    return cap.values
+
+
+def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[tuple, Mapping[str, Any]]],
+                    fixed: set[int] = frozenset(), nodes_per_space: int = 4,
+                    progress: Callable[[str], None] | None = None) -> ActivationCost:
+    """Correlation costs for every block of ``target`` from both models' activations on ``batches``."""
+    plan_blocks = blocks(target, set(fixed))
+    jobs: list[tuple[tuple[int, int | None], str]] = []
+    for b in plan_blocks:
+        if b.root_free or not b.children:
+            jobs += [((b.root, None), n) for n in choose_nodes(target, b.root, nodes_per_space)]
+        for c in b.children:
+            jobs += [((b.root, c), n) for n in choose_nodes(target, c, nodes_per_space, also=b.root)]
+    wanted = {n for _, n in jobs}
+    stats: dict[tuple[tuple[int, int | None], str], _Stats] = {}
+    for i, (args, kwargs) in enumerate(batches):
+        vt = _run(target, args, kwargs, wanted)
+        vs = _run(source, args, kwargs, wanted)
+        for key, node in jobs:
+            space, child = key
+            exprs = target.node_axes[node]
+            for x, y in zip(_units(vt[node], exprs, space, child), _units(vs[node], exprs, space, child)):
+                st = stats.get((key, node))
+                if st is None:
+                    st = stats[(key, node)] = _Stats(x.shape[1], y.shape[1])
+                st.add(x, y)
+        if progress:
+            progress(f"activations: batch {i + 1}/{len(batches)}")
+    root_cost: dict[int, np.ndarray] = {}
+    nested_cost: dict[tuple[int, int], np.ndarray] = {}
+    for ((space, child), _), st in stats.items():
+        rho = st.correlation()
+        if child is None:
+            root_cost[space] = root_cost.get(space, 0) + rho
+        else:
+            n = target.spaces[space].size
+            m = target.spaces[child].size
+            r4 = rho.reshape(n, m, n, m).transpose(0, 2, 1, 3)
+            nested_cost[(space, child)] = nested_cost.get((space, child), 0) + r4
+    return ActivationCost(root_cost, nested_cost)
