@@ -15,3 +15,7 @@ __all__ = [
     "TracedModel", "analyze", "analyze_traced", "apply_permutations", "load_rules", "permute",
     "random_permutations", "trace",
 ]
+
+from .fuse import FusionError, FusionResult, compile  # noqa: E402
+
+__all__ += ["FusionError", "FusionResult", "compile"]

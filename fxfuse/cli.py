@@ -68,6 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_permute)
 
+    p = sub.add_parser("compile", help="align models into one basis and fuse them",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("models", nargs="+", metavar="MODEL", help="two or more model specs of one architecture")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
+    p.add_argument("--target", type=int, default=0, help="index of the model whose basis and class the result takes")
+    p.add_argument("--cost", choices=["weights", "activations"], default="weights",
+                   help="weight matching (no data) or activation correlation (needs calibration inputs)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--calib", metavar="FILE", help="calibration inputs: a .pt/.safetensors tensor (N, ...)")
+    g.add_argument("--calib-random", type=int, metavar="N", help="N random calibration inputs (smoke tests)")
+    p.add_argument("--solver", choices=["exact", "sinkhorn"], default="exact",
+                   help="hard assignment / exact OT, or soft entropic OT")
+    p.add_argument("--reg", type=float, help="sinkhorn regularisation on the max-normalised cost (default 0.06)")
+    p.add_argument("--weights", metavar="W,W,...", help="fusion weights, one per model (default uniform)")
+    p.add_argument("--pin", action="append", default=[], metavar="PATTERN",
+                   help="keep a space unpermuted: sID, or PARAM[:AXIS] glob over its member axes (repeatable)")
+    p.add_argument("--method", choices=["ot", "vanilla"], default="ot", help="ot alignment, or plain averaging")
+    p.add_argument("--seed", type=int, default=0, help="seed of the descent order and random calibration")
+    p.add_argument("--report", metavar="FILE", help="also write the JSON report here (it is always in the output)")
+    p.add_argument("--eval", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels): print accuracy "
+                   "of each model, of vanilla averaging and of the fused model")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    _common(p)
+    p.set_defaults(func=cmd_compile)
+
     p = sub.add_parser("rules", help="check or list propagation rules")
     rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
     rsub.required = True
@@ -148,6 +173,62 @@ def cmd_permute(args) -> int:
     print(f"wrote {out}: {len(perms)} spaces permuted, {moved:,} of {total:,} weights moved "
           f"({moved / max(total, 1):.1%}), output relative error {err:.1e}")
     del torch
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .data import load_calibration, load_labelled
+    from .evaluate import accuracy
+    from .fuse import compile as fuse_models
+    from .io import check_output_path, load_model, save_model, write_text_atomic
+    from .rules import load_rules
+
+    progress = Progress(args.quiet)
+    out = check_output_path(args.output, args.force)
+    if args.report:
+        check_output_path(args.report, args.force)
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise FxfuseError(f"--weights {args.weights}: expected numbers separated by commas") from None
+    calib = load_calibration(args.calib) if args.calib else args.calib_random
+    labelled = load_labelled(args.eval) if args.eval else None
+    rules = load_rules(args.rules)
+    loaded = []
+    for spec in args.models:
+        progress(f"loading {spec}")
+        loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
+    if not -len(loaded) <= args.target < len(loaded):
+        raise FxfuseError(f"--target {args.target} is out of range for {len(loaded)} models")
+    tgt = loaded[args.target]
+    result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
+                         cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
+                         pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
+                         progress=progress)
+    report = dict(result.report, models=[m.spec for m in loaded])
+    if labelled is not None:
+        from .fuse import compile as _vanilla
+
+        progress("evaluating")
+        x, y = labelled
+        vanilla = _vanilla([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
+                           weights=weights, method="vanilla", rules=rules).module
+        rows = [(f"model {i} ({m.spec})", accuracy(m.module, x, y, tgt)) for i, m in enumerate(loaded)]
+        rows += [("vanilla average", accuracy(vanilla, x, y, tgt)), ("fused (fxfuse)", accuracy(result.module, x, y, tgt))]
+        report["eval"] = {"file": args.eval, "samples": int(x.shape[0]), "accuracy": dict(rows)}
+        width = max(len(r[0]) for r in rows)
+        print(f"accuracy on {args.eval} ({x.shape[0]} samples):")
+        for label, acc in rows:
+            print(f"  {label:<{width}}  {acc:6.1%}")
+    text = json.dumps(report, indent=1, default=float) + "\n"
+    save_model(tgt, result.module, out, force=args.force, extra={"report.json": text})
+    if args.report:
+        write_text_atomic(args.report, text, force=args.force)
+    checks = ", ".join(f"model {c['model']}: {c.get('error', c.get('drift')):.1e}" for c in report["self_check"])
+    print(f"wrote {out} ({args.method}, cost {args.cost}, solver {args.solver}); "
+          f"self-check {checks}; {report['timings']['total_s']:.1f}s")
     return 0
 
 
