@@ -19,36 +19,41 @@ from .layout import pieces
 from .plan import ActivationCost, blocks
 from .spaces import Analysis, AxisExpr, Leaf, expr_leaves
 
-PREFERRED = ("linear", "conv", "addmm", "layer_norm", "batch_norm", "group_norm", "relu", "gelu", "silu",
-             "tanh", "hardtanh", "hardswish", "sigmoid", "add", "embedding", "scaled_dot_product_attention",
-             "mul", "rms_norm")
+# Where a space's activations are read, best first. Outputs of the ops that make a space (linear,
+# conv) are preferred to post-nonlinearity values: a unit that a ReLU keeps at zero on the
+# calibration data is constant there and cannot be told apart from another.
+PREFERRED = (("linear", "conv", "addmm", "mm.", "bmm", "matmul", "embedding"),
+             ("layer_norm", "batch_norm", "group_norm", "rms_norm", "scaled_dot_product_attention"),
+             ("add", "mul", "gelu", "silu", "tanh", "relu", "hardtanh", "hardswish", "sigmoid"))
 
 
 class _Stats:
-    """Running sums for the cross-correlation of two sets of units."""
+    """Running sums (float64) for the cross-correlation of two sets of units."""
 
     def __init__(self, n_t: int, n_s: int):
         self.n = 0
-        self.st, self.ss = np.zeros(n_t), np.zeros(n_s)
-        self.qt, self.qs = np.zeros(n_t), np.zeros(n_s)
-        self.cross = np.zeros((n_t, n_s))
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
+        self.st, self.ss, self.qt, self.qs = z(n_t), z(n_s), z(n_t), z(n_s)
+        self.cross = z(n_t, n_s)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
         self.n += x.shape[0]
-        self.st += x.sum(0).numpy()
-        self.ss += y.sum(0).numpy()
-        self.qt += (x * x).sum(0).numpy()
-        self.qs += (y * y).sum(0).numpy()
-        self.cross += (x.T @ y).numpy()
+        self.st += x.sum(0)
+        self.ss += y.sum(0)
+        self.qt += (x * x).sum(0)
+        self.qs += (y * y).sum(0)
+        self.cross.addmm_(x.T, y)
 
     def correlation(self) -> np.ndarray:
         n = max(self.n, 1)
         mt, ms = self.st / n, self.ss / n
-        vt = np.maximum(self.qt / n - mt * mt, 0.0)
-        vs = np.maximum(self.qs / n - ms * ms, 0.0)
-        cov = self.cross / n - np.outer(mt, ms)
-        return cov / (np.sqrt(np.outer(vt, vs)) + 1e-8)
+        vt = (self.qt / n - mt * mt).clamp(min=0.0)
+        vs = (self.qs / n - ms * ms).clamp(min=0.0)
+        cov = self.cross / n - torch.outer(mt, ms)
+        den = torch.sqrt(torch.outer(vt, vs))
+        # scale-free: a constant unit (zero variance) correlates with nothing
+        return torch.where(den > 0, cov / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).numpy()
 
 
 def _contains(exprs: tuple, space: int) -> bool:
@@ -64,7 +69,12 @@ def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None
             continue
         if _contains(exprs, space) and (also is None or _contains(exprs, also)):
             found.append(name)
-    good = [n for n in found if any(p in ops[n] for p in PREFERRED)] or found
+    good = found
+    for tier in PREFERRED:
+        hits = [n for n in found if any(p in ops[n] for p in tier)]
+        if hits:
+            good = hits
+            break
     if len(good) <= k:
         return good
     step = len(good) / k
@@ -150,4 +160,5 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             m = target.spaces[child].size
             r4 = rho.reshape(n, m, n, m).transpose(0, 2, 1, 3)
             nested_cost[(space, child)] = nested_cost.get((space, child), 0) + r4
-    return ActivationCost(root_cost, nested_cost)
+    sizes = {s.id: s.size for s in target.spaces}
+    return ActivationCost(root_cost, nested_cost, sizes)

@@ -29,6 +29,7 @@ from .spaces import Analysis, analyze, expr_leaves
 from .verify import compare_outputs
 
 CHECK_TOL = 1e-4
+CALIB_BATCH = 16  # calibration batch size: the models are traced once more at this shape
 COSTS, SOLVERS, METHODS = ("weights", "activations"), ("exact", "sinkhorn"), ("ot", "vanilla")
 
 
@@ -68,11 +69,11 @@ def calibration_batches(calib: torch.Tensor | int | None, args: tuple, kwargs: M
                         seed: int = 0) -> list[tuple[tuple, dict]]:
     """Batches shaped like the example input: from a tensor ``(N, …)``, or ``N`` random samples."""
     key, example = _main_input(args, kwargs)
-    batch = example.shape[0]
+    batch = max(example.shape[0], CALIB_BATCH)
     if calib is None or isinstance(calib, int):
         n = 256 if calib is None else int(calib)
-        if n < batch:
-            raise FusionError(f"--calib-random {n}: need at least one batch of {batch} samples")
+        if n < 1:
+            raise FusionError(f"--calib-random {n}: need at least one sample")
         g = torch.Generator().manual_seed(seed)
         shape = (n,) + tuple(example.shape[1:])
         if example.is_floating_point():
@@ -89,13 +90,10 @@ def calibration_batches(calib: torch.Tensor | int | None, args: tuple, kwargs: M
                               f"(N, {', '.join(map(str, example.shape[1:]))})")
         if data.is_floating_point() != example.is_floating_point():
             raise FusionError(f"calibration data has dtype {data.dtype}; the models take {example.dtype}")
-        if data.shape[0] < batch:
-            raise FusionError(f"calibration data has {data.shape[0]} samples; at least {batch} are needed")
         data = data.to(example.dtype)
-    if not data.is_floating_point() or torch.isfinite(data).all():
-        pass
-    else:
+    if data.is_floating_point() and not torch.isfinite(data).all():
         raise FusionError("calibration data holds NaN or inf")
+    batch = min(batch, data.shape[0])
     n_batches = data.shape[0] // batch
     return [_with_input(args, kwargs, key, data[i * batch:(i + 1) * batch]) for i in range(n_batches)]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Protocol
 
 import numpy as np
@@ -74,9 +74,12 @@ class Alignment:
 
 
 class CostModel(Protocol):
-    def block(self, root: int, children: tuple[int, ...], perms: Mapping[int, torch.Tensor]
-              ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """``(S_root (n×n), {child: S_pairs (n×n×m×m)})`` given the current ``perms`` of other spaces."""
+    def block(self, root: int, children: tuple[int, ...], perms: Mapping[int, torch.Tensor],
+              known_only: bool = False) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """``(S_root (n×n), {child: S_pairs (n×n×m×m)})`` given the current ``perms`` of other spaces.
+
+        ``known_only``: leave out tensors with a movable axis that has no map yet (pure noise).
+        """
 
 
 # ---------------------------------------------------------------- blocks
@@ -132,14 +135,15 @@ def _block_value(S: np.ndarray, nested: Mapping[int, np.ndarray], p_root: np.nda
 
 
 def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor], solver: str = "exact",
-                reg: float | None = None, soft: bool = False) -> tuple[dict[int, TransportMap], float, float]:
+                reg: float | None = None, soft: bool = False, known_only: bool = False
+                ) -> tuple[dict[int, TransportMap], float, float]:
     """Solve one block with the other spaces at ``perms``.
 
     Returns the block's maps, the block's similarity under its maps in ``perms``
     (identity where absent) and under the new maps.
     """
     others = {s: p for s, p in perms.items() if s != block.root and s not in block.children}
-    S, nested = cost.block(block.root, block.children, others)
+    S, nested = cost.block(block.root, block.children, others, known_only)
     n = S.shape[0]
     pairs = {c: _pairwise(S4) for c, S4 in nested.items()}
     total = S + sum((v for v, _ in pairs.values()), np.zeros_like(S))
@@ -182,46 +186,77 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
 def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: float | None = None,
           fixed: set[int] = frozenset(), iterative: bool = True, seed: int = 0, max_passes: int = 50,
           cost_name: str = "weights") -> Alignment:
-    """Hard block coordinate descent (one pass unless ``iterative``), then a final solve per block.
+    """Hard block coordinate descent, then soft maps if asked.
 
-    A block's new maps are taken only when they raise its similarity; the descent
-    stops after a pass that changes nothing. With ``solver="sinkhorn"`` the final
-    solve turns each block's cost, the other spaces at their hard maps, into a
-    soft map.
+    Pass 1 visits blocks in graph order and, when ``iterative``, lets each see
+    only tensors whose other movable axes are already solved (unsolved ones add
+    noise only): a layer-by-layer propagation that gives the descent a good
+    start. Later passes visit blocks in a seeded random order, each with the
+    full cost; a block's new maps are taken only when they raise its
+    similarity, and a block is solved again only when a block it shares a
+    tensor with has changed. With ``solver="sinkhorn"`` each block's final cost,
+    the others at their hard maps, becomes a soft map.
     """
     todo = blocks(target, set(fixed))
     perms: dict[int, torch.Tensor] = {}
+    results: dict[int, dict[int, TransportMap]] = {}
+    neighbours = _neighbours(todo, cost)
+
+    def take(i: int, maps: dict[int, TransportMap]) -> bool:
+        changed = any(m.perm is not None and not torch.equal(m.perm, perms.get(s, _identity_like(m.perm)))
+                      for s, m in maps.items())
+        perms.update({s: m.perm for s, m in maps.items() if m.perm is not None})
+        results[i] = maps
+        return changed
+
+    for i in range(len(todo)):
+        take(i, solve_block(todo[i], cost, perms, solver, known_only=iterative)[0])
+    passes = 1
+    dirty = set(range(len(todo))) if iterative else set()
     order = list(range(len(todo)))
     rng = random.Random(seed)
-    passes = 0
-    limit = max_passes if iterative else 1
-    while passes < limit:
+    while dirty and passes < max_passes:
         passes += 1
         rng.shuffle(order)
-        changed = False
         for i in order:
-            maps, current, aligned = solve_block(todo[i], cost, perms)
+            if i not in dirty:
+                continue
+            dirty.discard(i)
+            maps, current, aligned = solve_block(todo[i], cost, perms, solver)
             if aligned > current + 1e-9 * (abs(current) + 1.0):
-                for s, m in maps.items():
-                    perms[s] = m.perm
-                changed = True
-        if not changed:
-            break
+                if take(i, maps):
+                    dirty |= neighbours[i]
+            else:  # keep the maps, record the similarities of this full-cost solve
+                results[i] = {s: replace(results[i][s], similarity_identity=m.similarity_identity,
+                                         similarity_aligned=current) for s, m in maps.items()}
     notes: list[str] = []
-    if iterative and passes >= max_passes:
+    if dirty:
         notes.append(f"coordinate descent stopped after {max_passes} passes without converging")
         warnings.warn(notes[-1])
     final: dict[int, TransportMap] = {}
-    soft = solver == "sinkhorn"
-    for block in todo:
-        maps, _, _ = solve_block(block, cost, perms, solver, reg, soft=soft)
-        if not soft:  # keep the descent's maps; the re-solve records similarities
-            maps = {s: TransportMap(s, perm=perms[s] if s in perms else _identity_like(m.perm), matrix=m.matrix,
-                                    similarity_identity=m.similarity_identity,
-                                    similarity_aligned=m.similarity_aligned)
-                    for s, m in maps.items()}
+    for i, block in enumerate(todo):
+        if solver == "sinkhorn" or any(m.perm is None for m in results[i].values()):
+            maps, _, _ = solve_block(block, cost, perms, solver, reg, soft=solver == "sinkhorn")
+        else:
+            maps = results[i]
         final.update(maps)
     return Alignment(final, passes, cost_name, solver, tuple(notes))
+
+
+def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
+    """Blocks whose costs read a tensor that another block moves."""
+    touching = getattr(cost, "tensors_of", None)
+    if touching is None:
+        return {i: set() for i in range(len(todo))}
+    owner: dict[int, set[int]] = {}
+    for i, b in enumerate(todo):
+        for t in touching((b.root,) + b.children):
+            owner.setdefault(t, set()).add(i)
+    out = {i: set() for i in range(len(todo))}
+    for group in owner.values():
+        for i in group:
+            out[i] |= group - {i}
+    return out
 
 
 def _identity_like(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -236,27 +271,51 @@ def _identity_like(p: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class WeightCost:
-    """Git Re-Basin weight matching similarity between a target and a source state dict."""
+    """Git Re-Basin weight matching similarity between a target and a source state dict.
+
+    Tensors are unfolded into pieces with one space per dim (float32). For a
+    space at dim ``d`` of a piece, the target slices ``T_d`` (``n × rest``) are
+    cached; when every other dim of the piece is fixed (pinned or outside all
+    blocks, e.g. an embedding's vocabulary) the product ``T_d S_dᵀ`` never
+    changes and is computed once.
+    """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
-                 source_state: Mapping[str, torch.Tensor]):
+                 source_state: Mapping[str, torch.Tensor], movable: set[int] | None = None):
         self.parents = target.parents
+        self.movable = movable if movable is not None else {
+            sp.id for sp in target.spaces if sp.free and sp.size > 1}
         self.items: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = []
         for name, layout in target.layouts.items():
-            t = target_state[name].detach().double()
-            s = source_state[name].detach().double()
+            t, src = target_state[name].detach(), source_state[name].detach()
             if not t.is_floating_point():
                 continue
-            for (pt, spaces), (ps, _) in zip(pieces(t.contiguous(), layout.axes), pieces(s.contiguous(), layout.axes)):
-                self.items.append((pt, ps, spaces))
+            t, src = t.float().contiguous(), src.float().contiguous()
+            for (pt, spaces), (ps, _) in zip(pieces(t, layout.axes), pieces(src, layout.axes)):
+                if any(sp in self.movable for sp in spaces):
+                    self.items.append((pt, ps, spaces))
         self.by_space: dict[int, list[int]] = {}
         for i, (_, _, spaces) in enumerate(self.items):
             for sp in set(spaces):
                 self.by_space.setdefault(sp, []).append(i)
+        self._target_cache: dict[tuple, torch.Tensor] = {}
+        self._static: dict[tuple, torch.Tensor] = {}
 
-    def block(self, root, children, perms):
+    def tensors_of(self, spaces) -> set[int]:
+        return {i for sp in spaces for i in self.by_space.get(sp, [])}
+
+    def _target(self, i: int, dims: tuple[int, ...]) -> torch.Tensor:
+        key = (i, dims)
+        m = self._target_cache.get(key)
+        if m is None:
+            pt = self.items[i][0]
+            lead = [pt.shape[d] for d in dims]
+            m = pt.movedim(dims, tuple(range(len(dims)))).reshape(*lead, -1).contiguous()
+            self._target_cache[key] = m
+        return m
+
+    def block(self, root, children, perms, known_only=False):
         relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
-        n = None
         S = None
         nested: dict[int, np.ndarray] = {}
         for i in relevant:
@@ -264,30 +323,44 @@ class WeightCost:
             for d, sp in enumerate(spaces):
                 if sp != root:
                     continue
+                n = pt.shape[d]
+                if S is None:
+                    S = torch.zeros(n, n, dtype=torch.float64)
                 child_dims = [(c, spaces.index(c)) for c in children if c in spaces]
                 mask = list(spaces)
                 mask[d] = -2
-                for c, cd in child_dims:
+                for _, cd in child_dims:
                     mask[cd] = -3
-                moved = permute_piece(ps, tuple(mask), perms, self.parents)
-                n = pt.shape[d]
-                if S is None:
-                    S = np.zeros((n, n))
-                if not child_dims:
-                    a = pt.movedim(d, 0).reshape(n, -1)
-                    b = moved.movedim(d, 0).reshape(n, -1)
-                    S += (a @ b.T).numpy()
+                static = not any(m in self.movable for m in mask)
+                if known_only and any(m in self.movable and m not in perms for m in mask):
                     continue
-                for c, cd in child_dims:
-                    m = pt.shape[cd]
-                    a = pt.movedim((d, cd), (0, 1)).reshape(n, m, -1)
-                    b = moved.movedim((d, cd), (0, 1)).reshape(n, m, -1)
-                    S4 = torch.einsum("jar,kbr->jkab", a, b).numpy()
-                    nested[c] = nested.get(c, 0) + S4
-                    break  # one child per piece (pieces with two nested children count once)
+                if not child_dims:
+                    key = (i, d)
+                    if static and key in self._static:
+                        S += self._static[key]
+                        continue
+                    moved = permute_piece(ps, tuple(mask), perms, self.parents) if not static else ps
+                    a = self._target(i, (d,))
+                    b = moved.movedim(d, 0).reshape(n, -1)
+                    prod = (a @ b.T).double()
+                    if static:
+                        self._static[key] = prod
+                    S += prod
+                    continue
+                c, cd = child_dims[0]  # one nested child per piece (a second one counts at its current map)
+                moved = permute_piece(ps, tuple(mask), perms, self.parents)
+                m = pt.shape[cd]
+                a = self._target(i, (d, cd))
+                b = moved.movedim((d, cd), (0, 1)).reshape(n, m, -1)
+                S4 = torch.einsum("jar,kbr->jkab", a, b).double().numpy()
+                nested[c] = nested.get(c, 0) + S4
         if S is None:
-            raise ValueError(f"space {root} has no member tensor")
-        return S, nested
+            if not known_only:
+                raise ValueError(f"space {root} has no member tensor")
+            n = next((self.items[i][0].shape[self.items[i][2].index(root)] for i in relevant
+                      if root in self.items[i][2]), 0)
+            S = torch.zeros(n, n, dtype=torch.float64)
+        return S.numpy(), nested
 
 
 # ---------------------------------------------------------------- activation cost
@@ -296,13 +369,13 @@ class WeightCost:
 class ActivationCost:
     """Correlation similarity from accumulated activation statistics (see ``fxfuse.activations``)."""
 
-    def __init__(self, stats: Mapping[int, np.ndarray], nested_stats: Mapping[tuple[int, int], np.ndarray]):
-        self.stats, self.nested_stats = stats, nested_stats
+    def __init__(self, stats: Mapping[int, np.ndarray], nested_stats: Mapping[tuple[int, int], np.ndarray],
+                 sizes: Mapping[int, int]):
+        self.stats, self.nested_stats, self.sizes = stats, nested_stats, sizes
 
-    def block(self, root, children, perms):
-        S = self.stats.get(root)
+    def block(self, root, children, perms, known_only=False):
+        """Correlations; a space no node exposes gets a zero cost (it keeps the identity)."""
+        n = self.sizes[root]
+        S = self.stats.get(root, np.zeros((n, n)))
         nested = {c: self.nested_stats[(root, c)] for c in children if (root, c) in self.nested_stats}
-        if S is None:
-            n = next(iter(nested.values())).shape[0] if nested else 0
-            S = np.zeros((n, n))
         return S, nested

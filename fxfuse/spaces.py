@@ -123,6 +123,15 @@ class Analysis:
         """``{nested space: parent space}`` (inside-head dims under their heads)."""
         return {s.id: s.parent for s in self.spaces if s.parent is not None}
 
+    def layout_of(self, name: str) -> ParamLayout:
+        """The layout of a parameter or buffer by any of its state-dict names (tied names included)."""
+        if name in self.layouts:
+            return self.layouts[name]
+        for layout in self.layouts.values():
+            if name in layout.aliases:
+                return layout
+        raise KeyError(name)
+
     def space(self, sid: int) -> Space:
         return self.spaces[sid]
 
@@ -219,6 +228,7 @@ class _Walker:
         self.env: dict[torch.fx.Node, Any] = {}
         self.unruled: list[UnruledOp] = []
         self.param_atoms: dict[str, tuple[str, list[int]]] = {}  # state-dict name -> (kind, atoms)
+        self.canonical = {alias: name for name, aliases in traced.aliases.items() for alias in aliases}
 
     # -- values and atoms
     def fresh(self, val: Any, pinned: str | None = None) -> Any:
@@ -251,8 +261,15 @@ class _Walker:
                     env[node] = self.fresh(val, f"constant tensor '{ph.target or node.name}' is not saved with the model")
                 else:
                     env[node] = self.fresh(val)
-                    if env[node] is not None:
-                        self.param_atoms[ph.target] = (kind, env[node])
+                    if env[node] is None:
+                        continue
+                    # torch.export gives each name of a tied tensor its own placeholder: one tensor, one set of atoms
+                    canon = self.canonical.get(ph.target, ph.target)
+                    if canon in self.param_atoms:
+                        for a, b in zip(self.param_atoms[canon][1], env[node]):
+                            self.store.unify(a, b, f"tied tensor {canon} = {ph.target}")
+                    else:
+                        self.param_atoms[canon] = (kind, env[node])
             elif node.op == "get_attr":
                 env[node] = self.fresh(val, f"constant '{node.target}'")
             elif node.op == "call_function":

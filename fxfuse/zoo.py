@@ -113,18 +113,41 @@ def mlp(seed: int = 0):
 def cnn(seed: int = 0):
     _seeded(seed)
     model = ResidualCNN()
-    _randomise_norm_stats(model)
+    _informative(model)
     return model.eval(), (_pixels(),)
 
 
 def mha(seed: int = 0):
     _seeded(seed)
-    return MHAClassifier().eval(), (_ids(),)
+    model = MHAClassifier()
+    _informative(model)
+    return model.eval(), (_ids(),)
 
 
 def encoder(seed: int = 0):
     _seeded(seed)
-    return EncoderClassifier().eval(), (_ids(),)
+    model = EncoderClassifier()
+    _informative(model)
+    return model.eval(), (_ids(),)
+
+
+@torch.no_grad()
+def _informative(model: nn.Module) -> None:
+    """Redraw weights so that every parameter matters to the output.
+
+    Library inits leave biases at 0, norm scales at 1 and layer scales at 1e-6,
+    and draw matrices with std 0.02: a permutation that forgot a bias, or broke
+    a query/key tie, would then change outputs by less than a test tolerance.
+    Matrices get std ``1/√fan_in``; constant vectors get Gaussian noise.
+    """
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            fan_in = p[0].numel()
+            p.normal_(0.0, fan_in ** -0.5)
+        elif p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+            base = 1.0 if float(p.flatten()[0]) != 0.0 else 0.0
+            p.copy_(base + 0.2 * torch.randn_like(p))
+    _randomise_norm_stats(model)
 
 
 def _randomise_norm_stats(model: nn.Module) -> None:
@@ -145,7 +168,7 @@ def _hf(cls_name: str, config, seed: int, args):
 
     _seeded(seed)
     model = getattr(transformers, cls_name)(config)
-    _randomise_norm_stats(model)
+    _informative(model)
     return model.eval(), args
 
 
@@ -225,7 +248,9 @@ def t5(seed: int = 0):
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    use_cache=False)
     _seeded(seed)
-    return T5EncoderClassifier(cfg).eval(), (_ids(),)
+    model = T5EncoderClassifier(cfg)
+    _informative(model)
+    return model.eval(), (_ids(),)
 
 
 def vit(seed: int = 0, layers: int = 2, hidden: int = 32):

@@ -1,0 +1,94 @@
+"""Train the shipped example models on scikit-learn's ``digits`` and save them.
+
+Produces four model directories under ``--out`` (default: this folder)::
+
+    digits-mlp-a  digits-mlp-b   (fxfuse.digits:mlp, seeds 1 and 2)
+    digits-vit-a  digits-vit-b   (fxfuse.digits:vit, seeds 1 and 2)
+
+each holding ``model.safetensors`` (the state dict) and ``fxfuse.json``
+(``{"factory": ..., "kwargs": ..., "weights": "model.safetensors"}``). A
+directory is written into a temporary sibling folder and moved into place with
+``os.replace``, so a reader never sees a half-written model.
+
+    python examples/train_digits.py [--out examples] [--epochs-mlp N] [--epochs-vit N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fxfuse import digits
+
+MODELS = [
+    # (directory, factory, kind, seed, kwargs)
+    ("digits-mlp-a", "fxfuse.digits:mlp", "mlp", 1, {"h1": 128, "h2": 64}),
+    ("digits-mlp-b", "fxfuse.digits:mlp", "mlp", 2, {"h1": 128, "h2": 64}),
+    ("digits-vit-a", "fxfuse.digits:vit", "vit", 1, {"dim": 64, "heads": 4, "mlp": 128, "depth": 2}),
+    ("digits-vit-b", "fxfuse.digits:vit", "vit", 2, {"dim": 64, "heads": 4, "mlp": 128, "depth": 2}),
+]
+
+
+def save_model_dir(path: Path, model: torch.nn.Module, factory: str, kwargs: dict) -> None:
+    """Write ``model.safetensors`` + ``fxfuse.json`` into ``path`` atomically (replacing it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta = {"factory": factory, "kwargs": kwargs, "weights": "model.safetensors"}
+        (tmp / "fxfuse.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for f in tmp.iterdir():                   # safetensors writes 0600, mkdtemp makes 0700
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        old = None
+        if path.exists():                         # os.replace cannot overwrite a non-empty directory
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent), help="where to write (default: examples/)")
+    ap.add_argument("--epochs-mlp", type=int, default=digits.HYPERPARAMS["mlp"]["epochs"])
+    ap.add_argument("--epochs-vit", type=int, default=digits.HYPERPARAMS["vit"]["epochs"])
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    epochs = {"mlp": args.epochs_mlp, "vit": args.epochs_vit}
+    factories = {"mlp": digits.mlp, "vit": digits.vit}
+    _, _, x_test, y_test = digits.load_split()
+    out = Path(args.out)
+    for name, factory, kind, seed, kwargs in MODELS:
+        hp = digits.HYPERPARAMS[kind]
+        model, _ = factories[kind](seed=seed, **kwargs)
+        t0, c0 = time.perf_counter(), time.process_time()
+        digits.train(model, epochs[kind], seed, lr=hp["lr"], batch_size=hp["batch_size"])
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        acc = digits.accuracy(model, x_test, y_test)
+        save_model_dir(out / name, model, factory, kwargs)
+        print(f"{name}: test accuracy {acc:.4f} ({round(acc * len(y_test))}/{len(y_test)}), "
+              f"{epochs[kind]} epochs in {seconds:.1f} s ({cpu:.1f} s CPU), {dir_size(out / name) / 1024:.0f} KiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
