@@ -19,12 +19,13 @@ from .layout import pieces
 from .plan import ActivationCost, blocks
 from .spaces import Analysis, AxisExpr, Leaf, expr_leaves
 
-# Where a space's activations are read, best first. Outputs of the ops that make a space (linear,
-# conv) are preferred to post-nonlinearity values: a unit that a ReLU keeps at zero on the
-# calibration data is constant there and cannot be told apart from another.
-PREFERRED = (("linear", "conv", "addmm", "mm.", "bmm", "matmul", "embedding"),
-             ("layer_norm", "batch_norm", "group_norm", "rms_norm", "scaled_dot_product_attention"),
-             ("add", "mul", "gelu", "silu", "tanh", "relu", "hardtanh", "hardswish", "sigmoid"))
+# Ops whose outputs are read: where spaces are made (linear, conv), normalised (norms) and carried
+# (the residual adds). Summing correlations over up to ``nodes_per_space`` such nodes, spread
+# along the graph, reads a residual stream itself and not only its increments; a unit a ReLU
+# keeps at zero adds nothing where it is constant and is still told apart where it is not.
+PREFERRED = ("linear", "conv", "addmm", "mm.", "bmm", "matmul", "embedding", "layer_norm", "batch_norm",
+             "group_norm", "rms_norm", "scaled_dot_product_attention", "add", "mul", "gelu", "silu", "tanh",
+             "relu", "hardtanh", "hardswish", "sigmoid")
 
 
 class _Stats:
@@ -69,12 +70,7 @@ def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None
             continue
         if _contains(exprs, space) and (also is None or _contains(exprs, also)):
             found.append(name)
-    good = found
-    for tier in PREFERRED:
-        hits = [n for n in found if any(p in ops[n] for p in tier)]
-        if hits:
-            good = hits
-            break
+    good = [n for n in found if any(p in ops[n] for p in PREFERRED)] or found
     if len(good) <= k:
         return good
     step = len(good) / k
@@ -124,7 +120,7 @@ def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set
 
 
 def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[tuple, Mapping[str, Any]]],
-                    fixed: set[int] = frozenset(), nodes_per_space: int = 4,
+                    fixed: set[int] = frozenset(), nodes_per_space: int = 16,
                     progress: Callable[[str], None] | None = None) -> ActivationCost:
     """Correlation costs for every block of ``target`` from both models' activations on ``batches``."""
     plan_blocks = blocks(target, set(fixed))

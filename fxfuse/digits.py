@@ -7,9 +7,9 @@ families (an MLP and a small pre-norm ViT), factories in the zoo convention
 deterministic trainer. ``examples/train_digits.py`` uses it to produce the
 model directories under ``examples/``.
 
-scikit-learn is imported lazily, inside :func:`load_split`, so that
-``import fxfuse`` does not need it; building a model with :func:`mlp` or
-:func:`vit` does (the example inputs are test images).
+scikit-learn is imported lazily, inside :func:`load_split`: building or
+loading a model needs no scikit-learn (example inputs are random images),
+training and evaluating do.
 """
 from __future__ import annotations
 
@@ -128,17 +128,18 @@ class DigitsViT(nn.Module):
 
 
 def _examples() -> torch.Tensor:
-    return load_split()[2][:N_EXAMPLE].clone()
+    """16 deterministic random 8×8 images in [0, 1]: enough to trace, and no scikit-learn needed."""
+    return torch.rand(N_EXAMPLE, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 def mlp(seed: int = 0, **kw):
-    """``(DigitsMLP(**kw).eval(), (first 16 test images,))`` with weights drawn from ``seed``."""
+    """``(DigitsMLP(**kw).eval(), (16 example images,))`` with weights drawn from ``seed``."""
     torch.manual_seed(seed)
     return DigitsMLP(**kw).eval(), (_examples(),)
 
 
 def vit(seed: int = 0, **kw):
-    """``(DigitsViT(**kw).eval(), (first 16 test images,))`` with weights drawn from ``seed``."""
+    """``(DigitsViT(**kw).eval(), (16 example images,))`` with weights drawn from ``seed``."""
     torch.manual_seed(seed)
     return DigitsViT(**kw).eval(), (_examples(),)
 
