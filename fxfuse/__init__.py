@@ -19,3 +19,7 @@ __all__ = [
 from .fuse import FusionError, FusionResult, compile  # noqa: E402
 
 __all__ += ["FusionError", "FusionResult", "compile"]
+
+from .barrier import BarrierResult, barrier  # noqa: E402
+
+__all__ += ["BarrierResult", "barrier"]

@@ -93,6 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_compile)
 
+    p = sub.add_parser("barrier", help="loss along the line from model A to model B, vanilla and aligned",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("models", nargs=2, metavar="MODEL", help="model A and model B (one architecture)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="labelled data (.pt/.safetensors): inputs, and labels (class ids, or token ids with -100 "
+                   "ignored for language models)")
+    p.add_argument("--points", type=int, default=21, help="interpolation points including both ends (default 21)")
+    p.add_argument("--head", choices=["classification", "mlm", "causal"],
+                   help="how to read the loss (default: from the model class)")
+    p.add_argument("--cost", choices=["weights", "activations"], default="weights", help="alignment cost")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--calib", metavar="FILE", help="calibration inputs for --cost activations")
+    g.add_argument("--calib-random", type=int, metavar="N", help="N random calibration inputs")
+    p.add_argument("--solver", choices=["exact", "sinkhorn"], default="exact", help="alignment solver")
+    p.add_argument("--reg", type=float, help="sinkhorn regularisation")
+    p.add_argument("--pin", action="append", default=[], metavar="PATTERN", help="keep a space unpermuted")
+    p.add_argument("--heads", choices=["nested", "flat"], default="nested",
+                   help="inside-head dims matched per head (nested) or shared by all heads (flat)")
+    p.add_argument("--plot", metavar="PNG", help="draw both curves into this PNG (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the curves and barriers as JSON")
+    p.add_argument("--force", action="store_true", help="replace an existing --plot file")
+    _common(p)
+    p.set_defaults(func=cmd_barrier)
+
     p = sub.add_parser("rules", help="check or list propagation rules")
     rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
     rsub.required = True
@@ -229,6 +253,54 @@ def cmd_compile(args) -> int:
     checks = ", ".join(f"model {c['model']}: {c.get('error', c.get('drift')):.1e}" for c in report["self_check"])
     print(f"wrote {out} ({args.method}, cost {args.cost}, solver {args.solver}); "
           f"self-check {checks}; {report['timings']['total_s']:.1f}s")
+    return 0
+
+
+def cmd_barrier(args) -> int:
+    from .barrier import barrier, plot
+    from .data import load_calibration, load_labelled
+    from .io import check_output_path, load_model
+    from .rules import load_rules
+
+    progress = Progress(args.quiet)
+    if args.plot:
+        check_output_path(args.plot, args.force)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise FxfuseError("--plot needs matplotlib: pip install 'fxfuse[plot]'") from None
+    inputs, labels = load_labelled(args.data)
+    calib = load_calibration(args.calib) if args.calib else args.calib_random
+    rules = load_rules(args.rules)
+    a, b = (load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models)
+    result = barrier(a.module, b.module, inputs, labels, a.args, example_kwargs=a.kwargs, points=args.points,
+                     head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,
+                     reg=args.reg, pin=args.pin, rules=rules, strict=args.strict, heads=args.heads)
+    if args.plot:
+        import os
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(args.plot)))
+        os.close(fd)
+        try:
+            plot([("vanilla", result.vanilla), (f"fxfuse ({args.cost})", result.aligned)], tmp,
+                 title=f"{os.path.basename(args.models[0])} → {os.path.basename(args.models[1])}")
+            os.replace(tmp, args.plot)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    if args.json:
+        json.dump(dict(result.as_dict(), models=list(args.models), data=args.data), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    print(f"loss along A → B ({result.head} head, {inputs.shape[0]} samples):")
+    print(f"  {'λ':>5}  {'vanilla loss':>12} {'acc':>6}   {'fxfuse loss':>12} {'acc':>6}")
+    for i, lam in enumerate(result.vanilla.lambdas):
+        v, f = result.vanilla, result.aligned
+        print(f"  {lam:5.2f}  {v.loss[i]:12.4f} {v.accuracy[i]:6.1%}   {f.loss[i]:12.4f} {f.accuracy[i]:6.1%}")
+    print(f"barrier: vanilla {result.vanilla.barrier:.4f}, fxfuse {result.aligned.barrier:.4f}")
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -188,14 +188,17 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             target: int = 0, cost: str = "weights", calib: torch.Tensor | int | None = None, solver: str = "exact",
             reg: float | None = None, weights: Sequence[float] | None = None, pin: Sequence[str] = (),
             method: str = "ot", rules: RuleSet | None = None, seed: int = 0, max_passes: int = 50,
-            strict: bool = False, progress: Callable[[str], None] | None = None) -> FusionResult:
+            strict: bool = False, heads: str = "nested", progress: Callable[[str], None] | None = None
+            ) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     ``cost``: ``"weights"`` (weight matching, no data) or ``"activations"`` (needs
     ``calib``: a tensor of inputs ``(N, …)`` or an int, that many random inputs);
     ``solver``: ``"exact"`` (assignment / exact OT) or ``"sinkhorn"`` (soft, ``reg``);
     ``weights``: fusion weights (default uniform); ``pin``: spaces kept unpermuted;
-    ``method="vanilla"``: plain averaging, for comparison.
+    ``method="vanilla"``: plain averaging, for comparison; ``heads="flat"``: match
+    inside-head dims with one permutation shared by all heads, instead of one per
+    head solved per head pair (``"nested"``, the default).
     """
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -211,6 +214,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         raise FusionError(f"unknown cost {cost!r} (one of {', '.join(COSTS)})")
     if solver not in SOLVERS:
         raise FusionError(f"unknown solver {solver!r} (one of {', '.join(SOLVERS)})")
+    if heads not in ("nested", "flat"):
+        raise FusionError(f"unknown heads mode {heads!r} (nested, flat)")
     if method not in METHODS:
         raise FusionError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     if reg is not None and not (reg > 0 and math.isfinite(reg)):
@@ -236,7 +241,10 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     analyses = []
     for i, m in enumerate(models):
         say(f"tracing model {i} ({type(m).__name__})")
-        analyses.append(analyze(m, args, rules=rules, strict=strict, example_kwargs=kwargs))
+        a = analyze(m, args, rules=rules, strict=strict, example_kwargs=kwargs)
+        if heads == "flat":
+            a = replace(a, spaces=tuple(replace(s, parent=None) for s in a.spaces))
+        analyses.append(a)
     timings["trace_analyze_s"] = time.perf_counter() - t
     ref = analyses[target]
     for i, a in enumerate(analyses):

@@ -1,0 +1,188 @@
+"""Loss barriers: the loss along the straight line between two models, before and after alignment.
+
+For ``θ(λ) = (1 − λ)·θ_A + λ·θ_B`` the barrier is
+
+    B = max_λ [ L(θ(λ)) − ((1 − λ)·L(θ_A) + λ·L(θ_B)) ],
+
+the largest excess of the interpolated loss over the straight line between the
+end losses. ``barrier`` measures it twice: with B as it is (vanilla) and with B
+moved into A's basis by fxfuse; both curves share their end points because an
+alignment does not change what B computes.
+
+The loss is the model's own head: classification (logits ``(N, C)``, labels
+``(N,)``), masked LM (logits ``(N, S, V)``, labels ``(N, S)`` with ``-100``
+ignored), or causal LM (the same, shifted by one token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FxfuseError
+from .evaluate import logits_of
+
+HEADS = ("classification", "mlm", "causal")
+
+
+@dataclass(frozen=True)
+class Curve:
+    lambdas: tuple[float, ...]
+    loss: tuple[float, ...]
+    accuracy: tuple[float, ...] | None = None
+
+    @property
+    def barrier(self) -> float:
+        """``max_λ L(λ) − ((1−λ)L(0) + λL(1))``."""
+        l0, l1 = self.loss[0], self.loss[-1]
+        return max(l - ((1 - t) * l0 + t * l1) for t, l in zip(self.lambdas, self.loss))
+
+
+@dataclass(frozen=True)
+class BarrierResult:
+    vanilla: Curve
+    aligned: Curve
+    head: str
+    report: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = {"head": self.head, "lambdas": list(self.vanilla.lambdas)}
+        for name, c in (("vanilla", self.vanilla), ("aligned", self.aligned)):
+            out[name] = {"loss": list(c.loss), "barrier": c.barrier}
+            if c.accuracy is not None:
+                out[name]["accuracy"] = list(c.accuracy)
+        return out
+
+
+def detect_head(model: nn.Module) -> str:
+    name = type(model).__name__
+    if "CausalLM" in name or "LMHead" in name:
+        return "causal"
+    if "MaskedLM" in name or "ForPreTraining" in name:
+        return "mlm"
+    return "classification"
+
+
+def _call(model: nn.Module, x: torch.Tensor, input_key: str | None) -> Any:
+    return model(**{input_key: x}) if input_key else model(x)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, head: str,
+             input_key: str | None = None, batch_size: int = 32) -> tuple[float, float]:
+    """``(mean loss, accuracy)`` of ``model`` over the labelled tokens or samples, in batches."""
+    model.eval()
+    total_loss, total_right, total_n = 0.0, 0.0, 0
+    for i in range(0, inputs.shape[0], batch_size):
+        x, y = inputs[i:i + batch_size], labels[i:i + batch_size]
+        logits = logits_of(_call(model, x, input_key)).float()
+        if head == "causal":
+            logits, y = logits[:, :-1], y[:, 1:]
+        if logits.dim() != y.dim() + 1 or logits.shape[:-1] != y.shape:
+            raise FxfuseError(f"logits of shape {tuple(logits.shape)} do not fit labels of shape {tuple(y.shape)} "
+                              f"(head '{head}')")
+        flat, target = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        mask = target != -100
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        total_loss += float(F.cross_entropy(flat, target, ignore_index=-100, reduction="sum"))
+        total_right += float(((flat.argmax(-1) == target) & mask).sum())
+        total_n += n
+    if total_n == 0:
+        raise FxfuseError("the data has no labelled token or sample (all labels are -100)")
+    return total_loss / total_n, total_right / total_n
+
+
+def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+    return {k: ((1 - lam) * v + lam * b[k]).to(v.dtype) if v.is_floating_point() else v for k, v in a.items()}
+
+
+def curve(model_a: nn.Module, state_b: Mapping[str, torch.Tensor], inputs, labels, head: str, points: int,
+          input_key: str | None = None, progress: Callable[[str], None] | None = None, label: str = "") -> Curve:
+    import copy
+
+    state_a = model_a.state_dict()
+    probe = copy.deepcopy(model_a)
+    lambdas = tuple(i / (points - 1) for i in range(points))
+    losses, accs = [], []
+    for i, lam in enumerate(lambdas):
+        probe.load_state_dict(interpolate(state_a, state_b, lam), strict=True)
+        loss, acc = evaluate(probe, inputs, labels, head, input_key)
+        losses.append(loss)
+        accs.append(acc)
+        if progress:
+            progress(f"{label} λ={lam:.2f}: loss {loss:.4f}, accuracy {acc:.1%} ({i + 1}/{points})")
+    return Curve(lambdas, tuple(losses), tuple(accs))
+
+
+def check_data(inputs: torch.Tensor, labels: torch.Tensor, example: torch.Tensor, head: str) -> None:
+    """One-line errors for data that does not fit the models."""
+    if inputs.shape[0] == 0:
+        raise FxfuseError("the data is empty")
+    if tuple(inputs.shape[1:]) != tuple(example.shape[1:]) and not (
+            head != "classification" and inputs.dim() == example.dim()):
+        raise FxfuseError(f"inputs have shape {tuple(inputs.shape)}; the models take (N, "
+                          f"{', '.join(map(str, example.shape[1:]))})")
+    if inputs.is_floating_point() != example.is_floating_point():
+        raise FxfuseError(f"inputs have dtype {inputs.dtype}; the models take {example.dtype}")
+    if labels.shape[0] != inputs.shape[0]:
+        raise FxfuseError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise FxfuseError(f"labels must be integer ids, got {labels.dtype}")
+    want = 1 if head == "classification" else 2
+    if labels.dim() != want:
+        raise FxfuseError(f"labels have shape {tuple(labels.shape)}; a {head} head takes "
+                          + ("(N,)" if want == 1 else "(N, S)"))
+
+
+def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+            example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None, points: int = 21,
+            head: str | None = None, progress: Callable[[str], None] | None = None, **fuse_options) -> BarrierResult:
+    """Loss along ``A → B`` for B as it is and for B aligned into A's basis (``fxfuse.compile`` options)."""
+    from .fuse import _main_input, compile as fuse
+
+    if points < 2:
+        raise FxfuseError(f"--points must be at least 2, got {points}")
+    head = head or detect_head(model_a)
+    if head not in HEADS:
+        raise FxfuseError(f"unknown head {head!r} (one of {', '.join(HEADS)})")
+    kwargs = dict(example_kwargs or {})
+    key, example = _main_input(tuple(example_args), kwargs)
+    input_key = key if isinstance(key, str) else None
+    check_data(inputs, labels, example, head)
+    if progress:
+        progress("aligning B into A's basis")
+    result = fuse([model_a, model_b], example_args, example_kwargs=kwargs, target=0, progress=progress, **fuse_options)
+    aligned_b = result.aligned[1].state_dict()
+    vanilla = curve(model_a, model_b.state_dict(), inputs, labels, head, points, input_key, progress, "vanilla")
+    aligned = curve(model_a, aligned_b, inputs, labels, head, points, input_key, progress, "aligned")
+    report = {"fusion": {k: result.report[k] for k in ("cost", "solver", "self_check", "passes", "timings")}}
+    return BarrierResult(vanilla, aligned, head, report)
+
+
+def plot(results: Sequence[tuple[str, Curve]], path: str, title: str = "") -> None:
+    """Draw loss curves (one per ``(label, curve)``) into a PNG; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FxfuseError("plotting needs matplotlib: pip install 'fxfuse[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, c in results:
+        ax.plot(c.lambdas, c.loss, marker="o", markersize=3, label=f"{label} (barrier {c.barrier:.3f})")
+    ax.set_xlabel("λ  (0 = model A, 1 = model B)")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
