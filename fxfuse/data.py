@@ -17,17 +17,21 @@ INPUT_KEYS = ("inputs", "input_ids", "pixel_values", "x", "images")
 LABEL_KEYS = ("labels", "y", "targets")
 
 
+def read_tensors(path: Path):
+    """The content of a ``.safetensors`` file, or of a torch file read with ``weights_only=True``."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FxfuseError(f"{path}: no such file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        data = read_tensors(path)
     except Exception as exc:
         raise FxfuseError(f"{path}: cannot read tensors: {type(exc).__name__}: {exc}") from None
     if isinstance(data, torch.Tensor):

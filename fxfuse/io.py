@@ -138,20 +138,17 @@ def _load_manifest_dir(path: Path, spec: str) -> LoadedModel:
 
 def load_weights(module: nn.Module, path: Path, spec: str) -> None:
     """Load a state dict from safetensors (or a weights-only torch file) into ``module``, strictly."""
+    from .data import read_tensors
+
     if not path.is_file():
         raise SpecError(f"{spec}: no weights file {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = read_tensors(path)
     except Exception as exc:
         raise SpecError(f"{spec}: cannot read weights {path}: {type(exc).__name__}: {exc}") from None
     try:
         module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError) as exc:
         first = " ".join(str(exc).split())[:300]
         raise SpecError(f"{spec}: weights {path.name} do not fit the model: {first}") from None
 
