@@ -70,7 +70,9 @@ def test_factory_contract(factory, split):
     model, args = factory()
     assert not model.training
     assert isinstance(args, tuple) and len(args) == 1
-    assert torch.equal(args[0], split[2][:16])
+    # example inputs are deterministic images in [0, 1] of the data's shape, made without scikit-learn
+    assert args[0].shape == split[2][:16].shape and args[0].dtype == split[2].dtype
+    assert torch.equal(args[0], factory()[1][0]) and 0 <= float(args[0].min()) and float(args[0].max()) <= 1
     assert model(*args).shape == (16, 10)
     same, _ = factory(seed=0)
     other, _ = factory(seed=1)
