@@ -210,7 +210,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
         return changed
 
     for i in range(len(todo)):
-        take(i, solve_block(todo[i], cost, perms, solver, known_only=iterative)[0])
+        take(i, solve_block(todo[i], cost, perms, known_only=iterative)[0])  # the descent is hard
     passes = 1
     dirty = set(range(len(todo))) if iterative else set()
     order = list(range(len(todo)))
@@ -222,7 +222,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
             if i not in dirty:
                 continue
             dirty.discard(i)
-            maps, current, aligned = solve_block(todo[i], cost, perms, solver)
+            maps, current, aligned = solve_block(todo[i], cost, perms)
             if aligned > current + 1e-9 * (abs(current) + 1.0):
                 if take(i, maps):
                     dirty |= neighbours[i]
@@ -230,6 +230,10 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
                 results[i] = {s: replace(results[i][s], similarity_identity=m.similarity_identity,
                                          similarity_aligned=current) for s, m in maps.items()}
     notes: list[str] = []
+    silent = getattr(cost, "silent", lambda: [])()
+    if silent:
+        notes.append(f"no signal for space(s) {', '.join(f's{s}' for s in silent)} (constant on the calibration "
+                     "data): kept at the identity")
     if dirty:
         notes.append(f"coordinate descent stopped after {max_passes} passes without converging")
         warnings.warn(notes[-1])
@@ -372,6 +376,16 @@ class ActivationCost:
     def __init__(self, stats: Mapping[int, np.ndarray], nested_stats: Mapping[tuple[int, int], np.ndarray],
                  sizes: Mapping[int, int]):
         self.stats, self.nested_stats, self.sizes = stats, nested_stats, sizes
+
+    def silent(self) -> list[int]:
+        """Spaces without any correlation signal (no node, or units constant on the data)."""
+        out = []
+        for sid, n in self.sizes.items():
+            S = self.stats.get(sid)
+            nested = [v for (r, _), v in self.nested_stats.items() if r == sid]
+            if S is not None and not np.any(S) and not any(np.any(v) for v in nested):
+                out.append(sid)
+        return sorted(out)
 
     def block(self, root, children, perms, known_only=False):
         """Correlations; a space no node exposes gets a zero cost (it keeps the identity)."""
