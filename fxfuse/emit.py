@@ -110,7 +110,10 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     out = {}
     for key, ref in like.items():
         if ref.is_floating_point():
-            acc = sum(w * s[key].double() for w, s in zip(weights, states))
+            acc = torch.zeros_like(ref, dtype=torch.promote_types(ref.dtype, torch.float32))
+            for w, s in zip(weights, states):
+                if w:
+                    acc.add_(s[key], alpha=w)
             out[key] = acc.to(ref.dtype)
         else:
             out[key] = ref.clone()

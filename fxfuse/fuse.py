@@ -118,7 +118,8 @@ def _check_same_architecture(models: Sequence[nn.Module]) -> None:
 def _check_finite(models: Sequence[nn.Module]) -> None:
     for i, m in enumerate(models):
         for key, t in m.state_dict().items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            # a sum is finite unless some element is not (or it overflows: then look closer)
+            if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
                 raise FusionError(f"model {i}: {key} holds NaN or inf")
 
 

@@ -68,9 +68,20 @@ def _depth(space: int, parents: Mapping[int, int]) -> int:
     return depth
 
 
+def _has_concat(expr: AxisExpr) -> bool:
+    if isinstance(expr, Leaf):
+        return False
+    return isinstance(expr, Concat) or any(_has_concat(p) for p in expr.parts)
+
+
 def permute_tensor(t: torch.Tensor, axes: tuple[AxisExpr, ...], perms: Mapping[int, torch.Tensor],
                    parents: Mapping[int, int]) -> torch.Tensor:
     """A permuted copy of ``t`` laid out as ``axes``."""
+    if not any(_has_concat(e) for e in axes):  # one piece: permute it as a whole
+        (view, spaces), = pieces(t.detach().contiguous(), axes)
+        if not any(s in perms for s in spaces):
+            return t.detach().clone()
+        return permute_piece(view, spaces, perms, parents).reshape(t.shape)
     out = t.detach().clone().contiguous()
     for view, spaces in pieces(out, axes):
         if any(s in perms for s in spaces):

@@ -329,7 +329,7 @@ class WeightCost:
                     continue
                 n = pt.shape[d]
                 if S is None:
-                    S = torch.zeros(n, n, dtype=torch.float64)
+                    S = torch.zeros(n, n, dtype=torch.float32)
                 child_dims = [(c, spaces.index(c)) for c in children if c in spaces]
                 mask = list(spaces)
                 mask[d] = -2
@@ -346,7 +346,7 @@ class WeightCost:
                     moved = permute_piece(ps, tuple(mask), perms, self.parents) if not static else ps
                     a = self._target(i, (d,))
                     b = moved.movedim(d, 0).reshape(n, -1)
-                    prod = (a @ b.T).double()
+                    prod = a @ b.T
                     if static:
                         self._static[key] = prod
                     S += prod
@@ -354,17 +354,17 @@ class WeightCost:
                 c, cd = child_dims[0]  # one nested child per piece (a second one counts at its current map)
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
                 m = pt.shape[cd]
-                a = self._target(i, (d, cd))
-                b = moved.movedim((d, cd), (0, 1)).reshape(n, m, -1)
-                S4 = torch.einsum("jar,kbr->jkab", a, b).double().numpy()
+                a = self._target(i, (d, cd)).reshape(n * m, -1)
+                b = moved.movedim((d, cd), (0, 1)).reshape(n * m, -1)
+                S4 = (a @ b.T).reshape(n, m, n, m).permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
                 nested[c] = nested.get(c, 0) + S4
         if S is None:
             if not known_only:
                 raise ValueError(f"space {root} has no member tensor")
             n = next((self.items[i][0].shape[self.items[i][2].index(root)] for i in relevant
                       if root in self.items[i][2]), 0)
-            S = torch.zeros(n, n, dtype=torch.float64)
-        return S.numpy(), nested
+            S = torch.zeros(n, n, dtype=torch.float32)
+        return S.double().numpy(), nested
 
 
 # ---------------------------------------------------------------- activation cost
