@@ -214,11 +214,10 @@ def reduce(ctx) -> None:
         if out is None:
             continue
         kept = [i for i in range(len(shape)) if i not in dims]
-        targets = kept if not keep else kept
-        positions = kept if keep else list(range(len(kept)))
+        positions = kept if keep else list(range(len(kept)))  # where each kept dim lands in the output
         if len(oshape) != (len(shape) if keep else len(kept)):
             raise RuleMismatch(f"output rank {len(oshape)} does not match reduction of rank {len(shape)}")
-        for i, j in zip(targets, positions):
+        for i, j in zip(kept, positions):
             ctx.tie(atoms[i], out[j])
 
 

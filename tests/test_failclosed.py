@@ -13,31 +13,11 @@ from fxfuse import zoo
 from fxfuse.permute import permute_state_dict
 from fxfuse.rules import load_rules
 from fxfuse.spaces import Leaf, Product, expr_leaves
+from outputs import run, tolerance  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 UNRULED_OP = "aten.cummax.default"
-RTOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: extra intra-op threads only add overhead (and stall on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def logits(out):
-    return out.logits if hasattr(out, "logits") else out
-
-
-def run(model, args):
-    with torch.no_grad():
-        return logits(model(*args))
-
-
-def tolerance(reference: torch.Tensor) -> float:
-    return RTOL * max(1.0, reference.abs().max().item())
 
 
 def max_diff(a, b) -> float:

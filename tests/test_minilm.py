@@ -13,18 +13,12 @@ import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
 from fxfuse.spaces import Leaf, Product  # noqa: E402
+from outputs import RTOL, run, tolerance  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS, HEADS, HEAD_DIM, HIDDEN = 6, 12, 32, 384
 SEED = 11
-RTOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +35,8 @@ def minilm():
     return model, ids, analysis, permuted
 
 
-def run(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def check_equal(model, permuted, ids):
-    y0, y1 = run(model, ids), run(permuted, ids)
+    y0, y1 = run(model, (ids,)), run(permuted, (ids,))
     diff, tol = (y0 - y1).abs().max().item(), RTOL * max(1.0, y0.abs().max().item())
     assert diff <= tol, f"outputs differ by {diff:.3e} (tolerance {tol:.3e})"
 
@@ -110,5 +99,5 @@ def test_query_only_permutation_is_caught(minilm):
     with torch.no_grad():
         q.weight.copy_(q.weight.index_select(0, idx))
         q.bias.copy_(q.bias.index_select(0, idx))
-    y0, y1 = run(model, ids), run(broken, ids)
+    y0, y1 = run(model, (ids,)), run(broken, (ids,))
     assert (y0 - y1).abs().max().item() > RTOL * max(1.0, y0.abs().max().item())

@@ -26,11 +26,13 @@ from fxfuse.layout import permute_tensor
 from fxfuse.permute import permute_state_dict
 from fxfuse.spaces import Concat, Leaf, Product, expr_leaves
 from fxfuse.trace import USER_INPUT
+from outputs import logits, run, tolerance  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = list(zoo.ZOO)
 TOKEN_MODELS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5")
 SEED = 1
-RTOL = 1e-5
 # Measured share of moved parameter elements, seed 1: 0.94 (swin, bert_mlm) to 0.999 (mlp, cnn,
 # mobilenet_v2). Unmoved elements are fixed points of the permutations and equal values (HF LayerNorm
 # weights are all 1, biases all 0). 0.85 leaves margin for other seeds yet fails if a space is skipped.
@@ -71,19 +73,6 @@ INTERFACE_AXES = {
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def logits(out):
-    return out.logits if hasattr(out, "logits") else out
-
-
-def run(model, args):
-    with torch.no_grad():
-        return logits(model(*args))
-
-
-def tolerance(reference: torch.Tensor) -> float:
-    return RTOL * max(1.0, reference.abs().max().item())
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,16 +146,6 @@ def expr_spaces(value) -> set[int]:
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead, and on a shared, busy machine OpenMP spin-waiting
-    makes a 2-thread forward of mobilenet_v2 take seconds instead of milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass
