@@ -338,7 +338,8 @@ def slice_(ctx) -> None:
             ctx.pin(out[i], f"partial slice by {ctx.op}")
 
 
-@kind("select", "Picks one index along option 'dim': that axis is pinned, the others pass through.",
+@kind("select", "Picks one index along option 'dim': that axis is pinned, the others pass through (a row of a "
+      "packed (rows × E) axis, like nn.MultiheadAttention's in_proj, may get its own permutation).",
       options=("dim",))
 def select(ctx) -> None:
     x = ctx.value("self")
@@ -349,8 +350,11 @@ def select(ctx) -> None:
     rest = [a for i, a in enumerate(atoms) if i != dim]
     if len(rest) != len(out):
         raise RuleMismatch("select output rank mismatch")
+    index = ctx.value("index")
     for a, b in zip(rest, out):
-        ctx.tie(a, b)
+        # a row of a packed (rows × E) axis may move on its own: decided after the walk
+        if not (isinstance(index, int) and ctx.defer_row(a, atoms[dim], index % shape[dim], b)):
+            ctx.tie(a, b)
 
 
 @kind("expand", "Broadcasts to a larger shape: new and size-1-expanded axes are constant, hence free.")

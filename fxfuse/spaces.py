@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .axes import CONCAT, PRODUCT, AxisStore
+from .axes import CONCAT, PRODUCT, AxisStore, Refinement
 from .errors import StrictError
 from .kinds import KINDS, RuleMismatch
 from .rules import Rule, RuleSet, load_rules
@@ -229,6 +229,7 @@ class _Walker:
         self.unruled: list[UnruledOp] = []
         self.param_atoms: dict[str, tuple[str, list[int]]] = {}  # state-dict name -> (kind, atoms)
         self.canonical = {alias: name for name, aliases in traced.aliases.items() for alias in aliases}
+        self.rows: list[tuple[int, int, int, int, int]] = []  # (E, P, X, row, selected output atom)
 
     # -- values and atoms
     def fresh(self, val: Any, pinned: str | None = None) -> Any:
@@ -240,6 +241,51 @@ class _Walker:
 
     def run(self) -> None:
         self._walk(self.traced.graph_module, top=True)
+        self._resolve_rows()
+
+    def _resolve_rows(self) -> None:
+        """Settle rows taken by ``select`` from a packed axis ``X = (P × E)``, ``P`` pinned.
+
+        If every tensor that carries ``E`` also carries ``P``, and every row of ``P`` was
+        selected, then ``E`` may move by a different permutation in each row (the nesting
+        argument of heads): ``X`` becomes the concatenation of one segment per row, each
+        tied to the selected outputs of that row. Otherwise each output is tied to ``E``.
+        """
+        store = self.store
+        groups: dict[tuple[int, int, int], dict[int, list[int]]] = {}
+        for e, p, x, row, out in self.rows:
+            groups.setdefault((store.find(e), store.find(p), store.find(x)), {}).setdefault(row, []).append(out)
+        if not groups:
+            return
+        holding = self._tensor_leaf_sets()
+        param_roots = {store.find(a) for _, atoms in self.param_atoms.values() for a in atoms}
+        for (e, p, x), rows in groups.items():
+            ref = store.refinement(x)
+            ok = (ref is not None and ref.kind == PRODUCT and [store.find(c) for c in ref.children] == [p, e]
+                  and store.refinement(e) is None and store.pinned(p) is not None and store.pinned(e) is None
+                  and set(rows) == set(range(store.size(p))) and e not in param_roots
+                  and all(p in t for t in holding if e in t))
+            if not ok:
+                for outs in rows.values():
+                    for out in outs:
+                        store.unify(e, out, "select of a row")
+                continue
+            segments = [store.new(store.size(e)) for _ in range(store.size(p))]
+            store._refine[x] = Refinement(CONCAT, tuple(segments))
+            for row, outs in rows.items():
+                for out in outs:
+                    store.unify(segments[row], out, "row of a packed axis")
+
+    def _tensor_leaf_sets(self) -> list[set[int]]:
+        """For every tensor of the graph (and every parameter), the set of leaf classes it carries."""
+        sets: list[set[int]] = []
+        values = list(self.env.values()) + [atoms for _, atoms in self.param_atoms.values()]
+        for value in values:
+            groups = value if value and (isinstance(value[0], list) or value[0] is None) else [value]
+            for atoms in groups:
+                if atoms:
+                    sets.append({leaf for a in atoms for leaf in self._leaf_roots(a)})
+        return sets
 
     def _walk(self, gm: torch.fx.GraphModule, top: bool, inputs: list | None = None) -> list:
         graph = gm.graph
@@ -413,13 +459,7 @@ class _Walker:
                         candidates[leaf].append(earlier)
         if not candidates:
             return {}
-        tensors: list[set[int]] = []
-        values = list(self.env.values()) + [atoms for _, atoms in self.param_atoms.values()]
-        for value in values:
-            groups = value if value and (isinstance(value[0], list) or value[0] is None) else [value]
-            for atoms in groups:
-                if atoms:
-                    tensors.append({leaf for a in atoms for leaf in self._leaf_roots(a)})
+        tensors = self._tensor_leaf_sets()
         parents: dict[int, int] = {}
         for child, cands in candidates.items():
             if child not in ids or store.pinned(child) or store.size(child) <= 1:
@@ -550,6 +590,22 @@ class OpContext:
 
     def free(self, atom: int) -> None:
         self.store.touched.add(atom)
+
+    def defer_row(self, atom: int, selected: int, row: int, out: int) -> bool:
+        """Record that ``out`` is row ``row`` of ``atom`` in a packed ``(selected × atom)`` axis.
+
+        Returns False (tie as usual) unless some product refinement has exactly the
+        classes of ``selected`` and ``atom`` as its two factors.
+        """
+        store = self.store
+        p, e = store.find(selected), store.find(atom)
+        for root, ref in store._refine.items():
+            if (store.find(root) == root and ref.kind == PRODUCT and len(ref.children) == 2
+                    and store.find(ref.children[0]) == p and store.find(ref.children[1]) == e):
+                self.walker.rows.append((e, p, root, row, out))
+                self.free(out)
+                return True
+        return False
 
     def role(self, atom: int, name: str) -> None:
         self.store.add_role(atom, name)
