@@ -38,6 +38,7 @@ printed for information only; the machine may be shared.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import copy
 import json
 import math
@@ -204,12 +205,56 @@ def run_family(family: str, pairs: int, data) -> dict:
                 f"{info['aligned_acc']:.4f} "
                 f"({info['seconds']:.1f} s; check {info['self_check']})"
                 + (f"; solver warnings: {info['solver_warnings']}" if info["solver_warnings"] else ""))
+        record["barrier"] = pair_barriers(parents, example_args, calib, (x_te, y_te))
+        put("barrier", "vanilla", record["barrier"]["vanilla"]["barrier"])
+        for setting in BARRIER_SETTINGS:
+            put("barrier", setting, record["barrier"][setting]["barrier"])
+        log(f"[{family}] pair {i} barriers: " + ", ".join(f"{k} {v['barrier']:.3f}" for k, v in record["barrier"].items()))
         per_pair.append(record)
         if first_pair is None:
             first_pair = (parents, example_args)
+            plot_barriers(family, record["barrier"], seeds)
     summary = {row: {col: stats(v) for col, v in cols.items()} for row, cols in rows.items()}
     return {"family": family, "hyperparams": hp, "ft_lr": FT_LR_FACTOR * hp["lr"], "pairs": per_pair,
             "summary": summary, "_first_pair": first_pair}
+
+
+BARRIER_SETTINGS = {"fxfuse weights": {"cost": "weights"}, "fxfuse activations": {"cost": "activations"}}
+BARRIER_POINTS = 11
+
+
+def pair_barriers(parents, example_args, calib, test) -> dict:
+    """Test loss along A → B: vanilla, and B aligned by each setting (``fxfuse.barrier``)."""
+    out = {}
+    for name, kw in BARRIER_SETTINGS.items():
+        r = fxfuse.barrier(parents[0], parents[1], *test, example_args, points=BARRIER_POINTS,
+                           calib=calib if kw["cost"] == "activations" else None, **kw)
+        out.setdefault("vanilla", {"barrier": r.vanilla.barrier, "loss": list(r.vanilla.loss),
+                                   "accuracy": list(r.vanilla.accuracy)})
+        out[name] = {"barrier": r.aligned.barrier, "loss": list(r.aligned.loss), "accuracy": list(r.aligned.accuracy)}
+    return out
+
+
+def plot_barriers(family: str, barriers: dict, seeds) -> None:
+    """``benchmarks/quality_barrier_<family>.png``: the curves of the first pair."""
+    from fxfuse.barrier import Curve, plot
+
+    lambdas = tuple(i / (BARRIER_POINTS - 1) for i in range(BARRIER_POINTS))
+    curves = [(name, Curve(lambdas, tuple(b["loss"]))) for name, b in barriers.items()]
+    path = Path(__file__).resolve().parent / f"quality_barrier_{family}.png"
+    plot(curves, str(path), title=f"digits {family.upper()}: test loss from seed {seeds[0]} to seed {seeds[1]}")
+
+
+def print_barriers(res: dict) -> None:
+    summary = res["summary"]["barrier"]
+    print(f"\nLoss barrier on the test set ({BARRIER_POINTS} points, cross-entropy), mean ±std (min–max) over pairs; "
+          f"curves of the first pair: benchmarks/quality_barrier_{res['family']}.png\n")
+    print("| interpolation | barrier | vs vanilla |")
+    print("|---|---:|---:|")
+    base = summary["vanilla"]["mean"]
+    for name, st in summary.items():
+        cut = "" if name == "vanilla" else f"{100 * (st['mean'] / base - 1):+.0f}%"
+        print(f"| {name} | {st['mean']:.3f} ±{st['std']:.3f} ({st['min']:.3f}–{st['max']:.3f}) | {cut} |")
 
 
 def reg_sweep(family: str, parents, example_args, data) -> list[dict]:
@@ -365,6 +410,7 @@ def main(argv=None) -> None:
           f"{FT_SEED}+pair")
     for fam in families:
         targets[fam] = print_family(results[fam])
+        print_barriers(results[fam])
     for fam, sweep in sweeps.items():
         print_sweep(fam, sweep)
     wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
