@@ -62,7 +62,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"| model | class | params | spaces (free) | coverage | ops without rules | permute error | weights moved | analyse |")
+    print("| model | class | params | spaces (free) | coverage | ops without rules | permute error | weights moved | analyse |")
     print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['class']} | {r['params']:,} | {r['spaces']} ({r['free']}) | {r['coverage']:.1%} | "

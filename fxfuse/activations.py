@@ -17,7 +17,7 @@ import torch
 
 from .layout import pieces
 from .plan import ActivationCost, blocks
-from .spaces import Analysis, AxisExpr, Leaf, expr_leaves
+from .spaces import Analysis, Concat, Leaf, Product, expr_leaves
 
 # Ops whose outputs are read: where spaces are made (linear, conv), normalised (norms) and carried
 # (the residual adds). Summing correlations over up to ``nodes_per_space`` such nodes, spread
@@ -66,7 +66,7 @@ def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None
     ops = {n.name: str(n.target) for n in analysis.traced.graph.nodes if n.op == "call_function"}
     found = []
     for name, exprs in analysis.node_axes.items():
-        if name not in ops or exprs is None or not exprs or not isinstance(exprs[0], (Leaf,) + AxisExprTypes):
+        if name not in ops or exprs is None or not exprs or not isinstance(exprs[0], (Leaf, Product, Concat)):
             continue
         if _contains(exprs, space) and (also is None or _contains(exprs, also)):
             found.append(name)
@@ -75,11 +75,6 @@ def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None
         return good
     step = len(good) / k
     return [good[int(i * step)] for i in range(k)]
-
-
-from .spaces import Concat, Product  # noqa: E402
-
-AxisExprTypes = (Product, Concat)
 
 
 def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None) -> list[torch.Tensor]:

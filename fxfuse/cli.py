@@ -7,7 +7,6 @@ import signal
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from .errors import FxfuseError
 

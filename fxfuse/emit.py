@@ -17,7 +17,7 @@ from torch import nn
 
 from .layout import permute_tensor
 from .plan import Alignment
-from .spaces import Analysis, AxisExpr, Concat, Leaf, Product
+from .spaces import Analysis, AxisExpr, Concat, Leaf
 
 
 def aligned_state(analysis: Analysis, state: Mapping[str, torch.Tensor], alignment: Alignment) -> dict[str, torch.Tensor]:
@@ -31,7 +31,7 @@ def aligned_state(analysis: Analysis, state: Mapping[str, torch.Tensor], alignme
         if not t.is_floating_point():
             continue
         if soft and any(_mentions(ax, soft) for ax in layout.axes):
-            t = _apply_soft(t, layout.axes, alignment, perms, parents)
+            t = _apply_soft(t, layout.axes, alignment, parents)
         else:
             t = permute_tensor(t, layout.axes, perms, parents)
         for key in (name,) + layout.aliases:
@@ -94,7 +94,7 @@ def _nested_matrix(parent: Leaf, child: Leaf, alignment: Alignment) -> torch.Ten
     return M.permute(0, 2, 1, 3).reshape(n_t * m, n_s * m)
 
 
-def _apply_soft(t, axes, alignment, perms, parents) -> torch.Tensor:
+def _apply_soft(t, axes, alignment, parents) -> torch.Tensor:
     out = t.detach().double()
     for d, expr in enumerate(axes):
         M = axis_matrix(expr, alignment, parents)

@@ -376,8 +376,7 @@ def expand(ctx) -> None:
 @kind("index", "Advanced indexing (aten.index.Tensor): indexed axes are pinned, the others pass through.",
       options=("indices",))
 def index(ctx) -> None:
-    x = ctx.value("self")
-    atoms, shape = ctx.atoms(x), ctx.shape(x)
+    atoms = ctx.atoms(ctx.value("self"))
     out = _single_output(ctx)
     indices = list(ctx.value(ctx.rule.option("indices", "indices")))
     used = [i for i, v in enumerate(indices) if v is not None]

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
 from fxfuse.spaces import Leaf, Product  # noqa: E402
-from outputs import RTOL, run, tolerance  # noqa: E402
+from outputs import RTOL, run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

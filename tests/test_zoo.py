@@ -26,7 +26,7 @@ from fxfuse.layout import permute_tensor
 from fxfuse.permute import permute_state_dict
 from fxfuse.spaces import Concat, Leaf, Product, expr_leaves
 from fxfuse.trace import USER_INPUT
-from outputs import logits, run, tolerance  # noqa: E402
+from outputs import run, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
