@@ -173,8 +173,6 @@ def cmd_explain(args) -> int:
 
 
 def cmd_permute(args) -> int:
-    import torch
-
     from .io import check_output_path, save_model
     from .permute import apply_permutations, random_permutations
     from .verify import compare_outputs
@@ -195,7 +193,6 @@ def cmd_permute(args) -> int:
     save_model(loaded, permuted, out, force=args.force)
     print(f"wrote {out}: {len(perms)} spaces permuted, {moved:,} of {total:,} weights moved "
           f"({moved / max(total, 1):.1%}), output relative error {err:.1e}")
-    del torch
     return 0
 
 
@@ -232,11 +229,9 @@ def cmd_compile(args) -> int:
                          progress=progress)
     report = dict(result.report, models=[m.spec for m in loaded])
     if labelled is not None:
-        from .fuse import compile as _vanilla
-
         progress("evaluating")
         x, y = labelled
-        vanilla = _vanilla([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
+        vanilla = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
                            weights=weights, method="vanilla", rules=rules).module
         rows = [(f"model {i} ({m.spec})", accuracy(m.module, x, y, tgt)) for i, m in enumerate(loaded)]
         rows += [("vanilla average", accuracy(vanilla, x, y, tgt)), ("fused (fxfuse)", accuracy(result.module, x, y, tgt))]
