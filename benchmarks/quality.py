@@ -347,6 +347,124 @@ def print_family(res: dict) -> dict:
     return targets
 
 
+# ---------------------------------------------------------------- heterogeneous pairs
+
+# (family, model A kwargs, model B kwargs, targets: (label, index)); A is the wide / deep one
+HETERO = {
+    "mlp-width": ("mlp", {"h1": 256, "h2": 128}, {"h1": 128, "h2": 64}, [("narrow", 1)]),
+    "vit-depth": ("vit", {"depth": 4}, {"depth": 2}, [("shallow", 1), ("deep", 0)]),
+}
+HETERO_FUSIONS = [(name, kw) for name, kw in FUSIONS if name in FXFUSE_ROWS]
+
+
+def run_hetero(kind: str, pairs: int, data) -> dict:
+    """Wide/narrow or deep/shallow pairs: parents, the target alone, fxfuse into each target; one-shot and +1 epoch.
+
+    Plain averaging is undefined across shapes, so the baseline is the target parent alone,
+    and after finetuning the target parent trained one epoch more (the same total epochs).
+    """
+    x_tr, y_tr, x_te, y_te = data
+    calib = x_tr[:N_CALIB]
+    family, kw_a, kw_b, targets = HETERO[kind]
+    hp = digits.HYPERPARAMS[family]
+    factory = digits.EXAMPLES[family]
+    rows: dict[str, dict[str, list]] = {}
+    per_pair = []
+
+    def put(row: str, col: str, value) -> None:
+        rows.setdefault(row, {}).setdefault(col, []).append(value)
+
+    for i in range(pairs):
+        seeds = (2 * i + 1, 2 * i + 2)
+        parents, example_args = [], None
+        for s, kw in zip(seeds, (kw_a, kw_b)):
+            model, example_args = factory(seed=s, **kw)
+            torch.manual_seed(s)
+            digits.train(model, hp["epochs"], s, lr=hp["lr"], batch_size=hp["batch_size"], data=(x_tr, y_tr))
+            parents.append(model)
+        ft_seed = FT_SEED + i
+        acc_p = [digits.accuracy(m, x_te, y_te) for m in parents]
+        acc_p_ft = [digits.accuracy(finetune(m, hp, ft_seed, (x_tr, y_tr)), x_te, y_te) for m in parents]
+        record = {"seeds": seeds, "parents": acc_p, "parents_ft": acc_p_ft, "fusions": {}}
+        log(f"[{kind}] pair {i} seeds {seeds}: parents {acc_p} (+1 epoch {acc_p_ft})")
+        for label, t in targets:
+            put(f"{label}: parent A ({_kw_text(kw_a)})", "oneshot", acc_p[0])
+            put(f"{label}: parent A ({_kw_text(kw_a)})", "ft", acc_p_ft[0])
+            put(f"{label}: parent B ({_kw_text(kw_b)})", "oneshot", acc_p[1])
+            put(f"{label}: parent B ({_kw_text(kw_b)})", "ft", acc_p_ft[1])
+            put(f"{label}: target alone", "oneshot", acc_p[t])
+            put(f"{label}: target alone", "ft", acc_p_ft[t])
+            for name, kw in HETERO_FUSIONS:
+                row = f"{label}: {name}"
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        result = fxfuse.compile(parents, example_args, target=t, seed=0, calib=calib, **kw)
+                    except Exception as exc:  # noqa: BLE001 - reported, never hidden
+                        log(f"[{kind}] pair {i} {row}: FAILED {type(exc).__name__}: {exc}")
+                        record["fusions"][row] = {"error": f"{type(exc).__name__}: {exc}"}
+                        continue
+                acc = digits.accuracy(result.module, x_te, y_te)
+                acc_ft = digits.accuracy(finetune(result.module, hp, ft_seed, (x_tr, y_tr)), x_te, y_te)
+                aligned = digits.accuracy(result.aligned[1 - t], x_te, y_te)
+                put(row, "oneshot", acc)
+                put(row, "ft", acc_ft)
+                put(row, "aligned", aligned)
+                info = {"oneshot": acc, "ft": acc_ft, "aligned_acc": aligned, "seconds": time.perf_counter() - t0,
+                        "self_check": result.report["self_check"][1 - t],
+                        "depth_maps": [{k: d[k] for k in ("path", "source_of", "dropped", "matched_costs")}
+                                       for d in result.report["depth_maps"]],
+                        "width_maps": result.report["width_maps"]}
+                record["fusions"][row] = info
+                depth = "; ".join(f"{d['path']} {d['source_of']}" for d in info["depth_maps"])
+                log(f"[{kind}] pair {i} {row}: {acc:.4f} -> {acc_ft:.4f} after 1 epoch, aligned source {aligned:.4f} "
+                    f"({info['seconds']:.1f} s)" + (f"; depth map {depth}" if depth else ""))
+        per_pair.append(record)
+    summary = {row: {col: stats(v) for col, v in cols.items()} for row, cols in rows.items()}
+    return {"kind": kind, "family": family, "a": kw_a, "b": kw_b, "targets": targets, "hyperparams": hp,
+            "pairs": per_pair, "summary": summary}
+
+
+def _kw_text(kw: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in kw.items())
+
+
+def print_hetero(res: dict) -> dict:
+    s, hp = res["summary"], res["hyperparams"]
+    n = len(res["pairs"])
+    print(f"\n### {res['kind']} — {n} pair(s): A = {res['family']} {_kw_text(res['a'])} (seed 2i+1), "
+          f"B = {_kw_text(res['b'])} (seed 2i+2); training {hp['epochs']} epochs; finetune {FT_EPOCHS} epoch\n")
+    print("Test accuracy (%), mean ±std (min–max) over pairs. The finetune column of a parent is that parent "
+          "+1 epoch (the same total number of epochs as a fused model finetuned once). Last column: the source "
+          "model after its alignment into the target's widths/depth, before averaging.\n")
+    print("| target | model | one-shot | after 1-epoch finetune | aligned source |")
+    print("|---|---|---:|---:|---:|")
+    targets = {}
+    lines = []
+    for label, _ in res["targets"]:
+        for row in [r for r in s if r.startswith(label + ":")]:
+            r = s[row]
+            aligned = f"{100 * r['aligned']['mean']:.2f}" if "aligned" in r else ""
+            print(f"| {label} | {row.split(': ', 1)[1]} | {cell(r['oneshot'])} | {cell(r['ft'])} | {aligned} |")
+        base = s[f"{label}: target alone"]
+        for name, _ in HETERO_FUSIONS:
+            r = s.get(f"{label}: {name}")
+            if r is None or not r["ft"]["n"]:
+                continue
+            ok = r["ft"]["mean"] > base["ft"]["mean"]
+            targets[f"{label}: {name}"] = ok
+            lines.append(f"{label}, {name.split()[1]}: fused +1 epoch {100 * r['ft']['mean']:.2f} vs target parent +1 "
+                         f"epoch {100 * base['ft']['mean']:.2f} ({100 * (r['ft']['mean'] - base['ft']['mean']):+.2f}): "
+                         f"{'MET' if ok else 'MISSED'}; one-shot vs target alone "
+                         f"{100 * (r['oneshot']['mean'] - base['oneshot']['mean']):+.2f}")
+    print(f"\nTargets ({res['kind']}: after one epoch of finetuning the fused model beats the target parent "
+          "trained one epoch more):")
+    for line in lines:
+        print(f"- {line}")
+    return targets
+
+
 def print_sweep(family: str, sweep: list[dict]) -> None:
     print(f"\n### {family.upper()} sinkhorn reg sweep (pair 0, seeds (1, 2), one-shot test accuracy %; default reg = {DEFAULT_REG})\n")
     regs = SWEEP_REGS + (UNIFORM_REG,)
@@ -375,7 +493,8 @@ def main(argv=None) -> None:
     global FT_LR_FACTOR
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--families", default="mlp,vit", help="comma-separated subset of mlp,vit")
+    ap.add_argument("--families", default="mlp,vit,mlp-width,vit-depth",
+                    help="comma-separated subset of mlp,vit (twin pairs) and mlp-width,vit-depth (heterogeneous pairs)")
     ap.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--no-sweep", action="store_true", help="skip the sinkhorn reg sweeps")
@@ -383,9 +502,9 @@ def main(argv=None) -> None:
                     help=f"finetuning lr as a multiple of the family's training lr (default {FT_LR_FACTOR})")
     args = ap.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in digits.EXAMPLES]
+    bad = [f for f in families if f not in digits.EXAMPLES and f not in HETERO]
     if bad or not families:
-        ap.error(f"unknown family {bad} (choose from {', '.join(digits.EXAMPLES)})")
+        ap.error(f"unknown family {bad} (choose from {', '.join(list(digits.EXAMPLES) + list(HETERO))})")
     if args.pairs < 1:
         ap.error("--pairs must be ≥ 1")
     if not args.ft_lr_factor > 0:
@@ -395,8 +514,10 @@ def main(argv=None) -> None:
     t_start, c_start = time.perf_counter(), time.process_time()
     data = digits.load_split()
 
-    results, targets, sweeps = {}, {}, {}
-    for fam in families:
+    results, targets, sweeps, hetero = {}, {}, {}, {}
+    for fam in [f for f in families if f in HETERO]:
+        hetero[fam] = run_hetero(fam, args.pairs, data)
+    for fam in [f for f in families if f not in HETERO]:
         res = run_family(fam, args.pairs, data)
         first = res.pop("_first_pair")
         results[fam] = res
@@ -408,9 +529,11 @@ def main(argv=None) -> None:
           f"sinkhorn reg {DEFAULT_REG} (default, on the cost scaled by its max) unless stated; "
           f"finetune: {FT_EPOCHS} epoch, lr = {FT_LR_FACTOR:g} × training lr, warm-up 10% + cosine, shuffle seed "
           f"{FT_SEED}+pair")
-    for fam in families:
+    for fam in results:
         targets[fam] = print_family(results[fam])
         print_barriers(results[fam])
+    for fam, res in hetero.items():
+        targets[fam] = print_hetero(res)
     for fam, sweep in sweeps.items():
         print_sweep(fam, sweep)
     wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
@@ -421,7 +544,7 @@ def main(argv=None) -> None:
                 for info in p["fusions"].values():
                     info.pop("traceback", None)
         payload = {"pairs": args.pairs, "families": families, "ft_epochs": FT_EPOCHS, "ft_lr_factor": FT_LR_FACTOR,
-                   "calib": N_CALIB, "default_reg": DEFAULT_REG, "results": results, "reg_sweep": sweeps,
+                   "calib": N_CALIB, "default_reg": DEFAULT_REG, "results": results, "hetero": hetero, "reg_sweep": sweeps,
                    "targets": targets, "wall_s": wall, "cpu_s": cpu, "threads": args.threads,
                    "torch": torch.__version__, "commit": git_commit()}
         with open(args.json, "w") as fh:

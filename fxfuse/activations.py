@@ -132,8 +132,10 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
         vs = _run(source, args, kwargs, wanted)
         for key, node in jobs:
             space, child = key
-            exprs = target.node_axes[node]
-            for x, y in zip(_units(vt[node], exprs, space, child), _units(vs[node], exprs, space, child)):
+            exprs, exprs_s = target.node_axes[node], source.node_axes.get(node)
+            if node not in vs or exprs_s is None:
+                raise ValueError(f"node {node} of the target has no counterpart in the source graph")
+            for x, y in zip(_units(vt[node], exprs, space, child), _units(vs[node], exprs_s, space, child)):
                 st = stats.get((key, node))
                 if st is None:
                     st = stats[(key, node)] = _Stats(x.shape[1], y.shape[1])
@@ -147,9 +149,9 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
         if child is None:
             root_cost[space] = root_cost.get(space, 0) + rho
         else:
-            n = target.spaces[space].size
+            n, n_s = target.spaces[space].size, source.spaces[space].size
             m = target.spaces[child].size
-            r4 = rho.reshape(n, m, n, m).transpose(0, 2, 1, 3)
+            r4 = rho.reshape(n, m, n_s, m).transpose(0, 2, 1, 3)
             nested_cost[(space, child)] = nested_cost.get((space, child), 0) + r4
-    sizes = {s.id: s.size for s in target.spaces}
+    sizes = {s.id: (s.size, source.spaces[s.id].size) for s in target.spaces}
     return ActivationCost(root_cost, nested_cost, sizes)

@@ -68,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_permute)
 
     p = sub.add_parser("compile", help="align models into one basis and fuse them",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("models", nargs="+", metavar="MODEL", help="two or more model specs of one architecture")
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                       description="Align every model into the target's basis and average them. The models may "
+                       "differ in width\n(the fused model takes the target's widths: a narrower target is a "
+                       "compression) and in depth\n(blocks of a list of repeated blocks are matched by a "
+                       "cross-layer dynamic program; the fused\nmodel takes the target's depth).")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="two or more model specs of one architecture (widths and depths may differ)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--target", type=int, default=0, help="index of the model whose basis and class the result takes")
     p.add_argument("--cost", choices=["weights", "activations"], default="weights",
@@ -84,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin", action="append", default=[], metavar="PATTERN",
                    help="keep a space unpermuted: sID, or PARAM[:AXIS] glob over its member axes (repeatable)")
     p.add_argument("--method", choices=["ot", "vanilla"], default="ot", help="ot alignment, or plain averaging")
+    p.add_argument("--heads", choices=["nested", "flat"], default="nested",
+                   help="inside-head dims matched per head (nested) or shared by all heads (flat)")
+    p.add_argument("--depth-cost", choices=["cka", "ot"], default="cka",
+                   help="models of different depth: block-to-block cost of the cross-layer alignment, "
+                   "1 - linear CKA of block outputs or the OT cost between their units (default cka)")
+    p.add_argument("--show-depth-map", action="store_true",
+                   help="print which block of each model went to which block of the target, and the width maps")
     p.add_argument("--seed", type=int, default=0, help="seed of the descent order and random calibration")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (it is always in the output)")
     p.add_argument("--eval", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels): print accuracy "
@@ -199,7 +211,7 @@ def cmd_permute(args) -> int:
 def cmd_compile(args) -> int:
     from .data import load_calibration, load_labelled
     from .evaluate import accuracy
-    from .fuse import compile as fuse_models
+    from .fuse import FusionError, compile as fuse_models
     from .io import check_output_path, load_model, save_model, write_text_atomic
     from .rules import load_rules
 
@@ -226,15 +238,24 @@ def cmd_compile(args) -> int:
     result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
                          cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
                          pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
-                         progress=progress)
+                         heads=args.heads, depth_cost=args.depth_cost, progress=progress)
     report = dict(result.report, models=[m.spec for m in loaded])
+    if args.show_depth_map:
+        from .render import render_depth_maps
+
+        text = render_depth_maps(report["depth_maps"], report["width_maps"])
+        sys.stdout.write(text or "all models have the target's depth and widths\n")
     if labelled is not None:
         progress("evaluating")
         x, y = labelled
-        vanilla = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
-                           weights=weights, method="vanilla", rules=rules).module
         rows = [(f"model {i} ({m.spec})", accuracy(m.module, x, y, tgt)) for i, m in enumerate(loaded)]
-        rows += [("vanilla average", accuracy(vanilla, x, y, tgt)), ("fused (fxfuse)", accuracy(result.module, x, y, tgt))]
+        try:
+            vanilla = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs,
+                                  target=args.target, weights=weights, method="vanilla", rules=rules).module
+            rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
+        except FusionError:  # undefined across widths or depths: the target alone is the baseline
+            pass
+        rows.append(("fused (fxfuse)", accuracy(result.module, x, y, tgt)))
         report["eval"] = {"file": args.eval, "samples": int(x.shape[0]), "accuracy": dict(rows)}
         width = max(len(r[0]) for r in rows)
         print(f"accuracy on {args.eval} ({x.shape[0]} samples):")
@@ -244,7 +265,8 @@ def cmd_compile(args) -> int:
     save_model(tgt, result.module, out, force=args.force, extra={"report.json": text})
     if args.report:
         write_text_atomic(args.report, text, force=args.force)
-    checks = ", ".join(f"model {c['model']}: {c.get('error', c.get('drift')):.1e}" for c in report["self_check"])
+    checks = ", ".join(f"model {c['model']}: {c['drift' if 'drift' in c else 'error']:.1e}"
+                       for c in report["self_check"])
     print(f"wrote {out} ({args.method}, cost {args.cost}, solver {args.solver}); "
           f"self-check {checks}; {report['timings']['total_s']:.1f}s")
     return 0

@@ -12,6 +12,7 @@ into a copy of the target (``load_state_dict(strict=True)``).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .activations import activation_cost
+from .depth import DepthMap, Relayered, depth_map, find_block_lists, relayer, writer_params
 from .emit import aligned_state, average_states, build_module
 from .errors import FxfuseError
 from .plan import Alignment, WeightCost, align
@@ -31,6 +33,7 @@ from .verify import compare_outputs
 CHECK_TOL = 1e-4
 CALIB_BATCH = 16  # calibration batch size: the models are traced once more at this shape
 COSTS, SOLVERS, METHODS = ("weights", "activations"), ("exact", "sinkhorn"), ("ot", "vanilla")
+DEPTH_COSTS = ("cka", "ot")
 
 
 class FusionError(FxfuseError):
@@ -98,21 +101,148 @@ def calibration_batches(calib: torch.Tensor | int | None, args: tuple, kwargs: M
     return [_with_input(args, kwargs, key, data[i * batch:(i + 1) * batch]) for i in range(n_batches)]
 
 
-def _check_same_architecture(models: Sequence[nn.Module]) -> None:
-    ref = models[0].state_dict()
+def _check_same_class(models: Sequence[nn.Module]) -> None:
     for i, m in enumerate(models[1:], start=1):
         if type(m) is not type(models[0]):
             raise FusionError(f"model {i} is a {type(m).__name__}, model 0 a {type(models[0]).__name__}")
+
+
+def _check_same_parameters(models: Sequence[nn.Module], target: int) -> None:
+    ref = models[target].state_dict()
+    for i, m in enumerate(models):
         state = m.state_dict()
         for key in ref:
             if key not in state:
                 raise FusionError(f"architectures differ: model {i} has no parameter {key}")
-            if tuple(state[key].shape) != tuple(ref[key].shape):
-                raise FusionError(f"architectures differ: {key} has shape {tuple(ref[key].shape)} in model 0 "
-                                  f"and {tuple(state[key].shape)} in model {i}")
         extra = [k for k in state if k not in ref]
         if extra:
             raise FusionError(f"architectures differ: model {i} has an extra parameter {extra[0]}")
+
+
+def _check_compatible(analyses: Sequence[Analysis], target: int, fixed: Mapping[int, str]) -> None:
+    """Same spaces in every model; sizes may differ only where a space is free (a width).
+
+    A differing size anywhere else (a vocabulary, a number of classes, a patch
+    size: axes that are pinned) or inside a head is refused, naming the first
+    parameter where it shows.
+    """
+    ref = analyses[target]
+    for i, a in enumerate(analyses):
+        if i == target:
+            continue
+        if len(a.spaces) != len(ref.spaces):
+            raise FusionError(f"model {i} and the target have different permutation structure "
+                              f"({len(a.spaces)} spaces against {len(ref.spaces)})")
+        for name, lt in ref.layouts.items():
+            ls = a.layouts.get(name)
+            if ls is None:
+                raise FusionError(f"architectures differ: model {i} has no parameter {name}")
+            if len(ls.shape) != len(lt.shape):
+                raise FusionError(f"architectures differ: {name} has shape {lt.shape} in model {target} "
+                                  f"and {ls.shape} in model {i}")
+            for d, (et, es) in enumerate(zip(lt.axes, ls.axes)):
+                if et.size == es.size:
+                    continue
+                leaves_t, leaves_s = expr_leaves(et), expr_leaves(es)
+                if [leaf.space for leaf in leaves_t] != [leaf.space for leaf in leaves_s]:
+                    raise FusionError(f"model {i} and the target have different permutation structure at {name} "
+                                      f"axis {d}")
+                for lt_leaf, ls_leaf in zip(leaves_t, leaves_s):
+                    if lt_leaf.size == ls_leaf.size:
+                        continue
+                    sp = ref.spaces[lt_leaf.space]
+                    where = (f"architectures differ: {name} has shape {lt.shape} in model {target} and {ls.shape} "
+                             f"in model {i}")
+                    if not sp.free or sp.id in fixed:
+                        raise FusionError(f"{where}; axis {d} cannot be aligned ({fixed.get(sp.id) or sp.reason})")
+                    if sp.parent is not None:
+                        raise FusionError(f"{where}; the size inside each head differs ({lt_leaf.size} against "
+                                          f"{ls_leaf.size}, space s{sp.id}): heads must have equal sizes "
+                                          "(their number may differ)")
+        for st, ss in zip(ref.spaces, a.spaces):
+            if (st.free, st.parent) != (ss.free, ss.parent):
+                raise FusionError(f"model {i} and the target have different permutation structure at space "
+                                  f"s{st.id} ({st.name})")
+
+
+@dataclass(frozen=True)
+class DepthPlan:
+    """How one source model was brought to the target's depth (``fxfuse.depth``)."""
+
+    maps: tuple[DepthMap, ...]
+    relayered: Relayered
+    drift: float  # relative output change of the relayered source (0 when only identity blocks were added)
+
+    def as_dict(self, model: int) -> list[dict]:
+        out = []
+        for d in self.maps:
+            out.append({"model": model, "path": d.path, "target_blocks": d.target_size,
+                        "source_blocks": d.source_size, "source_of": list(d.source_of),
+                        "identity": [i for i, s in enumerate(d.source_of) if s is None],
+                        "dropped": list(d.dropped), "cost": d.cost, "matched_costs": list(d.matched_costs()),
+                        "costs": [list(r) for r in d.costs], "drift": self.drift})
+        return out
+
+
+def _depth_lists(target: nn.Module, source: nn.Module, i: int) -> list[str]:
+    """Paths of the block lists whose lengths differ; ``[]`` when the parameters already agree."""
+    names_t, names_s = set(target.state_dict()), set(source.state_dict())
+    if names_t == names_s:
+        return []
+    lists_t = {b.path: b.size for b in find_block_lists(target)}
+    lists_s = {b.path: b.size for b in find_block_lists(source)}
+    differ = sorted(p for p in lists_t if p in lists_s and lists_t[p] != lists_s[p])
+    if not differ:
+        missing, extra = sorted(names_t - names_s), sorted(names_s - names_t)
+        what = f"has no parameter {missing[0]}" if missing else f"has an extra parameter {extra[0]}"
+        raise FusionError(f"architectures differ: model {i} {what}, and no list of repeated blocks "
+                          "(a ModuleList or Sequential of identical blocks) of another length explains it: "
+                          "cannot align their depths")
+    return differ
+
+
+def match_depths(models: Sequence[nn.Module], target: int, batches, args: tuple, kwargs: Mapping[str, Any],
+                 cost: str = "cka", progress: Callable[[str], None] | None = None
+                 ) -> tuple[list[nn.Module], list[DepthPlan | None]]:
+    """Bring every model to the target's depth (cross-layer alignment), see ``fxfuse.depth``.
+
+    Returns the models to align (sources relayered where their block lists
+    differ in length) and, per model, its ``DepthPlan`` or ``None``.
+    """
+    say = progress or (lambda _msg: None)
+    work, plans = list(models), [None] * len(models)
+    for i, m in enumerate(models):
+        if i == target:
+            continue
+        paths = _depth_lists(models[target], m, i)
+        if not paths:
+            continue
+        maps = []
+        for path in paths:
+            say(f"matching the blocks of {path}: model {i} -> {target} ({cost})")
+            maps.append(depth_map(models[target], m, path, batches(), cost))
+        writers = {d.path: writer_params(m, d.path, args, kwargs, pre_norm_only=False)
+                   for d in maps if None in d.source_of}
+        relayered = relayer(m, maps, writers)
+        drift = compare_outputs(m, relayered.module, args, kwargs)
+        work[i], plans[i] = relayered.module, DepthPlan(tuple(maps), relayered, drift)
+    return work, plans
+
+
+def _identity_blocks_in_target_basis(state: dict, target_state: Mapping[str, torch.Tensor], plan: DepthPlan) -> dict:
+    """Identity blocks take the target's own weights except their zeroed writers.
+
+    Writers at zero make the block an identity whatever its other weights; with
+    the target's weights the fused block is the target's block with its
+    residual branches scaled by the target's fusion weight.
+    """
+    out = dict(state)
+    zeroed = set(plan.relayered.zeroed)
+    for block in plan.relayered.identity_blocks:
+        for name in out:
+            if name.startswith(block + ".") and name not in zeroed and out[name].is_floating_point():
+                out[name] = target_state[name].clone()
+    return out
 
 
 def _check_finite(models: Sequence[nn.Module]) -> None:
@@ -189,8 +319,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             target: int = 0, cost: str = "weights", calib: torch.Tensor | int | None = None, solver: str = "exact",
             reg: float | None = None, weights: Sequence[float] | None = None, pin: Sequence[str] = (),
             method: str = "ot", rules: RuleSet | None = None, seed: int = 0, max_passes: int = 50,
-            strict: bool = False, heads: str = "nested", progress: Callable[[str], None] | None = None
-            ) -> FusionResult:
+            strict: bool = False, heads: str = "nested", depth_cost: str = "cka",
+            progress: Callable[[str], None] | None = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     ``cost``: ``"weights"`` (weight matching, no data) or ``"activations"`` (needs
@@ -200,6 +330,14 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     ``method="vanilla"``: plain averaging, for comparison; ``heads="flat"``: match
     inside-head dims with one permutation shared by all heads, instead of one per
     head solved per head pair (``"nested"``, the default).
+
+    Models may differ in width (spaces of different sizes are matched many to
+    one, or softly with sinkhorn; the result has the target's widths) and in
+    depth: where a list of repeated blocks has another length in a source,
+    its blocks are matched to the target's by the cross-layer dynamic program
+    on ``depth_cost`` (``"cka"``: 1 − linear CKA of block outputs, ``"ot"``: OT
+    cost between their units, on the calibration inputs); unmatched source
+    blocks are left out, unmatched target blocks get identity blocks.
     """
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -219,6 +357,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         raise FusionError(f"unknown heads mode {heads!r} (nested, flat)")
     if method not in METHODS:
         raise FusionError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    if depth_cost not in DEPTH_COSTS:
+        raise FusionError(f"unknown depth cost {depth_cost!r} (one of {', '.join(DEPTH_COSTS)})")
     if reg is not None and not (reg > 0 and math.isfinite(reg)):
         raise FusionError(f"--reg must be a positive number, got {reg}")
     if weights is None:
@@ -229,7 +369,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise FusionError(f"fusion weights must be non-negative with a positive sum, got {weights}")
     weights = [w / sum(weights) for w in weights]
-    _check_same_architecture(models)
+    _check_same_class(models)
     _check_finite(models)
     rules = rules if rules is not None else load_rules()
 
@@ -238,6 +378,14 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if method == "ot" and cost == "activations":
         batches = calibration_batches(calib, args, kwargs, seed)
         args, kwargs = batches[0]
+    originals = models
+    t = time.perf_counter()
+    depth_batches = functools.lru_cache(None)(lambda: batches or calibration_batches(calib, args, kwargs, seed))
+    models, depth_plans = match_depths(originals, target, depth_batches, args, kwargs, depth_cost, say)
+    if method == "vanilla" and any(depth_plans):
+        raise FusionError("plain averaging needs models of equal depth (use the default method, ot)")
+    timings["depth_s"] = time.perf_counter() - t
+    _check_same_parameters(models, target)
     t = time.perf_counter()
     analyses = []
     for i, m in enumerate(models):
@@ -248,10 +396,10 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         analyses.append(a)
     timings["trace_analyze_s"] = time.perf_counter() - t
     ref = analyses[target]
-    for i, a in enumerate(analyses):
-        if [(s.size, s.free, s.parent) for s in a.spaces] != [(s.size, s.free, s.parent) for s in ref.spaces]:
-            raise FusionError(f"model {i} and the target have different permutation structure")
     fixed = resolve_pins(ref, pin)
+    _check_compatible(analyses, target, fixed)
+    if method == "vanilla" and any(s.size != r.size for a in analyses for s, r in zip(a.spaces, ref.spaces)):
+        raise FusionError("plain averaging needs models of equal widths (use the default method, ot)")
 
     states = [m.state_dict() for m in models]
     alignments: list[Alignment | None] = []
@@ -262,14 +410,18 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             alignments.append(None)
             aligned_states.append(states[i])
             continue
+        # identity blocks take the target's weights after alignment: they take no part in it
+        identity = depth_plans[i].relayered.identity_blocks if depth_plans[i] else ()
+        skip = frozenset(n for n in states[i] if any(n.startswith(b + ".") for b in identity))
+        keep = set(fixed) | {s.id for s in ref.spaces if s.members and all(m.param in skip for m in s.members)}
         if cost == "weights":
             say(f"weight matching model {i} -> {target}")
-            cost_model = WeightCost(ref, states[target], states[i])
+            cost_model = WeightCost(ref, states[target], states[i], source=analyses[i], skip=skip)
         else:
             say(f"collecting activations of models {target} and {i} on {len(batches)} batches")
-            cost_model = activation_cost(ref, analyses[i], batches, set(fixed), progress=say)
+            cost_model = activation_cost(ref, analyses[i], batches, keep, progress=say)
         say(f"solving {len(ref.free_spaces)} spaces ({solver})")
-        alignment = align(ref, cost_model, solver=solver, reg=reg, fixed=set(fixed), seed=seed,
+        alignment = align(ref, cost_model, solver=solver, reg=reg, fixed=keep, seed=seed,
                           iterative=cost == "weights", max_passes=max_passes, cost_name=cost)
         alignments.append(alignment)
         aligned_states.append(aligned_state(analyses[i], states[i], alignment))
@@ -280,32 +432,54 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     aligned_modules = []
     checks = []
     for i, (m, st, al) in enumerate(zip(models, aligned_states, alignments)):
-        aligned_m = m if al is None else build_module(m, st)
-        aligned_modules.append(aligned_m)
+        aligned_m = m if al is None else build_module(models[target], st)
+        check: dict[str, Any] = {"model": i, "hard": al is None or al.hard}
         if al is None:
-            checks.append({"model": i, "hard": True, "error": 0.0})
-        elif al.hard:
-            err = _self_check(i, m, aligned_m, al, analyses[i], rules, states[i], args, kwargs)
-            checks.append({"model": i, "hard": True, "error": err})
-        else:
-            checks.append({"model": i, "hard": False, "drift": compare_outputs(m, aligned_m, args, kwargs)})
+            check["error"] = 0.0
+        elif al.hard:  # permutations: the aligned copy must compute what the (relayered) source computes
+            check["error"] = _self_check(i, m, aligned_m, al, analyses[i], rules, states[i], args, kwargs)
+        plan = depth_plans[i]
+        if plan is not None and al is not None:
+            aligned_states[i] = _identity_blocks_in_target_basis(st, states[target], plan)
+            aligned_m = build_module(models[target], aligned_states[i])
+        if plan is not None or (al is not None and not al.hard):  # against the model as given
+            check["drift"] = compare_outputs(originals[i], aligned_m, args, kwargs)
+        if plan is not None:
+            check["depth_drift"] = plan.drift
+        checks.append(check)
+        aligned_modules.append(aligned_m)
     timings["check_s"] = time.perf_counter() - t
     fused_state = average_states(aligned_states, weights, states[target])
     fused = build_module(models[target], fused_state)
     timings["total_s"] = time.perf_counter() - t_start
-    report = _report(ref, alignments, fixed, checks, weights, target, cost, solver, reg, method, timings)
+    report = _report(ref, analyses, alignments, fixed, checks, weights, target, cost, solver, reg, method, timings)
+    report["depth_cost"] = depth_cost
+    report["depth_maps"] = [e for i, p in enumerate(depth_plans) if p is not None for e in p.as_dict(i)]
+    for i, p in enumerate(depth_plans):
+        for d in p.maps if p is not None else ():
+            if d.dropped:
+                report["notes"].append(f"model {i}: blocks {', '.join(f'{d.path}.{k}' for k in d.dropped)} have no "
+                                       "counterpart in the target and are left out of its aligned copy")
+            if p.drift > CHECK_TOL and None in d.source_of:
+                report["notes"].append(f"model {i}: its identity blocks in {d.path} are not exact (output change "
+                                       f"{p.drift:.1e}; a norm after the residual add, as in post-norm blocks)")
     say(f"fused {len(models)} models in {timings['total_s']:.1f}s")
     return FusionResult(fused, tuple(aligned_modules), report, tuple(alignments), ref)
 
 
-def _report(ref: Analysis, alignments, fixed, checks, weights, target, cost, solver, reg, method, timings) -> dict:
-    spaces = []
+def _report(ref: Analysis, analyses, alignments, fixed, checks, weights, target, cost, solver, reg, method,
+            timings) -> dict:
+    spaces, widths = [], []
     for s in ref.spaces:
-        if s.size <= 1:
+        sizes = [a.spaces[s.id].size for a in analyses]
+        if max(sizes) <= 1:
             continue
         entry = {"id": s.id, "name": s.name, "size": s.size, "free": s.free and s.id not in fixed,
                  "reason": fixed.get(s.id) or s.reason, "parent": s.parent, "roles": list(s.roles),
                  "members": len(s.members), "models": []}
+        if len(set(sizes)) > 1:
+            entry["sizes"] = sizes
+            widths.append({"space": s.id, "name": s.name, "sizes": sizes, "target_size": s.size})
         for i, al in enumerate(alignments):
             if al is None or s.id not in al.maps:
                 continue
@@ -314,11 +488,13 @@ def _report(ref: Analysis, alignments, fixed, checks, weights, target, cost, sol
             if m.perm is not None:
                 ident = torch.arange(m.perm.shape[-1])
                 moved = int((m.perm != ident).sum())
-            entry["models"].append({"model": i, "hard": m.hard, "units_moved": moved,
+            entry["models"].append({"model": i, "hard": m.hard, "map": m.kind, "units_moved": moved,
+                                    "size": sizes[i],
                                     "similarity_identity": m.similarity_identity,
                                     "similarity_aligned": m.similarity_aligned})
         spaces.append(entry)
     return {
+        "width_maps": widths,
         "method": method, "cost": cost, "solver": solver, "reg": reg, "target": target,
         "weights": weights, "coverage": ref.coverage,
         "passes": {i: al.passes for i, al in enumerate(alignments) if al is not None},

@@ -81,6 +81,10 @@ def _tie_right_aligned(ctx, groups: list[tuple[list[int], list[int]]]) -> None:
 # ---------------------------------------------------------------- einsum
 
 
+def _is_output(arg: str) -> bool:
+    return arg == "out" or (arg.startswith("out") and arg[3:].isdigit())
+
+
 @kind("einsum", "Per-argument axis signatures; shared names tie axes, names seen once are pinned.",
       uses_axes=True)
 def einsum(ctx) -> None:
@@ -171,6 +175,11 @@ def einsum(ctx) -> None:
             if size != 1:
                 ctx.tie(atom, reps[name])
                 seen[name].add(arg)
+    # a parameter axis whose names all miss the output is read (contracted): a consumer of its units
+    produced = {n for arg, sig in chosen if _is_output(arg) for n in sig.names}
+    for arg, dim, atom, size in named:
+        if size != 1 and not _is_output(arg):
+            ctx.param_use(ctx.value(arg), atom, consumed=not any(n in produced for n in dim.names))
     for name, rep in reps.items():
         ctx.role(rep, name)
         if name in rule.pin:

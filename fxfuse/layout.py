@@ -10,6 +10,11 @@ A permutation of a space is a ``LongTensor`` ``p`` of its size (``new[j] =
 old[p[j]]``); a space nested under a parent (``Space.parent``) has a
 ``(parent size, size)`` table: under the parent's new index ``i`` it moves by
 ``p[i]``. Parents move first, so ``new[i, j] = old[p_H[i], p_D[i, j]]``.
+
+Between spaces of different sizes a map is a float matrix ``A`` (``n_t × n_s``,
+``new[j] = Σ_k A[j, k] old[k]``); a space nested under such a parent has the
+inner matching of every parent pair, ``(n_t, n_s, m)``, and the two move
+together by ``nested_matrix``.
 """
 from __future__ import annotations
 
@@ -37,13 +42,43 @@ def pieces(t: torch.Tensor, axes: tuple[AxisExpr, ...]) -> list[Piece]:
     return [(t, tuple(e.space for e in axes))]
 
 
+def nested_matrix(A: torch.Tensor, pair_perms: torch.Tensor) -> torch.Tensor:
+    """``M[(j,a),(k,b)] = A[j,k]·[b = π_jk(a)]`` for a parent map ``A`` and inner matchings ``π`` ``(n_t, n_s, m)``."""
+    n_t, n_s, m = pair_perms.shape
+    inner = torch.eye(m, dtype=A.dtype)[pair_perms]  # (n_t, n_s, m, m): [j, k, a, b] = [b == π_jk(a)]
+    return (A[:, :, None, None] * inner).permute(0, 2, 1, 3).reshape(n_t * m, n_s * m)
+
+
+def apply_matrix(t: torch.Tensor, d: int, M: torch.Tensor) -> torch.Tensor:
+    """``t`` with dim ``d`` replaced by ``M @`` that dim."""
+    return torch.tensordot(M.to(t.dtype), t, dims=([1], [d])).movedim(0, d)
+
+
+def _apply_nested(t: torch.Tensor, e: int, d: int, M: torch.Tensor) -> torch.Tensor:
+    """Move parent dim ``e`` and nested dim ``d`` jointly by ``M`` (``(n_t·m) × (n_s·m)``)."""
+    x = t.movedim((e, d), (0, 1))
+    rest = x.shape[2:]
+    y = (M.to(t.dtype) @ x.reshape(x.shape[0] * x.shape[1], -1)).reshape(-1, x.shape[1], *rest)
+    return y.movedim((0, 1), (e, d))
+
+
 def permute_piece(t: torch.Tensor, spaces: tuple[int, ...], perms: Mapping[int, torch.Tensor],
                   parents: Mapping[int, int]) -> torch.Tensor:
     """Apply ``perms`` to a piece: parents before nested children (see module doc)."""
     order = sorted(range(len(spaces)), key=lambda d: _depth(spaces[d], parents))
+    done: set[int] = set()
     for d in order:
         p = perms.get(spaces[d])
-        if p is None:
+        if p is None or d in done:
+            continue
+        if p.is_floating_point():
+            child = next((c for c in range(len(spaces)) if parents.get(spaces[c]) == spaces[d]
+                          and perms.get(spaces[c]) is not None and perms[spaces[c]].dim() == 3), None)
+            if child is None:
+                t = apply_matrix(t, d, p)
+            else:
+                t = _apply_nested(t, d, child, nested_matrix(p, perms[spaces[child]]))
+                done.add(child)
             continue
         if p.dim() == 1:
             t = t.index_select(d, p)

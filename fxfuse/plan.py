@@ -37,22 +37,39 @@ from .spaces import Analysis
 class TransportMap:
     """How space ``space`` of a source model maps into the target basis.
 
-    ``perm``: hard map, ``(n,)`` or, nested, ``(n_parent, n)``: target unit ``j``
-    takes source unit ``perm[j]``. ``matrix``: soft map ``A`` (``n_t × n_s``, rows
-    sum to 1). ``pair_perms``: for a nested space under a soft parent, the inner
-    matching of every parent pair, ``(n_parent_t, n_parent_s, n)``.
+    ``perm``: a permutation, ``(n,)`` or, nested, ``(n_parent, n)``: target unit
+    ``j`` takes source unit ``perm[j]``. ``matrix``: ``A`` (``n_t × n_s``, rows sum
+    to 1), soft or, with ``matching``, a hard many-to-one map between spaces of
+    different sizes (``fxfuse.solvers.matching``). ``pair_perms``: for a nested
+    space under a ``matrix`` parent, the inner matching of every parent pair,
+    ``(n_parent_t, n_parent_s, n)``. ``similarity_identity`` is ``None`` where the
+    sizes differ (there is no identity).
     """
 
     space: int
     perm: torch.Tensor | None = None
     matrix: torch.Tensor | None = None
     pair_perms: torch.Tensor | None = None
-    similarity_identity: float = 0.0
+    similarity_identity: float | None = 0.0
     similarity_aligned: float = 0.0
+    matching: bool = False
 
     @property
     def hard(self) -> bool:
+        """A permutation: the aligned model computes exactly what the source does."""
         return self.matrix is None
+
+    @property
+    def kind(self) -> str:
+        return "permutation" if self.hard else "matching" if self.matching else "soft"
+
+    def descent_value(self) -> torch.Tensor | None:
+        """What the coordinate descent moves other tensors by: a perm, a matching's matrix, or pair perms."""
+        if self.perm is not None:
+            return self.perm
+        if self.matching:
+            return self.matrix if self.matrix is not None else self.pair_perms
+        return None
 
 
 @dataclass(frozen=True)
@@ -121,15 +138,26 @@ def _pairwise(S4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, perms
 
 
-def _block_value(S: np.ndarray, nested: Mapping[int, np.ndarray], p_root: np.ndarray,
+def _block_value(S: np.ndarray, nested: Mapping[int, np.ndarray], root: np.ndarray,
                  inner: Mapping[int, np.ndarray]) -> float:
-    """``Σ_j S[j, p(j)] + Σ_c Σ_j Σ_a S4_c[j, p(j), a, p_c[j, a]]``."""
+    """The block's similarity under a root map and inner maps.
+
+    Permutation root ``p`` with inner tables ``(n, m)``:
+    ``Σ_j S[j, p(j)] + Σ_c Σ_j Σ_a S4_c[j, p(j), a, p_c[j, a]]``; matrix root ``A``
+    with inner pair perms ``(n_t, n_s, m)``: ``Σ_jk A[j,k] (S[j,k] + Σ_c Σ_a S4_c[j,k,a,π_jk(a)])``.
+    """
+    if root.ndim == 2:
+        total = float((root * S).sum())
+        for c, S4 in nested.items():
+            vals = np.take_along_axis(S4, inner[c][..., None], axis=3)[..., 0].sum(-1)
+            total += float((root * vals).sum())
+        return total
     n = S.shape[0]
     rows = np.arange(n)
-    total = float(S[rows, p_root].sum())
+    total = float(S[rows, root].sum())
     for c, S4 in nested.items():
         m = S4.shape[-1]
-        block = S4[rows, p_root]  # (n, m, m)
+        block = S4[rows, root]  # (n, m, m)
         total += float(block[rows[:, None], np.arange(m)[None, :], inner[c]].sum())
     return total
 
@@ -140,46 +168,55 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
     """Solve one block with the other spaces at ``perms``.
 
     Returns the block's maps, the block's similarity under its maps in ``perms``
-    (identity where absent) and under the new maps.
+    (identity where absent; ``-inf`` where the sizes differ and there is none
+    yet) and under the new maps.
     """
     others = {s: p for s, p in perms.items() if s != block.root and s not in block.children}
     S, nested = cost.block(block.root, block.children, others, known_only)
-    n = S.shape[0]
+    n_t, n_s = S.shape
     pairs = {c: _pairwise(S4) for c, S4 in nested.items()}
     total = S + sum((v for v, _ in pairs.values()), np.zeros_like(S))
     A = None
     if not block.root_free:
-        p_root = np.arange(n)
+        p_root = np.arange(n_t)
     elif soft:
         _, A = solve(-total, "sinkhorn", reg)
-        p_root = A.argmax(1)
     else:
         p_root, A = solve(-total, solver, reg)
-        if p_root is None:  # unequal sizes: the plan is the map
-            p_root = A.argmax(1)
-        else:
+        if p_root is not None:
             A = None
-    inner = {c: pp[np.arange(n), p_root] for c, (_, pp) in pairs.items()}
+    if A is not None:
+        aligned = _block_value(S, nested, A, {c: pp for c, (_, pp) in pairs.items()})
+    else:
+        inner = {c: pp[np.arange(n_t), p_root] for c, (_, pp) in pairs.items()}
+        aligned = _block_value(S, nested, p_root, inner)
+    identity = None
+    if n_t == n_s:
+        identity = _block_value(S, nested, np.arange(n_t), {c: np.tile(np.arange(S4.shape[-1]), (n_t, 1))
+                                                           for c, S4 in nested.items()})
     current_root = perms.get(block.root)
-    current_root = current_root.numpy() if current_root is not None else np.arange(n)
-    current_inner = {}
-    for c, S4 in nested.items():
-        pc = perms.get(c)
-        current_inner[c] = pc.numpy() if pc is not None else np.tile(np.arange(S4.shape[-1]), (n, 1))
-    current = _block_value(S, nested, current_root, current_inner)
-    aligned = _block_value(S, nested, p_root, inner)
-    identity = _block_value(S, nested, np.arange(n), {c: np.tile(np.arange(S4.shape[-1]), (n, 1))
-                                                     for c, S4 in nested.items()})
+    if current_root is None:
+        current = identity if identity is not None else -np.inf
+    else:
+        current_inner = {c: perms[c].numpy() for c in nested if c in perms}
+        for c, S4 in nested.items():
+            if c not in current_inner:
+                m = S4.shape[-1]
+                current_inner[c] = (np.tile(np.arange(m), (n_t, 1)) if current_root.dim() == 1
+                                    else np.broadcast_to(np.arange(m), (n_t, n_s, m)).copy())
+        current = _block_value(S, nested, current_root.double().numpy() if current_root.is_floating_point()
+                               else current_root.numpy(), current_inner)
     maps: dict[int, TransportMap] = {}
+    matching = A is not None and not soft
     if block.root_free:
         maps[block.root] = TransportMap(
             block.root, perm=torch.from_numpy(p_root) if A is None else None,
             matrix=torch.from_numpy(A).float() if A is not None else None,
-            similarity_identity=identity, similarity_aligned=aligned)
+            similarity_identity=identity, similarity_aligned=aligned, matching=matching)
     for c, (_, pp) in pairs.items():
         maps[c] = TransportMap(c, perm=torch.from_numpy(inner[c]) if A is None else None,
                                pair_perms=torch.from_numpy(pp) if A is not None else None,
-                               similarity_identity=identity, similarity_aligned=aligned)
+                               similarity_identity=identity, similarity_aligned=aligned, matching=matching)
     return maps, current, aligned
 
 
@@ -203,9 +240,14 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     neighbours = _neighbours(todo, cost)
 
     def take(i: int, maps: dict[int, TransportMap]) -> bool:
-        changed = any(m.perm is not None and not torch.equal(m.perm, perms.get(s, _identity_like(m.perm)))
-                      for s, m in maps.items())
-        perms.update({s: m.perm for s, m in maps.items() if m.perm is not None})
+        changed = False
+        for s, m in maps.items():
+            value = m.descent_value()
+            if value is None:
+                continue
+            old = perms.get(s)
+            changed |= old is None or old.shape != value.shape or not torch.equal(old, value)
+            perms[s] = value
         results[i] = maps
         return changed
 
@@ -239,7 +281,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
         warnings.warn(notes[-1])
     final: dict[int, TransportMap] = {}
     for i, block in enumerate(todo):
-        if solver == "sinkhorn" or any(m.perm is None for m in results[i].values()):
+        if solver == "sinkhorn" or any(m.descent_value() is None for m in results[i].values()):
             maps, _, _ = solve_block(block, cost, perms, solver, reg, soft=solver == "sinkhorn")
         else:
             maps = results[i]
@@ -263,14 +305,6 @@ def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
     return out
 
 
-def _identity_like(p: torch.Tensor | None) -> torch.Tensor | None:
-    if p is None:
-        return None
-    if p.dim() == 1:
-        return torch.arange(p.shape[0])
-    return torch.arange(p.shape[1]).expand(p.shape[0], -1).clone()
-
-
 # ---------------------------------------------------------------- weight cost
 
 
@@ -285,17 +319,22 @@ class WeightCost:
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
-                 source_state: Mapping[str, torch.Tensor], movable: set[int] | None = None):
+                 source_state: Mapping[str, torch.Tensor], movable: set[int] | None = None,
+                 source: Analysis | None = None, skip: frozenset[str] = frozenset()):
+        """``source``: the source's analysis where its sizes differ; ``skip``: parameters left out."""
         self.parents = target.parents
         self.movable = movable if movable is not None else {
             sp.id for sp in target.spaces if sp.free and sp.size > 1}
         self.items: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = []
         for name, layout in target.layouts.items():
+            if name in skip:
+                continue
             t, src = target_state[name].detach(), source_state[name].detach()
             if not t.is_floating_point():
                 continue
             t, src = t.float().contiguous(), src.float().contiguous()
-            for (pt, spaces), (ps, _) in zip(pieces(t, layout.axes), pieces(src, layout.axes)):
+            src_axes = (source or target).layouts[name].axes
+            for (pt, spaces), (ps, _) in zip(pieces(t, layout.axes), pieces(src, src_axes)):
                 if any(sp in self.movable for sp in spaces):
                     self.items.append((pt, ps, spaces))
         self.by_space: dict[int, list[int]] = {}
@@ -327,9 +366,9 @@ class WeightCost:
             for d, sp in enumerate(spaces):
                 if sp != root:
                     continue
-                n = pt.shape[d]
+                n, n_s = pt.shape[d], ps.shape[d]
                 if S is None:
-                    S = torch.zeros(n, n, dtype=torch.float32)
+                    S = torch.zeros(n, n_s, dtype=torch.float32)
                 child_dims = [(c, spaces.index(c)) for c in children if c in spaces]
                 mask = list(spaces)
                 mask[d] = -2
@@ -345,7 +384,7 @@ class WeightCost:
                         continue
                     moved = permute_piece(ps, tuple(mask), perms, self.parents) if not static else ps
                     a = self._target(i, (d,))
-                    b = moved.movedim(d, 0).reshape(n, -1)
+                    b = moved.movedim(d, 0).reshape(n_s, -1)
                     prod = a @ b.T
                     if static:
                         self._static[key] = prod
@@ -355,15 +394,16 @@ class WeightCost:
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
                 m = pt.shape[cd]
                 a = self._target(i, (d, cd)).reshape(n * m, -1)
-                b = moved.movedim((d, cd), (0, 1)).reshape(n * m, -1)
-                S4 = (a @ b.T).reshape(n, m, n, m).permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
+                b = moved.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
+                S4 = (a @ b.T).reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
                 nested[c] = nested.get(c, 0) + S4
         if S is None:
             if not known_only:
                 raise ValueError(f"space {root} has no member tensor")
-            n = next((self.items[i][0].shape[self.items[i][2].index(root)] for i in relevant
-                      if root in self.items[i][2]), 0)
-            S = torch.zeros(n, n, dtype=torch.float32)
+            n, n_s = next(((self.items[i][0].shape[self.items[i][2].index(root)],
+                            self.items[i][1].shape[self.items[i][2].index(root)]) for i in relevant
+                           if root in self.items[i][2]), (0, 0))
+            S = torch.zeros(n, n_s, dtype=torch.float32)
         return S.double().numpy(), nested
 
 
@@ -390,6 +430,6 @@ class ActivationCost:
     def block(self, root, children, perms, known_only=False):
         """Correlations; a space no node exposes gets a zero cost (it keeps the identity)."""
         n = self.sizes[root]
-        S = self.stats.get(root, np.zeros((n, n)))
+        S = self.stats.get(root, np.zeros(n if isinstance(n, tuple) else (n, n)))
         nested = {c: self.nested_stats[(root, c)] for c in children if (root, c) in self.nested_stats}
         return S, nested

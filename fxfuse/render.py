@@ -77,3 +77,25 @@ def render_dot(analysis: Analysis) -> str:
             out.append(f"  s{s.id} -- p{index[m.param]} [label={_q(str(m.axis) + m.path)}];")
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+def render_depth_maps(entries: list[dict], width_maps: list[dict] | None = None) -> str:
+    """The depth maps of a compile report (``report["depth_maps"]``) as text, one table per block list."""
+    lines = []
+    for e in entries:
+        what = "1 - linear CKA" if e["cost"] == "cka" else "OT cost"
+        lines.append(f"depth map, model {e['model']} -> target: {e['path']} ({e['source_blocks']} -> "
+                     f"{e['target_blocks']} blocks, cost {what})")
+        rows = [(f"{e['path']}.{t}", "identity" if s is None else f"{e['path']}.{s}", "-" if c is None else f"{c:.3f}")
+                for t, (s, c) in enumerate(zip(e["source_of"], e["matched_costs"]))]
+        w = max(len("target block"), *(len(r[0]) for r in rows), *(len(r[1]) for r in rows))
+        lines.append(f"  {'target block':<{w}}  {'source block':<{w}}  cost")
+        lines += [f"  {t:<{w}}  {s:<{w}}  {c}" for t, s, c in rows]
+        if e["dropped"]:
+            left = ", ".join(f"{e['path']}.{k}" for k in e["dropped"])
+            lines.append(f"  left out: {left}")
+        lines.append(f"  output change of the relayered model {e['model']}: {e['drift']:.1e}")
+    for w in width_maps or ():
+        sizes = " / ".join(str(n) for n in w["sizes"])
+        lines.append(f"width: s{w['space']} ({w['name']}) sizes {sizes} -> {w['target_size']}")
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -11,11 +11,28 @@ source units, never a sum (also when fusing a wide model into a narrow one).
 solver     use                                 notes
 =========  ==================================  ====================================
 assignment equal sizes, hard                   scipy ``linear_sum_assignment``; exact
-exact      unequal sizes, hard-ish             ``ot.emd`` with ``numItermax`` raised;
+matching   unequal sizes, hard                 every unit of the larger side goes
+                                               whole to one unit of the smaller side,
+                                               which gets at least one; exact, by one
+                                               square assignment
+exact_plan unequal sizes, OT                   ``ot.emd`` with ``numItermax`` raised;
                                                a plan cut short raises a warning
 sinkhorn   soft alignment                      ``ot.sinkhorn`` on ``M / max|M|``,
                                                ``reg`` ≈ 0.05–0.1; warns if not converged
 =========  ==================================  ====================================
+
+``solve(M, "exact")`` uses ``assignment`` for equal sizes and ``matching`` for
+unequal ones; ``solve(M, "sinkhorn")`` the entropic plan with uniform marginals.
+
+*Producers and consumers.* A map ``A`` moves the axes that **write** units
+(rows of a linear layer, biases, norm scales): ``W' = A W``, each target unit
+the average of its source units. Axes that **read** units (the input columns
+of the next layer) move by the column-normalised ``C = A·diag(1/1ᵀA)``, so
+every source unit's contribution is passed on whole. With a matching that
+copies a unit into several target units (a wider target) the copies split its
+outgoing weights, and the aligned model computes exactly what the source did;
+merging several units into one (a narrower target) averages what they write
+and sums what they are read by, which is exact where they were duplicates.
 """
 from __future__ import annotations
 
@@ -36,6 +53,36 @@ def assignment(M: np.ndarray) -> np.ndarray:
     p = np.empty(M.shape[0], dtype=np.int64)
     p[rows] = cols
     return p
+
+
+def matching(M: np.ndarray) -> np.ndarray:
+    """Hard many-to-one map minimising ``Σ M[j, k]`` over its pairs; ``A`` (``n_t × n_s``, rows sum to 1).
+
+    Target wider (``n_t > n_s``): every target unit copies one source unit, every
+    source unit is used at least once (``A`` one-hot rows). Target narrower:
+    every source unit goes to one target unit, every target unit gets at least
+    one, ``A[j, k] = 1/|cluster j|``. Both are one square assignment: the
+    smaller side's units are mandatory slots and the surplus slots cost each
+    unit its best pair.
+    """
+    n_t, n_s = M.shape
+    A = np.zeros((n_t, n_s))
+    if n_t >= n_s:
+        extra = np.repeat(M.min(1, keepdims=True), n_t - n_s, axis=1)
+        cols = assignment(np.concatenate([M, extra], axis=1))
+        src = np.where(cols < n_s, cols, M.argmin(1))
+        A[np.arange(n_t), src] = 1.0
+        return A
+    extra = np.repeat(M.min(0, keepdims=True), n_s - n_t, axis=0)
+    rows = assignment(np.concatenate([M, extra], axis=0).T)  # source k -> slot rows[k]
+    dst = np.where(rows < n_t, rows, M.argmin(0))
+    A[dst, np.arange(n_s)] = 1.0
+    return A / A.sum(1, keepdims=True)
+
+
+def consumer(A: torch.Tensor) -> torch.Tensor:
+    """``C = A·diag(1/1ᵀA)``: how an axis that reads units moves (see the module doc)."""
+    return A / A.sum(0, keepdim=True).clamp(min=torch.finfo(A.dtype).tiny)
 
 
 def uniform(n: int) -> np.ndarray:
@@ -84,7 +131,7 @@ def solve(M: np.ndarray, solver: str, reg: float | None = None) -> tuple[np.ndar
         return p, A
     a, b = uniform(n_t), uniform(n_s)
     if solver == "exact":
-        return None, barycentric(exact_plan(a, b, M), a)
+        return None, matching(M)
     if solver == "sinkhorn":
         return None, barycentric(sinkhorn_plan(a, b, M, 0.06 if reg is None else reg), a)
     raise ValueError(f"unknown solver {solver!r} (exact, sinkhorn)")

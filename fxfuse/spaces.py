@@ -73,6 +73,7 @@ class ParamLayout:
     shape: tuple[int, ...]
     axes: tuple[AxisExpr, ...]
     aliases: tuple[str, ...] = ()
+    consumed: tuple[bool, ...] = ()  # per axis: read by a contraction (its units are summed over)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,10 @@ def _is_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
 
+# kinds whose output is a view of their one tensor argument (a parameter stays a parameter)
+VIEW_KINDS = ("reshape", "transpose", "permute", "split", "slice", "select", "expand", "ignore")
+
+
 class _Walker:
     """Walks one graph (and nested subgraphs) tying atoms; produces an ``Analysis``."""
 
@@ -230,6 +235,8 @@ class _Walker:
         self.param_atoms: dict[str, tuple[str, list[int]]] = {}  # state-dict name -> (kind, atoms)
         self.canonical = {alias: name for name, aliases in traced.aliases.items() for alias in aliases}
         self.rows: list[tuple[int, int, int, int, int]] = []  # (E, P, X, row, selected output atom)
+        self.param_view: dict[torch.fx.Node, str] = {}  # a parameter, or a view of one -> its state-dict name
+        self.param_uses: list[tuple[str, int, bool]] = []  # (name, atom, read by a contraction)
 
     # -- values and atoms
     def fresh(self, val: Any, pinned: str | None = None) -> Any:
@@ -311,6 +318,7 @@ class _Walker:
                         continue
                     # torch.export gives each name of a tied tensor its own placeholder: one tensor, one set of atoms
                     canon = self.canonical.get(ph.target, ph.target)
+                    self.param_view[node] = canon
                     if canon in self.param_atoms:
                         for a, b in zip(self.param_atoms[canon][1], env[node]):
                             self.store.unify(a, b, f"tied tensor {canon} = {ph.target}")
@@ -347,6 +355,8 @@ class _Walker:
             if isinstance(axes, list) and isinstance(idx, int) and 0 <= idx < len(axes) and (
                     axes[idx] is None or isinstance(axes[idx], list)):
                 env[node] = axes[idx]
+                if src in self.param_view:
+                    self.param_view[node] = self.param_view[src]
             else:
                 env[node] = self.fresh(val, f"getitem of an untracked value at {node.name}")
             return
@@ -373,6 +383,10 @@ class _Walker:
         for atom in self._atoms_flat(out):
             if atom not in self.store.touched and self.store.size(atom) > 1:
                 self.store.pin(atom, f"axis created by {op} at {node.name}")
+        if rule.kind in VIEW_KINDS:
+            tensors = ctx.tensor_args()
+            if len(tensors) == 1 and tensors[0][1] in self.param_view:
+                self.param_view[node] = self.param_view[tensors[0][1]]
 
     def _fail_closed(self, node, op: str, inputs, reason: str) -> None:
         module = _module_path(node)
@@ -409,11 +423,16 @@ class _Walker:
                           for i, c in enumerate(ref.children))
             return (Product if ref.kind == PRODUCT else Concat)(parts, store.size(root))
 
+        uses: dict[tuple[str, frozenset], set[bool]] = {}
+        for name, atom, consumed in self.param_uses:
+            uses.setdefault((name, frozenset(self._leaf_roots(atom))), set()).add(consumed)
         layouts: dict[str, ParamLayout] = {}
         for name, (kind, atoms) in self.param_atoms.items():
             shape = tuple(store.size(a) for a in atoms)
             axes = tuple(build(a, name, i, "") for i, a in enumerate(atoms))
-            layouts[name] = ParamLayout(name, kind, shape, axes, aliases.get(name, ()))
+            # an axis only ever contracted reads its units (a consumer); any other use writes them
+            consumed = tuple(uses.get((name, frozenset(self._leaf_roots(a)))) == {True} for a in atoms)
+            layouts[name] = ParamLayout(name, kind, shape, axes, aliases.get(name, ()), consumed)
         roots = {sid: root for root, sid in ids.items()}
         spaces = []
         for sid in range(len(ids)):
@@ -609,6 +628,12 @@ class OpContext:
 
     def role(self, atom: int, name: str) -> None:
         self.store.add_role(atom, name)
+
+    def param_use(self, value: Any, atom: int, consumed: bool) -> None:
+        """Record how an op uses an axis of a parameter: read by a contraction (``consumed``) or not."""
+        name = self.walker.param_view.get(value) if isinstance(value, torch.fx.Node) else None
+        if name is not None:
+            self.walker.param_uses.append((name, atom, consumed))
 
     def compose(self, atoms: list[int], kind: str) -> int:
         """An atom refined as ``kind`` over ``atoms`` (the atom itself when there is one)."""

@@ -172,10 +172,10 @@ def _hf(cls_name: str, config, seed: int, args):
     return model.eval(), args
 
 
-def bert(seed: int = 0, layers: int = 2, hidden: int = 32):
+def bert(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4):
     from transformers import BertConfig
 
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=3)
     return _hf("BertForSequenceClassification", cfg, seed, (_ids(),))
 
@@ -253,10 +253,10 @@ def t5(seed: int = 0):
     return model.eval(), (_ids(),)
 
 
-def vit(seed: int = 0, layers: int = 2, hidden: int = 32):
+def vit(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4):
     from transformers import ViTConfig
 
-    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                     intermediate_size=2 * hidden, image_size=IMAGE, patch_size=8, num_labels=3)
     return _hf("ViTForImageClassification", cfg, seed, (_pixels(),))
 

@@ -353,14 +353,12 @@ def test_different_architectures_are_refused():
 
 
 def test_different_sizes_name_the_first_mismatching_parameter():
+    """Widths may differ; a size inside the heads (here 8 against 12 with 4 heads each) may not."""
     bert, args, _ = pair("bert")
     wide, _ = zoo.bert(seed=0, hidden=48)
     msg = _fails(r"architectures differ", [bert, wide], args)
-    assert "bert.embeddings.word_embeddings.weight" in msg
-    assert "(97, 32)" in msg and "(97, 48)" in msg
-    deep, _ = zoo.bert(seed=0, layers=3)
-    msg = _fails(r"architectures differ", [bert, deep], args)
-    assert "bert.encoder.layer.2." in msg
+    assert msg.startswith("architectures differ: bert.encoder.layer.0.attention.self.query.weight has shape (32, 32) "
+                          "in model 0 and (48, 48) in model 1; the size inside each head differs (8 against 12")
 
 
 @pytest.mark.parametrize("target", [2, 7, -3])
