@@ -1,16 +1,18 @@
 """Train the shipped example models on scikit-learn's ``digits`` and save them.
 
-Produces four model directories under ``--out`` (default: this folder)::
+Produces six model directories under ``--out`` (default: this folder)::
 
     digits-mlp-a  digits-mlp-b   (fxfuse.digits:mlp, seeds 1 and 2)
     digits-vit-a  digits-vit-b   (fxfuse.digits:vit, seeds 1 and 2)
+    digits-mlp-wide              (h1 256, h2 128, seed 3: twice as wide)
+    digits-vit-deep              (depth 4, seed 3: twice as deep)
 
 each holding ``model.safetensors`` (the state dict) and ``fxfuse.json``
 (``{"factory": ..., "kwargs": ..., "weights": "model.safetensors"}``). A
 directory is written into a temporary sibling folder and moved into place with
 ``os.replace``, so a reader never sees a half-written model.
 
-    python examples/train_digits.py [--out examples] [--epochs-mlp N] [--epochs-vit N]
+    python examples/train_digits.py [--out examples] [--epochs-mlp N] [--epochs-vit N] [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ MODELS = [
     ("digits-mlp-b", "fxfuse.digits:mlp", "mlp", 2, {"h1": 128, "h2": 64}),
     ("digits-vit-a", "fxfuse.digits:vit", "vit", 1, {"dim": 64, "heads": 4, "mlp": 128, "depth": 2}),
     ("digits-vit-b", "fxfuse.digits:vit", "vit", 2, {"dim": 64, "heads": 4, "mlp": 128, "depth": 2}),
+    # heterogeneous partners: a wider MLP, a deeper ViT
+    ("digits-mlp-wide", "fxfuse.digits:mlp", "mlp", 3, {"h1": 256, "h2": 128}),
+    ("digits-vit-deep", "fxfuse.digits:vit", "vit", 3, {"dim": 64, "heads": 4, "mlp": 128, "depth": 4}),
 ]
 
 
@@ -71,6 +76,8 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs-mlp", type=int, default=digits.HYPERPARAMS["mlp"]["epochs"])
     ap.add_argument("--epochs-vit", type=int, default=digits.HYPERPARAMS["vit"]["epochs"])
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--only", action="append", choices=[m[0] for m in MODELS], metavar="NAME",
+                    help="train only this model (repeatable; default: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -79,6 +86,8 @@ def main(argv=None) -> None:
     _, _, x_test, y_test = digits.load_split()
     out = Path(args.out)
     for name, factory, kind, seed, kwargs in MODELS:
+        if args.only and name not in args.only:
+            continue
         hp = digits.HYPERPARAMS[kind]
         model, _ = factories[kind](seed=seed, **kwargs)
         t0, c0 = time.perf_counter(), time.process_time()

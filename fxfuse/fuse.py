@@ -390,14 +390,13 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     analyses = []
     for i, m in enumerate(models):
         say(f"tracing model {i} ({type(m).__name__})")
-        a = analyze(m, args, rules=rules, strict=strict, example_kwargs=kwargs)
-        if heads == "flat":
-            a = replace(a, spaces=tuple(replace(s, parent=None) for s in a.spaces))
-        analyses.append(a)
+        analyses.append(analyze(m, args, rules=rules, strict=strict, example_kwargs=kwargs))
     timings["trace_analyze_s"] = time.perf_counter() - t
+    fixed = resolve_pins(analyses[target], pin)
+    _check_compatible(analyses, target, fixed)  # head sizes are compared on the nested structure
+    if heads == "flat":
+        analyses = [replace(a, spaces=tuple(replace(s, parent=None) for s in a.spaces)) for a in analyses]
     ref = analyses[target]
-    fixed = resolve_pins(ref, pin)
-    _check_compatible(analyses, target, fixed)
     if method == "vanilla" and any(s.size != r.size for a in analyses for s, r in zip(a.spaces, ref.spaces)):
         raise FusionError("plain averaging needs models of equal widths (use the default method, ot)")
 

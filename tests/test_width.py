@@ -152,6 +152,8 @@ def test_head_size_mismatch_is_refused():
     with pytest.raises(FusionError, match=r"q_proj.weight has shape \(64, 64\) in model 0 and \(96, 96\) in model 1; "
                                           r"the size inside each head differs \(16 against 24"):
         fxfuse.compile([a, b], args)
+    with pytest.raises(FusionError, match=r"the size inside each head differs"):
+        fxfuse.compile([a, b], args, heads="flat")
 
 
 def test_different_classes_name_the_parameter():
