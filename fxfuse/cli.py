@@ -254,13 +254,13 @@ def cmd_compile(args) -> int:
                                   target=args.target, weights=weights, method="vanilla", rules=rules).module
             rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
         except FusionError:  # undefined across widths or depths: the target alone is the baseline
-            pass
+            rows.append(("vanilla average", None))
         rows.append(("fused (fxfuse)", accuracy(result.module, x, y, tgt)))
         report["eval"] = {"file": args.eval, "samples": int(x.shape[0]), "accuracy": dict(rows)}
         width = max(len(r[0]) for r in rows)
         print(f"accuracy on {args.eval} ({x.shape[0]} samples):")
         for label, acc in rows:
-            print(f"  {label:<{width}}  {acc:6.1%}")
+            print(f"  {label:<{width}}  " + ("   n/a (the shapes differ)" if acc is None else f"{acc:6.1%}"))
     text = json.dumps(report, indent=1, default=float) + "\n"
     save_model(tgt, result.module, out, force=args.force, extra={"report.json": text})
     if args.report:

@@ -10,6 +10,8 @@ units the same way: either fused model computes what ``A`` computes.
 from __future__ import annotations
 
 
+import re
+
 import pytest
 import torch
 
@@ -177,3 +179,28 @@ def test_different_patch_sizes_name_the_parameter():
     with pytest.raises(FusionError, match=r"^architectures differ: vit.embeddings.position_embeddings has shape "
                                           r"\(1, 5, 32\) in model 0 and \(1, 17, 32\) in model 1; axis 1 cannot be aligned"):
         fxfuse.compile([vit(8), vit(4)], (x,))
+
+
+def test_cli_wide_into_narrow_example(tmp_path, capsys):
+    """The shipped wide MLP fused into the shipped narrow one: widths printed, no vanilla row, narrow output."""
+    import json
+    from pathlib import Path
+
+    from fxfuse.cli import main
+    from fxfuse.io import load_model
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    out = tmp_path / "fused"
+    code = main(["compile", str(examples / "digits-mlp-wide"), str(examples / "digits-mlp-a"), "-o", str(out),
+                 "--target", "1", "--show-depth-map", "--eval", str(examples / "digits-test.safetensors"), "-q"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "width: s0 (fc1.weight:0) sizes 256 / 128 -> 128" in stdout
+    assert "width: s3 (fc2.weight:0) sizes 128 / 64 -> 64" in stdout
+    assert re.search(r"vanilla average +n/a \(the shapes differ\)", stdout)
+    fused_acc = float(re.search(r"fused \(fxfuse\) +([\d.]+)%", stdout).group(1))
+    assert fused_acc > 90.0  # the parents score about 96-97 %; a broken merge scores far lower
+    assert json.loads((out / "fxfuse.json").read_text())["kwargs"] == {"h1": 128, "h2": 64}
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval"]["accuracy"]["vanilla average"] is None
+    assert tuple(load_model(str(out)).module.fc1.weight.shape) == (128, 64)
