@@ -414,13 +414,14 @@ class ActivationCost:
     """Correlation similarity from accumulated activation statistics (see ``fxfuse.activations``)."""
 
     def __init__(self, stats: Mapping[int, np.ndarray], nested_stats: Mapping[tuple[int, int], np.ndarray],
-                 sizes: Mapping[int, int]):
+                 sizes: Mapping[int, tuple[int, int]]):
+        """``sizes``: ``{space: (target size, source size)}``."""
         self.stats, self.nested_stats, self.sizes = stats, nested_stats, sizes
 
     def silent(self) -> list[int]:
         """Spaces without any correlation signal (no node, or units constant on the data)."""
         out = []
-        for sid, n in self.sizes.items():
+        for sid in self.sizes:
             S = self.stats.get(sid)
             nested = [v for (r, _), v in self.nested_stats.items() if r == sid]
             if S is not None and not np.any(S) and not any(np.any(v) for v in nested):
@@ -429,7 +430,6 @@ class ActivationCost:
 
     def block(self, root, children, perms, known_only=False):
         """Correlations; a space no node exposes gets a zero cost (it keeps the identity)."""
-        n = self.sizes[root]
-        S = self.stats.get(root, np.zeros(n if isinstance(n, tuple) else (n, n)))
+        S = self.stats.get(root, np.zeros(self.sizes[root]))
         nested = {c: self.nested_stats[(root, c)] for c in children if (root, c) in self.nested_stats}
         return S, nested

@@ -15,8 +15,6 @@ matching   unequal sizes, hard                 every unit of the larger side goe
                                                whole to one unit of the smaller side,
                                                which gets at least one; exact, by one
                                                square assignment
-exact_plan unequal sizes, OT                   ``ot.emd`` with ``numItermax`` raised;
-                                               a plan cut short raises a warning
 sinkhorn   soft alignment                      ``ot.sinkhorn`` on ``M / max|M|``,
                                                ``reg`` ≈ 0.05–0.1; warns if not converged
 =========  ==================================  ====================================
@@ -87,17 +85,6 @@ def consumer(A: torch.Tensor) -> torch.Tensor:
 
 def uniform(n: int) -> np.ndarray:
     return np.full(n, 1.0 / n)
-
-
-def exact_plan(a: np.ndarray, b: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """Exact OT plan (network simplex), with an iteration cap that scales with the problem."""
-    import ot
-
-    n_iter = max(100_000, 50 * M.shape[0] * M.shape[1])
-    T, log = ot.emd(a, b, np.ascontiguousarray(M, dtype=np.float64), numItermax=n_iter, log=True)
-    if log.get("warning"):
-        warnings.warn(f"exact OT did not finish ({log['warning']}); the plan is approximate", SolverWarning)
-    return T
 
 
 def sinkhorn_plan(a: np.ndarray, b: np.ndarray, M: np.ndarray, reg: float, n_iter: int = 5000,
