@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_inputs, check_labels, guarded
 from .errors import FxfuseError
 from .evaluate import logits_of
 
@@ -139,6 +140,21 @@ def check_data(inputs: torch.Tensor, labels: torch.Tensor, example: torch.Tensor
                           + ("(N,)" if want == 1 else "(N, S)"))
 
 
+def _check_fit(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, head: str,
+               input_key: str | None) -> None:
+    """Inputs both models take and labels within their classes, checked before any alignment.
+
+    Model A is run once over all the data (its loss is the curve's first point), so that inputs
+    it cannot take fail here with one line rather than halfway along a curve.
+    """
+    for name, model in (("model A", model_a), ("model B", model_b)):
+        check_inputs(model, inputs, f"the data for {name}")
+        with torch.no_grad():
+            logits = guarded(f"{name} cannot run on the data", lambda: logits_of(_call(model, inputs[:2], input_key)))
+        check_labels(logits, labels, f"the labels for {name}", shift=head == "causal")
+    guarded("model A cannot run on the data", lambda: evaluate(model_a, inputs, labels, head, input_key))
+
+
 def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None, points: int = 21,
             head: str | None = None, progress: Callable[[str], None] | None = None, **fuse_options) -> BarrierResult:
@@ -154,6 +170,7 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     key, example = _main_input(tuple(example_args), kwargs)
     input_key = key if isinstance(key, str) else None
     check_data(inputs, labels, example, head)
+    _check_fit(model_a, model_b, inputs, labels, head, input_key)
     if progress:
         progress("aligning B into A's basis")
     result = fuse([model_a, model_b], example_args, example_kwargs=kwargs, target=0, progress=progress, **fuse_options)

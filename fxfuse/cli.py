@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from .errors import FxfuseError
 
@@ -30,6 +33,11 @@ class Progress:
     def __call__(self, message: str) -> None:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, shown even with --quiet: the run is legitimate but not what it may seem."""
+    print(f"fxfuse: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -147,10 +155,43 @@ def _version() -> str:
     return __version__
 
 
+def provenance(argv: list[str]) -> dict:
+    """Versions and the command line, recorded in every report."""
+    from importlib import metadata
+
+    import torch
+
+    try:
+        hf = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        hf = None
+    return {"version": _version(), "torch": torch.__version__, "transformers": hf, "command": list(argv)}
+
+
+def _analysis_notes(analysis) -> list[str]:
+    """What the analysis recorded: its notes, and the ops without a usable rule (their axes pinned)."""
+    notes = list(getattr(analysis, "notes", ()))
+    unruled = analysis.unruled
+    if unruled:
+        shown = "; ".join(f"{u.op} at {u.node} ({u.reason})" for u in unruled[:3])
+        more = f"; and {len(unruled) - 3} more" if len(unruled) > 3 else ""
+        notes.append(f"{len(unruled)} op(s) without a usable rule, their axes pinned: {shown}{more}")
+    if not any(s.free and s.size > 1 for s in analysis.spaces):
+        notes.append("no free space: nothing can move (coverage 0%)")
+    return notes
+
+
+def _warn_analysis(analysis) -> list[str]:
+    notes = _analysis_notes(analysis)
+    for note in notes:
+        warn(note)
+    return notes
+
+
 # ---------------------------------------------------------------- commands
 
 
-def _load_and_analyze(args, progress: Progress):
+def _load_and_analyze(args, progress: Progress, check=None):
     from .io import load_model
     from .rules import load_rules
     from .spaces import analyze
@@ -158,6 +199,8 @@ def _load_and_analyze(args, progress: Progress):
     rules = load_rules(args.rules)
     progress(f"loading {args.model}")
     loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    if check is not None:
+        check(loaded.module, args.model)
     progress(f"tracing {type(loaded.module).__name__} with torch.export")
     analysis = analyze(loaded.module, loaded.args, rules=rules, strict=args.strict, example_kwargs=loaded.kwargs)
     progress(f"found {len(analysis.spaces)} spaces ({len(analysis.free_spaces)} free), "
@@ -173,6 +216,7 @@ def cmd_explain(args) -> int:
     if args.dot:
         check_output_path(args.dot, args.force)
     loaded, analysis = _load_and_analyze(args, progress)
+    _warn_analysis(analysis)
     if args.dot:
         write_text_atomic(args.dot, render_dot(analysis), force=args.force)
         progress(f"wrote {args.dot}")
@@ -185,14 +229,18 @@ def cmd_explain(args) -> int:
 
 
 def cmd_permute(args) -> int:
+    from .checks import check_finite_weights
     from .io import check_output_path, save_model
     from .permute import apply_permutations, random_permutations
     from .verify import compare_outputs
 
     progress = Progress(args.quiet)
-    out = check_output_path(args.output, args.force)
-    loaded, analysis = _load_and_analyze(args, progress)
+    out = check_output_path(args.output, args.force, directory=True)
+    loaded, analysis = _load_and_analyze(args, progress, check=check_finite_weights)
+    _warn_analysis(analysis)
     perms = random_permutations(analysis, args.seed)
+    if not perms:
+        warn(f"{args.model}: no free space of size > 1, nothing to permute: the output is a copy")
     permuted = apply_permutations(analysis, perms)
     before, after = loaded.module.state_dict(), permuted.state_dict()
     moved = sum(int((before[k] != after[k]).sum()) for k in before if before[k].is_floating_point())
@@ -202,21 +250,76 @@ def cmd_permute(args) -> int:
     if not err < 1e-4:
         raise FxfuseError(f"permuted model differs from the original (relative error {err:.2e}); "
                           "a rule is wrong: run 'fxfuse explain' and check the rules of the ops it lists")
-    save_model(loaded, permuted, out, force=args.force)
+    report = {"fxfuse": provenance(args.argv), "model": args.model, "seed": args.seed,
+              "spaces_permuted": sorted(perms), "weights_moved": moved, "weights": total, "error": err,
+              "notes": _analysis_notes(analysis)}
+    save_model(loaded, permuted, out, force=args.force, extra={"report.json": json.dumps(report, indent=1) + "\n"})
     print(f"wrote {out}: {len(perms)} spaces permuted, {moved:,} of {total:,} weights moved "
           f"({moved / max(total, 1):.1%}), output relative error {err:.1e}")
     return 0
 
 
+def _warn_unused_options(args, same_depths: bool) -> None:
+    """Options that do nothing in the chosen mode, and random calibration inputs, said on stderr."""
+    if args.reg is not None and args.solver == "exact":
+        warn("--reg is ignored with --solver exact (it regularises sinkhorn)")
+    data = "--calib" if args.calib else "--calib-random" if args.calib_random is not None else None
+    if getattr(args, "method", "ot") == "vanilla":
+        if args.cost != "weights" or data:
+            warn("--method vanilla averages the weights as they are: --cost and calibration inputs are ignored")
+    elif args.cost == "weights" and data and same_depths:
+        warn(f"{data} is ignored with --cost weights (weight matching reads no data; only models of different "
+             "depths use calibration inputs)")
+    elif args.cost == "activations" and data is None:
+        from .fuse import DEFAULT_CALIB_RANDOM
+
+        warn(f"--cost activations without --calib: correlating on {DEFAULT_CALIB_RANDOM} random inputs "
+             "(pass --calib FILE with real inputs)")
+
+
+def _check_calibration(args, calib) -> None:
+    from .checks import check_calibration_size
+
+    if getattr(args, "method", "ot") != "ot" or args.cost != "activations":
+        return
+    if isinstance(calib, int):
+        check_calibration_size(calib, f"--calib-random {calib}")
+    elif calib is not None:
+        check_calibration_size(int(calib.shape[0]), args.calib)
+
+
+def _self_check_text(checks: list[dict]) -> str:
+    """Exact maps have a self-check error (≤ 1e-4 or the run fails); soft, width or depth maps an output drift."""
+    errors = ", ".join(f"model {c['model']} {c['error']:.1e}" for c in checks if "error" in c)
+    drifts = ", ".join(f"model {c['model']} {c['drift']:.1e}" for c in checks if "drift" in c)
+    parts = [f"self-check error of exact maps: {errors}"] if errors else []
+    if drifts:
+        parts.append(f"output drift of soft, width or depth maps (not an error): {drifts}")
+    return "; ".join(parts)
+
+
+def _warn_fusion(report: dict, analysis) -> None:
+    """Every note of the fusion and of the target's analysis, once; and a fusion where nothing moved."""
+    notes = list(dict.fromkeys(_analysis_notes(analysis) + list(report["notes"])))
+    for note in notes:
+        warn(note)
+    if report["method"] != "ot":
+        return
+    maps = [m for s in report["spaces"] for m in s["models"]]
+    if not any(m["units_moved"] is None or m["units_moved"] > 0 for m in maps) and not report["depth_maps"]:
+        warn("no space moved: every map is the identity, so the fused model is the plain average")
+
+
 def cmd_compile(args) -> int:
+    from .checks import check_inputs, check_labels, guarded
     from .data import load_calibration, load_labelled
-    from .evaluate import accuracy
+    from .evaluate import accuracy, predict
     from .fuse import FusionError, compile as fuse_models
     from .io import check_output_path, load_model, save_model, write_text_atomic
     from .rules import load_rules
 
     progress = Progress(args.quiet)
-    out = check_output_path(args.output, args.force)
+    out = check_output_path(args.output, args.force, directory=True)
     if args.report:
         check_output_path(args.report, args.force)
     weights = None
@@ -226,6 +329,7 @@ def cmd_compile(args) -> int:
         except ValueError:
             raise FxfuseError(f"--weights {args.weights}: expected numbers separated by commas") from None
     calib = load_calibration(args.calib) if args.calib else args.calib_random
+    _check_calibration(args, calib)
     labelled = load_labelled(args.eval) if args.eval else None
     rules = load_rules(args.rules)
     loaded = []
@@ -235,11 +339,22 @@ def cmd_compile(args) -> int:
     if not -len(loaded) <= args.target < len(loaded):
         raise FxfuseError(f"--target {args.target} is out of range for {len(loaded)} models")
     tgt = loaded[args.target]
+    _warn_unused_options(args, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
+    rows = []
+    if labelled is not None:  # every parent runs on the data now: data that does not fit fails before the work
+        progress("evaluating the models")
+        x, y = labelled
+        for i, m in enumerate(loaded):
+            where = f"--eval {args.eval}: model {i} ({m.spec})"
+            check_inputs(m.module, x, where)
+            check_labels(guarded(f"{where} cannot run on the inputs", lambda: predict(m.module, x[:2], tgt)), y, where)
+            rows.append((f"model {i} ({m.spec})", guarded(where, lambda: accuracy(m.module, x, y, tgt))))
     result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
                          cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
                          pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
                          heads=args.heads, depth_cost=args.depth_cost, progress=progress)
-    report = dict(result.report, models=[m.spec for m in loaded])
+    report = dict(result.report, models=[m.spec for m in loaded], fxfuse=provenance(args.argv))
+    _warn_fusion(report, result.analysis)
     if args.show_depth_map:
         from .render import render_depth_maps
 
@@ -247,15 +362,15 @@ def cmd_compile(args) -> int:
         sys.stdout.write(text or "all models have the target's depth and widths\n")
     if labelled is not None:
         progress("evaluating")
-        x, y = labelled
-        rows = [(f"model {i} ({m.spec})", accuracy(m.module, x, y, tgt)) for i, m in enumerate(loaded)]
-        try:
-            vanilla = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs,
-                                  target=args.target, weights=weights, method="vanilla", rules=rules).module
-            rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
-        except FusionError:  # undefined across widths or depths: the target alone is the baseline
-            rows.append(("vanilla average", None))
-        rows.append(("fused (fxfuse)", accuracy(result.module, x, y, tgt)))
+        if args.method == "ot":
+            try:
+                vanilla = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs,
+                                      target=args.target, weights=weights, method="vanilla", rules=rules).module
+                rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
+            except FusionError:  # undefined across widths or depths: the target alone is the baseline
+                rows.append(("vanilla average", None))
+        rows.append(("fused (fxfuse)" if args.method == "ot" else "fused (vanilla average)",
+                     accuracy(result.module, x, y, tgt)))
         report["eval"] = {"file": args.eval, "samples": int(x.shape[0]), "accuracy": dict(rows)}
         width = max(len(r[0]) for r in rows)
         print(f"accuracy on {args.eval} ({x.shape[0]} samples):")
@@ -265,14 +380,17 @@ def cmd_compile(args) -> int:
     save_model(tgt, result.module, out, force=args.force, extra={"report.json": text})
     if args.report:
         write_text_atomic(args.report, text, force=args.force)
-    checks = ", ".join(f"model {c['model']}: {c['drift' if 'drift' in c else 'error']:.1e}"
-                       for c in report["self_check"])
-    print(f"wrote {out} ({args.method}, cost {args.cost}, solver {args.solver}); "
-          f"self-check {checks}; {report['timings']['total_s']:.1f}s")
+    seconds = f"{report['timings']['total_s']:.1f}s"
+    if args.method == "vanilla":
+        print(f"wrote {out} (vanilla average, no alignment); {seconds}")
+    else:
+        print(f"wrote {out} (ot, cost {args.cost}, solver {args.solver}); {_self_check_text(report['self_check'])}; "
+              f"{seconds}")
     return 0
 
 
 def cmd_barrier(args) -> int:
+    from . import atomic
     from .barrier import barrier, plot
     from .data import load_calibration, load_labelled
     from .io import check_output_path, load_model
@@ -287,23 +405,25 @@ def cmd_barrier(args) -> int:
             raise FxfuseError("--plot needs matplotlib: pip install 'fxfuse[plot]'") from None
     inputs, labels = load_labelled(args.data)
     calib = load_calibration(args.calib) if args.calib else args.calib_random
+    _check_calibration(args, calib)
     rules = load_rules(args.rules)
     a, b = (load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models)
+    _warn_unused_options(args, set(a.module.state_dict()) == set(b.module.state_dict()))
     result = barrier(a.module, b.module, inputs, labels, a.args, example_kwargs=a.kwargs, points=args.points,
                      head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,
                      reg=args.reg, pin=args.pin, rules=rules, strict=args.strict, heads=args.heads)
     if args.plot:
         import os
-        import tempfile
 
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(args.plot)))
+        out = Path(args.plot)
+        fd, tmp = atomic.temp_file(out)
         os.close(fd)
         try:
-            plot([("vanilla", result.vanilla), (f"fxfuse ({args.cost})", result.aligned)], tmp,
+            plot([("vanilla", result.vanilla), (f"fxfuse ({args.cost})", result.aligned)], str(tmp),
                  title=f"{os.path.basename(args.models[0])} → {os.path.basename(args.models[1])}")
-            os.replace(tmp, args.plot)
+            atomic.replace(tmp, out)
         except BaseException:
-            os.unlink(tmp)
+            atomic.discard(tmp)
             raise
     if args.json:
         json.dump(dict(result.as_dict(), models=list(args.models), data=args.data), sys.stdout, indent=1)
@@ -346,20 +466,55 @@ def cmd_rules_list(args) -> int:
     return 0
 
 
+def _negative_values(argv: list[str]) -> list[str]:
+    """``--weights -1,2`` as ``--weights=-1,2`` (argparse would take ``-1,2`` for an option)."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1] == "--weights" and re.fullmatch(r"-[0-9.][0-9.,eE+-]*", a):
+            out[-1] = f"--weights={a}"
+        else:
+            out.append(a)
+    return out
+
+
+def _quiet_libraries() -> None:
+    """--quiet: no progress bars or load reports from transformers (torch's export logging is always off)."""
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .atomic import Terminated, interrupts
+
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `fxfuse rules list | head` ends quietly
+    argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = ["fxfuse", *argv]
     warnings.filterwarnings("ignore")
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
     try:
-        return args.func(args)
+        with interrupts():
+            return args.func(args)
     except FxfuseError as exc:
         print(f"fxfuse: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("fxfuse: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("fxfuse: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file system failure no check foresaw: still one line
+        print(f"fxfuse: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

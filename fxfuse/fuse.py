@@ -32,6 +32,7 @@ from .verify import compare_outputs
 
 CHECK_TOL = 1e-4
 CALIB_BATCH = 16  # calibration batch size: the models are traced once more at this shape
+DEFAULT_CALIB_RANDOM = 256  # random calibration inputs when none are given
 COSTS, SOLVERS, METHODS = ("weights", "activations"), ("exact", "sinkhorn"), ("ot", "vanilla")
 DEPTH_COSTS = ("cka", "ot")
 
@@ -74,7 +75,7 @@ def calibration_batches(calib: torch.Tensor | int | None, args: tuple, kwargs: M
     key, example = _main_input(args, kwargs)
     batch = max(example.shape[0], CALIB_BATCH)
     if calib is None or isinstance(calib, int):
-        n = 256 if calib is None else int(calib)
+        n = DEFAULT_CALIB_RANDOM if calib is None else int(calib)
         if n < 1:
             raise FusionError(f"--calib-random {n}: need at least one sample")
         g = torch.Generator().manual_seed(seed)
@@ -88,7 +89,8 @@ def calibration_batches(calib: torch.Tensor | int | None, args: tuple, kwargs: M
         data = calib
         if not isinstance(data, torch.Tensor):
             raise FusionError("calibration data must be a tensor")
-        if tuple(data.shape[1:]) != tuple(example.shape[1:]):
+        token_ids = data.dim() == example.dim() == 2 and not example.is_floating_point()  # any sequence length
+        if tuple(data.shape[1:]) != tuple(example.shape[1:]) and not token_ids:
             raise FusionError(f"calibration data has shape {tuple(data.shape)}; the models take "
                               f"(N, {', '.join(map(str, example.shape[1:]))})")
         if data.is_floating_point() != example.is_floating_point():
@@ -99,6 +101,17 @@ def calibration_batches(calib: torch.Tensor | int | None, args: tuple, kwargs: M
     batch = min(batch, data.shape[0])
     n_batches = data.shape[0] // batch
     return [_with_input(args, kwargs, key, data[i * batch:(i + 1) * batch]) for i in range(n_batches)]
+
+
+def _dropped_note(calib: torch.Tensor | int | None, batches: list[tuple[tuple, dict]]) -> str | None:
+    """A note when whole batches leave calibration inputs out (the graphs run at one batch shape)."""
+    total = DEFAULT_CALIB_RANDOM if calib is None else int(calib) if isinstance(calib, int) else int(calib.shape[0])
+    size = _main_input(*batches[0])[1].shape[0]
+    used = size * len(batches)
+    if used == total:
+        return None
+    return (f"calibration used {used} of {total} inputs (whole batches of {size}); give a multiple of {size} "
+            "to use them all")
 
 
 def _check_same_class(models: Sequence[nn.Module]) -> None:
@@ -373,11 +386,12 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     _check_finite(models)
     rules = rules if rules is not None else load_rules()
 
-    batches = None
+    batches, dropped = None, None
     args = tuple(example_args)
     if method == "ot" and cost == "activations":
         batches = calibration_batches(calib, args, kwargs, seed)
         args, kwargs = batches[0]
+        dropped = _dropped_note(calib, batches)
     originals = models
     t = time.perf_counter()
     depth_batches = functools.lru_cache(None)(lambda: batches or calibration_batches(calib, args, kwargs, seed))
@@ -453,6 +467,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     timings["total_s"] = time.perf_counter() - t_start
     report = _report(ref, analyses, alignments, fixed, checks, weights, target, cost, solver, reg, method, timings)
     report["depth_cost"] = depth_cost
+    if dropped:
+        report["notes"].append(dropped)
     report["depth_maps"] = [e for i, p in enumerate(depth_plans) if p is not None for e in p.as_dict(i)]
     for i, p in enumerate(depth_plans):
         for d in p.maps if p is not None else ():

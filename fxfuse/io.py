@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -28,7 +27,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .errors import FxfuseError, SpecError
+from . import atomic
+from .errors import SpecError
 
 MANIFEST = "fxfuse.json"
 WEIGHTS = "model.safetensors"
@@ -44,7 +44,7 @@ class LoadedModel:
     kwargs: Mapping[str, Any]
     spec: str
     source: str  # HF, FACTORY or PICKLE
-    factory: str | None = None
+    factory: str | None = None  # the factory, or the pickle file (absolute path)
     factory_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -53,7 +53,7 @@ def load_model(spec: str, trust_pickle: bool = False, seed: int = 0) -> LoadedMo
     path = Path(spec)
     if path.is_dir():
         if (path / MANIFEST).is_file():
-            return _load_manifest_dir(path, spec)
+            return _load_manifest_dir(path, spec, trust_pickle)
         if (path / "config.json").is_file():
             return _load_hf(path, spec, seed)
         raise SpecError(f"{spec}: directory has neither config.json (Hugging Face) nor {MANIFEST}")
@@ -122,18 +122,27 @@ def _load_factory(target: str, weights: str | None, spec: str,
     module, args, kwargs = _call_factory(fn, factory_kwargs or {}, spec)
     if weights:
         load_weights(module, Path(weights), spec)
-    return LoadedModel(module, args, kwargs, spec, FACTORY, target, dict(factory_kwargs or {}))
+    return LoadedModel(module, args, kwargs, spec, FACTORY, _absolute_file(target), dict(factory_kwargs or {}))
 
 
-def _load_manifest_dir(path: Path, spec: str) -> LoadedModel:
+def _absolute_file(target: str) -> str:
+    """``file.py:factory`` with the file's absolute path, so that a manifest resolves from any directory."""
+    modname, _, attr = target.rpartition(":")
+    return f"{Path(modname).resolve()}:{attr}" if modname.endswith(".py") else target
+
+
+def _load_manifest_dir(path: Path, spec: str, trust_pickle: bool = False) -> LoadedModel:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        target = manifest["factory"]
+        target = manifest["pickle"] if "pickle" in manifest else manifest["factory"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SpecError(f"{path / MANIFEST}: unreadable manifest ({type(exc).__name__}: {exc})") from None
     weights = path / manifest.get("weights", WEIGHTS)
-    loaded = _load_factory(target, str(weights), spec, manifest.get("kwargs") or {})
-    return loaded
+    if "pickle" in manifest:
+        loaded = _load_pickle(Path(target), spec, trust_pickle)
+        load_weights(loaded.module, weights, spec)
+        return loaded
+    return _load_factory(target, str(weights), spec, manifest.get("kwargs") or {})
 
 
 def load_weights(module: nn.Module, path: Path, spec: str) -> None:
@@ -170,12 +179,36 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
         if cls is None:
             cls = transformers.AutoModel
         if hasattr(config, "use_cache"):
-            config.use_cache = False
-        module = cls.from_pretrained(str(path), config=config, local_files_only=True)
+            config.use_cache = False  # for tracing; an output keeps the input's config.json
+        module, info = cls.from_pretrained(str(path), config=config, local_files_only=True,
+                                           output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:
         raise SpecError(f"{spec}: cannot load Hugging Face model: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    _check_loading_info(info, spec, cls.__name__, arch)
     module.eval()
     return LoadedModel(module, (), hf_example_inputs(module, seed), spec, HF)
+
+
+def _names(keys, limit: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _check_loading_info(info: Mapping[str, Any], spec: str, cls: str, arch: str | None) -> None:
+    """Refuse a checkpoint that does not fill the model exactly: transformers would draw missing or
+    mis-shaped tensors at random, and drop tensors its class has no place for."""
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = info.get("mismatched_keys") or ()
+    if missing:
+        raise SpecError(f"{spec}: the checkpoint lacks {_names(missing)} ({cls} would fill them with random "
+                        "values)")
+    if mismatched:
+        shown = ", ".join(f"{k} {tuple(a)} (the config gives {tuple(b)})" for k, a, b in sorted(mismatched)[:3])
+        raise SpecError(f"{spec}: tensors of the checkpoint do not have the shapes of its config.json: {shown}")
+    if unexpected:
+        why = ("config.json names no 'architectures', so the bare base model was built; add the class with "
+               "the model's head" if arch is None else f"{cls} has no place for them")
+        raise SpecError(f"{spec}: the checkpoint's tensors {_names(unexpected)} would be lost ({why})")
 
 
 def hf_example_inputs(module: nn.Module, seed: int = 0, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
@@ -213,47 +246,47 @@ def _load_pickle(path: Path, spec: str, trust: bool) -> LoadedModel:
     example = getattr(module, "example_inputs", None)
     if not callable(example):
         raise SpecError(f"{spec}: the pickled module has no example_inputs() method")
-    return LoadedModel(module.eval(), tuple(example()), {}, spec, PICKLE)
+    return LoadedModel(module.eval(), tuple(example()), {}, spec, PICKLE, str(path.resolve()))
 
 
 # ---------------------------------------------------------------- saving
 
 
-def check_output_path(out: str | Path, force: bool) -> Path:
-    """Refuse to overwrite an existing path unless ``force``; call before any work."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FxfuseError(f"{out}: already exists (use --force to replace it)")
-    if not out.parent.exists():
-        raise FxfuseError(f"{out.parent}: no such directory")
-    return out
+def check_output_path(out: str | Path, force: bool, directory: bool = False) -> Path:
+    """Refuse to overwrite an existing path unless ``force``; call before any work (``fxfuse.atomic``)."""
+    return atomic.check_output_path(out, force, directory)
 
 
 def save_model(like: LoadedModel, module: nn.Module, out: str | Path, force: bool = False,
                extra: Mapping[str, str] | None = None) -> Path:
-    """Write ``module`` as ``like`` was given (HF dir, or factory manifest + safetensors), atomically.
+    """Write ``module`` as ``like`` was given (HF dir, or manifest + safetensors), atomically.
 
     ``extra`` maps file names to text written beside the model (e.g. a report).
+    A Hugging Face output keeps the input's ``config.json`` byte for byte.
     """
-    out = check_output_path(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = check_output_path(out, force, directory=True)
+    tmp = atomic.temp_dir(out)
     try:
         if like.source == HF:
             module.save_pretrained(str(tmp), safe_serialization=True)
-        elif like.source == FACTORY and like.factory:
-            save_state(module, tmp / WEIGHTS)
-            manifest = {"factory": like.factory, "kwargs": dict(like.factory_kwargs), "weights": WEIGHTS}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            shutil.copyfile(Path(like.spec) / "config.json", tmp / "config.json")
         else:
             save_state(module, tmp / WEIGHTS)
-            (tmp / "README.txt").write_text("State dict of a pickled model; load it into the same class.\n")
+            (tmp / MANIFEST).write_text(json.dumps(_manifest(like), indent=2) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        _replace(tmp, out)
+        atomic.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.discard(tmp)
         raise
     return out
+
+
+def _manifest(like: LoadedModel) -> dict:
+    """How to rebuild the model class: its factory, or the pickle it came from (absolute paths)."""
+    if like.source == PICKLE:
+        return {"pickle": like.factory, "weights": WEIGHTS}
+    return {"factory": like.factory, "kwargs": dict(like.factory_kwargs), "weights": WEIGHTS}
 
 
 def save_state(module: nn.Module, path: Path) -> None:
@@ -264,29 +297,12 @@ def save_state(module: nn.Module, path: Path) -> None:
 
 def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
     path = check_output_path(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = atomic.temp_file(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        atomic.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        atomic.discard(tmp)
         raise
     return path
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` (``--force``) is removed only after the move succeeds."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    backup = out.with_name(f".{out.name}.old")
-    if backup.exists():
-        shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
-    os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(backup, out)
-        raise
-    shutil.rmtree(backup) if backup.is_dir() else backup.unlink()

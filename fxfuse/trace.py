@@ -6,9 +6,12 @@ aliases of tied parameters (one tensor under several state-dict names).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -51,13 +54,25 @@ def tied_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return {names[0]: tuple(names[1:]) for names in groups.values() if len(names) > 1}
 
 
+@contextlib.contextmanager
+def _no_logging() -> Iterator[None]:
+    """torch.export logs pages of graph code and guards before it raises: its failure is one line here."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def trace(model: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None) -> TracedModel:
     """Export ``model`` in eval mode on ``args``; raises ``TraceError`` with a hint on failure."""
     kwargs = dict(kwargs or {})
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_logging():
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as exc:  # torch.export raises many types; all become one line
