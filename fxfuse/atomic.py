@@ -122,8 +122,18 @@ def discard(tmp: Path) -> None:
         _remove(tmp)
 
 
+def _plain_modes(tmp: Path) -> None:
+    """Files in a temporary directory get a plain ``open``'s permissions (some writers use 0600)."""
+    mode = 0o666 & ~_umask()
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
+
+
 def replace(tmp: Path, out: Path) -> None:
     """Move ``tmp`` to ``out``; an existing ``out`` (``--force``) is removed only after the move succeeds."""
+    if tmp.is_dir():
+        _plain_modes(tmp)
     with signals_held():
         if not out.exists():
             os.replace(tmp, out)

@@ -311,6 +311,8 @@ def _warn_fusion(report: dict, analysis) -> None:
 
 
 def cmd_compile(args) -> int:
+    import torch
+
     from .checks import check_inputs, check_labels, guarded
     from .data import load_calibration, load_labelled
     from .evaluate import accuracy, predict
@@ -340,6 +342,8 @@ def cmd_compile(args) -> int:
         raise FxfuseError(f"--target {args.target} is out of range for {len(loaded)} models")
     tgt = loaded[args.target]
     _warn_unused_options(args, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
+    if isinstance(calib, torch.Tensor):
+        check_inputs(tgt.module, calib, f"--calib {args.calib}")
     rows = []
     if labelled is not None:  # every parent runs on the data now: data that does not fit fails before the work
         progress("evaluating the models")

@@ -7,14 +7,24 @@ class ids, or ``(N, S)`` token ids for language models (``-100`` is ignored).
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
+from .checks import one_line
 from .errors import FxfuseError
 
 INPUT_KEYS = ("inputs", "input_ids", "pixel_values", "x", "images")
 LABEL_KEYS = ("labels", "y", "targets")
+
+
+class PickledObjects(Exception):
+    """A torch file holding Python objects (a pickled module), not only tensors."""
+
+    def __str__(self) -> str:
+        return ("it holds pickled Python objects, not only tensors (save a tensor, a dict of tensors or a state "
+                "dict, or use .safetensors)")
 
 
 def read_tensors(path: Path):
@@ -23,7 +33,10 @@ def read_tensors(path: Path):
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise PickledObjects() from None
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -33,7 +46,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         data = read_tensors(path)
     except Exception as exc:
-        raise FxfuseError(f"{path}: cannot read tensors: {type(exc).__name__}: {exc}") from None
+        raise FxfuseError(f"{path}: cannot read tensors: {one_line(exc)}") from None
     if isinstance(data, torch.Tensor):
         return {"inputs": data}
     if isinstance(data, (list, tuple)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):

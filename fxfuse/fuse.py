@@ -500,9 +500,9 @@ def _report(ref: Analysis, analyses, alignments, fixed, checks, weights, target,
                 continue
             m = al.maps[s.id]
             moved = None
-            if m.perm is not None:
-                ident = torch.arange(m.perm.shape[-1])
-                moved = int((m.perm != ident).sum())
+            if m.perm is not None:  # units whose position changed (in any head, for a nested space)
+                changed = m.perm != torch.arange(m.perm.shape[-1])
+                moved = int(changed.reshape(-1, changed.shape[-1]).any(0).sum())
             entry["models"].append({"model": i, "hard": m.hard, "map": m.kind, "units_moved": moved,
                                     "size": sizes[i],
                                     "similarity_identity": m.similarity_identity,

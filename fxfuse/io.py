@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import atomic
+from .checks import one_line
 from .errors import SpecError
 
 MANIFEST = "fxfuse.json"
@@ -154,7 +155,7 @@ def load_weights(module: nn.Module, path: Path, spec: str) -> None:
     try:
         state = read_tensors(path)
     except Exception as exc:
-        raise SpecError(f"{spec}: cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+        raise SpecError(f"{spec}: cannot read weights {path}: {one_line(exc)}") from None
     try:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as exc:
@@ -239,7 +240,7 @@ def _load_pickle(path: Path, spec: str, trust: bool) -> LoadedModel:
     try:
         module = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise SpecError(f"{spec}: cannot unpickle: {type(exc).__name__}: {exc}") from None
+        raise SpecError(f"{spec}: cannot unpickle: {one_line(exc)}") from None
     if not isinstance(module, nn.Module):
         raise SpecError(f"{spec}: the pickle holds a {type(module).__name__}, not a module "
                         "(for a state dict use 'package.module:factory@weights')")

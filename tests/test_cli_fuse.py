@@ -13,19 +13,10 @@ from fxfuse.cli import main
 from fxfuse.io import load_model
 from fxfuse.verify import compare_outputs
 
+from clirun import run, snapshot
+
 SPEC = "fxfuse.zoo:mlp"
 OUTPUT_FILES = {"fxfuse.json", "model.safetensors", "report.json"}
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` (hidden ones included) with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
