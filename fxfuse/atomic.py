@@ -87,7 +87,10 @@ def check_output_path(out: str | Path, force: bool, directory: bool = False) -> 
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (they are delivered when the block ends)."""
+    """Hold SIGINT and SIGTERM back (they are delivered when the block ends; POSIX only)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         yield

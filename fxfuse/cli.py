@@ -216,7 +216,6 @@ def cmd_explain(args) -> int:
     if args.dot:
         check_output_path(args.dot, args.force)
     loaded, analysis = _load_and_analyze(args, progress)
-    _warn_analysis(analysis)
     if args.dot:
         write_text_atomic(args.dot, render_dot(analysis), force=args.force)
         progress(f"wrote {args.dot}")
@@ -358,6 +357,7 @@ def cmd_compile(args) -> int:
                          pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
                          heads=args.heads, depth_cost=args.depth_cost, progress=progress)
     report = dict(result.report, models=[m.spec for m in loaded], fxfuse=provenance(args.argv))
+    progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
     if args.show_depth_map:
         from .render import render_depth_maps

@@ -85,6 +85,17 @@ def test_compile_prints_unruled_ops_and_that_nothing_moved(tmp_path, capsys):
                          "plain average"]
 
 
+def test_permute_says_when_nothing_can_move(tmp_path, capsys):
+    spec = f"{EXAMPLES / 'custom_op' / 'model.py'}:build"
+    code, out, err = run(capsys, "permute", spec, "-o", tmp_path / "out", "-q")
+    assert code == 0 and out.startswith(f"wrote {tmp_path / 'out'}: 0 spaces permuted")
+    lines = err.splitlines()
+    assert lines[0].startswith("fxfuse: warning: 1 op(s) without a usable rule, their axes pinned: ")
+    assert lines[1:] == ["fxfuse: warning: no free space: nothing can move (coverage 0%)",
+                         f"fxfuse: warning: {spec}: no free space of size > 1, nothing to permute: the output is a "
+                         "copy"]
+
+
 def test_compile_prints_spaces_kept_at_the_identity_for_lack_of_signal(tmp_path, capsys):
     calib = tmp_path / "zeros.pt"
     torch.save(torch.zeros(32, 64), calib)  # every hidden unit is its bias: constant
