@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model spec (see below)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--force", action="store_true", help="replace an earlier fxfuse output")
     _common(p)
     p.set_defaults(func=cmd_permute)
 
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--target", type=int, default=0, help="index of the model whose basis and class the result takes")
     p.add_argument("--cost", choices=["weights", "activations"], default="weights",
-                   help="weight matching (no data) or activation correlation (needs calibration inputs)")
+                   help="weight matching (no data) or activation correlation (on --calib, else on "
+                   "random inputs)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--calib", metavar="FILE", help="calibration inputs: a .pt/.safetensors tensor (N, ...)")
     g.add_argument("--calib-random", type=int, metavar="N", help="N random calibration inputs (smoke tests)")
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (it is always in the output)")
     p.add_argument("--eval", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels): print accuracy "
                    "of each model, of vanilla averaging and of the fused model")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--force", action="store_true", help="replace an earlier fxfuse output")
     _common(p)
     p.set_defaults(func=cmd_compile)
 

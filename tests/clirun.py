@@ -13,9 +13,9 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` (hidden ones included) with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file under ``root`` (hidden ones included) with its bytes, and every directory (``None``)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
 def refused(capsys, root: Path, *argv) -> str:
