@@ -418,8 +418,6 @@ def cmd_barrier(args) -> int:
                      head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,
                      reg=args.reg, pin=args.pin, rules=rules, strict=args.strict, heads=args.heads)
     if args.plot:
-        import os
-
         out = Path(args.plot)
         fd, tmp = atomic.temp_file(out)
         os.close(fd)

@@ -4,8 +4,9 @@ A spec is one of:
 
 * a Hugging Face model directory (``config.json`` + safetensors), loaded
   offline; example inputs are made from its config;
-* an fxfuse model directory (``fxfuse.json`` naming a factory, its kwargs and a
-  weights file), as ``fxfuse permute``/``compile`` write for non-HF models;
+* an fxfuse model directory (``fxfuse.json`` naming a factory and its kwargs, or
+  the pickle the model came from, and a weights file), as ``fxfuse permute`` /
+  ``compile`` write for non-HF models;
 * ``package.module:factory`` or ``path/to/file.py:factory``, optionally
   ``@weights.safetensors`` (or a ``.pt``/``.bin`` state dict, read with
   ``weights_only=True``). The factory returns a module, ``(module, args)`` or
