@@ -182,13 +182,25 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
             cls = transformers.AutoModel
         if hasattr(config, "use_cache"):
             config.use_cache = False  # for tracing; an output keeps the input's config.json
-        module, info = cls.from_pretrained(str(path), config=config, local_files_only=True,
-                                           output_loading_info=True, ignore_mismatched_sizes=True)
+        module, info = _quietly(lambda: cls.from_pretrained(str(path), config=config, local_files_only=True,
+                                                            output_loading_info=True, ignore_mismatched_sizes=True))
     except Exception as exc:
         raise SpecError(f"{spec}: cannot load Hugging Face model: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     _check_loading_info(info, spec, cls.__name__, arch)
     module.eval()
     return LoadedModel(module, (), hf_example_inputs(module, seed), spec, HF)
+
+
+def _quietly(load: Callable):
+    """``load()`` without transformers' load report: what it reports is refused below, in one line."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load()
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _names(keys, limit: int = 4) -> str:

@@ -5,7 +5,10 @@ And runs that are legitimate but not what they may seem: a warning on stderr.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,12 @@ def _edited_copy(src: Path, dst: Path, drop=(), reshape=None, config=None) -> Pa
     return dst
 
 
+def _fresh_env() -> dict[str, str]:
+    """The environment of a new shell (an in-process -q run set transformers' quiet variables here)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    return dict(env, OMP_NUM_THREADS="1")
+
+
 # ---------------------------------------------------------------- silent wrong results
 
 
@@ -57,6 +66,11 @@ def test_hf_checkpoint_missing_a_tensor_is_refused(tmp_path, capsys, hf_dirs, mi
     line = refused(capsys, tmp_path, "compile", bad, hf_dirs / "bert", "-o", tmp_path / "out", "-q")
     assert line == (f"{bad}: the checkpoint lacks {missing} (BertForSequenceClassification would fill them with "
                     "random values)")
+    if missing == "classifier.weight":  # a fresh process without -q: progress, not transformers' load report
+        proc = subprocess.run([sys.executable, "-m", "fxfuse.cli", "explain", str(bad)], capture_output=True,
+                              text=True, timeout=120, env=_fresh_env())
+        assert proc.returncode == 2 and "LOAD REPORT" not in proc.stderr
+        assert proc.stderr.endswith(f"fxfuse: error: {line}\n")
 
 
 def test_hf_tensor_of_another_shape_than_the_config_is_refused(tmp_path, capsys, hf_dirs):
