@@ -31,7 +31,7 @@ class OpSchema:
     lists: frozenset[str]  # tensor-list arguments (``Tensor[]``)
     ints: frozenset[str]  # integer arguments (``int``, ``SymInt``, ``int?``)
     others: frozenset[str]  # every other argument, by name
-    returns: int  # number of results; -1 when the op returns a list of tensors
+    returns: frozenset[int]  # number of results of each overload; -1 for a list of tensors
     tensor_returns: frozenset[int]  # indices of results that are tensors
     order: tuple[str, ...] = ()  # every argument name, in schema order
 
@@ -61,7 +61,7 @@ def _is_int(t) -> bool:
 
 def _from_schemas(op: str, schemas: list) -> OpSchema:
     tensors, lists, ints, others = set(), set(), set(), set()
-    returns, tensor_returns, order = 0, set(), {}
+    returns, tensor_returns, order = set(), set(), {}
     for schema in schemas:
         for arg in schema.arguments:
             if getattr(arg, "is_out", False):
@@ -77,12 +77,12 @@ def _from_schemas(op: str, schemas: list) -> OpSchema:
                 others.add(arg.name)
         rets = list(schema.returns)
         if len(rets) == 1 and _is_tensor_list(rets[0].type):
-            returns = -1
-        elif returns != -1:
-            returns = max(returns, len(rets))
+            returns.add(-1)
+        else:
+            returns.add(len(rets))
             tensor_returns |= {i for i, r in enumerate(rets) if _is_tensor(r.type)}
     return OpSchema(op, frozenset(tensors), frozenset(lists), frozenset(ints), frozenset(others - tensors - lists),
-                    returns, frozenset(tensor_returns), tuple(order))
+                    frozenset(returns), frozenset(tensor_returns), tuple(order))
 
 
 _FOUND: dict[str, OpSchema] = {}
@@ -141,6 +141,24 @@ def _output_index(arg: str) -> int | None:
     return None
 
 
+def _check_result(arg: str, k: int, schema: OpSchema, fail) -> None:
+    """``out`` needs an overload with one result, ``outN`` one with more than N (a tuple), each a tensor."""
+    counts = schema.returns - {-1}
+    most = max(counts, default=0)
+    if not counts:
+        raise fail("axes", f"'{arg}': the op returns a list of tensors, which a signature cannot describe")
+    if most == 0:
+        raise fail("axes", f"'{arg}': the op returns no result")
+    if arg == "out" and 1 not in counts:
+        raise fail("axes", f"'out': the op returns {most} results; name them out0..out{most - 1}")
+    if arg != "out" and most == 1:
+        raise fail("axes", f"'{arg}': the op returns one result; call it 'out'")
+    if k >= most:
+        raise fail("axes", f"'{arg}': the op returns only {most} results")
+    if k not in schema.tensor_returns:
+        raise fail("axes", f"'{arg}': that result is not a tensor")
+
+
 def check_rule(rule, path: str, index: int, ops: Iterable[str] | None = None) -> None:
     """Check ``rule`` (from rule ``index`` of file ``path``) against each of its ops known to torch."""
     for op in (rule.ops if ops is None else ops):
@@ -162,19 +180,7 @@ def check_rule(rule, path: str, index: int, ops: Iterable[str] | None = None) ->
                     if arg in schema.arguments:
                         raise fail("axes", f"argument '{arg}' is not a tensor; only tensor arguments take a signature")
                     raise fail("axes", f"no argument '{arg}' (arguments: {', '.join(schema.order)})")
-                if schema.returns == 0:
-                    raise fail("axes", f"'{arg}': the op returns no result")
-                if schema.returns == -1:
-                    raise fail("axes", f"'{arg}': the op returns a list of tensors, which a signature cannot describe")
-                if arg == "out" and schema.returns != 1:
-                    raise fail("axes", f"'out': the op returns {schema.returns} results; name them out0..out"
-                                       f"{schema.returns - 1}")
-                if arg != "out" and schema.returns == 1:
-                    raise fail("axes", f"'{arg}': the op returns one result; call it 'out'")
-                if k >= schema.returns:
-                    raise fail("axes", f"'{arg}': the op returns only {schema.returns} results")
-                if k not in schema.tensor_returns:
-                    raise fail("axes", f"'{arg}': that result is not a tensor")
+                _check_result(arg, k, schema, fail)
         for name, src in rule.sizes:
             if isinstance(src, str) and src not in schema.ints:
                 what = "is not an integer argument" if src in schema.arguments else "is not an argument"

@@ -69,6 +69,11 @@ def test_overload_packet_accepts_an_argument_of_some_overload(tmp_path):
     rules = parse_rule_file(_write(tmp_path, "ok.yaml", '- op: aten.add\n  axes: {self: "a", other: "a", out: "a"}\n'))
     assert rules[0].ops == ("aten.add",)
     assert "other" in op_schema("aten.add").tensors and "alpha" in op_schema("aten.add").arguments
+    # aten.max: max.default returns one tensor, max.dim two; either naming fits some overload
+    both = '- op: aten.max\n  axes: {self: "... a", out: "..."}\n- op: aten.max\n  axes: {self: "... a", out1: "..."}\n'
+    assert len(parse_rule_file(_write(tmp_path, "max.yaml", both))) == 2
+    with pytest.raises(fxfuse.RuleError, match="'out2': the op returns only 2 results"):
+        parse_rule_file(_write(tmp_path, "max2.yaml", '- op: aten.max\n  axes: {self: "... a", out2: "..."}\n'))
 
 
 def test_ops_torch_does_not_know_are_not_checked(tmp_path):
@@ -80,6 +85,8 @@ def test_ops_torch_does_not_know_are_not_checked(tmp_path):
 
 
 def test_every_shipped_rule_passes_the_schema_check():
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
     for path in fxfuse.rules.shipped_rule_files():
         for rule in parse_rule_file(path):  # raises on the first bad rule
             assert rule.origin == (str(path), int(rule.source.rsplit(":", 1)[1]))
