@@ -316,3 +316,58 @@ def test_mixture_of_experts_units_move_experts_stay():
     assert _spaces_of(a, f"{prefix}.experts.down_proj", 2) == [gate_half]
     assert _spaces_of(a, f"{prefix}.experts.down_proj", 0) == [experts] and not a.spaces[experts].free
     assert not a.spaces[_spaces_of(a, f"{prefix}.gate.weight", 0)[0]].free
+
+
+# ---------------------------------------------------------------- einsum equations, generated
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SIZES = {"h": 6, "p": 4, "q": 3}
+
+
+class EinsumProbe(nn.Module):
+    """``x -> linear (b s h) -> einsum(equation, h, W) -> flatten -> linear -> mean over s``."""
+
+    def __init__(self, equation: str, weight_letters: str, out_width: int):
+        super().__init__()
+        self.equation = equation
+        self.a = nn.Linear(5, SIZES["h"])
+        self.w = nn.Parameter(torch.randn(*(SIZES[c] for c in weight_letters)))
+        self.head = nn.Linear(out_width, 3)
+
+    def forward(self, x):
+        y = torch.einsum(self.equation, torch.tanh(self.a(x)), self.w)
+        return self.head(torch.tanh(y.flatten(2))).mean(1)
+
+
+@st.composite
+def equations(draw):
+    weight = draw(st.permutations("hpq").map("".join).flatmap(lambda s: st.sampled_from([s[:1], s[:2], s])))
+    letters = sorted(set("h" + weight))
+    out = draw(st.lists(st.sampled_from(letters), min_size=1, unique=True).map("".join))
+    lhs = draw(st.sampled_from(["bsh", "...h"]))
+    rhs = ("..." if lhs == "...h" else "bs") + out
+    width = 1
+    for c in out:
+        width *= SIZES[c]
+    return f"{lhs},{weight}->{rhs}", weight, width
+
+
+@settings(max_examples=20, deadline=None)
+@given(equations(), st.integers(0, 2 ** 16))
+def test_generated_einsum_permutes_soundly(case, seed):
+    """Any einsum of an activation with a weight: the permuted copy computes the same function."""
+    equation, weight, width = case
+    torch.manual_seed(seed)
+    model = EinsumProbe(equation, weight, width).eval()
+    _informative(model)
+    args = (torch.randn(2, 4, 5),)
+    analysis = fxfuse.analyze(model, args)
+    assert analysis.unruled == () and analysis.unfit_rules == ()
+    # the hidden units h are free: tied through the equation, or summed on the activation alone
+    (h_space,) = _spaces_of(analysis, "a.weight", 0)
+    assert analysis.spaces[h_space].free
+    permuted = fxfuse.permute(model, args, seed=seed)
+    assert not torch.equal(permuted.a.weight, model.a.weight)
+    assert compare_outputs(model, permuted, args) <= TOL, equation
