@@ -149,9 +149,9 @@ def _is_constant(ctx, value) -> bool:
     return rule is not None and rule.kind == "constant"
 
 
-@kind("recurrent", "aten.lstm.input / aten.gru.input: per layer and direction, the hidden units are a space and "
-      "the packed gate rows are (gates × units) with the gates pinned; the units carry across time steps, so "
-      "w_hh's columns, the output and the hidden state share them.")
+@kind("recurrent", "aten.lstm.input / aten.gru.input / aten.rnn_*.input: per layer and direction, the hidden units "
+      "are a space and the packed gate rows are (gates × units) with the gates pinned; the units carry across time "
+      "steps, so w_hh's columns, the output and the hidden state share them (with proj_size: the projected units).")
 def recurrent(ctx) -> None:
     x = ctx.value("input")
     xa, xs = ctx.atoms(x), ctx.shape(x)
@@ -161,59 +161,82 @@ def recurrent(ctx) -> None:
         raise RuleMismatch("expected an input of rank 2 or 3 and an integer num_layers")
     directions = 2 if bidirectional else 1
     per = 4 if ctx.value("has_biases") else 2
-    if len(params) != layers * directions * per:
-        raise RuleMismatch(f"{len(params)} weights for {layers} layers × {directions} directions: "
-                           "projections (proj_size) are not understood")
+    if len(params) == layers * directions * (per + 1):
+        per += 1  # LSTM with proj_size: weight_hr (proj × units) last
+    elif len(params) != layers * directions * per:
+        raise RuleMismatch(f"{len(params)} weights for {layers} layers × {directions} directions")
     outs = ctx.out
     if not outs or not isinstance(outs[0], list):
         raise RuleMismatch("expected a tuple of outputs")
-    feature, units = xa[-1], []
+    feature = xa[-1]
+    carried, cells = [], []  # per layer and direction: the units fed back (h), the cell units (c)
     for layer in range(layers):
-        layer_units = []
+        layer_out = []
         for d in range(directions):
-            w_ih, w_hh, *biases = params[(layer * directions + d) * per:(layer * directions + d + 1) * per]
-            (rows_ih, cols_ih), (rows_hh, cols_hh) = ctx.atoms(w_ih), ctx.atoms(w_hh)
-            hidden = ctx.store.size(cols_hh)
-            gates, rest = divmod(ctx.store.size(rows_hh), hidden)
-            if rest:
-                raise RuleMismatch(f"weight_hh rows {ctx.store.size(rows_hh)} are not a multiple of {hidden} units")
-            unit = ctx.new_atom(hidden)
-            gate = ctx.new_atom(gates)
-            ctx.pin(gate, f"the gates of {ctx.op} have distinct roles")
-            ctx.role(unit, "hidden")
-            ctx.role(gate, "gates")
-            packed = ctx.compose([gate, unit], PRODUCT)
-            for w, rows, cols, fed in ((w_ih, rows_ih, cols_ih, feature), (w_hh, rows_hh, cols_hh, unit)):
-                ctx.tie(rows, packed)
-                ctx.tie(cols, fed)
-                ctx.param_use(w, rows, consumed=False)
-                ctx.param_use(w, cols, consumed=True)
-            for b in biases:
-                ctx.tie(ctx.atoms(b)[0], packed)
-                ctx.param_use(b, ctx.atoms(b)[0], consumed=False)
-            layer_units.append(unit)
-        feature = ctx.compose(layer_units, CONCAT)
-        units += layer_units
+            group = params[(layer * directions + d) * per:(layer * directions + d + 1) * per]
+            unit, fed_back = _recurrent_cell(ctx, group, feature, projected=per in (3, 5))
+            cells.append(unit)
+            carried.append(fed_back)
+            layer_out.append(fed_back)
+        feature = ctx.compose(layer_out, CONCAT)
     # output: (T, B, D·H) or (B, T, D·H) or unbatched (T, D·H); time and batch pass through
     output = outs[0]
     for a, b in zip(xa[:-1], output[:-1]):
         ctx.tie(a, b)
     ctx.tie(output[-1], feature)
-    # hidden states (L·D, [B,] H): row k belongs to layer k // D, direction k % D
+    # hidden states (L·D, [B,] H): h (and LSTM's c); row k belongs to layer k // D, direction k % D
     hx = ctx.value("hx")
-    states = [(v, None) for v in (hx if isinstance(hx, (list, tuple)) else [hx])]
-    states += [(None, k) for k in range(1, len(outs))]
-    for value, k in states:
-        atoms = ctx.atoms(value) if value is not None else outs[k]
-        if atoms is None or len(atoms) != len(xs):
-            raise RuleMismatch("hidden state of unexpected rank")
-        if len(xs) == 3:
-            ctx.tie(atoms[1], xa[0 if ctx.value("batch_first") else 1])
-        ctx.pin(atoms[0], f"rows of the hidden state of {ctx.op} are its layers and directions")
-        if len(units) == 1:
-            ctx.tie(atoms[-1], units[0])
-        elif (value is not None and _is_constant(ctx, value)) or (k is not None and not _output_used(ctx, k)):
-            ctx.free(atoms[-1])  # constant initial state, or a final state nobody reads
-        else:  # one axis carries every layer's units: they must share one permutation
-            for unit in units:
-                ctx.tie(atoms[-1], unit)
+    inputs = hx if isinstance(hx, (list, tuple)) else [hx]
+    for i, value in enumerate(inputs):
+        _tie_state(ctx, ctx.atoms(value), xa, xs, carried if i == 0 else cells,
+                   unused=_is_constant(ctx, value))
+    for k in range(1, len(outs)):
+        _tie_state(ctx, outs[k], xa, xs, carried if k == 1 else cells, unused=not _output_used(ctx, k))
+
+
+def _recurrent_cell(ctx, group: list, feature: int, projected: bool) -> tuple[int, int]:
+    """Tie one layer-direction's weights; returns (its cell units, the units it feeds back and outputs)."""
+    w_ih, w_hh, *rest = group
+    w_hr = rest.pop() if projected else None
+    (rows_ih, cols_ih), (rows_hh, cols_hh) = ctx.atoms(w_ih), ctx.atoms(w_hh)
+    hidden = ctx.store.size(ctx.atoms(w_hr)[1] if projected else cols_hh)
+    gates, left = divmod(ctx.store.size(rows_hh), hidden)
+    if left:
+        raise RuleMismatch(f"weight_hh rows {ctx.store.size(rows_hh)} are not a multiple of {hidden} units")
+    unit, gate = ctx.new_atom(hidden), ctx.new_atom(gates)
+    ctx.pin(gate, f"the gates of {ctx.op} have distinct roles")
+    ctx.role(unit, "hidden")
+    ctx.role(gate, "gates")
+    fed_back = unit
+    if projected:
+        rows_hr, cols_hr = ctx.atoms(w_hr)
+        fed_back = rows_hr
+        ctx.tie(cols_hr, unit)
+        ctx.param_use(w_hr, rows_hr, consumed=False)
+        ctx.param_use(w_hr, cols_hr, consumed=True)
+    packed = ctx.compose([gate, unit], PRODUCT)
+    for w, rows, cols, fed in ((w_ih, rows_ih, cols_ih, feature), (w_hh, rows_hh, cols_hh, fed_back)):
+        ctx.tie(rows, packed)
+        ctx.tie(cols, fed)
+        ctx.param_use(w, rows, consumed=False)
+        ctx.param_use(w, cols, consumed=True)
+    for b in rest:
+        ctx.tie(ctx.atoms(b)[0], packed)
+        ctx.param_use(b, ctx.atoms(b)[0], consumed=False)
+    return unit, fed_back
+
+
+def _tie_state(ctx, atoms, xa: list, xs: list, units: list[int], unused: bool) -> None:
+    """A hidden state ``(L·D, [B,] H)``: one feature axis for every layer and direction."""
+    if atoms is None or len(atoms) != len(xs):
+        raise RuleMismatch("hidden state of unexpected rank")
+    if len(xs) == 3:
+        ctx.tie(atoms[1], xa[0 if ctx.value("batch_first") else 1])
+    ctx.pin(atoms[0], f"rows of the hidden state of {ctx.op} are its layers and directions")
+    if len(units) == 1:
+        ctx.tie(atoms[-1], units[0])
+    elif unused:
+        ctx.free(atoms[-1])  # a constant initial state, or a final state nobody reads
+    else:  # every layer's units on one axis: they must share one permutation
+        for unit in units:
+            ctx.tie(atoms[-1], unit)

@@ -100,14 +100,15 @@ class EinsumMixer(nn.Module):
 
 class Recurrent(nn.Module):
     def __init__(self, cell: str, layers: int = 1, bidirectional: bool = False, batch_first: bool = True,
-                 use_state: bool = False):
+                 use_state: bool = False, proj: int = 0):
         super().__init__()
         cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell]
         self.embed = nn.Linear(6, 8)
-        self.rnn = cls(8, 10, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.rnn = cls(8, 10, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                       **({"proj_size": proj} if proj else {}))
         self.batch_first, self.use_state = batch_first, use_state
-        width = 10 * (2 if bidirectional else 1)
-        self.head = nn.Linear(10 if use_state else width, 3)
+        out = proj or 10
+        self.head = nn.Linear(out if use_state else out * (2 if bidirectional else 1), 3)
 
     def forward(self, x):
         h = self.embed(x if self.batch_first else x.transpose(0, 1))
@@ -171,6 +172,8 @@ MODELS = {
                                   "aten.lstm.input", "rnn.weight_hh_l1_reverse"),
     "lstm_final_state": (lambda: (Recurrent("lstm", layers=2, use_state=True), _seq()), "aten.lstm.input",
                          "rnn.weight_hh_l1"),
+    "lstm_projected": (lambda: (Recurrent("lstm", layers=2, bidirectional=True, proj=4), _seq()),
+                       "aten.lstm.input", "rnn.weight_hr_l1"),
     "gru": (lambda: (Recurrent("gru", batch_first=False), _seq()), "aten.gru.input", "rnn.weight_hh_l0"),
     "gru_bidirectional": (lambda: (Recurrent("gru", bidirectional=True), _seq()), "aten.gru.input",
                           "rnn.weight_hh_l0_reverse"),
@@ -371,3 +374,16 @@ def test_generated_einsum_permutes_soundly(case, seed):
     permuted = fxfuse.permute(model, args, seed=seed)
     assert not torch.equal(permuted.a.weight, model.a.weight)
     assert compare_outputs(model, permuted, args) <= TOL, equation
+
+
+def test_lstm_projection_is_a_space_of_its_own():
+    """proj_size: the cell units (gates × units rows, weight_hr's columns) and the projected units (weight_hr's
+    rows, fed back through weight_hh's columns and output) are two spaces per layer and direction."""
+    model, args = build("lstm_projected")
+    a = fxfuse.analyze(model, args)
+    gate, unit = _spaces_of(a, "rnn.weight_ih_l1", 0)
+    (proj,) = _spaces_of(a, "rnn.weight_hr_l1", 0)
+    assert _spaces_of(a, "rnn.weight_hr_l1", 1) == [unit] and _spaces_of(a, "rnn.weight_hh_l1", 1) == [proj]
+    assert a.spaces[unit].size == 10 and a.spaces[proj].size == 4 and a.spaces[unit].free and a.spaces[proj].free
+    (proj_reverse,) = _spaces_of(a, "rnn.weight_hr_l1_reverse", 0)
+    assert _spaces_of(a, "head.weight", 1) == [proj, proj_reverse]
