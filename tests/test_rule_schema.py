@@ -212,3 +212,13 @@ def test_explain_shows_the_unfit_rule(tmp_path, capsys):
     out, _ = capsys.readouterr()
     assert "rules that fit no node of this model" in out
     assert "rank3.yaml:0 for aten.linear.default ×2: no signature fits: 'input' has rank 2" in out
+
+
+def test_compile_report_carries_the_unfit_rule(tmp_path):
+    path = _write(tmp_path, "rank3.yaml", '- op: aten.linear.default\n'
+                                          '  axes: {input: "b s i", weight: "o i", bias: "o", out: "b s o"}\n')
+    model, args = build_two_linears()
+    other = TwoLinears().eval()
+    result = fxfuse.compile([other, model], args, target=1, rules=fxfuse.load_rules(extra=[path]))
+    assert result.report["unfit_rules"] == [{"rule": "rank3.yaml:0", "ops": ["aten.linear.default"], "nodes": 2}]
+    assert result.report["notes"][0].startswith("rule rank3.yaml:0 fits no node of the model")
