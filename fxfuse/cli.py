@@ -445,11 +445,16 @@ def cmd_barrier(args) -> int:
 
 def cmd_rules_check(args) -> int:
     from .rules import parse_rule_file
+    from .schema import unresolved_ops
 
     for f in args.files:
         rules = parse_rule_file(f)
         ops = sum(len(r.ops) for r in rules)
-        print(f"ok: {f}: {len(rules)} rules for {ops} ops")
+        unknown = unresolved_ops(op for r in rules for op in r.ops)
+        checked = f" ({ops - len(unknown)} checked against their torch schema)" if unknown else ""
+        print(f"ok: {f}: {len(rules)} rules for {ops} ops{checked}")
+        if unknown:
+            print(f"  not in torch.ops here, so unchecked: {', '.join(unknown)}")
     return 0
 
 

@@ -138,9 +138,14 @@ def einsum(ctx) -> None:
             raise RuleMismatch(f"size of '{name}' from argument '{src}' is not an integer: {value!r}")
         if sizes.setdefault(name, value) != value:
             raise RuleMismatch(f"axis '{name}' has sizes {sizes[name]} and {value}")
+    # a name seen alone only with size 1 (a key/value head axis broadcast over query heads) may be size 1
+    ones = {d.names[0] for _, d, _, s in named if not d.group and s == 1} - set(sizes)
     for _, dim, _, size in named:
         if dim.group and size != 1:
             unknown = [n for n in dim.names if n not in sizes]
+            if len(unknown) > 1 and set(unknown) & ones:
+                sizes.update((n, 1) for n in unknown if n in ones)
+                unknown = [n for n in unknown if n not in ones]
             known = 1
             for n in dim.names:
                 known *= sizes.get(n, 1)
@@ -488,3 +493,6 @@ def subgraph(ctx) -> None:
 
 
 KINDS["elementwise"] = Kind("elementwise", broadcast, "Alias of 'broadcast'.")
+
+
+from . import layer_kinds  # noqa: E402,F401  (registers the composite-op kinds)

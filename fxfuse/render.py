@@ -52,6 +52,10 @@ def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
             u = firsts[(op, reason)]
             where = f"{u.node}" + (f" in {u.module}" if u.module else "")
             lines.append(f"  {op} ×{n} (first at {where}): {reason}")
+    if analysis.unfit_rules:
+        lines += ["", "rules that fit no node of this model (their ops are pinned; fix the rule or add one):"]
+        for u in analysis.unfit_rules:
+            lines.append(f"  {u.rule} for {', '.join(u.ops)} ×{u.nodes}: {u.reason}")
     return "\n".join(lines) + "\n"
 
 

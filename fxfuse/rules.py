@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .errors import RuleError
+from .schema import check_rule
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 OP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}$")
@@ -119,6 +120,7 @@ class Rule:
     free: frozenset[str] = frozenset()
     options: tuple[tuple[str, Any], ...] = ()
     note: str = ""
+    origin: tuple[str, int] = ("", -1)  # (file path, rule index) for errors found later
 
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
@@ -270,8 +272,10 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
     note = raw.get("note", "")
     if not isinstance(note, str):
         raise fail("note", "expected a string")
-    return Rule(
+    rule = Rule(
         ops=tuple(ops), kind=kind_name, source=f"{path.name}:{index}", axes=tuple(axes),
         sizes=tuple(sizes.items()), pin=sets["pin"], free=sets["free"],
-        options=tuple(options.items()), note=note,
+        options=tuple(options.items()), note=note, origin=(str(path), index),
     )
+    check_rule(rule, str(path), index)
+    return rule

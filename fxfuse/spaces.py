@@ -25,6 +25,7 @@ from .axes import CONCAT, PRODUCT, AxisStore, Refinement
 from .errors import StrictError
 from .kinds import KINDS, RuleMismatch
 from .rules import Rule, RuleSet, load_rules
+from .schema import check_rule
 from .trace import BUFFER, CONSTANT, PARAMETER, USER_INPUT, TracedModel, trace
 
 # ---------------------------------------------------------------- results
@@ -107,6 +108,21 @@ class UnruledOp:
 
 
 @dataclass(frozen=True)
+class UnfitRule:
+    """A rule that was tried on ``nodes`` nodes of the graph (ops ``ops``) and fitted none of them."""
+
+    rule: str  # its source, ``file.yaml:N``
+    ops: tuple[str, ...]
+    nodes: int
+    reason: str
+
+    @property
+    def note(self) -> str:
+        return (f"rule {self.rule} fits no node of the model ({', '.join(self.ops)} at {self.nodes} node"
+                f"{'s' if self.nodes > 1 else ''}, all pinned): {self.reason}")
+
+
+@dataclass(frozen=True)
 class Analysis:
     traced: TracedModel
     spaces: tuple[Space, ...]
@@ -114,6 +130,12 @@ class Analysis:
     unruled: tuple[UnruledOp, ...]
     rule_files: tuple[str, ...]
     node_axes: Mapping[str, Any] = field(default_factory=dict)
+    unfit_rules: tuple[UnfitRule, ...] = ()  # rules that fitted no node they were tried on
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Facts a user should see: rules that fit no node of the model."""
+        return tuple(u.note for u in self.unfit_rules)
 
     @property
     def free_spaces(self) -> tuple[Space, ...]:
@@ -174,6 +196,9 @@ class Analysis:
             ],
             "layouts": {n: [expr_text(a) for a in lay.axes] for n, lay in self.layouts.items()},
             "rule_files": list(self.rule_files),
+            "unfit_rules": [{"rule": u.rule, "ops": list(u.ops), "nodes": u.nodes, "reason": u.reason}
+                            for u in self.unfit_rules],
+            "notes": list(self.notes),
         }
 
 
@@ -237,6 +262,8 @@ class _Walker:
         self.rows: list[tuple[int, int, int, int, int]] = []  # (E, P, X, row, selected output atom)
         self.param_view: dict[torch.fx.Node, str] = {}  # a parameter, or a view of one -> its state-dict name
         self.param_uses: list[tuple[str, int, bool]] = []  # (name, atom, read by a contraction)
+        self.checked: set[tuple[int, str]] = set()  # (id(rule), op) checked against the op's schema
+        self.fits: dict[int, list] = {}  # id(rule) -> [rule, ops seen, nodes fitted, first misfit reason]
 
     # -- values and atoms
     def fresh(self, val: Any, pinned: str | None = None) -> Any:
@@ -371,15 +398,22 @@ class _Walker:
         if rule is None:
             self._fail_closed(node, op, inputs, "no rule for this op")
             return
+        if op in rule.ops and rule.origin[0] and (id(rule), op) not in self.checked:
+            check_rule(rule, *rule.origin, ops=(op,))  # a custom op may register after its rule file was read
+            self.checked.add((id(rule), op))
         ctx = OpContext(self, node, rule, op, out, val)
         before = set(self.store.touched)
+        fit = self.fits.setdefault(id(rule), [rule, {}, 0, None])
+        fit[1][op] = fit[1].get(op, 0) + 1
         try:
             KINDS[rule.kind].apply(ctx)
         except (RuleMismatch, TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
             # a rule that does not fit this node fails closed like a missing one
             self.store.touched = before
             self._fail_closed(node, op, inputs, f"rule {rule.source} does not fit: {exc}")
+            fit[3] = fit[3] or f"{exc} (first at {node.name})"
             return
+        fit[2] += 1
         for atom in self._atoms_flat(out):
             if atom not in self.store.touched and self.store.size(atom) > 1:
                 self.store.pin(atom, f"axis created by {op} at {node.name}")
@@ -448,7 +482,9 @@ class _Walker:
         parents = self._nesting(ids)
         spaces = [replace(s, parent=parents.get(s.id)) for s in spaces]
         node_axes = {n.name: self._node_expr(v, ids) for n, v in self.env.items()}
-        return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes)
+        unfit = tuple(UnfitRule(rule.source, tuple(ops), sum(ops.values()), reason)
+                      for rule, ops, fitted, reason in self.fits.values() if not fitted)
+        return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes, unfit)
 
     def _leaf_roots(self, atom: int) -> list[int]:
         root = self.store.find(atom)

@@ -105,6 +105,73 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(h)[:, 0])
 
 
+class EinsumAttentionClassifier(nn.Module):
+    """Token embedding, one attention block written with ``torch.einsum``, an einsum MLP, mean-pooled head."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, classes: int = 5):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.up = nn.Parameter(torch.randn(2 * dim, dim))
+        self.down = nn.Parameter(torch.randn(dim, 2 * dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        b, s, d = h.shape
+        q, k, v = self.qkv(h).view(b, s, 3, self.heads, d // self.heads).unbind(2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (d // self.heads) ** -0.5
+        a = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+        h = h + self.out(a.reshape(b, s, d))
+        h = h + torch.einsum("bsf,df->bsd", torch.einsum("bsd,fd->bsf", h, self.up).relu(), self.down)
+        return self.head(h.mean(1))
+
+
+class MQAClassifier(nn.Module):
+    """Multi-query attention: one key/value head that ``scaled_dot_product_attention`` broadcasts over the query
+    heads; pre-norm blocks with ``nn.RMSNorm``."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, classes: int = 5):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * self.hd)
+        self.o = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        b, s, _ = h.shape
+        x = self.norm1(h)
+        q = self.q(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 1, 2 * self.hd).transpose(1, 2).chunk(2, dim=-1)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        h = h + self.o(a.transpose(1, 2).reshape(b, s, -1))
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h.mean(1))
+
+
+class RecurrentClassifier(nn.Module):
+    """Token embedding, an ``nn.LSTM`` or ``nn.GRU`` (packed gate weights), mean-pooled linear head."""
+
+    def __init__(self, cell: str, vocab: int = VOCAB, dim: int = 16, hidden: int = 24, classes: int = 5,
+                 bidirectional: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(dim, hidden, batch_first=True,
+                                                           bidirectional=bidirectional)
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), classes)
+
+    def forward(self, ids):
+        out, _ = self.rnn(self.embed(ids))
+        return self.head(out.mean(1))
+
+
 def mlp(seed: int = 0):
     _seeded(seed)
     return MLP().eval(), (torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(1234)),)
@@ -129,6 +196,29 @@ def encoder(seed: int = 0):
     model = EncoderClassifier()
     _informative(model)
     return model.eval(), (_ids(),)
+
+
+def _token_model(build, seed: int):
+    _seeded(seed)
+    model = build()
+    _informative(model)
+    return model.eval(), (_ids(),)
+
+
+def einsum_attention(seed: int = 0):
+    return _token_model(EinsumAttentionClassifier, seed)
+
+
+def mqa(seed: int = 0):
+    return _token_model(MQAClassifier, seed)
+
+
+def lstm(seed: int = 0):
+    return _token_model(lambda: RecurrentClassifier("lstm"), seed)
+
+
+def gru(seed: int = 0):
+    return _token_model(lambda: RecurrentClassifier("gru", bidirectional=True), seed)
 
 
 @torch.no_grad()
@@ -291,11 +381,22 @@ def mobilenet_v2(seed: int = 0):
     return _hf("MobileNetV2ForImageClassification", cfg, seed, (_pixels(),))
 
 
-PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder}
+def mixtral(seed: int = 0):
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, use_cache=False)
+    return _hf("MixtralForCausalLM", cfg, seed, (_ids(),))
+
+
+PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "einsum_attention": einsum_attention, "mqa": mqa,
+         "lstm": lstm, "gru": gru}
 HF = {
     "bert": bert, "bert_mlm": bert_mlm, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
     "llama": llama, "qwen2": qwen2, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext,
-    "resnet": resnet, "mobilenet_v2": mobilenet_v2,
+    "resnet": resnet, "mobilenet_v2": mobilenet_v2, "mixtral": mixtral,
 }
 ZOO = {**PLAIN, **HF}
-TRANSFORMERS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5", "vit", "swin")
+TRANSFORMERS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5", "vit", "swin",
+                "einsum_attention", "mqa", "mixtral")

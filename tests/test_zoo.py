@@ -31,7 +31,8 @@ from outputs import run, tolerance  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = list(zoo.ZOO)
-TOKEN_MODELS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5")
+TOKEN_MODELS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5",
+                "einsum_attention", "mqa", "lstm", "gru", "mixtral")
 SEED = 1
 # Measured share of moved parameter elements, seed 1: 0.94 (swin, bert_mlm) to 0.999 (mlp, cnn,
 # mobilenet_v2). Unmoved elements are fixed points of the permutations and equal values (HF LayerNorm
@@ -69,6 +70,11 @@ INTERFACE_AXES = {
                ("classifier.1.bias", 0)],
     "mobilenet_v2": [("mobilenet_v2.conv_stem.first_conv.convolution.weight", 1), ("classifier.weight", 0),
                      ("classifier.bias", 0)],
+    "einsum_attention": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
+    "mqa": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
+    "lstm": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
+    "gru": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
+    "mixtral": [("model.embed_tokens.weight", 0), ("lm_head.weight", 0)],
 }
 
 
