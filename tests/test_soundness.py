@@ -48,3 +48,112 @@ def test_channel_shuffle_pins_both_views_of_the_shuffled_axis():
         for leaf in fxfuse.spaces.expr_leaves(a.layouts[param].axes[axis]):
             s = a.spaces[leaf.space]
             assert not s.free and "conflicting structure" in s.reason, (param, s)
+
+
+# ---------------------------------------------------------------- the self-check of permute and compile
+
+WRONG_CUMSUM = """\
+# deliberately wrong: the order of cumsum's dim matters
+- op: aten.cumsum.default
+  kind: broadcast
+"""
+
+CUMSUM_MODEL = """\
+import torch
+from torch import nn
+
+
+class CumsumNet(nn.Module):
+    def __init__(self, no_grad=False):
+        super().__init__()
+        self.no_grad = no_grad
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def body(self, x):
+        return self.fc2(torch.cumsum(torch.relu(self.fc1(x)), dim=-1))
+
+    def forward(self, x):
+        if not self.no_grad:
+            return self.body(x)
+        with torch.no_grad():  # a higher-order subgraph: its ops are not nodes of the top graph
+            y = self.body(x)
+        return y * 2
+
+
+def make(seed=0, no_grad=False):
+    torch.manual_seed(seed)
+    return CumsumNet(no_grad).eval(), (torch.randn(4, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+def make_no_grad():
+    return make(no_grad=True)
+"""
+
+
+@pytest.fixture
+def cumsum(tmp_path):
+    """``(module namespace, wrong rules, path of the rule file, path of the model file)``."""
+    rule_file, model_file = tmp_path / "wrong_cumsum.yaml", tmp_path / "cumsum_net.py"
+    rule_file.write_text(WRONG_CUMSUM)
+    model_file.write_text(CUMSUM_MODEL)
+    namespace: dict = {}
+    exec(compile(CUMSUM_MODEL, str(model_file), "exec"), namespace)
+    return namespace, fxfuse.load_rules(extra=[rule_file]), rule_file, model_file
+
+
+def _assert_names_cumsum(msg: str, what: str) -> None:
+    assert "\n" not in msg
+    assert msg.startswith(f"{what} changed its function (relative error ")
+    assert "space s0 (fc1.weight:0, size 16) is moved unsoundly; it passes through " in msg
+    assert "aten.cumsum.default (wrong_cumsum.yaml:0)" in msg
+    assert "aten.linear.default (nn.yaml:" in msg
+    assert msg.endswith("; one of these rules is wrong")
+
+
+def test_permute_refuses_to_return_an_unsound_copy(cumsum):
+    ns, wrong, _, _ = cumsum
+    model, args = ns["make"]()
+    with pytest.raises(fxfuse.UnsoundError) as info:
+        fxfuse.permute(model, args, seed=1, rules=wrong)
+    assert isinstance(info.value, fxfuse.FxfuseError)
+    _assert_names_cumsum(str(info.value), "permuting CumsumNet")
+    assert compare_outputs(model, fxfuse.permute(model, args, seed=1), args) < 1e-6  # shipped rules: sound
+
+
+def test_cli_permute_gives_the_same_message_and_writes_nothing(cumsum, tmp_path, capsys):
+    from fxfuse.cli import main
+
+    _, _, rule_file, model_file = cumsum
+    out = tmp_path / "out"
+    code = main(["permute", f"{model_file}:make", "-o", str(out), "--rules", str(rule_file), "-q", "--seed", "1"])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and stdout == "" and not out.exists()
+    assert err.startswith("fxfuse: error: ") and err.count("\n") == 1
+    _assert_names_cumsum(err.strip().removeprefix("fxfuse: error: "), "permuting CumsumNet")
+
+
+def test_compile_names_ops_inside_a_subgraph(cumsum):
+    ns, wrong, _, _ = cumsum
+    model, args = ns["make_no_grad"]()
+    analysis = fxfuse.analyze(model, args, rules=wrong)
+    assert analysis.spaces[0].free, "the wrong rule frees the hidden space, which lives inside the subgraph"
+    permuted = fxfuse.apply_permutations(analysis, fxfuse.random_permutations(analysis, seed=1))
+    with pytest.raises(fxfuse.FusionError) as info:
+        fxfuse.compile([model, permuted], args, rules=wrong)
+    msg = str(info.value)
+    _assert_names_cumsum(msg, "aligning model 1")
+    assert "higher_order.wrap_with_set_grad_enabled (higher_order.yaml:" in msg
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "mha", "bert"])
+def test_every_space_is_blamed_on_some_op(name):
+    from fxfuse import zoo
+    from fxfuse.rules import load_rules
+    from fxfuse.verify import ops_through
+
+    model, args = zoo.ZOO[name]()
+    analysis, rules = fxfuse.analyze(model, args), load_rules()
+    for s in analysis.spaces:
+        if s.size > 1:
+            assert ops_through(analysis, rules, [s.id]), s
