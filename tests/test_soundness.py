@@ -157,3 +157,72 @@ def test_every_space_is_blamed_on_some_op(name):
     for s in analysis.spaces:
         if s.size > 1:
             assert ops_through(analysis, rules, [s.id]), s
+
+
+# ---------------------------------------------------------------- groups nested inside groups
+
+
+class GroupedConvs(nn.Module):
+    """1×1 convolutions with ``groups`` per layer: 2 then 4 gives groups nested inside groups."""
+
+    def __init__(self, groups=(2, 4), width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 1, groups=g) for g in groups)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for conv in self.convs:
+            h = torch.relu(conv(h))
+        return self.head(h.mean((2, 3)))
+
+
+def grouped_case(groups):
+    torch.manual_seed(0)
+    return GroupedConvs(groups).eval(), (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)
+
+
+def planned(analysis) -> set[int]:
+    from fxfuse.plan import blocks
+
+    return {s for b in blocks(analysis, set()) for s in ((b.root,) if b.root_free else ()) + b.children}
+
+
+def test_nesting_is_cut_to_one_level_and_reported():
+    model, args = grouped_case((2, 4))
+    a = fxfuse.analyze(model, args)
+    parents = a.parents
+    assert parents, "the groups nest"
+    assert all(p not in parents for p in parents.values()), "no space is nested under a nested space"
+    permuted = set(fxfuse.random_permutations(a, seed=0))
+    assert permuted == planned(a), "permute and the planner move the same spaces"
+    # the middle level (4 groups inside each of 2) moves by one permutation for both outer groups
+    (note,) = a.notes
+    assert "moves by one permutation shared by all of them: nesting is planned one level deep" in note
+    assert a.report()["notes"] == [note]
+    from fxfuse.render import render_text
+
+    assert note in render_text(a, "grouped")
+
+
+@pytest.mark.parametrize("groups", [(2,), (2, 4)])
+@pytest.mark.parametrize("cost", ["weights", "activations"])
+def test_permuted_grouped_convs_fuse_back_exactly(groups, cost, quiet_one_thread):
+    model, args = grouped_case(groups)
+    permuted = fxfuse.permute(model, args, seed=3)
+    assert not torch.equal(permuted.convs[0].weight, model.convs[0].weight)
+    result = fxfuse.compile([model, permuted], args, cost=cost, calib=64)
+    fused = result.module.state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.allclose(fused[name], t, atol=1e-6), name
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "mha", "bert", "llama", "mobilenet_v2"])
+def test_permute_and_the_planner_move_the_same_spaces(name):
+    from fxfuse import zoo
+
+    model, args = zoo.ZOO[name]()
+    a = fxfuse.analyze(model, args)
+    assert set(fxfuse.random_permutations(a, seed=0)) == planned(a)
+    assert all(p not in a.parents for p in a.parents.values())
