@@ -464,27 +464,6 @@ class ActivationCost:
                 out.append(sid)
         return sorted(out)
 
-    def _pair_similarity(self, i: int, d: int, cd: int, moved: torch.Tensor, others) -> np.ndarray:
-        """``S4[j, k, a, b]``: target slice ``(j, a)`` of piece ``i`` (parent dim ``d``, child dim ``cd``)
-        against source slice ``(k, b)``; ``others``: ``(child, dim, map)`` of the parent's other nested
-        children in the piece, each taken at its current map under target unit ``j`` (identity if none)."""
-        pt = self.items[i][0]
-        n, m, n_s = pt.shape[d], pt.shape[cd], moved.shape[d]
-        a = self._target(i, (d, cd)).reshape(n, m, -1)
-        if not any(p is not None for _, _, p in others):
-            b = moved.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
-            S4 = (a.reshape(n * m, -1) @ b.T).reshape(n, m, n_s, m)
-        else:
-            S4 = torch.empty(n, m, n_s, m)
-            for j in range(n):
-                src = moved
-                for _, cd2, table in others:
-                    if table is not None:
-                        src = _inner_map_under(src, d, cd2, table[j])
-                b = src.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
-                S4[j] = (a[j] @ b.T).reshape(m, n_s, m)
-        return S4.permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
-
     def block(self, root, children, perms, known_only=False):
         """Correlations; a space no node exposes gets a zero cost (it keeps the identity)."""
         S = self.stats.get(root, np.zeros(self.sizes[root]))

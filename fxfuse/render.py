@@ -39,20 +39,10 @@ def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
     for s in free:
         part = s.structure.split("/")[0] if s.structure else ""
         lines.append(f"  {s.id:>4} {s.size:>6}  {_role(s):<8} {part:<6} {len(s.members):>4}  {_members(s)}")
-    if pinned:
-        lines += ["", "pinned spaces (identity permutation) and why:"]
-        shown = pinned if show_all else pinned[:PINNED_SHOWN]
-        for s in shown:
-            lines.append(f"  {s.id:>4} {s.size:>6}  {s.name}: {s.reason}")
-        if len(shown) < len(pinned):
-            lines.append(f"  … {len(pinned) - len(shown)} more (use --all)")
-    if inner:
-        lines += ["", "pinned inner spaces (a symmetry left unused; parameter elements on each) and why:"]
-        shown = inner if show_all else inner[:PINNED_SHOWN]
-        for p in shown:
-            lines.append(f"  {p.id:>4} {p.size:>6}  {p.name} ({p.params:,}): {p.reason}")
-        if len(shown) < len(inner):
-            lines.append(f"  … {len(inner) - len(shown)} more (use --all)")
+    lines += _listing("pinned spaces (identity permutation) and why:", show_all,
+                      [f"  {s.id:>4} {s.size:>6}  {s.name}: {s.reason}" for s in pinned])
+    lines += _listing("pinned inner spaces (a symmetry left unused; parameter elements on each) and why:", show_all,
+                      [f"  {p.id:>4} {p.size:>6}  {p.name} ({p.params:,}): {p.reason}" for p in inner])
     if analysis.notes:
         lines += ["", "notes:"] + [f"  {note}" for note in analysis.notes]
     if analysis.unruled:
@@ -66,6 +56,15 @@ def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
             where = f"{u.node}" + (f" in {u.module}" if u.module else "")
             lines.append(f"  {op} ×{n} (first at {where}): {reason}")
     return "\n".join(lines) + "\n"
+
+
+def _listing(title: str, show_all: bool, rows: list[str]) -> list[str]:
+    """A titled section of ``rows`` (the first ``PINNED_SHOWN`` unless ``show_all``); none if no rows."""
+    if not rows:
+        return []
+    shown = rows if show_all else rows[:PINNED_SHOWN]
+    more = [f"  … {len(rows) - len(shown)} more (use --all)"] if len(shown) < len(rows) else []
+    return ["", title] + shown + more
 
 
 def _q(text: str) -> str:

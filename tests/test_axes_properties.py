@@ -138,13 +138,13 @@ def test_random_permutations_keep_the_function(model, seed):
 
 
 @settings(PROPERTY, max_examples=20)
-@given(model=chains(), seed=st.integers(0, 1000))
-def test_a_permuted_copy_fuses_back_exactly(model, seed):
+@given(model=chains(), seed=st.integers(0, 1000), cost=st.sampled_from(["weights", "activations"]))
+def test_a_permuted_copy_fuses_back_exactly(model, seed, cost):
     args = example()
-    permuted = fxfuse.permute(model, args, seed=seed)
+    permuted = fxfuse.permute(model, args, seed=seed)  # checked: raises if the copy computes something else
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = fxfuse.compile([model, permuted], args, cost="activations", calib=64, seed=0)
+        result = fxfuse.compile([model, permuted], args, cost=cost, calib=64, seed=0)
     fused, original = result.module.state_dict(), model.state_dict()
     for name, t in original.items():
         assert torch.allclose(fused[name], t, atol=1e-6), (name, model.steps)
