@@ -466,7 +466,7 @@ def _report(ref: Analysis, analyses, alignments, fixed, checks, weights, target,
         "method": method, "cost": cost, "solver": solver, "reg": reg, "target": target,
         "weights": weights, "coverage": ref.coverage,
         "passes": {i: al.passes for i, al in enumerate(alignments) if al is not None},
-        "notes": sorted({n for al in alignments if al is not None for n in al.notes}),
+        "notes": list(ref.notes) + sorted({n for al in alignments if al is not None for n in al.notes}),
         "self_check": checks, "spaces": spaces, "timings": timings,
         "unruled_ops": [{"op": u.op, "node": u.node, "module": u.module} for u in ref.unruled],
     }

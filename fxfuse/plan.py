@@ -120,7 +120,7 @@ def blocks(analysis: Analysis, fixed: set[int]) -> list[Block]:
         parent = s.parent
         if parent is None:
             out.setdefault(s.id, [])
-        elif spaces[parent].parent is None:  # one level of nesting is planned; deeper stays identity
+        elif spaces[parent].parent is None:  # always: the analysis nests one level deep (spaces.one_level)
             out.setdefault(parent, []).append(s.id)
     return [Block(root, tuple(ch), root in movable) for root, ch in sorted(out.items())]
 

@@ -213,6 +213,7 @@ def test_permuted_grouped_convs_fuse_back_exactly(groups, cost, quiet_one_thread
     permuted = fxfuse.permute(model, args, seed=3)
     assert not torch.equal(permuted.convs[0].weight, model.convs[0].weight)
     result = fxfuse.compile([model, permuted], args, cost=cost, calib=64)
+    assert result.report["notes"][:len(result.analysis.notes)] == list(result.analysis.notes)
     fused = result.module.state_dict()
     for name, t in model.state_dict().items():
         assert torch.allclose(fused[name], t, atol=1e-6), name
@@ -226,3 +227,9 @@ def test_permute_and_the_planner_move_the_same_spaces(name):
     a = fxfuse.analyze(model, args)
     assert set(fxfuse.random_permutations(a, seed=0)) == planned(a)
     assert all(p not in a.parents for p in a.parents.values())
+
+
+def test_soft_maps_refuse_units_nested_under_another_axis_in_one_line(quiet_one_thread):
+    model, args = grouped_case((2,))
+    with pytest.raises(fxfuse.FxfuseError, match=r"^space s\d+ is nested under a space of another axis .*not soft maps"):
+        fxfuse.compile([model, fxfuse.permute(model, args, seed=3)], args, solver="sinkhorn")
