@@ -269,8 +269,8 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
             maps, current, aligned = solve_block(todo[i], cost, perms)
             if aligned > current + 1e-9 * (abs(current) + 1.0):
                 if take(i, maps):
-                    # several nested children were solved each against the others' old maps: again
-                    dirty |= neighbours[i] | ({i} if len(todo[i].children) > 1 else set())
+                    # nested children sharing a piece were solved each against the others' old maps: again
+                    dirty |= neighbours[i] | ({i} if todo[i].root in getattr(cost, "coupled", ()) else set())
             else:  # keep the maps, record the similarities of this full-cost solve
                 results[i] = {s: replace(results[i][s], similarity_identity=m.similarity_identity,
                                          similarity_aligned=current) for s, m in maps.items()}
@@ -346,6 +346,7 @@ class WeightCost:
                 self.by_space.setdefault(sp, []).append(i)
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
+        self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
 
     def tensors_of(self, spaces) -> set[int]:
         return {i for sp in spaces for i in self.by_space.get(sp, [])}
@@ -415,6 +416,8 @@ class WeightCost:
                     S += prod
                     continue
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
+                if len(child_dims) > 1:
+                    self.coupled.add(root)
                 for c, cd in child_dims:
                     S4 = self._pair_similarity(i, d, cd, moved, [(c2, cd2, perms.get(c2)) for c2, cd2 in child_dims
                                                                   if c2 != c])
