@@ -1,4 +1,5 @@
-"""Property tests: random chains of cat/split/view/transpose/reshape and linears permute soundly.
+"""Property tests: random chains of cat/split/view/transpose/reshape, linears and grouped 1×1
+convolutions (groups inside groups) permute soundly.
 
 Each example is a tiny model ``x (B, 6) -> step -> ... -> flatten -> linear -> (B, 3)`` whose steps
 are drawn by ``hypothesis``; a random permutation of every free space must leave its function
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BATCH, WIDTH = 3, 6
 SIZES = (2, 3, 4, 6)
 KINDS = ("linear", "relu", "cat_branches", "cat_self", "split_swap", "view", "flatten", "transpose",
-         "reshape_all", "sum")
+         "reshape_all", "sum", "grouped")
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -31,10 +32,12 @@ PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=N
 class Chain(nn.Module):
     """Applies ``steps`` (``(kind, args)``) to ``x (B, WIDTH)``; linears act on the last dim."""
 
-    def __init__(self, steps: list[tuple[str, tuple]], linears: list[tuple[int, int]], final: int):
+    def __init__(self, steps: list[tuple[str, tuple]], linears: list[tuple[int, int]], final: int,
+                 convs: list[tuple[int, int, int]] = ()):
         super().__init__()
         self.steps = steps
         self.lin = nn.ModuleList(nn.Linear(i, o) for i, o in linears)
+        self.conv = nn.ModuleList(nn.Conv2d(i, o, 1, groups=g) for i, o, g in convs)
         self.head = nn.Linear(final, 3)
 
     def forward(self, x):
@@ -63,6 +66,8 @@ class Chain(nn.Module):
                 h = h.reshape(h.shape[0], -1)
             elif kind == "sum":
                 h = h.sum(a[0])
+            elif kind == "grouped":  # a grouped 1×1 convolution over the features of (B, n)
+                h = torch.relu(self.conv[a[0]](h[:, :, None, None]).flatten(1))
         return self.head(h.reshape(h.shape[0], -1))
 
 
@@ -70,7 +75,7 @@ class Chain(nn.Module):
 def chains(draw) -> Chain:
     """A random chain: the shape is tracked while steps are drawn so that every step fits."""
     shape = [WIDTH]  # non-batch dims
-    steps, linears = [], []
+    steps, linears, convs = [], [], []
 
     def linear(n_in: int) -> int:
         linears.append((n_in, draw(st.sampled_from(SIZES))))
@@ -119,9 +124,14 @@ def chains(draw) -> Chain:
             d = draw(st.sampled_from(dims))
             steps.append((kind, (d,)))
             del shape[d - 1]
+        elif kind == "grouped" and len(shape) == 1 and shape[0] % 2 == 0:
+            g = draw(st.sampled_from([g for g in (2, 3, 4) if shape[0] % g == 0]))
+            convs.append((shape[0], g * draw(st.integers(1, 3)), g))
+            steps.append((kind, (len(convs) - 1,)))
+            shape[0] = convs[-1][1]
     final = int(torch.tensor(shape).prod())
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    return Chain(steps, linears, final).eval()
+    return Chain(steps, linears, final, convs).eval()
 
 
 def example() -> tuple[torch.Tensor]:
