@@ -114,7 +114,12 @@ class Analysis:
     unruled: tuple[UnruledOp, ...]
     rule_files: tuple[str, ...]
     node_axes: Mapping[str, Any] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()  # what the analysis restricted and why (nesting cut to one level)
+    nesting_notes: tuple[str, ...] = ()  # spaces whose nesting was cut to one level
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Facts a user should see: what the analysis restricted, and why."""
+        return self.nesting_notes
 
     @property
     def free_spaces(self) -> tuple[Space, ...]:
@@ -459,7 +464,7 @@ class _Walker:
                       "planned one level deep" for c, p in sorted(shared.items()))
         node_axes = {n.name: self._node_expr(v, ids) for n, v in self.env.items()}
         return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes,
-                        notes)
+                        nesting_notes=notes)
 
     def _leaf_roots(self, atom: int) -> list[int]:
         root = self.store.find(atom)
