@@ -3,7 +3,7 @@
 Trace models with ``torch.export``, propagate permutations with YAML rules,
 and move every model's weights into one basis before fusing them.
 """
-from .errors import FxfuseError, RuleError, SpecError, StrictError, TraceError
+from .errors import FxfuseError, RuleError, SpecError, StrictError, TraceError, UnsoundError
 from .permute import apply_permutations, permute, random_permutations
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, Space, analyze, analyze_traced
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis", "FxfuseError", "RuleError", "RuleSet", "Space", "SpecError", "StrictError", "TraceError",
     "TracedModel", "analyze", "analyze_traced", "apply_permutations", "load_rules", "permute",
-    "random_permutations", "trace",
+    "random_permutations", "trace", "UnsoundError",
 ]
 
 from .fuse import FusionError, FusionResult, compile  # noqa: E402

@@ -139,8 +139,12 @@ class AxisStore:
                 raise StructureConflict(f"{self._describe(fa)} meets {self._describe(fb)}")
             self._align(self.leaves(ra, fa.kind), self.leaves(rb, fb.kind), fa.kind, where)
         except StructureConflict as exc:
+            # the merged class keeps one refinement only: pin both before the other is dropped,
+            # or its sub-axes would stay free while no longer tied to this class
+            reason = f"conflicting structure at {where}: {exc}"
+            self.pin(ra, reason)
+            self.pin(rb, reason)
             self._link(ra, rb, fa)
-            self.pin(ra, f"conflicting structure at {where}: {exc}")
             return
         self._link(self.find(ra), self.find(rb), fa)
 

@@ -17,10 +17,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import FxfuseError
 from .layout import nested_matrix, permute_tensor
 from .plan import Alignment
 from .solvers import consumer
-from .spaces import Analysis, AxisExpr, Concat, Leaf
+from .spaces import Analysis, AxisExpr, Concat, Leaf, Product
 
 
 def aligned_state(analysis: Analysis, state: Mapping[str, torch.Tensor], alignment: Alignment) -> dict[str, torch.Tensor]:
@@ -66,10 +67,11 @@ def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int]
             return consumer(A) if reads else A
         if m.perm is not None and m.perm.dim() == 1:
             return torch.eye(expr.size, dtype=torch.float64)[m.perm]
-        raise ValueError(f"space {expr.space} is nested; its parent must share the axis")
+        raise FxfuseError(f"space s{expr.space} is nested under a space of another axis (a grouped convolution's "
+                          "units per group): only permutations can move it, not soft maps or maps between widths")
     if isinstance(expr, Concat):
         return torch.block_diag(*(axis_matrix(p, alignment, parents, reads) for p in expr.parts))
-    parts = list(expr.parts)
+    parts = _factors(expr)  # a nested space follows its parent even across nested products
     mats: list[torch.Tensor] = []
     i = 0
     while i < len(parts):
@@ -86,6 +88,11 @@ def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int]
     for m in mats[1:]:
         out = torch.kron(out, m)
     return out
+
+
+def _factors(expr: Product) -> list[AxisExpr]:
+    """The factors of a product, nested products flattened (row-major products are associative)."""
+    return [f for part in expr.parts for f in (_factors(part) if isinstance(part, Product) else [part])]
 
 
 def _nested(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool) -> torch.Tensor:

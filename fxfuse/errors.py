@@ -29,3 +29,7 @@ class SpecError(FxfuseError):
 
 class StrictError(FxfuseError):
     """``strict=True`` and some op had no rule."""
+
+
+class UnsoundError(FxfuseError):
+    """A moved copy of a model computes something else: names the space, its ops and their rules."""

@@ -28,9 +28,8 @@ from .errors import FxfuseError
 from .plan import Alignment, WeightCost, align
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze, expr_leaves
-from .verify import compare_outputs
+from .verify import CHECK_TOL, check_moved, compare_outputs
 
-CHECK_TOL = 1e-4
 CALIB_BATCH = 16  # calibration batch size: the models are traced once more at this shape
 DEFAULT_CALIB_RANDOM = 256  # random calibration inputs when none are given
 COSTS, SOLVERS, METHODS = ("weights", "activations"), ("exact", "sinkhorn"), ("ot", "vanilla")
@@ -288,44 +287,14 @@ def resolve_pins(analysis: Analysis, patterns: Sequence[str]) -> dict[int, str]:
     return fixed
 
 
-def _blame(analysis: Analysis, rules: RuleSet, space: int) -> str:
-    ops = []
-    graph_nodes = {n.name: n for n in analysis.traced.graph.nodes}
-    for name, exprs in analysis.node_axes.items():
-        node = graph_nodes.get(name)
-        if node is None or node.op != "call_function" or not exprs or not isinstance(exprs, tuple):
-            continue
-        try:
-            leaves = [leaf.space for e in exprs if e is not None for leaf in expr_leaves(e)]
-        except AttributeError:
-            continue
-        if space in leaves:
-            op = str(node.target)
-            rule = rules.lookup(op)
-            entry = f"{op} ({rule.source})" if rule else op
-            if entry not in ops:
-                ops.append(entry)
-    return ", ".join(ops[:6]) + (" …" if len(ops) > 6 else "")
-
-
 def _self_check(i: int, model: nn.Module, aligned: nn.Module, alignment: Alignment, analysis: Analysis,
                 rules: RuleSet, state, args, kwargs) -> float:
-    err = compare_outputs(model, aligned, args, kwargs)
-    if err <= CHECK_TOL:
-        return err
-    culprit = None
-    for sid in sorted(alignment.maps):
+    def move_one(sid: int) -> nn.Module:
         single = Alignment({sid: alignment.maps[sid]}, 0, alignment.cost, alignment.solver)
-        one = build_module(model, aligned_state(analysis, state, single))
-        if compare_outputs(model, one, args, kwargs) > CHECK_TOL:
-            culprit = sid
-            break
-    if culprit is None:
-        raise FusionError(f"aligning model {i} changed its function (relative error {err:.2e})")
-    s = analysis.spaces[culprit]
-    raise FusionError(f"aligning model {i} changed its function (relative error {err:.2e}): space s{culprit} "
-                      f"({s.name}, size {s.size}) is moved unsoundly; it passes through {_blame(analysis, rules, culprit)}"
-                      "; one of these rules is wrong")
+        return build_module(model, aligned_state(analysis, state, single))
+
+    return check_moved(model, aligned, args, kwargs, analysis=analysis, rules=rules, spaces=alignment.maps,
+                       move_one=move_one, what=f"aligning model {i}", error=FusionError)
 
 
 def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None,

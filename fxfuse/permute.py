@@ -4,6 +4,9 @@ A permutation ``p`` of a space (a ``LongTensor`` of its size) acts on every
 member axis by gathering, ``W'[j] = W[p[j]]``; structured axes are unfolded
 into one dim per space first (``fxfuse.layout``). A space nested under a
 parent (inside-head dims under heads) gets one permutation per parent index.
+
+``permute`` checks the permuted copy (``fxfuse.verify.check_moved``) and
+refuses to return one that computes something else.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import torch
 from torch import nn
 
 from .layout import permute_tensor
+from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze
+from .verify import check_moved
 
 Permutations = Mapping[int, torch.Tensor]
 
@@ -56,7 +61,23 @@ def apply_permutations(analysis: Analysis, perms: Permutations) -> nn.Module:
     return clone
 
 
-def permute(model: nn.Module, example_args: tuple, seed: int = 0, rules=None, example_kwargs=None) -> nn.Module:
-    """A copy of ``model`` with weights permuted along every free space; it computes the same function."""
+def checked_permutation(analysis: Analysis, perms: Permutations, rules: RuleSet) -> tuple[nn.Module, float]:
+    """``apply_permutations``, then the self-check on the traced example inputs: ``(copy, relative error)``.
+
+    Raises ``UnsoundError`` naming the space at fault and the ops (and rule files) it passes through.
+    """
+    model, traced = analysis.traced.module, analysis.traced
+    moved = apply_permutations(analysis, perms)
+    err = check_moved(model, moved, traced.args, traced.kwargs, analysis=analysis, rules=rules, spaces=perms,
+                      move_one=lambda s: apply_permutations(analysis, {s: perms[s]}),
+                      what=f"permuting {type(model).__name__}")
+    return moved, err
+
+
+def permute(model: nn.Module, example_args: tuple, seed: int = 0, rules: RuleSet | None = None,
+            example_kwargs=None) -> nn.Module:
+    """A copy of ``model`` with weights permuted along every free space; it computes the same function
+    (checked: ``UnsoundError`` if it does not, naming the space and the rules at fault)."""
+    rules = rules if rules is not None else load_rules()
     analysis = analyze(model, example_args, rules=rules, example_kwargs=example_kwargs)
-    return apply_permutations(analysis, random_permutations(analysis, seed))
+    return checked_permutation(analysis, random_permutations(analysis, seed), rules)[0]

@@ -120,7 +120,7 @@ def blocks(analysis: Analysis, fixed: set[int]) -> list[Block]:
         parent = s.parent
         if parent is None:
             out.setdefault(s.id, [])
-        elif spaces[parent].parent is None:  # one level of nesting is planned; deeper stays identity
+        elif spaces[parent].parent is None:  # always: the analysis nests one level deep (spaces.one_level)
             out.setdefault(parent, []).append(s.id)
     return [Block(root, tuple(ch), root in movable) for root, ch in sorted(out.items())]
 
@@ -171,7 +171,9 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
     (identity where absent; ``-inf`` where the sizes differ and there is none
     yet) and under the new maps.
     """
-    others = {s: p for s, p in perms.items() if s != block.root and s not in block.children}
+    # nested children keep their current maps: a piece holding several of them (a grouped conv's
+    # in and out units) reads each one's cost with the others at theirs
+    others = {s: p for s, p in perms.items() if s != block.root}
     S, nested = cost.block(block.root, block.children, others, known_only)
     n_t, n_s = S.shape
     pairs = {c: _pairwise(S4) for c, S4 in nested.items()}
@@ -267,7 +269,8 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
             maps, current, aligned = solve_block(todo[i], cost, perms)
             if aligned > current + 1e-9 * (abs(current) + 1.0):
                 if take(i, maps):
-                    dirty |= neighbours[i]
+                    # nested children sharing a piece were solved each against the others' old maps: again
+                    dirty |= neighbours[i] | ({i} if todo[i].root in getattr(cost, "coupled", ()) else set())
             else:  # keep the maps, record the similarities of this full-cost solve
                 results[i] = {s: replace(results[i][s], similarity_identity=m.similarity_identity,
                                          similarity_aligned=current) for s, m in maps.items()}
@@ -343,6 +346,7 @@ class WeightCost:
                 self.by_space.setdefault(sp, []).append(i)
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
+        self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
 
     def tensors_of(self, spaces) -> set[int]:
         return {i for sp in spaces for i in self.by_space.get(sp, [])}
@@ -356,6 +360,27 @@ class WeightCost:
             m = pt.movedim(dims, tuple(range(len(dims)))).reshape(*lead, -1).contiguous()
             self._target_cache[key] = m
         return m
+
+    def _pair_similarity(self, i: int, d: int, cd: int, moved: torch.Tensor, others) -> np.ndarray:
+        """``S4[j, k, a, b]``: target slice ``(j, a)`` of piece ``i`` (parent dim ``d``, child dim ``cd``)
+        against source slice ``(k, b)``; ``others``: ``(child, dim, map)`` of the parent's other nested
+        children in the piece, each taken at its current map under target unit ``j`` (identity if none)."""
+        pt = self.items[i][0]
+        n, m, n_s = pt.shape[d], pt.shape[cd], moved.shape[d]
+        a = self._target(i, (d, cd)).reshape(n, m, -1)
+        if not any(p is not None for _, _, p in others):
+            b = moved.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
+            S4 = (a.reshape(n * m, -1) @ b.T).reshape(n, m, n_s, m)
+        else:
+            S4 = torch.empty(n, m, n_s, m)
+            for j in range(n):
+                src = moved
+                for _, cd2, table in others:
+                    if table is not None:
+                        src = _inner_map_under(src, d, cd2, table[j])
+                b = src.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
+                S4[j] = (a[j] @ b.T).reshape(m, n_s, m)
+        return S4.permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
 
     def block(self, root, children, perms, known_only=False):
         relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
@@ -390,13 +415,15 @@ class WeightCost:
                         self._static[key] = prod
                     S += prod
                     continue
-                c, cd = child_dims[0]  # one nested child per piece (a second one counts at its current map)
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
-                m = pt.shape[cd]
-                a = self._target(i, (d, cd)).reshape(n * m, -1)
-                b = moved.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
-                S4 = (a @ b.T).reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
-                nested[c] = nested.get(c, 0) + S4
+                if len(child_dims) > 1:
+                    self.coupled.add(root)
+                for c, cd in child_dims:
+                    S4 = self._pair_similarity(i, d, cd, moved, [(c2, cd2, perms.get(c2)) for c2, cd2 in child_dims
+                                                                  if c2 != c])
+                    # a piece with several nested children (a grouped conv's in and out units) adds its
+                    # similarity once to the parent: each child's share is the piece's over their number
+                    nested[c] = nested.get(c, 0) + S4 / len(child_dims)
         if S is None:
             if not known_only:
                 raise ValueError(f"space {root} has no member tensor")
@@ -405,6 +432,18 @@ class WeightCost:
                            if root in self.items[i][2]), (0, 0))
             S = torch.zeros(n, n_s, dtype=torch.float32)
         return S.double().numpy(), nested
+
+
+def _inner_map_under(t: torch.Tensor, d: int, cd: int, row: torch.Tensor) -> torch.Tensor:
+    """``t`` with nested dim ``cd`` moved by one target unit's inner map: ``row`` is a permutation
+    ``(m,)`` (for every source unit along the parent dim ``d``) or one per source unit ``(n_s, m)``."""
+    row = row.long()
+    if row.dim() == 1:
+        return t.index_select(cd, row)
+    shape = [1] * t.dim()
+    shape[d], shape[cd] = row.shape
+    index = row.reshape(shape) if d < cd else row.t().reshape(shape)
+    return torch.gather(t, cd, index.expand(t.shape))
 
 
 # ---------------------------------------------------------------- activation cost

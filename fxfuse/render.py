@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .coverage import full_coverage, pinned_inner
 from .spaces import Analysis, Space
 
 PINNED_SHOWN = 20
@@ -24,10 +25,13 @@ def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     free = [s for s in analysis.spaces if s.free]
     pinned = [s for s in analysis.spaces if not s.free and s.size > 1]
+    inner = pinned_inner(analysis)
     lines = [
         f"{type(model).__name__} ({spec}): {n_params:,} parameters",
         f"coverage {analysis.coverage:.1%} of parameter elements can move; "
         f"{len(free)} free spaces, {len(pinned)} pinned; {len(analysis.unruled)} ops without rules",
+        f"full coverage {full_coverage(analysis):.1%} of parameter elements have every axis free (the interface, "
+        f"kernel taps, spatial positions and vocabularies aside); {len(inner)} pinned inner spaces",
         "",
         "free spaces (move together under one permutation):",
         f"  {'id':>4} {'size':>6}  {'role':<8} {'part':<6} {'axes':>4}  members",
@@ -35,13 +39,12 @@ def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
     for s in free:
         part = s.structure.split("/")[0] if s.structure else ""
         lines.append(f"  {s.id:>4} {s.size:>6}  {_role(s):<8} {part:<6} {len(s.members):>4}  {_members(s)}")
-    if pinned:
-        lines += ["", "pinned spaces (identity permutation) and why:"]
-        shown = pinned if show_all else pinned[:PINNED_SHOWN]
-        for s in shown:
-            lines.append(f"  {s.id:>4} {s.size:>6}  {s.name}: {s.reason}")
-        if len(shown) < len(pinned):
-            lines.append(f"  … {len(pinned) - len(shown)} more (use --all)")
+    lines += _listing("pinned spaces (identity permutation) and why:", show_all,
+                      [f"  {s.id:>4} {s.size:>6}  {s.name}: {s.reason}" for s in pinned])
+    lines += _listing("pinned inner spaces (a symmetry left unused; parameter elements on each) and why:", show_all,
+                      [f"  {p.id:>4} {p.size:>6}  {p.name} ({p.params:,}): {p.reason}" for p in inner])
+    if analysis.notes:
+        lines += ["", "notes:"] + [f"  {note}" for note in analysis.notes]
     if analysis.unruled:
         lines += ["", "ops without rules (their axes are pinned; add a rule with --rules FILE):"]
         counts = Counter((u.op, u.reason) for u in analysis.unruled)
@@ -57,6 +60,15 @@ def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
         for u in analysis.unfit_rules:
             lines.append(f"  {u.rule} for {', '.join(u.ops)} ×{u.nodes}: {u.reason}")
     return "\n".join(lines) + "\n"
+
+
+def _listing(title: str, show_all: bool, rows: list[str]) -> list[str]:
+    """A titled section of ``rows`` (the first ``PINNED_SHOWN`` unless ``show_all``); none if no rows."""
+    if not rows:
+        return []
+    shown = rows if show_all else rows[:PINNED_SHOWN]
+    more = [f"  … {len(rows) - len(shown)} more (use --all)"] if len(shown) < len(rows) else []
+    return ["", title] + shown + more
 
 
 def _q(text: str) -> str:

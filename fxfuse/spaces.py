@@ -131,11 +131,12 @@ class Analysis:
     rule_files: tuple[str, ...]
     node_axes: Mapping[str, Any] = field(default_factory=dict)
     unfit_rules: tuple[UnfitRule, ...] = ()  # rules that fitted no node they were tried on
+    nesting_notes: tuple[str, ...] = ()  # spaces whose nesting was cut to one level
 
     @property
     def notes(self) -> tuple[str, ...]:
-        """Facts a user should see: rules that fit no node of the model."""
-        return tuple(u.note for u in self.unfit_rules)
+        """Facts a user should see: rules that fit no node, and what the analysis restricted, and why."""
+        return tuple(u.note for u in self.unfit_rules) + self.nesting_notes
 
     @property
     def free_spaces(self) -> tuple[Space, ...]:
@@ -175,13 +176,18 @@ class Analysis:
         return movable / total if total else 0.0
 
     def report(self) -> dict:
-        """A JSON-serialisable summary: spaces, pins, unruled ops, coverage."""
+        """A JSON-serialisable summary: spaces, pins, unruled ops, coverage (``fxfuse.coverage``)."""
+        from .coverage import full_coverage, pinned_inner
+
         model = self.traced.module
         n_params = sum(p.numel() for p in model.parameters())
         return {
             "model": type(model).__name__,
             "parameters": n_params,
             "coverage": round(self.coverage, 6),
+            "full_coverage": round(full_coverage(self), 6),
+            "pinned_inner": [{"id": p.id, "name": p.name, "size": p.size, "reason": p.reason, "params": p.params}
+                             for p in pinned_inner(self)],
             "spaces": [
                 {
                     "id": s.id, "name": s.name, "size": s.size, "free": s.free,
@@ -479,12 +485,16 @@ class _Walker:
                 reason = "size 1"
             spaces.append(Space(sid, first_param[sid], size, reason is None, reason,
                                 tuple(members[sid]), roles, structure))
-        parents = self._nesting(ids)
+        parents, shared = one_level(self._nesting(ids))
         spaces = [replace(s, parent=parents.get(s.id)) for s in spaces]
+        notes = tuple(f"s{c} ({spaces[c].name}) could move its own way under each unit of s{p} "
+                      f"({spaces[p].name}) but moves by one permutation shared by all of them: nesting is "
+                      "planned one level deep" for c, p in sorted(shared.items()))
         node_axes = {n.name: self._node_expr(v, ids) for n, v in self.env.items()}
         unfit = tuple(UnfitRule(rule.source, tuple(ops), sum(ops.values()), reason)
                       for rule, ops, fitted, reason in self.fits.values() if not fitted)
-        return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes, unfit)
+        return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes,
+                        unfit, nesting_notes=notes)
 
     def _leaf_roots(self, atom: int) -> list[int]:
         root = self.store.find(atom)
@@ -548,6 +558,31 @@ class _Walker:
             return Leaf(sid, self.store.size(root)) if sid is not None else Leaf(-1, self.store.size(root))
         parts = tuple(self._atom_expr(c, ids) for c in ref.children)
         return (Product if ref.kind == PRODUCT else Concat)(parts, self.store.size(root))
+
+
+def one_level(parents: Mapping[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+    """Nesting cut to one level: ``(kept {child: parent}, shared {child: parent it no longer has})``.
+
+    Groups inside groups (grouped convolutions of several group counts) nest deeper;
+    planning, permuting and emission all read ``Space.parent``, so it is cut here, once.
+    Bottom-up, a space keeps its parent unless it is itself the parent of a kept child;
+    then it moves by one permutation shared by every unit of its parent (a restriction
+    of the nested move, hence sound).
+    """
+    def depth(s: int) -> int:
+        d = 0
+        while s in parents:
+            s, d = parents[s], d + 1
+        return d
+
+    kept: dict[int, int] = {}
+    shared: dict[int, int] = {}
+    for child in sorted(parents, key=lambda c: (-depth(c), c)):
+        if child in kept.values():
+            shared[child] = parents[child]
+        else:
+            kept[child] = parents[child]
+    return kept, shared
 
 
 def _structure(members: list[Member]) -> str:

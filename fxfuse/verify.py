@@ -1,10 +1,23 @@
-"""Function checks: does a transformed model still compute what the original did?"""
+"""Function checks: does a transformed model still compute what the original did?
+
+``check_moved`` is the one self-check of every command that writes a moved
+model (``permute``, ``compile``): the moved copy must compute what the original
+computes on the example inputs (relative error ≤ ``CHECK_TOL``); if it does
+not, each space is moved alone to find the one at fault, and the error names
+it with every op it passes through and the rule file of each.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from .errors import FxfuseError, UnsoundError
+from .spaces import _op_name
+
+CHECK_TOL = 1e-4
+BLAMED_OPS = 8  # ops named in an error before "…"
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:
@@ -42,3 +55,73 @@ def relative_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
 
 def compare_outputs(a: nn.Module, b: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None) -> float:
     return relative_error(run(a, args, kwargs), run(b, args, kwargs))
+
+
+def _spaces_in(value: Any) -> set[int]:
+    """Spaces of a node's axis expressions (one tensor, or a tuple of them)."""
+    if value is None:
+        return set()
+    if isinstance(value, tuple):
+        return {s for v in value for s in _spaces_in(v)}
+    parts = getattr(value, "parts", None)
+    if parts is not None:
+        return {s for p in parts for s in _spaces_in(p)}
+    return {value.space}
+
+
+def ops_through(analysis, rules, space_ids: Iterable[int]) -> list[str]:
+    """``"op (rule file:index)"`` for every op (in graph order, subgraphs included) that reads or
+    writes an axis of one of ``space_ids``; an op without a rule is named as such."""
+    wanted, axes = set(space_ids), analysis.node_axes
+    out: list[str] = []
+    for gm in analysis.traced.graph_module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            seen = _spaces_in(axes.get(node.name))
+            for arg in node.all_input_nodes:
+                seen |= _spaces_in(axes.get(arg.name))
+            if not seen & wanted:
+                continue
+            op = _op_name(node.target)
+            rule = rules.lookup(op)
+            entry = f"{op} ({rule.source})" if rule else f"{op} (no rule)"
+            if entry not in out:
+                out.append(entry)
+    return out
+
+
+def blame(analysis, rules, space_ids: Iterable[int]) -> str:
+    """``ops_through`` as one line (at most ``BLAMED_OPS`` ops); never empty."""
+    ids = sorted(set(space_ids))
+    ops = ops_through(analysis, rules, ids)
+    if not ops:  # a space no op touches: only its parameters can say where it is
+        members = sorted({m.param for s in ids for m in analysis.spaces[s].members})
+        return "no op of the graph (members: " + ", ".join(members[:BLAMED_OPS]) + ")"
+    return ", ".join(ops[:BLAMED_OPS]) + (f", … ({len(ops) - BLAMED_OPS} more)" if len(ops) > BLAMED_OPS else "")
+
+
+def check_moved(original: nn.Module, moved: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None, *,
+                analysis, rules, spaces: Iterable[int], move_one: Callable[[int], nn.Module], what: str,
+                error: type[FxfuseError] = UnsoundError) -> float:
+    """The relative output error of ``moved``; raises ``error`` if it exceeds ``CHECK_TOL``.
+
+    ``spaces``: the spaces ``moved`` moves; ``move_one(s)``: ``original`` with space ``s`` moved
+    alone (to find the space at fault); ``what``: the move, for the message (``"aligning model 1"``).
+    """
+    err = compare_outputs(original, moved, args, kwargs)
+    if err <= CHECK_TOL:
+        return err
+    spaces = sorted(spaces)
+    head = f"{what} changed its function (relative error {err:.2e})"
+    culprit = next((s for s in spaces if not compare_outputs(original, move_one(s), args, kwargs) <= CHECK_TOL),
+                   None)
+    if culprit is None:
+        listed = ", ".join(f"s{s}" for s in spaces[:BLAMED_OPS]) + (" …" if len(spaces) > BLAMED_OPS else "")
+        raise error(f"{head}: no space changes it alone; the spaces moved ({listed}) pass through "
+                    f"{blame(analysis, rules, spaces)}; one of these rules is wrong")
+    s = analysis.spaces[culprit]
+    raise error(f"{head}: space s{culprit} ({s.name}, size {s.size}) is moved unsoundly; it passes through "
+                f"{blame(analysis, rules, [culprit])}; one of these rules is wrong")

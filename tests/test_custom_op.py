@@ -170,9 +170,12 @@ def test_wrong_rule_breaks_the_model(built, tmp_path):
     assert analysis.unruled == ()  # fxfuse cannot tell that a rule is false
     into, out_of = _space(analysis, "fc1.weight", 0), _space(analysis, "fc2.weight", 1)
     assert into.free and out_of.free and into.id != out_of.id
-    permuted = fxfuse.permute(model, args, seed=0, rules=rules)
+    permuted = fxfuse.apply_permutations(analysis, fxfuse.random_permutations(analysis, seed=0))
     with torch.no_grad():
         assert _rel_diff(permuted(*args), model(*args)) > 1e-2
+    # fxfuse.permute checks its copy: it refuses, naming the op and the rule file
+    with pytest.raises(fxfuse.UnsoundError, match=rf"moved unsoundly; it passes through .*{OP} \(wrong.yaml:0\)"):
+        fxfuse.permute(model, args, seed=0, rules=rules)
 
 
 def test_misspelled_argument_is_rejected_against_the_schema(built, tmp_path):
