@@ -375,9 +375,11 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
         raise RefineError(f"refinement inputs have shape {tuple(config.inputs.shape)}; the models take (N, "
                           f"{', '.join(map(str, example.shape[1:]))})")
 
+    tied = {name for names in analyses[target].traced.aliases.values() for name in names}
+
     def call(module: nn.Module, state: dict, x: torch.Tensor):
         a, kw = _with_input(args, kwargs, key, x)
-        return torch.func.functional_call(module, state, a, kw)
+        return torch.func.functional_call(module, {k: v for k, v in state.items() if k not in tied}, a, kw)
 
     frozen = []
     for i, plan in enumerate(depth_plans):

@@ -125,3 +125,19 @@ def test_cli_compile_and_barrier_with_refine(tmp_path, capsys, data):
                  str(train), "-q"]) == 0
     text = capsys.readouterr().out
     assert "refined loss" in text and "refined (3 steps" in text
+
+
+@pytest.mark.parametrize("factory", ["gpt2", "bert_mlm"])
+def test_refinement_of_language_models_with_tied_embeddings(factory):
+    from fxfuse import zoo
+
+    a, args = getattr(zoo, factory)(seed=0)
+    b, _ = getattr(zoo, factory)(seed=1)
+    ids = torch.randint(0, zoo.VOCAB, (16, zoo.SEQ), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    if factory == "bert_mlm":
+        labels[:, ::2] = -100
+    r = fxfuse.compile([a, b], args, refine=RefineConfig(4, ids, labels, batch_size=8, eval_samples=16))
+    assert r.report["refine"]["head"] == ("causal" if factory == "gpt2" else "mlm")
+    assert r.report["self_check"][1]["error"] < 1e-4
+    assert compare_outputs(b, r.aligned[1], args) < 1e-4
