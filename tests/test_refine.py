@@ -103,8 +103,15 @@ def test_refinement_composes_with_widths_three_models_and_depths(mlp_pair, data)
     assert all(ch["error"] < 1e-4 for ch in three.report["self_check"])
     deep, vargs = digits.vit(seed=1, depth=2, dim=16, heads=2, mlp=32)
     shallow, _ = digits.vit(seed=2, depth=1, dim=16, heads=2, mlp=32)
-    r = fxfuse.compile([shallow, deep], vargs, refine=_config(data, steps=3), calib=data[0][:32])
-    assert r.report["depth_maps"] and r.report["refine"]["steps"] == 3
+    for target in (0, 1):  # blocks left out of the deep source; identity blocks in the shallow source
+        r = fxfuse.compile([shallow, deep], vargs, target=target, refine=_config(data, steps=3), calib=data[0][:32])
+        assert r.report["depth_maps"] and r.report["refine"]["steps"] == 3
+        assert all(c.get("error", 0.0) < 1e-4 for c in r.report["self_check"])
+    identity = r.report["depth_maps"][0]["identity"]
+    assert identity  # the target's own weights in the identity block, its writers at zero
+    for name, value in r.aligned[0].state_dict().items():
+        if name.startswith(f"blocks.{identity[0]}.") and "out_proj" not in name and "mlp.2" not in name:
+            assert torch.equal(value, deep.state_dict()[name]), name
 
 
 def test_cli_compile_and_barrier_with_refine(tmp_path, capsys, data):
