@@ -141,3 +141,22 @@ def test_cli_compile_and_barrier_with_repair(tmp_path, capsys):
                  "--calib-random", "32", "--json", "-q"]) == 0
     curves = json.loads(capsys.readouterr().out)
     assert curves["aligned"]["barrier"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_repair_composes_with_three_models_and_with_widths():
+    a, args = digits.mlp(seed=1, h1=32, h2=16)
+    b, _ = digits.mlp(seed=2, h1=32, h2=16)
+    c, _ = digits.mlp(seed=3, h1=32, h2=16)
+    wide, _ = digits.mlp(seed=4, h1=64, h2=16)
+    calib = _calib(64)
+    batches = calibration_batches(calib, args, {})
+    for models, weights in (([a, b, c], [0.5, 0.3, 0.2]), ([a, wide], [0.5, 0.5])):
+        result = fxfuse.compile(models, args, repair=True, calib=calib, weights=weights)
+        traced = trace_for(result.module, batches)
+        points = [p for p in repair_points(traced) if p.weight is not None]
+        assert {p.weight for p in points} == {"fc1.weight", "fc2.weight"}
+        stats = [unit_stats(traced, m.state_dict(), batches, points) for m in result.aligned]
+        got = unit_stats(traced, result.module.state_dict(), batches, points)
+        for k in got:
+            want = sum(w * s[k][1] for w, s in zip(weights, stats))
+            torch.testing.assert_close(got[k][1], want, rtol=1e-4, atol=1e-6)
