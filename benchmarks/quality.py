@@ -545,15 +545,18 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sweep", action="store_true", help="skip the sinkhorn reg sweeps")
     ap.add_argument("--ft-lr-factor", type=float, default=FT_LR_FACTOR,
                     help=f"finetuning lr as a multiple of the family's training lr (default {FT_LR_FACTOR})")
-    ap.add_argument("--rows", help="comma-separated substrings: keep only the fxfuse rows whose names contain one "
-                    "(parents and vanilla always stay), e.g. 'weights/exact'")
+    ap.add_argument("--rows", help="comma-separated row names: keep only these fxfuse rows (parents and vanilla "
+                    "always stay), e.g. 'fxfuse weights/exact,fxfuse weights/exact + refine'")
     ap.add_argument("--refine-steps", type=int, default=REFINE["steps"], help="refinement steps of the + refine rows")
     args = ap.parse_args(argv)
     global TRAIN_DATA
     REFINE["steps"] = args.refine_steps
     if args.rows:
         keys = [k.strip() for k in args.rows.split(",") if k.strip()]
-        FUSIONS[:] = [(n, kw) for n, kw in FUSIONS if n == "vanilla" or any(k in n for k in keys)]
+        unknown = [k for k in keys if k not in dict(FUSIONS)]
+        if unknown:
+            ap.error(f"--rows: unknown rows {unknown} (choose from {', '.join(n for n, _ in FUSIONS)})")
+        FUSIONS[:] = [(n, kw) for n, kw in FUSIONS if n == "vanilla" or n in keys]
         FXFUSE_ROWS[:] = [n for n, _ in FUSIONS if n.startswith("fxfuse")]
         HETERO_FUSIONS[:] = [(n, kw) for n, kw in FUSIONS if n in FXFUSE_ROWS]
     families = [f.strip() for f in args.families.split(",") if f.strip()]

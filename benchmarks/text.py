@@ -507,12 +507,16 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default=None, help="where trained models are cached (default benchmarks/.cache/text)")
     ap.add_argument("--png-dir", default=str(HERE), help="where text_barrier_<model>.png go")
     ap.add_argument("--refine-steps", type=int, default=REFINE["steps"], help="steps of the + refine rows")
-    ap.add_argument("--settings", help="comma-separated substrings: keep only the settings whose names contain one")
+    ap.add_argument("--settings", help="comma-separated setting names: keep only these (e.g. 'fxfuse weights,fxfuse "
+                    "activations + refine')")
     args = ap.parse_args(argv)
     REFINE["steps"] = args.refine_steps
     if args.settings:
         keys = [k.strip() for k in args.settings.split(",") if k.strip()]
-        SETTINGS[:] = [(row, kw) for row, kw in SETTINGS if any(k in row for k in keys)]
+        unknown = [k for k in keys if k not in dict(SETTINGS)]
+        if unknown:
+            ap.error(f"--settings: unknown settings {unknown} (choose from {', '.join(r for r, _ in SETTINGS)})")
+        SETTINGS[:] = [(row, kw) for row, kw in SETTINGS if row in keys]
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--models: choose from {', '.join(KINDS)}")
