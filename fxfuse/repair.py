@@ -29,7 +29,7 @@ there is no data-free variant here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -39,13 +39,20 @@ from .activations import _Capture
 from .errors import FxfuseError
 from .trace import BUFFER, PARAMETER, TracedModel, trace
 
-NONLINEAR = ("relu", "gelu", "silu", "tanh", "sigmoid", "hardtanh", "hardswish", "hardsigmoid", "leaky_relu",
-             "elu", "selu", "celu", "softplus", "mish", "prelu", "relu6")
-NORMS = ("layer_norm", "batch_norm", "group_norm", "rms_norm", "instance_norm")
-# ops that carry units through unchanged in position (shape ops, residual adds, dropout)
-PASSTHROUGH = ("view", "reshape", "permute", "transpose", "flatten", "clone", "contiguous", "dropout", "add",
-               "sub", "unsqueeze", "squeeze", "expand", "_to_copy", "to.", "alias", "detach", "unflatten",
-               "slice", "select", "cat", "split", "getitem", "chunk")
+NONLINEAR = frozenset({"relu", "relu_", "gelu", "silu", "tanh", "sigmoid", "hardtanh", "hardswish", "hardsigmoid",
+                       "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "prelu", "relu6"})
+BATCH_NORMS = frozenset({"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+                         "native_batch_norm"})
+NORMS = BATCH_NORMS | {"layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm",
+                       "instance_norm"}
+# ops that carry units through in place: shape ops, residual adds, dropout, and elementwise arithmetic (a
+# nonlinearity written out, as GPT-2's tanh GELU ``0.5·x·(1 + tanh(…))``, is still reached)
+PASSTHROUGH = frozenset({"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "clone",
+                         "contiguous", "dropout", "add", "sub", "mul", "div", "pow", "neg", "rsub",
+                         "unsqueeze", "squeeze", "expand", "_to_copy", "to",
+                         "alias", "detach", "unflatten", "slice", "select", "cat", "split", "split_with_sizes",
+                         "getitem", "chunk", "unbind"})
+CONVOLUTIONS = frozenset({"conv1d", "conv2d", "conv3d"})
 EPS = 1e-12
 
 
@@ -69,11 +76,13 @@ class RepairPoint:
     weight: str | None
     weight_dim: int
     bias: str | None
-    running: tuple[str, str, float] | None = None
+    running: tuple[str, str] | None = None
 
 
 def _op_name(node: torch.fx.Node) -> str:
-    return str(node.target)
+    """The op's base name: ``aten.linear.default`` -> ``linear``, ``operator.getitem`` -> ``getitem``."""
+    target = node.target
+    return getattr(target, "_opname", None) or getattr(target, "__name__", str(target))
 
 
 def _param_of(node: Any, placeholders: Mapping[str, Any]) -> str | None:
@@ -93,16 +102,16 @@ def _reaches_nonlinearity(node: torch.fx.Node, limit: int = 64) -> bool:
                 continue
             seen.add(user)
             name = _op_name(user)
-            if any(k in name for k in NONLINEAR + NORMS):
+            if name in NONLINEAR or name in NORMS:
                 return True
-            if any(k in name for k in PASSTHROUGH):
+            if name in PASSTHROUGH:
                 stack.append(user)
     return False
 
 
 def _only_batch_norm_reads(node: torch.fx.Node) -> bool:
     users = [u for u in node.users if u.op == "call_function"]
-    return bool(users) and all("batch_norm" in _op_name(u) for u in users)
+    return bool(users) and all(_op_name(u) in BATCH_NORMS for u in users)
 
 
 def repair_points(traced: TracedModel) -> list[RepairPoint]:
@@ -120,33 +129,37 @@ def repair_points(traced: TracedModel) -> list[RepairPoint]:
     for n in traced.graph.nodes:
         if n.op != "call_function":
             continue
-        name = _op_name(n)
-        args = list(n.args)
-        if "batch_norm" in name and len(args) >= 5:
+        name, op, args = _op_name(n), str(n.target), list(n.args)
+        if name in BATCH_NORMS and len(args) >= 5:
             w, b, rm, rv = (_param_of(a, ph) for a in args[1:5])
-            eps = next((float(a) for a in reversed(args) if isinstance(a, float) and a < 1e-1), 1e-5)
             if rm is None or rv is None:
                 continue
-            point = RepairPoint(n.name, name, 1, w, 0, b, (rm, rv, eps))
-        elif "layer_norm" in name and len(args) >= 4 and "native" not in name:
-            point = RepairPoint(n.name, name, -1, _param_of(args[2], ph), 0, _param_of(args[3], ph))
-        elif name.startswith("aten.linear") and len(args) >= 2:
-            point = RepairPoint(n.name, name, -1, _param_of(args[1], ph), 0,
+            point = RepairPoint(n.name, op, 1, w, 0, b, (rm, rv))
+        elif name == "layer_norm" and len(args) >= 3:
+            point = RepairPoint(n.name, op, -1, _param_of(args[2], ph), 0,
+                                _param_of(args[3], ph) if len(args) > 3 else None)
+        elif name == "rms_norm" and len(args) >= 3:
+            point = RepairPoint(n.name, op, -1, _param_of(args[2], ph), 0, None)
+        elif name == "group_norm" and len(args) >= 3:
+            point = RepairPoint(n.name, op, 1, _param_of(args[2], ph), 0,
+                                _param_of(args[3], ph) if len(args) > 3 else None)
+        elif name == "linear" and len(args) >= 2:
+            point = RepairPoint(n.name, op, -1, _param_of(args[1], ph), 0,
                                 _param_of(args[2], ph) if len(args) > 2 else None)
-        elif name.startswith("aten.addmm") and len(args) >= 3:
-            point = RepairPoint(n.name, name, -1, _param_of(args[2], ph), 1, _param_of(args[0], ph))
-        elif "conv" in name and len(args) >= 2 and "transpose" not in name:
-            point = RepairPoint(n.name, name, 1, _param_of(args[1], ph), 0,
+        elif name == "addmm" and len(args) >= 3:
+            point = RepairPoint(n.name, op, -1, _param_of(args[2], ph), 1, _param_of(args[0], ph))
+        elif name in CONVOLUTIONS and len(args) >= 2:
+            point = RepairPoint(n.name, op, 1, _param_of(args[1], ph), 0,
                                 _param_of(args[2], ph) if len(args) > 2 else None)
         else:
             continue
         if point.running is None and (point.weight is None or _only_batch_norm_reads(n)):
             continue
         shared = [p for p in (point.weight, point.bias) if p is not None and (uses.get(p, 0) > 1 or p in tied)]
-        if shared or not (_reaches_nonlinearity(n) or any(k in name for k in NORMS)):
+        if shared or not (_reaches_nonlinearity(n) or name in NORMS):
             if point.running is None:
                 continue
-            point = RepairPoint(point.node, point.op, 1, None, 0, None, point.running)  # reset only
+            point = replace(point, weight=None, bias=None)  # reset the running statistics only
         points.append(point)
     return points
 
@@ -233,7 +246,7 @@ def _reset_running(state: dict, point: RepairPoint, traced, batches) -> None:
     for args, kwargs in batches:
         m.add(_units(run_graph(traced, state, args, kwargs, {src})[src], 1))
     mean, std = m.mean_std(unbiased=True)
-    rm, rv, _ = point.running
+    rm, rv = point.running
     state[rm] = mean.to(state[rm].dtype)
     state[rv] = (std * std).to(state[rv].dtype)
 

@@ -26,6 +26,11 @@ def test_points_are_the_producers_before_nonlinearities_and_norms():
     assert "blocks.0.ln1.weight" in points            # the norm's own affine
     assert "blocks.0.attn.in_proj_weight" not in points  # q, k, v only meet attention
     assert "head.weight" not in points                # the logits pass no nonlinearity
+    gpt2, ids = zoo.gpt2(seed=0)
+    points = {p.weight: p.weight_dim for p in repair_points(trace_for(gpt2, [(ids, {})]))}
+    assert points["transformer.h.0.mlp.c_fc.weight"] == 1  # Conv1D (in, out) -> a GELU written out with tanh
+    assert "transformer.h.0.attn.c_attn.weight" not in points
+    assert "transformer.wte.weight" not in points          # tied with the LM head
 
 
 def test_repair_of_a_model_fused_with_itself_changes_nothing():
