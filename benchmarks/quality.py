@@ -345,14 +345,14 @@ def print_family(res: dict) -> dict:
         lines.append(f"one-shot best fxfuse ({best_row}) {100 * fx[best_row]:.2f} vs vanilla {100 * m('vanilla'):.2f}: "
                      f"+{100 * gap:.1f} points (target ≥ +{100 * VIT_GAP:.0f}): {'MET' if ok else 'MISSED'}; "
                      f"every fxfuse setting minus vanilla: "
-                     + ", ".join(f"{r.split()[1]} {100 * (v - m('vanilla')):+.1f}" for r, v in fx.items()))
+                     + ", ".join(f"{r.removeprefix('fxfuse ')} {100 * (v - m('vanilla')):+.1f}" for r, v in fx.items()))
     ft_ok = {}
     for row in FXFUSE_ROWS:
         if not s[row]["ft"]["n"]:
             continue
         v = m(row, "ft")
         ft_ok[row] = v >= better
-        lines.append(f"after 1-epoch finetune {row.split()[1]} {100 * v:.2f} ≥ better parent as trained "
+        lines.append(f"after 1-epoch finetune {row.removeprefix('fxfuse ')} {100 * v:.2f} ≥ better parent as trained "
                      f"{100 * better:.2f}: {'MET' if v >= better else 'MISSED'}; vs better parent +1 epoch "
                      f"{100 * better_ft:.2f}: {100 * (v - better_ft):+.2f} points; vs mean parent +1 epoch "
                      f"{100 * m('parents (mean of 2)', 'ft'):.2f}: {100 * (v - m('parents (mean of 2)', 'ft')):+.2f}")
@@ -364,7 +364,7 @@ def print_family(res: dict) -> dict:
     if ref in s and s[ref]["oneshot"]["n"]:
         lines.append(f"(no-alignment reference one-shot {100 * m(ref):.2f}, aligned model 1 at "
                      f"{100 * s[ref]['aligned']['mean']:.2f}; fxfuse settings above it: "
-                     + (", ".join(r.split()[1] for r, v in fx.items() if v > m(ref)) or "none") + ")")
+                     + (", ".join(r.removeprefix('fxfuse ') for r, v in fx.items() if v > m(ref)) or "none") + ")")
     # a sanity check, not a target: an fxfuse setting below vanilla would point at a bug
     below = [row for row, v in fx.items() if v < m("vanilla")]
     if below:
@@ -499,7 +499,7 @@ def print_hetero(res: dict) -> dict:
                 continue
             ok = r["ft"]["mean"] > base["ft"]["mean"]
             targets[f"{label}: {name}"] = ok
-            lines.append(f"{label}, {name.split()[1]}: fused +1 epoch {100 * r['ft']['mean']:.2f} vs target parent +1 "
+            lines.append(f"{label}, {name.removeprefix('fxfuse ')}: fused +1 epoch {100 * r['ft']['mean']:.2f} vs target parent +1 "
                          f"epoch {100 * base['ft']['mean']:.2f} ({100 * (r['ft']['mean'] - base['ft']['mean']):+.2f}): "
                          f"{'MET' if ok else 'MISSED'}; one-shot vs target alone "
                          f"{100 * (r['oneshot']['mean'] - base['oneshot']['mean']):+.2f}")
@@ -548,9 +548,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", help="comma-separated row names: keep only these fxfuse rows (parents and vanilla "
                     "always stay), e.g. 'fxfuse weights/exact,fxfuse weights/exact + refine'")
     ap.add_argument("--refine-steps", type=int, default=REFINE["steps"], help="refinement steps of the + refine rows")
+    ap.add_argument("--refine-lr", type=float, default=REFINE["lr"], help="refinement learning rate")
     args = ap.parse_args(argv)
     global TRAIN_DATA
-    REFINE["steps"] = args.refine_steps
+    REFINE["steps"], REFINE["lr"] = args.refine_steps, args.refine_lr
     if args.rows:
         keys = [k.strip() for k in args.rows.split(",") if k.strip()]
         unknown = [k for k in keys if k not in dict(FUSIONS)]
