@@ -48,7 +48,7 @@ def _data_options(p: argparse.ArgumentParser, data_flag: str) -> None:
                    f"on the loss of the interpolated model (needs {data_flag}); maps stay exact")
     p.add_argument(data_flag, metavar="FILE", dest="refine_data",
                    help="labelled data (.pt/.safetensors: inputs, labels) for --refine")
-    p.add_argument("--refine-lr", type=float, default=0.05, help="Adam learning rate of the latent maps (default 0.05)")
+    p.add_argument("--refine-lr", type=float, default=0.2, help="Adam learning rate of the latent maps (default 0.2)")
     p.add_argument("--refine-batch", type=int, default=32, help="batch size of --refine (default 32)")
     if data_flag == "--data":
         p.add_argument("--head", choices=["classification", "mlm", "causal"],
@@ -302,8 +302,9 @@ def cmd_compile(args) -> int:
     report = dict(result.report, models=[m.spec for m in loaded])
     if "refine" in report:
         r = report["refine"]
-        print(f"refined {r['steps']} steps in {r['seconds']:.1f}s: loss at the fusion weights {r['loss_at_weights_before']:.4f}"
-              f" -> {r['loss_at_weights_after']:.4f}, barrier there {r['barrier_at_weights_before']:.4f} -> "
+        print(f"refined {r['steps']} steps in {r['seconds']:.1f}s: loss at the fusion weights "
+              f"{r['loss_at_weights_before']:.4f} -> {r['loss_at_weights_after']:.4f}, barrier there "
+              f"{r['barrier_at_weights_before']:.4f} -> "
               f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {args.refine_data})")
     if args.show_depth_map:
         from .render import render_depth_maps

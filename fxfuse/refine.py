@@ -64,7 +64,7 @@ class RefineConfig:
     inputs: torch.Tensor
     labels: torch.Tensor
     head: str | None = None
-    lr: float = 0.05
+    lr: float = 0.2
     batch_size: int = 32
     seed: int = 0
     eval_samples: int = 512

@@ -59,7 +59,8 @@ def test_repair_restores_the_collapsed_statistics_of_an_average():
     points = [p for p in repair_points(traced) if p.weight is not None]
 
     def interpolated() -> dict:
-        sa, sb = unit_stats(traced, a.state_dict(), batches, points), unit_stats(traced, b.state_dict(), batches, points)
+        sa = unit_stats(traced, a.state_dict(), batches, points)
+        sb = unit_stats(traced, b.state_dict(), batches, points)
         return {k: (0.5 * sa[k][0] + 0.5 * sb[k][0], 0.5 * sa[k][1] + 0.5 * sb[k][1]) for k in sa}
 
     want = interpolated()
@@ -111,7 +112,8 @@ def test_batch_norm_running_statistics_are_reset_on_the_calibration_data():
     state = result.module.state_dict()
     for p in norms:
         src = nodes[p.node].args[0].name
-        xs = torch.cat([run_graph(traced, state, args_, kw, {src})[src].movedim(1, -1).reshape(-1, state[p.running[0]].numel())
+        n = state[p.running[0]].numel()
+        xs = torch.cat([run_graph(traced, state, args_, kw, {src})[src].movedim(1, -1).reshape(-1, n)
                         for args_, kw in batches]).double()
         torch.testing.assert_close(state[p.running[0]].double(), xs.mean(0), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(state[p.running[1]].double(), xs.var(0), rtol=1e-3, atol=1e-5)
