@@ -20,7 +20,9 @@ The final maps are exact group elements (the last projection), so the aligned
 models still compute what their originals do and the self-check still holds.
 Groups: ``permutation`` (a space of equal sizes, also nested inside heads),
 ``matching`` (spaces of different sizes: a hard many-to-one map, projected by
-``fxfuse.solvers.matching``), ``orthogonal``. Soft (sinkhorn) maps are no group
+``fxfuse.solvers.matching``), ``orthogonal`` (a map whose ``group`` attribute says so:
+its matrix is the latent, ``U Vᵀ`` the projection, and axes that read its units
+move by the map itself, its inverse transpose). Soft (sinkhorn) maps are no group
 element and are refused; the inner matchings of heads under a matching of
 heads stay as solved (their parent is refined).
 """
@@ -121,6 +123,10 @@ def latents_of(alignment: Alignment) -> tuple[dict[int, Latent], dict[int, torch
     """``(kinds, initial latents, fixed pair perms)`` for every map of ``alignment``; refuses soft maps."""
     kinds, init, pairs = {}, {}, {}
     for sid, m in alignment.maps.items():
+        group = getattr(m, "group", None)  # maps of other groups name theirs; an orthogonal map is its own latent
+        if group == "orthogonal" and m.matrix is not None:
+            kinds[sid], init[sid] = Latent(sid, "orthogonal", False), m.matrix.float()
+            continue
         if m.pair_perms is not None:  # inner maps of heads under a matching of heads: kept as solved
             pairs[sid] = m.pair_perms
             continue
@@ -139,25 +145,27 @@ def latents_of(alignment: Alignment) -> tuple[dict[int, Latent], dict[int, torch
 
 
 def _axis_matrix(expr: AxisExpr, mats: Mapping[int, torch.Tensor], pairs: Mapping[int, torch.Tensor],
-                 parents: Mapping[int, int], reads: bool) -> torch.Tensor:
+                 parents: Mapping[int, int], reads: bool, orthogonal: frozenset[int] = frozenset()) -> torch.Tensor:
     """The ``n_t × n_s`` matrix one axis moves by, differentiable in ``mats`` (see ``fxfuse.emit.axis_matrix``).
 
     ``mats[s]``: ``(n_t, n_s)`` for a root space, ``(n_parent, m, m)`` for a space
-    nested under a parent (the inner map under every target parent unit).
+    nested under a parent (the inner map under every target parent unit). An
+    axis that reads units moves by ``consumer(A)`` (``= P`` for a permutation),
+    by ``O`` itself for an orthogonal map ``O`` (the inverse transpose).
     """
     if isinstance(expr, Leaf):
         M = mats.get(expr.space)
         if M is None or M.dim() != 2:
             return torch.eye(expr.size)
-        return consumer(M) if reads else M
+        return consumer(M) if reads and expr.space not in orthogonal else M
     if isinstance(expr, Concat):
-        return torch.block_diag(*(_axis_matrix(p, mats, pairs, parents, reads) for p in expr.parts))
+        return torch.block_diag(*(_axis_matrix(p, mats, pairs, parents, reads, orthogonal) for p in expr.parts))
     parts, out, i = list(expr.parts), [], 0
     while i < len(parts):
         part, nxt = parts[i], parts[i + 1] if i + 1 < len(parts) else None
         if (isinstance(part, Leaf) and isinstance(nxt, Leaf) and parents.get(nxt.space) == part.space
                 and (nxt.space in mats or nxt.space in pairs)):
-            A = _axis_matrix(part, mats, pairs, parents, reads)
+            A = _axis_matrix(part, mats, pairs, parents, reads, orthogonal)
             n_t, n_s = A.shape
             if nxt.space in pairs:
                 pp = pairs[nxt.space]
@@ -168,7 +176,7 @@ def _axis_matrix(expr: AxisExpr, mats: Mapping[int, torch.Tensor], pairs: Mappin
             out.append(block.permute(0, 2, 1, 3).reshape(n_t * nxt.size, n_s * nxt.size))
             i += 2
             continue
-        out.append(_axis_matrix(part, mats, pairs, parents, reads))
+        out.append(_axis_matrix(part, mats, pairs, parents, reads, orthogonal))
         i += 1
     M = out[0]
     for m in out[1:]:
@@ -180,8 +188,8 @@ class Mover:
     """Moves one source state into the target basis by given (differentiable) maps."""
 
     def __init__(self, analysis: Analysis, state: Mapping[str, torch.Tensor], pairs: Mapping[int, torch.Tensor],
-                 spaces: set[int]):
-        self.state, self.pairs, self.parents = state, pairs, analysis.parents
+                 spaces: set[int], orthogonal: frozenset[int] = frozenset()):
+        self.state, self.pairs, self.parents, self.orthogonal = state, pairs, analysis.parents, orthogonal
         self.moved: list[tuple[str, tuple[str, ...], list[tuple[int, AxisExpr, bool]]]] = []
         touched = set(spaces) | set(pairs)
         for name, layout in analysis.layouts.items():
@@ -197,7 +205,7 @@ class Mover:
         for name, aliases, axes in self.moved:
             t = self.state[name].float()
             for d, expr, reads in axes:
-                M = _axis_matrix(expr, mats, self.pairs, self.parents, reads)
+                M = _axis_matrix(expr, mats, self.pairs, self.parents, reads, self.orthogonal)
                 t = torch.tensordot(M.to(t.dtype), t, dims=([1], [d])).movedim(0, d)
             for key in (name,) + aliases:
                 if key in out:
@@ -267,7 +275,8 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
         if i == target or al is None:
             continue
         k, init, pairs = latents_of(al)
-        movers[i] = Mover(analyses[i], states[i], pairs, set(k))
+        movers[i] = Mover(analyses[i], states[i], pairs, set(k),
+                          frozenset(s for s, lat in k.items() if lat.group == "orthogonal"))
         kinds[i] = k
         latents[i] = {sid: init[sid].clone().requires_grad_(True) for sid in k}
     params = [L for per in latents.values() for L in per.values()]
@@ -339,7 +348,10 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
         for sid, L in latents[i].items():
             P = project(L, kinds[i][sid].group)
             old = al.maps[sid]
-            if kinds[i][sid].group == "matching":
+            if kinds[i][sid].group == "orthogonal":
+                new = replace(old, matrix=P.to(old.matrix.dtype))
+                moved = int(not torch.allclose(P, old.matrix.to(P.dtype)))
+            elif kinds[i][sid].group == "matching":
                 new = replace(old, matrix=P.to(old.matrix.dtype), similarity_aligned=float("nan"))
                 moved = int((P.argmax(-1) != old.matrix.argmax(-1)).sum())
             else:

@@ -148,3 +148,19 @@ def test_refinement_of_language_models_with_tied_embeddings(factory):
     assert r.report["refine"]["head"] == ("causal" if factory == "gpt2" else "mlm")
     assert r.report["self_check"][1]["error"] < 1e-4
     assert compare_outputs(b, r.aligned[1], args) < 1e-4
+
+
+def test_an_orthogonal_map_moves_writers_by_o_and_readers_by_its_inverse_transpose():
+    from fxfuse.refine import Mover
+
+    model, args = digits.mlp(seed=0, h1=8, h2=6)
+    analysis = fxfuse.analyze(model, args)
+    hidden = next(s.id for s in analysis.spaces if any(m.param == "fc1.weight" and m.axis == 0 for m in s.members))
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    state = model.state_dict()
+    moved = Mover(analysis, state, {}, {hidden}, frozenset({hidden}))({hidden: Q})
+    torch.testing.assert_close(moved["fc1.weight"], Q @ state["fc1.weight"])
+    torch.testing.assert_close(moved["fc2.weight"] @ moved["fc1.weight"], state["fc2.weight"] @ state["fc1.weight"])
+    P = torch.eye(8)[torch.randperm(8, generator=torch.Generator().manual_seed(1))]
+    perm = Mover(analysis, state, {}, {hidden})({hidden: P})  # a permutation reads by P as well
+    torch.testing.assert_close(perm["fc2.weight"] @ perm["fc1.weight"], state["fc2.weight"] @ state["fc1.weight"])
