@@ -82,14 +82,16 @@ def _progress_bar(quiet: bool):
     """``on_step(step, steps, loss)`` drawing a bar with the loss on stderr (nothing with --quiet)."""
     if quiet:
         return None
-    state = {"avg": None, "t0": time.perf_counter()}
+    state = {"avg": None, "t0": None}
 
     def on_step(step: int, steps: int, loss: float) -> None:
         avg = loss if state["avg"] is None else 0.9 * state["avg"] + 0.1 * loss
         state["avg"] = avg
+        now = time.perf_counter()
+        state["t0"] = state["t0"] or now  # the first step's end: the rate counts the steps after it
         width = 30
         done = int(width * step / steps)
-        rate = step / max(time.perf_counter() - state["t0"], 1e-9)
+        rate = (step - 1) / max(now - state["t0"], 1e-9)
         print(f"\rrefining [{'#' * done}{'.' * (width - done)}] {step}/{steps} loss {avg:.4f} ({rate:.1f} steps/s)",
               end="\n" if step == steps else "", file=sys.stderr, flush=True)
 
