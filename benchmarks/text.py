@@ -92,7 +92,13 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
     ("fxfuse activations", {"cost": "activations"}),
     ("activations, residual pinned", {"cost": "activations", "pin": "residual"}),
     ("activations, heads flat", {"cost": "activations", "heads": "flat"}),
+    # learned refinement from each data-free alignment, on training windows (the held-out set only scores)
+    ("fxfuse weights + refine", {"cost": "weights", "refine": True}),
+    ("fxfuse activations + refine", {"cost": "activations", "refine": True}),
 ]
+REFINE = {"steps": 1000, "lr": 0.2, "batch": 32, "windows": 8192}  # --refine-steps; windows drawn from the train split
+REFINE_SEED = 777                                                    # starts of the refinement windows and their masks
+TARGET_REFINE_CUT = 0.95    # with refinement the barrier must fall by at least 95 %
 TARGET_CUT = 0.5            # the best fxfuse setting must cut the vanilla barrier by at least half
 END_TOL = 1e-4              # relative: aligned and vanilla curves must share their end losses
 
@@ -260,7 +266,14 @@ def eval_data(kind: str, corpus: dict, n_eval: int, n_calib: int) -> dict:
         calib, _ = mask_tokens(calib, torch.Generator().manual_seed(CALIB_MASK_SEED))
     else:
         y_eval = x_eval.clone()
-    return {"inputs": x_eval, "labels": y_eval, "calib": calib, "example": (x_eval[:2].clone(),)}
+    g = torch.Generator().manual_seed(REFINE_SEED)
+    x_ref = windows(corpus["train"], torch.randint(0, len(corpus["train"]) - SEQ, (REFINE["windows"],), generator=g))
+    if kind == "bert":
+        x_ref, y_ref = mask_tokens(x_ref, g)
+    else:
+        y_ref = x_ref.clone()
+    return {"inputs": x_eval, "labels": y_eval, "calib": calib, "example": (x_eval[:2].clone(),),
+            "refine": (x_ref, y_ref)}
 
 
 def residual_pin(kind: str, model: torch.nn.Module, example: tuple) -> tuple[str, dict, list[dict]]:
@@ -307,16 +320,25 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
             kw["calib"] = data["calib"]
         if kw.get("pin") == "residual":
             kw["pin"] = [pin_pattern]
+        if kw.pop("refine", False):
+            from fxfuse.refine import RefineConfig
+
+            kw["refine"] = RefineConfig(REFINE["steps"], *data["refine"], head=HEAD[kind], lr=REFINE["lr"],
+                                        batch_size=REFINE["batch"])
         t0 = time.perf_counter()
         res = fxfuse.barrier(a, b, data["inputs"], data["labels"], data["example"], points=args.points,
                              head=HEAD[kind], seed=0, **kw)
         secs = time.perf_counter() - t0
         fusion = res.report["fusion"]
-        entry = {"options": {k: (v if k != "calib" else f"tensor{tuple(v.shape)}") for k, v in kw.items()},
-                 "curve": curve_dict(res.aligned), "seconds": secs, "fusion_timings": fusion["timings"],
-                 "self_check": fusion["self_check"], "passes": fusion["passes"]}
+        shown = res.refined if res.refined is not None else res.aligned
+        entry = {"options": {k: (v if k not in ("calib", "refine") else f"{type(v).__name__}") for k, v in kw.items()},
+                 "curve": curve_dict(shown), "seconds": secs, "fusion_timings": fusion["timings"],
+                 "self_check": res.report.get("refined_self_check", fusion["self_check"]), "passes": fusion["passes"]}
+        if res.refined is not None:
+            entry["refine"] = {k: v for k, v in res.report["refine"].items() if k != "units_changed"}
+            entry["barrier_before_refine"] = res.aligned.barrier
         # sanity: both curves start at A and end at B (same function), the vanilla curve never changes
-        v, al = res.vanilla, res.aligned
+        v, al = res.vanilla, shown
         for end, (x, y) in (("λ=0", (v.loss[0], al.loss[0])), ("λ=1", (v.loss[-1], al.loss[-1]))):
             if abs(x - y) > END_TOL * max(1.0, abs(x)):
                 msg = f"{row}: end point {end} differs: vanilla {x:.6f} vs aligned {y:.6f}"
@@ -330,8 +352,10 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
             log(f"[{kind}] pair {i} PROBLEM {msg}")
         record["settings"][row] = entry
         log(f"[{kind}] pair {i} seeds {seeds} {row}: barrier {al.barrier:.4f} (vanilla {v.barrier:.4f}), "
-            f"loss@0.5 {at_half(al)[0]:.4f}; {secs:.1f} s (fusion {fusion['timings']['total_s']:.1f} s), "
-            f"check {fusion['self_check'][1]}")
+            f"loss@0.5 {at_half(al)[0]:.4f}; {secs:.1f} s (fusion {fusion['timings']['total_s']:.1f} s"
+            + (f", refinement {entry['refine']['steps']} steps {entry['refine']['seconds']:.1f} s, barrier before it "
+               f"{entry['barrier_before_refine']:.4f}" if "refine" in entry else "")
+            + f"), check {entry['self_check'][1]}")
     record["barrier_s"] = time.perf_counter() - t_pair
     record["vanilla"] = curve_dict(vanilla)
     record["parents"] = [vanilla.loss[0], vanilla.loss[-1]]
@@ -401,7 +425,7 @@ def plot_first(res: dict, path: Path) -> None:
     p = res["pairs"][0]
     curves = [("vanilla", _Curve(p["vanilla"]))] + [(row, _Curve(e["curve"])) for row, e in p["settings"].items()]
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    for (label, c), style in zip(curves, ("k--", "C0", "C1", "C3", "C2")):
+    for (label, c), style in zip(curves, ("k--", "C0", "C1", "C3", "C2", "C4", "C5")):
         ax.plot(c.lambdas, c.loss, style, marker="o", markersize=3, label=f"{label} (barrier {c.barrier:.3f})")
     ax.set_xlabel("λ  (0 = model A, 1 = model B aligned into A; vanilla: B as trained)")
     ax.set_ylabel(f"held-out loss ({'masked tokens' if res['kind'] == 'bert' else 'next byte'}, nats)")
@@ -439,13 +463,26 @@ def print_kind(res: dict) -> dict:
           f"For scale: a unigram byte model (train-split frequencies) scores {res['unigram_loss']:.4f}.")
     van = s["vanilla"]["barrier"]["mean"]
     fx = {row: s[row]["barrier"]["mean"] for row, _ in SETTINGS}
-    best = min(fx, key=fx.get)
+    best = min((r for r in fx if "refine" not in r), key=fx.get, default=min(fx, key=fx.get))
     cut = (van - fx[best]) / van if van > 0 else float("nan")
     met = cut >= TARGET_CUT
     print(f"\nBest fxfuse setting: {best}, barrier {fx[best]:.4f} vs vanilla {van:.4f}: reduction {100 * cut:.1f}% "
           f"(target ≥ {100 * TARGET_CUT:.0f}%): {'MET' if met else 'NOT MET'}")
     print("Reduction vs vanilla per setting: " + ", ".join(
         f"{row} {100 * (van - v) / van:.1f}%" for row, v in fx.items()))
+    refined = {row: v for row, v in fx.items() if "refine" in row}
+    result = {"best": best, "reduction": cut, "met": met}
+    if refined:
+        best_ref = min(refined, key=refined.get)
+        cut_ref = (van - refined[best_ref]) / van if van > 0 else float("nan")
+        costs = [p["settings"][best_ref]["refine"] for p in res["pairs"]]
+        train_s = statistics.fmean(p["train_s"] / 2 for p in res["pairs"])
+        print(f"With refinement: {best_ref}, barrier {refined[best_ref]:.4f}: reduction {100 * cut_ref:.1f}% "
+              f"(target ≥ {100 * TARGET_REFINE_CUT:.0f}%): {'MET' if cut_ref >= TARGET_REFINE_CUT else 'NOT MET'}; "
+              f"{costs[0]['steps']} steps of {costs[0]['batch_size']} sequences at lr {costs[0]['lr']:g}, "
+              f"{statistics.fmean(c['seconds'] for c in costs):.0f} s per pair, against {train_s:.0f} s to train one "
+              f"parent ({res['train']['steps']} steps of {res['train']['batch']})")
+        result.update(best_refined=best_ref, reduction_refined=cut_ref, met_refined=cut_ref >= TARGET_REFINE_CUT)
     times = ", ".join(f"{tuple(p['seeds'])}: train {p['train_s']:.0f} s"
                       + (" (cached)" if all(x.get("cached") for x in p["train"]) else "")
                       + f", barriers {p['barrier_s']:.0f} s" for p in res["pairs"])
@@ -453,7 +490,7 @@ def print_kind(res: dict) -> dict:
     problems = [f"{tuple(p['seeds'])} {m}" for p in res["pairs"] for m in p["problems"]]
     if problems:
         print("PROBLEMS: " + "; ".join(problems))
-    return {"best": best, "reduction": cut, "met": met}
+    return result
 
 
 def main(argv=None) -> None:
@@ -469,7 +506,17 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="training steps per model")
     ap.add_argument("--cache-dir", default=None, help="where trained models are cached (default benchmarks/.cache/text)")
     ap.add_argument("--png-dir", default=str(HERE), help="where text_barrier_<model>.png go")
+    ap.add_argument("--refine-steps", type=int, default=REFINE["steps"], help="steps of the + refine rows")
+    ap.add_argument("--settings", help="comma-separated setting names: keep only these (e.g. 'fxfuse weights,fxfuse "
+                    "activations + refine')")
     args = ap.parse_args(argv)
+    REFINE["steps"] = args.refine_steps
+    if args.settings:
+        keys = [k.strip() for k in args.settings.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in dict(SETTINGS)]
+        if unknown:
+            ap.error(f"--settings: unknown settings {unknown} (choose from {', '.join(r for r, _ in SETTINGS)})")
+        SETTINGS[:] = [(row, kw) for row, kw in SETTINGS if row in keys]
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--models: choose from {', '.join(KINDS)}")

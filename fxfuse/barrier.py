@@ -48,10 +48,12 @@ class BarrierResult:
     aligned: Curve
     head: str
     report: dict = field(default_factory=dict)
+    refined: Curve | None = None  # B aligned and then refined on labelled data (``refine=``)
 
     def as_dict(self) -> dict:
         out = {"head": self.head, "lambdas": list(self.vanilla.lambdas)}
-        for name, c in (("vanilla", self.vanilla), ("aligned", self.aligned)):
+        curves = (("vanilla", self.vanilla), ("aligned", self.aligned), ("refined", self.refined))
+        for name, c in ((n, c) for n, c in curves if c is not None):
             out[name] = {"loss": list(c.loss), "barrier": c.barrier}
             if c.accuracy is not None:
                 out[name]["accuracy"] = list(c.accuracy)
@@ -71,6 +73,23 @@ def _call(model: nn.Module, x: torch.Tensor, input_key: str | None) -> Any:
     return model(**{input_key: x}) if input_key else model(x)
 
 
+def scored(logits: torch.Tensor, labels: torch.Tensor, head: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (M, V), labels (M,))`` of every scored position (causal LM: shifted by one token)."""
+    logits = logits.float()
+    if head == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if logits.dim() != labels.dim() + 1 or logits.shape[:-1] != labels.shape:
+        raise FxfuseError(f"logits of shape {tuple(logits.shape)} do not fit labels of shape {tuple(labels.shape)} "
+                          f"(head '{head}')")
+    return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+
+
+def head_loss(out: Any, labels: torch.Tensor, head: str) -> torch.Tensor:
+    """Mean cross-entropy of a model output over its labelled positions (differentiable)."""
+    flat, target = scored(logits_of(out), labels, head)
+    return F.cross_entropy(flat, target, ignore_index=-100)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, head: str,
              input_key: str | None = None, batch_size: int = 32) -> tuple[float, float]:
@@ -79,13 +98,7 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, head:
     total_loss, total_right, total_n = 0.0, 0.0, 0
     for i in range(0, inputs.shape[0], batch_size):
         x, y = inputs[i:i + batch_size], labels[i:i + batch_size]
-        logits = logits_of(_call(model, x, input_key)).float()
-        if head == "causal":
-            logits, y = logits[:, :-1], y[:, 1:]
-        if logits.dim() != y.dim() + 1 or logits.shape[:-1] != y.shape:
-            raise FxfuseError(f"logits of shape {tuple(logits.shape)} do not fit labels of shape {tuple(y.shape)} "
-                              f"(head '{head}')")
-        flat, target = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        flat, target = scored(logits_of(_call(model, x, input_key)), y, head)
         mask = target != -100
         n = int(mask.sum())
         if n == 0:
@@ -103,7 +116,9 @@ def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], la
 
 
 def curve(model_a: nn.Module, state_b: Mapping[str, torch.Tensor], inputs, labels, head: str, points: int,
-          input_key: str | None = None, progress: Callable[[str], None] | None = None, label: str = "") -> Curve:
+          input_key: str | None = None, progress: Callable[[str], None] | None = None, label: str = "",
+          repair: Callable[[dict, Mapping, Mapping, float], dict] | None = None) -> Curve:
+    """Loss and accuracy along ``A → B``; ``repair(state, state_a, state_b, λ)`` corrects every point first."""
     import copy
 
     state_a = model_a.state_dict()
@@ -111,7 +126,8 @@ def curve(model_a: nn.Module, state_b: Mapping[str, torch.Tensor], inputs, label
     lambdas = tuple(i / (points - 1) for i in range(points))
     losses, accs = [], []
     for i, lam in enumerate(lambdas):
-        probe.load_state_dict(interpolate(state_a, state_b, lam), strict=True)
+        state = interpolate(state_a, state_b, lam)
+        probe.load_state_dict(state if repair is None else repair(state, state_a, state_b, lam), strict=True)
         loss, acc = evaluate(probe, inputs, labels, head, input_key)
         losses.append(loss)
         accs.append(acc)
@@ -157,8 +173,15 @@ def _check_fit(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, lab
 
 def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None, points: int = 21,
-            head: str | None = None, progress: Callable[[str], None] | None = None, **fuse_options) -> BarrierResult:
-    """Loss along ``A → B`` for B as it is and for B aligned into A's basis (``fxfuse.compile`` options)."""
+            head: str | None = None, progress: Callable[[str], None] | None = None, repair: bool = False,
+            refine: Any = None, **fuse_options) -> BarrierResult:
+    """Loss along ``A → B`` for B as it is and for B aligned into A's basis (``fxfuse.compile`` options).
+
+    ``repair=True``: every interpolated model is repaired at its own ``λ``
+    (``fxfuse.repair``, on ``calib``) before it is scored, on both curves.
+    ``refine``: a ``fxfuse.refine.RefineConfig`` (its own labelled data, not the
+    data scored here): also the curve of B aligned and then refined.
+    """
     from .fuse import _main_input, compile as fuse
 
     if points < 2:
@@ -170,15 +193,44 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     key, example = _main_input(tuple(example_args), kwargs)
     input_key = key if isinstance(key, str) else None
     check_data(inputs, labels, example, head)
+    if repair and fuse_options.get("calib") is None:
+        raise FxfuseError("--repair needs calibration inputs: pass --calib FILE (or --calib-random N)")
     _check_fit(model_a, model_b, inputs, labels, head, input_key)
     if progress:
         progress("aligning B into A's basis")
     result = fuse([model_a, model_b], example_args, example_kwargs=kwargs, target=0, progress=progress, **fuse_options)
+    fix = _repairer(model_a, example_args, kwargs, fuse_options) if repair else None
     aligned_b = result.aligned[1].state_dict()
-    vanilla = curve(model_a, model_b.state_dict(), inputs, labels, head, points, input_key, progress, "vanilla")
-    aligned = curve(model_a, aligned_b, inputs, labels, head, points, input_key, progress, "aligned")
+    vanilla = curve(model_a, model_b.state_dict(), inputs, labels, head, points, input_key, progress, "vanilla", fix)
+    aligned = curve(model_a, aligned_b, inputs, labels, head, points, input_key, progress, "aligned", fix)
     report = {"fusion": {k: result.report[k] for k in ("cost", "solver", "self_check", "passes", "timings")}}
-    return BarrierResult(vanilla, aligned, head, report)
+    refined = None
+    if refine is not None:
+        from dataclasses import replace
+
+        if progress:
+            progress(f"refining the alignment ({refine.steps} steps)")
+        options = dict(fuse_options, refine=replace(refine, head=refine.head or head))
+        ref = fuse([model_a, model_b], example_args, example_kwargs=kwargs, target=0, progress=progress, **options)
+        refined = curve(model_a, ref.aligned[1].state_dict(), inputs, labels, head, points, input_key, progress,
+                        "refined", fix)
+        report["refine"] = ref.report["refine"]
+        report["refined_self_check"] = ref.report["self_check"]
+    return BarrierResult(vanilla, aligned, head, report, refined)
+
+
+def _repairer(model_a: nn.Module, example_args: tuple, kwargs: Mapping[str, Any], fuse_options: Mapping[str, Any]):
+    """``repair(state, state_a, state_b, λ)`` on the calibration inputs of ``fuse_options``."""
+    from .fuse import calibration_batches
+    from .repair import repair_state, trace_for
+
+    batches = calibration_batches(fuse_options["calib"], tuple(example_args), kwargs, fuse_options.get("seed", 0))
+    traced = trace_for(model_a, batches)
+
+    def fix(state: dict, state_a: Mapping, state_b: Mapping, lam: float) -> dict:
+        return repair_state(traced, state, [state_a, state_b], [1 - lam, lam], batches).state
+
+    return fix
 
 
 def plot(results: Sequence[tuple[str, Curve]], path: str, title: str = "") -> None:

@@ -48,6 +48,64 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
 
 
+def _data_options(p: argparse.ArgumentParser, data_flag: str) -> None:
+    """``--repair`` and ``--refine STEPS`` (with labelled data under ``data_flag``)."""
+    p.add_argument("--repair", action="store_true", help="rescale fused units to the interpolated statistics of the "
+                   "aligned models on the calibration inputs (needs --calib or --calib-random), folded into weights")
+    p.add_argument("--refine", type=int, metavar="STEPS", help=f"refine the maps for STEPS steps by gradient descent "
+                   f"on the loss of the interpolated model (needs {data_flag}); maps stay exact")
+    p.add_argument(data_flag, metavar="FILE", dest="refine_data",
+                   help="labelled data (.pt/.safetensors: inputs, labels) for --refine")
+    p.add_argument("--refine-lr", type=float, default=0.2, help="Adam learning rate of the latent maps (default 0.2)")
+    p.add_argument("--refine-batch", type=int, default=32, help="batch size of --refine (default 32)")
+    if data_flag == "--data":
+        p.add_argument("--head", choices=["classification", "mlm", "causal"],
+                       help="how --refine reads the loss (default: from the model class)")
+
+
+def _refine_config(args, progress):
+    """A ``RefineConfig`` from ``--refine``/``--refine-data`` (``None`` without ``--refine``), checked up front."""
+    from .data import load_labelled
+    from .refine import RefineConfig
+
+    if args.refine is None:
+        if args.refine_data:
+            flag = "--data" if args.command == "compile" else "--refine-data"
+            raise FxfuseError(f"{flag} is only used with --refine STEPS")
+        return None
+    if args.refine < 1:
+        raise FxfuseError(f"--refine {args.refine}: need at least one step")
+    if not args.refine_data:
+        flag = "--data" if args.command == "compile" else "--refine-data"
+        raise FxfuseError(f"--refine needs labelled data: pass {flag} FILE")
+    if args.refine_batch < 1 or not args.refine_lr > 0:
+        raise FxfuseError("--refine-batch must be at least 1 and --refine-lr positive")
+    x, y = load_labelled(args.refine_data)
+    bar = _progress_bar(args.quiet)
+    return RefineConfig(args.refine, x, y, head=getattr(args, "head", None), lr=args.refine_lr,
+                        batch_size=args.refine_batch, seed=args.seed if hasattr(args, "seed") else 0, on_step=bar)
+
+
+def _progress_bar(quiet: bool):
+    """``on_step(step, steps, loss)`` drawing a bar with the loss on stderr (nothing with --quiet)."""
+    if quiet:
+        return None
+    state = {"avg": None, "t0": None}
+
+    def on_step(step: int, steps: int, loss: float) -> None:
+        avg = loss if state["avg"] is None else 0.9 * state["avg"] + 0.1 * loss
+        state["avg"] = avg
+        now = time.perf_counter()
+        state["t0"] = state["t0"] or now  # the first step's end: the rate counts the steps after it
+        width = 30
+        done = int(width * step / steps)
+        rate = (step - 1) / max(now - state["t0"], 1e-9)
+        print(f"\rrefining [{'#' * done}{'.' * (width - done)}] {step}/{steps} loss {avg:.4f} ({rate:.1f} steps/s)",
+              end="\n" if step == steps else "", file=sys.stderr, flush=True)
+
+    return on_step
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxfuse", description="Align and fuse trained PyTorch models from their torch.fx graphs.",
@@ -109,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (it is always in the output)")
     p.add_argument("--eval", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels): print accuracy "
                    "of each model, of vanilla averaging and of the fused model")
+    _data_options(p, "--data")
     p.add_argument("--force", action="store_true", help="replace an earlier fxfuse output")
     _common(p)
     p.set_defaults(func=cmd_compile)
@@ -131,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin", action="append", default=[], metavar="PATTERN", help="keep a space unpermuted")
     p.add_argument("--heads", choices=["nested", "flat"], default="nested",
                    help="inside-head dims matched per head (nested) or shared by all heads (flat)")
+    _data_options(p, "--refine-data")
     p.add_argument("--plot", metavar="PNG", help="draw both curves into this PNG (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the curves and barriers as JSON")
     p.add_argument("--force", action="store_true", help="replace an existing --plot file")
@@ -263,9 +323,9 @@ def _warn_unused_options(args, same_depths: bool) -> None:
     if getattr(args, "method", "ot") == "vanilla":
         if args.cost != "weights" or data:
             warn("--method vanilla averages the weights as they are: --cost and calibration inputs are ignored")
-    elif args.cost == "weights" and data and same_depths:
+    elif args.cost == "weights" and data and same_depths and not getattr(args, "repair", False):
         warn(f"{data} is ignored with --cost weights (weight matching reads no data; only models of different "
-             "depths use calibration inputs)")
+             "depths and --repair use calibration inputs)")
     elif args.cost == "activations" and data is None:
         from .fuse import DEFAULT_CALIB_RANDOM
 
@@ -329,6 +389,7 @@ def cmd_compile(args) -> int:
     calib = load_calibration(args.calib) if args.calib else args.calib_random
     _check_calibration(args, calib)
     labelled = load_labelled(args.eval) if args.eval else None
+    refine = _refine_config(args, progress)
     rules = load_rules(args.rules)
     loaded = []
     for spec in args.models:
@@ -352,10 +413,17 @@ def cmd_compile(args) -> int:
     result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
                          cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
                          pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
-                         heads=args.heads, depth_cost=args.depth_cost, progress=progress)
+                         heads=args.heads, depth_cost=args.depth_cost, progress=progress, repair=args.repair,
+                         refine=refine)
     report = dict(result.report, models=[m.spec for m in loaded], fxfuse=provenance(args.argv))
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
+    if "refine" in report:
+        r = report["refine"]
+        print(f"refined {r['steps']} steps in {r['seconds']:.1f}s: loss at the fusion weights "
+              f"{r['loss_at_weights_before']:.4f} -> {r['loss_at_weights_after']:.4f}, barrier there "
+              f"{r['barrier_at_weights_before']:.4f} -> "
+              f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {args.refine_data})")
     if args.show_depth_map:
         from .render import render_depth_maps
 
@@ -407,18 +475,27 @@ def cmd_barrier(args) -> int:
     inputs, labels = load_labelled(args.data)
     calib = load_calibration(args.calib) if args.calib else args.calib_random
     _check_calibration(args, calib)
+    if args.repair and calib is None:
+        raise FxfuseError("--repair needs calibration inputs: pass --calib FILE (or --calib-random N)")
+    refine = _refine_config(args, progress)
+    if refine is not None:
+        from dataclasses import replace
+
+        refine = replace(refine, head=args.head)
     rules = load_rules(args.rules)
     a, b = (load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models)
     _warn_unused_options(args, set(a.module.state_dict()) == set(b.module.state_dict()))
     result = barrier(a.module, b.module, inputs, labels, a.args, example_kwargs=a.kwargs, points=args.points,
                      head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,
-                     reg=args.reg, pin=args.pin, rules=rules, strict=args.strict, heads=args.heads)
+                     reg=args.reg, pin=args.pin, rules=rules, strict=args.strict, heads=args.heads,
+                     repair=args.repair, refine=refine)
     if args.plot:
         out = Path(args.plot)
         fd, tmp = atomic.temp_file(out)
         os.close(fd)
         try:
-            plot([("vanilla", result.vanilla), (f"fxfuse ({args.cost})", result.aligned)], str(tmp),
+            plot([("vanilla", result.vanilla), (f"fxfuse ({args.cost})", result.aligned)]
+                 + ([(f"refined ({args.refine} steps)", result.refined)] if result.refined else []), str(tmp),
                  title=f"{os.path.basename(args.models[0])} → {os.path.basename(args.models[1])}")
             atomic.replace(tmp, out)
         except BaseException:
@@ -428,12 +505,17 @@ def cmd_barrier(args) -> int:
         json.dump(dict(result.as_dict(), models=list(args.models), data=args.data), sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    print(f"loss along A → B ({result.head} head, {inputs.shape[0]} samples):")
-    print(f"  {'λ':>5}  {'vanilla loss':>12} {'acc':>6}   {'fxfuse loss':>12} {'acc':>6}")
+    r = result.refined
+    print(f"loss along A → B ({result.head} head, {inputs.shape[0]} samples"
+          + (", every point repaired" if args.repair else "") + "):")
+    print(f"  {'λ':>5}  {'vanilla loss':>12} {'acc':>6}   {'fxfuse loss':>12} {'acc':>6}"
+          + (f"   {'refined loss':>12} {'acc':>6}" if r else ""))
     for i, lam in enumerate(result.vanilla.lambdas):
         v, f = result.vanilla, result.aligned
-        print(f"  {lam:5.2f}  {v.loss[i]:12.4f} {v.accuracy[i]:6.1%}   {f.loss[i]:12.4f} {f.accuracy[i]:6.1%}")
-    print(f"barrier: vanilla {result.vanilla.barrier:.4f}, fxfuse {result.aligned.barrier:.4f}")
+        print(f"  {lam:5.2f}  {v.loss[i]:12.4f} {v.accuracy[i]:6.1%}   {f.loss[i]:12.4f} {f.accuracy[i]:6.1%}"
+              + (f"   {r.loss[i]:12.4f} {r.accuracy[i]:6.1%}" if r else ""))
+    print(f"barrier: vanilla {result.vanilla.barrier:.4f}, fxfuse {result.aligned.barrier:.4f}"
+          + (f", refined ({args.refine} steps, {result.report['refine']['seconds']:.1f}s) {r.barrier:.4f}" if r else ""))
     if args.plot:
         print(f"wrote {args.plot}")
     return 0

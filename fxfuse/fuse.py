@@ -302,7 +302,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             reg: float | None = None, weights: Sequence[float] | None = None, pin: Sequence[str] = (),
             method: str = "ot", rules: RuleSet | None = None, seed: int = 0, max_passes: int = 50,
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka",
-            progress: Callable[[str], None] | None = None) -> FusionResult:
+            progress: Callable[[str], None] | None = None, repair: bool = False,
+            refine: Any = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     ``cost``: ``"weights"`` (weight matching, no data) or ``"activations"`` (needs
@@ -320,6 +321,10 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     on ``depth_cost`` (``"cka"``: 1 − linear CKA of block outputs, ``"ot"``: OT
     cost between their units, on the calibration inputs); unmatched source
     blocks are left out, unmatched target blocks get identity blocks.
+
+    ``repair=True``: rescale the fused units to the interpolated statistics of
+    the aligned models on ``calib`` (``fxfuse.repair``); ``refine``: a
+    ``fxfuse.refine.RefineConfig``, learn the maps further on labelled data.
     """
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -351,6 +356,11 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise FusionError(f"fusion weights must be non-negative with a positive sum, got {weights}")
     weights = [w / sum(weights) for w in weights]
+    if repair and calib is None:
+        raise FusionError("--repair needs calibration inputs: pass --calib FILE (or --calib-random N)")
+    if refine is not None and (method == "vanilla" or solver != "exact"):
+        raise FusionError("--refine needs exact maps (the ot method with the exact solver): soft maps and plain "
+                          "averaging are no group elements")
     _check_same_class(models)
     _check_finite(models)
     rules = rules if rules is not None else load_rules()
@@ -408,6 +418,17 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         alignments.append(alignment)
         aligned_states.append(aligned_state(analyses[i], states[i], alignment))
     timings["align_s"] = time.perf_counter() - t
+    refined = None
+    if refine is not None:
+        from .refine import refine_fusion
+
+        say(f"refining the alignment for {refine.steps} steps")
+        refined = refine_fusion(models, analyses, states, alignments, depth_plans, target, weights, refine, args,
+                                kwargs, say)
+        alignments = list(refined.alignments)
+        aligned_states = [st if al is None else aligned_state(analyses[i], states[i], al)
+                          for i, (st, al) in enumerate(zip(aligned_states, alignments))]
+        timings["refine_s"] = refined.report["seconds"]
 
     t = time.perf_counter()
     say("checking aligned models")
@@ -432,12 +453,28 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         aligned_modules.append(aligned_m)
     timings["check_s"] = time.perf_counter() - t
     fused_state = average_states(aligned_states, weights, states[target])
+    repaired = None
+    if repair:
+        from .repair import repair_state, trace_for
+
+        t = time.perf_counter()
+        say("repairing unit statistics on the calibration inputs")
+        calib_batches = batches or calibration_batches(calib, args, kwargs, seed)
+        repaired = repair_state(trace_for(build_module(models[target], fused_state), calib_batches), fused_state,
+                                aligned_states, weights, calib_batches)
+        fused_state = repaired.state
+        timings["repair_s"] = time.perf_counter() - t
     fused = build_module(models[target], fused_state)
     timings["total_s"] = time.perf_counter() - t_start
     report = _report(ref, analyses, alignments, fixed, checks, weights, target, cost, solver, reg, method, timings)
     report["depth_cost"] = depth_cost
     if dropped:
         report["notes"].append(dropped)
+    if refined is not None:
+        report["refine"] = refined.report
+    if repaired is not None:
+        report["repair"] = repaired.report
+        report["notes"] += repaired.report["notes"]
     report["depth_maps"] = [e for i, p in enumerate(depth_plans) if p is not None for e in p.as_dict(i)]
     for i, p in enumerate(depth_plans):
         for d in p.maps if p is not None else ():

@@ -235,7 +235,7 @@ def test_options_without_effect_warn(tmp_path, capsys):
     assert err.splitlines()[:2] == [
         "fxfuse: warning: --reg is ignored with --solver exact (it regularises sinkhorn)",
         "fxfuse: warning: --calib is ignored with --cost weights (weight matching reads no data; only models of "
-        "different depths use calibration inputs)"]
+        "different depths and --repair use calibration inputs)"]
 
 
 def test_activations_without_calibration_say_they_use_random_inputs(tmp_path, capsys):
