@@ -74,6 +74,8 @@ FUSIONS = [
     ("fxfuse weights/sinkhorn", {"cost": "weights", "solver": "sinkhorn"}),
     ("fxfuse activations/exact", {"cost": "activations", "solver": "exact"}),
     ("fxfuse activations/sinkhorn", {"cost": "activations", "solver": "sinkhorn"}),
+    ("fxfuse weights/exact, groups full", {"cost": "weights", "solver": "exact", "groups": "full"}),
+    ("fxfuse activations/exact, groups full", {"cost": "activations", "solver": "exact", "groups": "full"}),
     # Not a method: a reference for how much a soft map can score by *removing* model 1's function.
     # With reg this large the plan is ~uniform, the aligned model 1 is at chance, and the average is
     # ~model 0 plus a constant. A sinkhorn row near or below it owes its one-shot score to that, not to
@@ -219,7 +221,9 @@ def run_family(family: str, pairs: int, data) -> dict:
             "summary": summary, "_first_pair": first_pair}
 
 
-BARRIER_SETTINGS = {"fxfuse weights": {"cost": "weights"}, "fxfuse activations": {"cost": "activations"}}
+BARRIER_SETTINGS = {"fxfuse weights": {"cost": "weights"}, "fxfuse activations": {"cost": "activations"},
+                    "fxfuse weights, groups full": {"cost": "weights", "groups": "full"},
+                    "fxfuse activations, groups full": {"cost": "activations", "groups": "full"}}
 BARRIER_POINTS = 11
 
 
@@ -354,7 +358,7 @@ HETERO = {
     "mlp-width": ("mlp", {"h1": 256, "h2": 128}, {"h1": 128, "h2": 64}, [("narrow", 1)]),
     "vit-depth": ("vit", {"depth": 4}, {"depth": 2}, [("shallow", 1), ("deep", 0)]),
 }
-HETERO_FUSIONS = [(name, kw) for name, kw in FUSIONS if name in FXFUSE_ROWS]
+HETERO_FUSIONS = [(name, kw) for name, kw in FUSIONS if name in FXFUSE_ROWS and "groups" not in kw]
 
 
 def run_hetero(kind: str, pairs: int, data) -> dict:

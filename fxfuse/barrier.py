@@ -159,7 +159,7 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     result = fuse([model_a, model_b], example_args, example_kwargs=kwargs, target=0, progress=progress, **fuse_options)
     aligned_b = result.aligned[1].state_dict()
     vanilla = curve(model_a, model_b.state_dict(), inputs, labels, head, points, input_key, progress, "vanilla")
-    aligned = curve(model_a, aligned_b, inputs, labels, head, points, input_key, progress, "aligned")
+    aligned = curve(result.aligned[0], aligned_b, inputs, labels, head, points, input_key, progress, "aligned")
     report = {"fusion": {k: result.report[k] for k in ("cost", "solver", "self_check", "passes", "timings")}}
     return BarrierResult(vanilla, aligned, head, report)
 

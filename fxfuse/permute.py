@@ -60,3 +60,52 @@ def permute(model: nn.Module, example_args: tuple, seed: int = 0, rules=None, ex
     """A copy of ``model`` with weights permuted along every free space; it computes the same function."""
     analysis = analyze(model, example_args, rules=rules, example_kwargs=example_kwargs)
     return apply_permutations(analysis, random_permutations(analysis, seed))
+
+
+def move_by_group_elements(model: nn.Module, example_args: tuple, seed: int = 0, rules=None, example_kwargs=None,
+                           strict: bool = False, largest: int | None = None, untie: bool = False
+                           ) -> tuple[nn.Module, dict]:
+    """A copy of ``model`` with its norm scales folded, moved by a random element of every space's group.
+
+    The copy must compute what ``model`` does (relative error ≤ 1e-4); otherwise
+    the space whose map breaks it is found and the error names the ops and rule
+    files it passes through (a rule declares a group larger than its op has).
+    """
+    from .errors import FxfuseError
+    from .fuse import _blame, canonical_analysis
+    from .groupmaps import aligned_state_groups, random_group_maps
+    from .groups import INVERTIBLE
+    from .plan import Alignment
+    from .rules import load_rules
+    from .verify import compare_outputs
+
+    rules = rules if rules is not None else load_rules()
+    kwargs = dict(example_kwargs or {})
+    analysis, folded = canonical_analysis(model, tuple(example_args), kwargs, rules, strict, untie)
+    base = folded.module
+    maps = random_group_maps(analysis, seed, INVERTIBLE if largest is None else largest)
+
+    def moved_by(chosen) -> nn.Module:
+        clone = copy.deepcopy(base)
+        clone.load_state_dict(aligned_state_groups(analysis, base.state_dict(), Alignment(chosen, 0, "random", "random")),
+                              strict=True)
+        return clone.eval()
+
+    moved = moved_by(maps)
+    err = compare_outputs(model, moved, example_args, kwargs)
+    if not err <= 1e-4:
+        culprit = next((s for s in sorted(maps) if compare_outputs(base, moved_by({s: maps[s]}), example_args, kwargs)
+                        > 1e-4), None)
+        where = ""
+        if culprit is not None:
+            sp, g = analysis.spaces[culprit], analysis.group(culprit)
+            where = (f": space s{culprit} ({sp.name}, size {sp.size}) moved by a random {g.name} map breaks it; it "
+                     f"passes through {_blame(analysis, rules, culprit)}; one of these rules declares a group its op "
+                     "does not have")
+        raise FxfuseError(f"the copy moved by random group elements differs from the original (relative error "
+                          f"{err:.2e}){where}")
+    groups: dict[str, int] = {}
+    for s in maps:
+        name = analysis.group(s).name if maps[s].q is not None else "perm"
+        groups[name] = groups.get(name, 0) + 1
+    return moved, {"moved": len(maps), "groups": groups, "folded": len(folded.folds), "error": err}

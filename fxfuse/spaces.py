@@ -23,6 +23,7 @@ import torch
 
 from .axes import CONCAT, PRODUCT, AxisStore, Refinement
 from .errors import StrictError
+from .groups import INVERTIBLE, NAMES, ORTHO, PERM, SpaceGroup, meet, node_limits
 from .kinds import KINDS, RuleMismatch
 from .rules import Rule, RuleSet, load_rules
 from .trace import BUFFER, CONSTANT, PARAMETER, USER_INPUT, TracedModel, trace
@@ -114,6 +115,11 @@ class Analysis:
     unruled: tuple[UnruledOp, ...]
     rule_files: tuple[str, ...]
     node_axes: Mapping[str, Any] = field(default_factory=dict)
+    groups: Mapping[int, SpaceGroup] = field(default_factory=dict)  # the maps each space commutes with
+    scales: frozenset[str] = frozenset()  # uniform per-channel scales: left alone by non-permutation maps
+
+    def group(self, sid: int) -> SpaceGroup:
+        return self.groups.get(sid) or SpaceGroup("perm", "")
 
     @property
     def free_spaces(self) -> tuple[Space, ...]:
@@ -164,6 +170,7 @@ class Analysis:
                 {
                     "id": s.id, "name": s.name, "size": s.size, "free": s.free,
                     "reason": s.reason, "structure": s.structure, "roles": list(s.roles), "parent": s.parent,
+                    "group": self.group(s.id).name, "group_limited_by": self.group(s.id).limited_by,
                     "members": [[m.param, m.axis] + ([m.path] if m.path else []) for m in s.members],
                 }
                 for s in self.spaces
@@ -237,6 +244,18 @@ class _Walker:
         self.rows: list[tuple[int, int, int, int, int]] = []  # (E, P, X, row, selected output atom)
         self.param_view: dict[torch.fx.Node, str] = {}  # a parameter, or a view of one -> its state-dict name
         self.param_uses: list[tuple[str, int, bool]] = []  # (name, atom, read by a contraction)
+        self.limits: list[tuple[int, int, str]] = []  # (atom, group level, why): see fxfuse.groups
+        self.scales: set[str] = set()
+        self._values = dict(traced.module.state_dict(keep_vars=False))
+        self._uniform: dict[str, bool] = {}
+
+    def uniform(self, name: str) -> bool:
+        """Whether parameter ``name`` holds one value everywhere (a per-channel scale folded away)."""
+        if name not in self._uniform:
+            t = self._values.get(name)
+            self._uniform[name] = bool(t is not None and t.is_floating_point() and t.numel() > 0
+                                       and torch.equal(t, torch.full_like(t, float(t.reshape(-1)[0]))))
+        return self._uniform[name]
 
     # -- values and atoms
     def fresh(self, val: Any, pinned: str | None = None) -> Any:
@@ -383,6 +402,12 @@ class _Walker:
         for atom in self._atoms_flat(out):
             if atom not in self.store.touched and self.store.size(atom) > 1:
                 self.store.pin(atom, f"axis created by {op} at {node.name}")
+        try:
+            self.limits += node_limits(ctx, self)
+        except (RuleMismatch, TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+            why = f"{op} at {node.name} ({rule.source}): group not inferred ({exc})"
+            self.limits += [(a, PERM, why) for a in self._atoms_flat(out)]
+            self.limits += [(a, PERM, why) for x in inputs for a in self._atoms_flat(env.get(x))]
         if rule.kind in VIEW_KINDS:
             tensors = ctx.tensor_args()
             if len(tensors) == 1 and tensors[0][1] in self.param_view:
@@ -448,7 +473,27 @@ class _Walker:
         parents = self._nesting(ids)
         spaces = [replace(s, parent=parents.get(s.id)) for s in spaces]
         node_axes = {n.name: self._node_expr(v, ids) for n, v in self.env.items()}
-        return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes)
+        return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes,
+                        self._groups(ids, uses), frozenset(self.scales))
+
+    def _groups(self, ids: dict[int, int], uses: dict) -> dict[int, SpaceGroup]:
+        """Each space's group: the meet of the limits of every op on it (``fxfuse.groups``)."""
+        limit: dict[int, tuple[int, str]] = {}
+        for atom, level, why in self.limits:
+            for leaf in self._leaf_roots(atom):
+                if leaf in ids:
+                    limit[ids[leaf]] = meet(limit.get(ids[leaf]), (level, why))
+        for (name, leaves), kinds in uses.items():
+            if len(kinds) > 1:  # both read by a contraction and written: Q and Q^{-T} must agree
+                for leaf in leaves:
+                    if leaf in ids:
+                        limit[ids[leaf]] = meet(limit.get(ids[leaf]), (
+                            ORTHO, f"parameter {name} both writes and reads (contracts) the axis"))
+        out = {}
+        for sid in ids.values():
+            level, why = limit.get(sid, (PERM, "no op constrains it"))
+            out[sid] = SpaceGroup(NAMES[min(level, INVERTIBLE)], why)
+        return out
 
     def _leaf_roots(self, atom: int) -> list[int]:
         root = self.store.find(atom)
