@@ -12,6 +12,9 @@ accuracy (the fixed 400-image test split) of
 * fxfuse with cost weights/activations x solver exact/sinkhorn (target 0;
   calibration: the first 512 *training* images; sinkhorn ``reg`` left at the
   default, 0.06 on the cost normalised by its max);
+* fxfuse weights/activations with the exact solver and ``groups="full"``
+  (norm scales folded, orthogonal residual streams and in-head maps), beside
+  the same settings with permutations (the loss barriers too);
 
 once as produced ("one-shot") and once after one epoch of finetuning on the
 training split (``digits.train`` for 1 epoch: Adam, 10% linear warm-up, cosine
