@@ -12,6 +12,9 @@ accuracy (the fixed 400-image test split) of
 * fxfuse with cost weights/activations x solver exact/sinkhorn (target 0;
   calibration: the first 512 *training* images; sinkhorn ``reg`` left at the
   default, 0.06 on the cost normalised by its max);
+* fxfuse weights/activations with the exact solver and ``groups="full"``
+  (norm scales folded, orthogonal residual streams and in-head maps), beside
+  the same settings with permutations (the loss barriers too);
 
 once as produced ("one-shot") and once after one epoch of finetuning on the
 training split (``digits.train`` for 1 epoch: Adam, 10% linear warm-up, cosine
@@ -78,6 +81,8 @@ FUSIONS = [
     ("fxfuse weights/exact + repair", {"cost": "weights", "solver": "exact", "repair": True}),
     ("fxfuse weights/exact + refine", {"cost": "weights", "solver": "exact", "refine": True}),
     ("fxfuse weights/exact + refine + repair", {"cost": "weights", "solver": "exact", "refine": True, "repair": True}),
+    ("fxfuse weights/exact, groups full", {"cost": "weights", "solver": "exact", "groups": "full"}),
+    ("fxfuse activations/exact, groups full", {"cost": "activations", "solver": "exact", "groups": "full"}),
     # Not a method: a reference for how much a soft map can score by *removing* model 1's function.
     # With reg this large the plan is ~uniform, the aligned model 1 is at chance, and the average is
     # ~model 0 plus a constant. A sinkhorn row near or below it owes its one-shot score to that, not to
@@ -245,7 +250,9 @@ def run_family(family: str, pairs: int, data) -> dict:
             "summary": summary, "_first_pair": first_pair}
 
 
-BARRIER_SETTINGS = {"fxfuse weights": {"cost": "weights"}, "fxfuse activations": {"cost": "activations"}}
+BARRIER_SETTINGS = {"fxfuse weights": {"cost": "weights"}, "fxfuse activations": {"cost": "activations"},
+                    "fxfuse weights, groups full": {"cost": "weights", "groups": "full"},
+                    "fxfuse activations, groups full": {"cost": "activations", "groups": "full"}}
 BARRIER_POINTS = 11
 
 
@@ -393,7 +400,7 @@ HETERO = {
     "mlp-width": ("mlp", {"h1": 256, "h2": 128}, {"h1": 128, "h2": 64}, [("narrow", 1)]),
     "vit-depth": ("vit", {"depth": 4}, {"depth": 2}, [("shallow", 1), ("deep", 0)]),
 }
-HETERO_FUSIONS = [(name, kw) for name, kw in FUSIONS if name in FXFUSE_ROWS]
+HETERO_FUSIONS = [(name, kw) for name, kw in FUSIONS if name in FXFUSE_ROWS and "groups" not in kw]
 
 
 def run_hetero(kind: str, pairs: int, data) -> dict:

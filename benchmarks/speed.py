@@ -1,6 +1,6 @@
 """Speed and memory of fusing two all-MiniLM-L6-v2-shaped models (22.7 M parameters).
 
-    python benchmarks/speed.py [--threads 2] [--calib 64]
+    python benchmarks/speed.py [--threads 2] [--calib 64] [--groups perm,full]
 
 Model A is the real pretrained all-MiniLM-L6-v2 with a seeded 3-class head;
 model B is A permuted along every free space and perturbed (Gaussian noise,
@@ -49,7 +49,7 @@ def make_pair(root: Path) -> tuple[Path, Path]:
     return root / "a", root / "b"
 
 
-def child(a: str, b: str, out: str, cost: str, calib: int, threads: int) -> None:
+def child(a: str, b: str, out: str, cost: str, calib: int, threads: int, groups: str = "perm") -> None:
     torch.set_num_threads(threads)
     import fxfuse
     from fxfuse.io import load_model, save_model
@@ -58,11 +58,11 @@ def child(a: str, b: str, out: str, cost: str, calib: int, threads: int) -> None
     la, lb = load_model(a), load_model(b)
     t_load = time.perf_counter() - t0
     result = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, target=0, cost=cost,
-                            calib=calib if cost == "activations" else None)
+                            calib=calib if cost == "activations" else None, groups=groups)
     save_model(la, result.module, out)
     total = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"cost": cost, "total_s": total, "load_s": t_load, "peak_rss_mb": rss,
+    print(json.dumps({"cost": cost, "groups": groups, "total_s": total, "load_s": t_load, "peak_rss_mb": rss,
                       "timings": result.report["timings"], "passes": result.report["passes"],
                       "self_check": result.report["self_check"]}))
 
@@ -90,12 +90,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib", type=int, default=64, help="random calibration sequences for activations")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--groups", default="perm", help="comma-separated: perm, full (default perm)")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     parser.add_argument("--unavoidable", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        a, b, out, cost, calib, threads = args.child
-        child(a, b, out, cost, int(calib), int(threads))
+        a, b, out, cost, calib, threads, groups = args.child
+        child(a, b, out, cost, int(calib), int(threads), groups)
         return
     if args.unavoidable:
         print(json.dumps(unavoidable(args.unavoidable[0], args.unavoidable[1], int(args.unavoidable[2]))))
@@ -108,8 +109,10 @@ def main() -> None:
             [sys.executable, __file__] + extra, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1])
         base = run(["--unavoidable", str(a), str(b), str(args.threads)])
         rows = []
-        for cost in ("weights", "activations"):
-            rows.append(run(["--child", str(a), str(b), str(root / f"out-{cost}"), cost, str(args.calib), str(args.threads)]))
+        for groups in args.groups.split(","):
+            for cost in ("weights", "activations"):
+                rows.append(run(["--child", str(a), str(b), str(root / f"out-{cost}-{groups}"), cost, str(args.calib),
+                                 str(args.threads), groups]))
     unavoid = base["load_s"] + base["products_s"]
     print(f"fusing two all-MiniLM-L6-v2-shaped models (22.7 M parameters), {args.threads} threads")
     print(f"unavoidable work: load {base['load_s']:.2f} s + cost products {base['products_s']:.2f} s = {unavoid:.2f} s")
@@ -118,6 +121,7 @@ def main() -> None:
     for r in rows:
         t = r["timings"]
         label = r["cost"] + (f" ({args.calib} random sequences)" if r["cost"] == "activations" else "")
+        label += ", groups full" if r["groups"] == "full" else ""
         print(f"| {label} | {r['total_s']:.2f} s | {t['trace_analyze_s']:.2f} s | {t['align_s']:.2f} s | "
               f"{t['check_s']:.2f} s | {list(r['passes'].values())} | {r['peak_rss_mb']:.0f} MB | "
               f"{r['total_s'] / unavoid:.1f}× |")

@@ -32,7 +32,12 @@ windows evenly spaced over the held-out stream, MLM masks from the fixed seed
   MLM ones masked with the fixed seed ``CALIB_MASK_SEED``);
 * activations with the residual stream pinned (the space holding the word
   embedding's hidden axis, passed as ``pin=["<word embedding>:1"]``);
-* activations with heads matched flat (``heads="flat"``).
+* activations with heads matched flat (``heads="flat"``);
+* weights and activations with ``groups="full"`` (norm scales folded, the tied
+  LM head untied where the last norm's scale must go into it; orthogonal
+  residual streams and in-head maps), beside the same costs with permutations.
+
+``--rows`` runs a subset of these settings (row names separated by semicolons).
 
 All use the exact solver and fxfuse ``seed=0``. Every barrier call also checks
 that the two curves share their end points (an alignment must not change what
@@ -95,12 +100,23 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
     # learned refinement from each data-free alignment, on training windows (the held-out set only scores)
     ("fxfuse weights + refine", {"cost": "weights", "refine": True}),
     ("fxfuse activations + refine", {"cost": "activations", "refine": True}),
+    ("fxfuse weights, groups full", {"cost": "weights", "groups": "full", "untie": True}),
+    ("fxfuse activations, groups full", {"cost": "activations", "groups": "full", "untie": True}),
 ]
 REFINE = {"steps": 1000, "lr": 0.2, "batch": 32, "windows": 8192}  # --refine-steps; windows drawn from the train split
 REFINE_SEED = 777                                                    # starts of the refinement windows and their masks
 TARGET_REFINE_CUT = 0.95    # with refinement the barrier must fall by at least 95 %
+GROUP_PAIRS = [("fxfuse weights", "fxfuse weights, groups full"),
+               ("fxfuse activations", "fxfuse activations, groups full")]
 TARGET_CUT = 0.5            # the best fxfuse setting must cut the vanilla barrier by at least half
 END_TOL = 1e-4              # relative: aligned and vanilla curves must share their end losses
+
+
+ACTIVE: list[str] = []  # --rows
+
+
+def active_settings() -> list[tuple[str, dict]]:
+    return [(r, o) for r, o in SETTINGS if not ACTIVE or r in ACTIVE]
 
 
 def log(msg: str) -> None:
@@ -314,7 +330,7 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
               "problems": []}
     vanilla = None
     t_pair = time.perf_counter()
-    for row, opts in SETTINGS:
+    for row, opts in active_settings():
         kw = dict(opts)
         if kw.get("cost") == "activations":
             kw["calib"] = data["calib"]
@@ -385,7 +401,7 @@ def run_kind(kind: str, corpus: dict, args) -> dict:
                 f"{pin_info['members']} member axes); pin pattern {pin_pattern!r}")
         rec = run_pair(kind, i, corpus, data, pin_pattern, args)
         pairs.append(rec)
-    rows = ["vanilla"] + [row for row, _ in SETTINGS]
+    rows = ["vanilla"] + [row for row, _ in active_settings()]
     summary = {}
     for row in rows:
         curves = [p["vanilla"] if row == "vanilla" else p["settings"][row]["curve"] for p in pairs]
@@ -462,7 +478,7 @@ def print_kind(res: dict) -> dict:
     print(f"\nParents' held-out loss: mean {par['mean']:.4f} (min–max {par['min']:.4f}–{par['max']:.4f}); per pair A / B: {per}. "
           f"For scale: a unigram byte model (train-split frequencies) scores {res['unigram_loss']:.4f}.")
     van = s["vanilla"]["barrier"]["mean"]
-    fx = {row: s[row]["barrier"]["mean"] for row, _ in SETTINGS}
+    fx = {row: s[row]["barrier"]["mean"] for row, _ in active_settings()}
     best = min((r for r in fx if "refine" not in r), key=fx.get, default=min(fx, key=fx.get))
     cut = (van - fx[best]) / van if van > 0 else float("nan")
     met = cut >= TARGET_CUT
@@ -470,6 +486,10 @@ def print_kind(res: dict) -> dict:
           f"(target ≥ {100 * TARGET_CUT:.0f}%): {'MET' if met else 'NOT MET'}")
     print("Reduction vs vanilla per setting: " + ", ".join(
         f"{row} {100 * (van - v) / van:.1f}%" for row, v in fx.items()))
+    for perm, full in GROUP_PAIRS:
+        if perm in fx and full in fx:
+            print(f"groups perm vs full ({perm[7:]}): barrier {fx[perm]:.4f} -> {fx[full]:.4f}; reduction vs vanilla "
+                  f"{100 * (van - fx[perm]) / van:.1f}% -> {100 * (van - fx[full]) / van:.1f}%")
     refined = {row: v for row, v in fx.items() if "refine" in row}
     result = {"best": best, "reduction": cut, "met": met}
     if refined:
@@ -507,22 +527,21 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default=None, help="where trained models are cached (default benchmarks/.cache/text)")
     ap.add_argument("--png-dir", default=str(HERE), help="where text_barrier_<model>.png go")
     ap.add_argument("--refine-steps", type=int, default=REFINE["steps"], help="steps of the + refine rows")
-    ap.add_argument("--settings", help="comma-separated setting names: keep only these (e.g. 'fxfuse weights,fxfuse "
-                    "activations + refine')")
+    ap.add_argument("--rows", default="", help="semicolon-separated subset of the settings (default: all)")
     args = ap.parse_args(argv)
     REFINE["steps"] = args.refine_steps
-    if args.settings:
-        keys = [k.strip() for k in args.settings.split(",") if k.strip()]
-        unknown = [k for k in keys if k not in dict(SETTINGS)]
-        if unknown:
-            ap.error(f"--settings: unknown settings {unknown} (choose from {', '.join(r for r, _ in SETTINGS)})")
-        SETTINGS[:] = [(row, kw) for row, kw in SETTINGS if row in keys]
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--models: choose from {', '.join(KINDS)}")
     if args.pairs < 1:
         ap.error("--pairs must be ≥ 1")
     TRAIN["steps"] = args.steps
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(";") if r.strip()]
+        unknown = [r for r in wanted if r not in dict(SETTINGS)]
+        if unknown:
+            ap.error(f"--rows: unknown setting {unknown[0]!r} (known: {', '.join(r for r, _ in SETTINGS)})")
+        ACTIVE[:] = wanted
     if args.cache_dir:
         globals()["CACHE"] = Path(args.cache_dir)
     torch.set_num_threads(args.threads)

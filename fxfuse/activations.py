@@ -46,6 +46,18 @@ class _Stats:
         self.qs += (y * y).sum(0)
         self.cross.addmm_(x.T, y)
 
+    def covariance(self) -> np.ndarray:
+        """Cross-covariance of the centred units over one overall scale ``√(mean var_t · mean var_s)``.
+
+        Unlike the correlation it is equivariant under rotations of either side,
+        so Procrustes on it recovers orthogonal maps (``fxfuse.procrustes``).
+        """
+        n = max(self.n, 1)
+        mt, ms = self.st / n, self.ss / n
+        cov = self.cross / n - torch.outer(mt, ms)
+        scale = float(((self.qt / n - mt * mt).clamp(min=0).mean() * (self.qs / n - ms * ms).clamp(min=0).mean()).sqrt())
+        return (cov / scale).numpy() if scale > 0 else np.zeros(tuple(cov.shape))
+
     def correlation(self) -> np.ndarray:
         n = max(self.n, 1)
         mt, ms = self.st / n, self.ss / n
@@ -116,7 +128,7 @@ def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set
 
 def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[tuple, Mapping[str, Any]]],
                     fixed: set[int] = frozenset(), nodes_per_space: int = 16,
-                    progress: Callable[[str], None] | None = None) -> ActivationCost:
+                    progress: Callable[[str], None] | None = None, levels=None) -> ActivationCost:
     """Correlation costs for every block of ``target`` from both models' activations on ``batches``."""
     plan_blocks = blocks(target, set(fixed))
     jobs: list[tuple[tuple[int, int | None], str]] = []
@@ -145,7 +157,8 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
     root_cost: dict[int, np.ndarray] = {}
     nested_cost: dict[tuple[int, int], np.ndarray] = {}
     for ((space, child), _), st in stats.items():
-        rho = st.correlation()
+        grouped = (levels or {}).get(space if child is None else child, 0) > 0
+        rho = st.covariance() if grouped else st.correlation()  # groups: covariance (rotation-equivariant)
         if child is None:
             root_cost[space] = root_cost.get(space, 0) + rho
         else:

@@ -202,7 +202,7 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     fix = _repairer(model_a, example_args, kwargs, fuse_options) if repair else None
     aligned_b = result.aligned[1].state_dict()
     vanilla = curve(model_a, model_b.state_dict(), inputs, labels, head, points, input_key, progress, "vanilla", fix)
-    aligned = curve(model_a, aligned_b, inputs, labels, head, points, input_key, progress, "aligned", fix)
+    aligned = curve(result.aligned[0], aligned_b, inputs, labels, head, points, input_key, progress, "aligned", fix)
     report = {"fusion": {k: result.report[k] for k in ("cost", "solver", "self_check", "passes", "timings")}}
     refined = None
     if refine is not None:

@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dot", metavar="FILE", help="write the space graph (spaces and parameters) for graphviz")
     p.add_argument("--all", action="store_true", help="list every pinned space, not only the first 20")
     p.add_argument("--force", action="store_true", help="replace an existing --dot file")
+    _groups_option(p, "full: fold norm scales into their linear readers first and say which could not be folded")
     _common(p)
     p.set_defaults(func=cmd_explain)
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model spec (see below)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")
+    _groups_option(p, "perm: permutations; full: fold norm scales, then random elements of each space's group")
     p.add_argument("--force", action="store_true", help="replace an earlier fxfuse output")
     _common(p)
     p.set_defaults(func=cmd_permute)
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-depth-map", action="store_true",
                    help="print which block of each model went to which block of the target, and the width maps")
     p.add_argument("--seed", type=int, default=0, help="seed of the descent order and random calibration")
+    _groups_option(p, "perm: permutations only; full: each space's whole group (orthogonal streams, in-head maps)")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (it is always in the output)")
     p.add_argument("--eval", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels): print accuracy "
                    "of each model, of vanilla averaging and of the fused model")
@@ -191,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", choices=["nested", "flat"], default="nested",
                    help="inside-head dims matched per head (nested) or shared by all heads (flat)")
     _data_options(p, "--refine-data")
+    _groups_option(p, "perm: permutations only; full: each space's whole group")
     p.add_argument("--plot", metavar="PNG", help="draw both curves into this PNG (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the curves and barriers as JSON")
     p.add_argument("--force", action="store_true", help="replace an existing --plot file")
@@ -208,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print as JSON")
     c.set_defaults(func=cmd_rules_list)
     return parser
+
+
+def _groups_option(p: argparse.ArgumentParser, help_text: str, untie: bool = True) -> None:
+    p.add_argument("--groups", choices=["perm", "full"], default="perm", help=help_text + " (default perm)")
+    if untie:
+        p.add_argument("--untie", action="store_true", help="with --groups full: untie a tied weight (an LM head) "
+                       "to fold a norm scale into it (reported)")
 
 
 def _version() -> str:
@@ -276,7 +287,17 @@ def cmd_explain(args) -> int:
     progress = Progress(args.quiet)
     if args.dot:
         check_output_path(args.dot, args.force)
-    loaded, analysis = _load_and_analyze(args, progress)
+    folded = None
+    if args.groups == "full":
+        from .fuse import canonical_analysis
+        from .io import load_model
+        from .rules import load_rules
+
+        loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+        analysis, folded = canonical_analysis(loaded.module, loaded.args, dict(loaded.kwargs or {}),
+                                              load_rules(args.rules), args.strict, args.untie)
+    else:
+        loaded, analysis = _load_and_analyze(args, progress)
     if args.dot:
         write_text_atomic(args.dot, render_dot(analysis), force=args.force)
         progress(f"wrote {args.dot}")
@@ -285,6 +306,10 @@ def cmd_explain(args) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render_text(analysis, loaded.spec, show_all=args.all))
+        for f in folded.folds if folded else ():
+            print(f"folded: {f.scale}" + (f" and {f.shift}" if f.shift else "") + f" into {', '.join(f.readers)}")
+        for r in folded.refused if folded else ():
+            print(f"not folded: {r.scale} (at {r.node}): {r.reason}")
     return 0
 
 
@@ -296,6 +321,8 @@ def cmd_permute(args) -> int:
 
     progress = Progress(args.quiet)
     out = check_output_path(args.output, args.force, directory=True)
+    if args.groups == "full":
+        return _permute_groups(args, progress, out)
     loaded, analysis = _load_and_analyze(args, progress, check=check_finite_weights)
     _warn_analysis(analysis)
     perms = random_permutations(analysis, args.seed)
@@ -366,6 +393,34 @@ def _warn_fusion(report: dict, analysis) -> None:
         warn("no space moved: every map is the identity, so the fused model is the plain average")
 
 
+def _check_untie(args, loaded) -> None:
+    """An untied weight is recorded only by a Hugging Face config: refuse it where the output could not keep it."""
+    from .io import HF
+
+    if getattr(args, "untie", False) and loaded.source != HF:
+        raise FxfuseError("--untie needs a Hugging Face model directory as the target (its config records the "
+                          "untied weights; a factory would build the tied model again)")
+
+
+def _permute_groups(args, progress: Progress, out) -> int:
+    from .io import load_model, save_model
+    from .permute import move_by_group_elements
+    from .rules import load_rules
+
+    rules = load_rules(args.rules)
+    progress(f"loading {args.model}")
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    _check_untie(args, loaded)
+    progress("folding norm scales, analysing, drawing random group elements")
+    moved, info = move_by_group_elements(loaded.module, loaded.args, seed=args.seed, rules=rules,
+                                         example_kwargs=loaded.kwargs, strict=args.strict, untie=args.untie)
+    save_model(loaded, moved, out, force=args.force)
+    kinds = ", ".join(f"{n} {g}" for g, n in sorted(info["groups"].items()))
+    print(f"wrote {out}: {info['moved']} spaces moved ({kinds}), {info['folded']} norm scales folded, "
+          f"output relative error {info['error']:.1e}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     import torch
 
@@ -398,6 +453,7 @@ def cmd_compile(args) -> int:
     if not -len(loaded) <= args.target < len(loaded):
         raise FxfuseError(f"--target {args.target} is out of range for {len(loaded)} models")
     tgt = loaded[args.target]
+    _check_untie(args, tgt)
     _warn_unused_options(args, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
     if isinstance(calib, torch.Tensor):
         check_inputs(tgt.module, calib, f"--calib {args.calib}")
@@ -413,8 +469,8 @@ def cmd_compile(args) -> int:
     result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
                          cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
                          pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
-                         heads=args.heads, depth_cost=args.depth_cost, progress=progress, repair=args.repair,
-                         refine=refine)
+                         heads=args.heads, depth_cost=args.depth_cost, groups=args.groups, untie=args.untie,
+                         progress=progress, repair=args.repair, refine=refine)
     report = dict(result.report, models=[m.spec for m in loaded], fxfuse=provenance(args.argv))
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
@@ -488,7 +544,7 @@ def cmd_barrier(args) -> int:
     result = barrier(a.module, b.module, inputs, labels, a.args, example_kwargs=a.kwargs, points=args.points,
                      head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,
                      reg=args.reg, pin=args.pin, rules=rules, strict=args.strict, heads=args.heads,
-                     repair=args.repair, refine=refine)
+                     repair=args.repair, refine=refine, groups=args.groups, untie=args.untie)
     if args.plot:
         out = Path(args.plot)
         fd, tmp = atomic.temp_file(out)

@@ -30,6 +30,10 @@ def aligned_state(analysis: Analysis, state: Mapping[str, torch.Tensor], alignme
     ``analysis`` is the source model's (its layouts give the source shapes and
     which axes read their units).
     """
+    if any(m.q is not None for m in alignment.maps.values()):
+        from .groupmaps import aligned_state_groups
+
+        return aligned_state_groups(analysis, state, alignment)
     out = dict(state)
     perms = alignment.perms()
     parents = analysis.parents

@@ -25,6 +25,7 @@ from .activations import activation_cost
 from .depth import DepthMap, Relayered, depth_map, find_block_lists, relayer, writer_params
 from .emit import aligned_state, average_states, build_module
 from .errors import FxfuseError
+from .groups import MODES as GROUP_MODES, NAMES as GROUP_NAMES
 from .plan import Alignment, WeightCost, align
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze, expr_leaves
@@ -111,6 +112,20 @@ def _dropped_note(calib: torch.Tensor | int | None, batches: list[tuple[tuple, d
         return None
     return (f"calibration used {used} of {total} inputs (whole batches of {size}); give a multiple of {size} "
             "to use them all")
+
+
+def canonical_analysis(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], rules: RuleSet, strict: bool,
+                       untie: bool = False):
+    """Fold norm scales (``fxfuse.canonicalize``), then analyse the folded model; ``(analysis, Canonical)``."""
+    from .canonicalize import canonicalize
+    from .spaces import analyze_traced
+    from .trace import trace
+
+    traced = trace(model, args, kwargs)
+    folded = canonicalize(traced, untie)
+    if folded.folds:  # the graph is the same; its parameters changed
+        traced = trace(folded.module, args, kwargs)
+    return analyze_traced(traced, rules, strict), folded
 
 
 def _check_same_class(models: Sequence[nn.Module]) -> None:
@@ -301,8 +316,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             target: int = 0, cost: str = "weights", calib: torch.Tensor | int | None = None, solver: str = "exact",
             reg: float | None = None, weights: Sequence[float] | None = None, pin: Sequence[str] = (),
             method: str = "ot", rules: RuleSet | None = None, seed: int = 0, max_passes: int = 50,
-            strict: bool = False, heads: str = "nested", depth_cost: str = "cka",
-            progress: Callable[[str], None] | None = None, repair: bool = False,
+            strict: bool = False, heads: str = "nested", depth_cost: str = "cka", groups: str = "perm",
+            untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
             refine: Any = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
@@ -325,6 +340,14 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     ``repair=True``: rescale the fused units to the interpolated statistics of
     the aligned models on ``calib`` (``fxfuse.repair``); ``refine``: a
     ``fxfuse.refine.RefineConfig``, learn the maps further on labelled data.
+
+    ``groups="full"``: fold norm scales into their linear readers first
+    (``fxfuse.canonicalize``; the models keep their class and function), then
+    move every space by its whole symmetry group (``fxfuse.groups``):
+    orthogonal residual streams and in-head maps by Procrustes
+    (``fxfuse.procrustes``), permutations elsewhere. ``"perm"``: permutations only.
+    ``untie``: a norm scale whose reader is a tied weight (a tied LM head) may be
+    folded into an untied copy of it (reported under ``canonicalize``).
     """
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -346,6 +369,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         raise FusionError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     if depth_cost not in DEPTH_COSTS:
         raise FusionError(f"unknown depth cost {depth_cost!r} (one of {', '.join(DEPTH_COSTS)})")
+    if groups not in GROUP_MODES:
+        raise FusionError(f"unknown groups {groups!r} (one of {', '.join(GROUP_MODES)})")
     if reg is not None and not (reg > 0 and math.isfinite(reg)):
         raise FusionError(f"--reg must be a positive number, got {reg}")
     if weights is None:
@@ -380,10 +405,18 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     timings["depth_s"] = time.perf_counter() - t
     _check_same_parameters(models, target)
     t = time.perf_counter()
-    analyses = []
+    analyses, canonical = [], []
     for i, m in enumerate(models):
         say(f"tracing model {i} ({type(m).__name__})")
-        analyses.append(analyze(m, args, rules=rules, strict=strict, example_kwargs=kwargs))
+        if groups == "full" and method == "ot":
+            a, c = canonical_analysis(m, args, kwargs, rules, strict, untie)
+            models[i] = c.module
+            canonical.append(c)
+            analyses.append(a)
+        else:
+            analyses.append(analyze(m, args, rules=rules, strict=strict, example_kwargs=kwargs))
+    levels = ({s.id: min(a.group(s.id).level for a in analyses) for s in analyses[target].spaces}
+              if canonical else {})
     timings["trace_analyze_s"] = time.perf_counter() - t
     fixed = resolve_pins(analyses[target], pin)
     _check_compatible(analyses, target, fixed)  # head sizes are compared on the nested structure
@@ -408,13 +441,15 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         keep = set(fixed) | {s.id for s in ref.spaces if s.members and all(m.param in skip for m in s.members)}
         if cost == "weights":
             say(f"weight matching model {i} -> {target}")
-            cost_model = WeightCost(ref, states[target], states[i], source=analyses[i], skip=skip)
+            # uniform scales stay where they are under group maps: they carry no signal
+            cost_model = WeightCost(ref, states[target], states[i], source=analyses[i],
+                                    skip=skip | (ref.scales if levels else frozenset()))
         else:
             say(f"collecting activations of models {target} and {i} on {len(batches)} batches")
-            cost_model = activation_cost(ref, analyses[i], batches, keep, progress=say)
+            cost_model = activation_cost(ref, analyses[i], batches, keep, progress=say, levels=levels)
         say(f"solving {len(ref.free_spaces)} spaces ({solver})")
         alignment = align(ref, cost_model, solver=solver, reg=reg, fixed=keep, seed=seed,
-                          iterative=cost == "weights", max_passes=max_passes, cost_name=cost)
+                          iterative=cost == "weights", max_passes=max_passes, cost_name=cost, levels=levels)
         alignments.append(alignment)
         aligned_states.append(aligned_state(analyses[i], states[i], alignment))
     timings["align_s"] = time.perf_counter() - t
@@ -475,6 +510,13 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if repaired is not None:
         report["repair"] = repaired.report
         report["notes"] += repaired.report["notes"]
+    report["groups"] = groups
+    for entry in report["spaces"]:
+        level = levels.get(entry["id"], 0)
+        entry["group"] = GROUP_NAMES[level]
+        limiting = [a.group(entry["id"]).limited_by for a in analyses if a.group(entry["id"]).level == level]
+        entry["group_limited_by"] = limiting[0] if canonical and limiting else "permutations only (groups=perm)"
+    report["canonicalize"] = [dict(c.report(), model=i) for i, c in enumerate(canonical)]
     report["depth_maps"] = [e for i, p in enumerate(depth_plans) if p is not None for e in p.as_dict(i)]
     for i, p in enumerate(depth_plans):
         for d in p.maps if p is not None else ():
@@ -510,6 +552,7 @@ def _report(ref: Analysis, analyses, alignments, fixed, checks, weights, target,
                 changed = m.perm != torch.arange(m.perm.shape[-1])
                 moved = int(changed.reshape(-1, changed.shape[-1]).any(0).sum())
             entry["models"].append({"model": i, "hard": m.hard, "map": m.kind, "units_moved": moved,
+                                    "solver": m.solver or ("assignment" if m.hard else solver),
                                     "size": sizes[i],
                                     "similarity_identity": m.similarity_identity,
                                     "similarity_aligned": m.similarity_aligned})

@@ -201,6 +201,7 @@ def einsum(ctx) -> None:
                 ctx.tie(members[0][0], atom)
             if len(members) == 1 and "..." not in rule.free:
                 ctx.pin(members[0][0], f"'...' dim of {ctx.op} appears on one tensor only ({rule.source})")
+    ctx.einsum_binding = (named, ellipses, sizes, chosen)  # read by fxfuse.groups
 
 
 # ---------------------------------------------------------------- element-wise and reductions

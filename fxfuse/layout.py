@@ -71,6 +71,13 @@ def permute_piece(t: torch.Tensor, spaces: tuple[int, ...], perms: Mapping[int, 
         p = perms.get(spaces[d])
         if p is None or d in done:
             continue
+        if p.is_floating_point() and p.dim() == 3 and spaces[d] in parents:  # one group map per parent unit
+            e = spaces.index(parents[spaces[d]])
+            y = t.movedim((e, d), (0, 1))
+            rest = y.shape[2:]
+            y = torch.einsum("jab,jbr->jar", p.to(t.dtype), y.reshape(y.shape[0], y.shape[1], -1))
+            t = y.reshape(y.shape[0], -1, *rest).movedim((0, 1), (e, d))
+            continue
         if p.is_floating_point():
             child = next((c for c in range(len(spaces)) if parents.get(spaces[c]) == spaces[d]
                           and perms.get(spaces[c]) is not None and perms[spaces[c]].dim() == 3), None)

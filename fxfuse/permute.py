@@ -81,3 +81,40 @@ def permute(model: nn.Module, example_args: tuple, seed: int = 0, rules: RuleSet
     rules = rules if rules is not None else load_rules()
     analysis = analyze(model, example_args, rules=rules, example_kwargs=example_kwargs)
     return checked_permutation(analysis, random_permutations(analysis, seed), rules)[0]
+
+
+def move_by_group_elements(model: nn.Module, example_args: tuple, seed: int = 0, rules=None, example_kwargs=None,
+                           strict: bool = False, largest: int | None = None, untie: bool = False
+                           ) -> tuple[nn.Module, dict]:
+    """A copy of ``model`` with its norm scales folded, moved by a random element of every space's group.
+
+    The copy must compute what ``model`` does (relative error ≤ 1e-4); otherwise
+    the space whose map breaks it is found and the error names the ops and rule
+    files it passes through (a rule declares a group larger than its op has).
+    """
+    from .fuse import canonical_analysis
+    from .groupmaps import aligned_state_groups, random_group_maps
+    from .groups import INVERTIBLE
+    from .plan import Alignment
+
+    rules = rules if rules is not None else load_rules()
+    kwargs = dict(example_kwargs or {})
+    analysis, folded = canonical_analysis(model, tuple(example_args), kwargs, rules, strict, untie)
+    base = folded.module
+    maps = random_group_maps(analysis, seed, INVERTIBLE if largest is None else largest)
+
+    def moved_by(chosen) -> nn.Module:
+        clone = copy.deepcopy(base)
+        clone.load_state_dict(aligned_state_groups(analysis, base.state_dict(), Alignment(chosen, 0, "random", "random")),
+                              strict=True)
+        return clone.eval()
+
+    moved = moved_by(maps)
+    err = check_moved(model, moved, example_args, kwargs, analysis=analysis, rules=rules, spaces=maps,
+                      move_one=lambda s: moved_by({s: maps[s]}),
+                      what=f"moving {type(model).__name__} by random group elements")
+    groups: dict[str, int] = {}
+    for s in maps:
+        name = analysis.group(s).name if maps[s].q is not None else "perm"
+        groups[name] = groups.get(name, 0) + 1
+    return moved, {"moved": len(maps), "groups": groups, "folded": len(folded.folds), "error": err}

@@ -28,7 +28,7 @@ from typing import Mapping, Protocol
 import numpy as np
 import torch
 
-from .layout import permute_piece, pieces
+from .layout import apply_matrix, permute_piece, pieces
 from .solvers import assignment, solve
 from .spaces import Analysis
 
@@ -53,6 +53,8 @@ class TransportMap:
     similarity_identity: float | None = 0.0
     similarity_aligned: float = 0.0
     matching: bool = False
+    q: torch.Tensor | None = None  # a group map (n × n), or one per parent unit (n_parent × n × n): fxfuse.groupmaps
+    solver: str = ""
 
     @property
     def hard(self) -> bool:
@@ -61,10 +63,14 @@ class TransportMap:
 
     @property
     def kind(self) -> str:
+        if self.q is not None:
+            return "group"
         return "permutation" if self.hard else "matching" if self.matching else "soft"
 
     def descent_value(self) -> torch.Tensor | None:
         """What the coordinate descent moves other tensors by: a perm, a matching's matrix, or pair perms."""
+        if self.q is not None:
+            return self.q
         if self.perm is not None:
             return self.perm
         if self.matching:
@@ -224,7 +230,7 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
 
 def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: float | None = None,
           fixed: set[int] = frozenset(), iterative: bool = True, seed: int = 0, max_passes: int = 50,
-          cost_name: str = "weights") -> Alignment:
+          cost_name: str = "weights", levels: Mapping[int, int] | None = None) -> Alignment:
     """Hard block coordinate descent, then soft maps if asked.
 
     Pass 1 visits blocks in graph order and, when ``iterative``, lets each see
@@ -235,8 +241,24 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     similarity, and a block is solved again only when a block it shares a
     tensor with has changed. With ``solver="sinkhorn"`` each block's final cost,
     the others at their hard maps, becomes a soft map.
+
+    ``levels``: each space's group (``fxfuse.groups``); blocks with a group
+    larger than the permutations are solved by ``fxfuse.procrustes`` and stay
+    hard (function preserving) whatever the solver.
     """
+    from .procrustes import is_group_block, solve_group_block
+
     todo = blocks(target, set(fixed))
+    grouped = {i for i, b in enumerate(todo) if is_group_block(b, levels or {})}
+
+    def solve_one(i: int, known_only: bool = False):
+        if i in grouped:
+            got = solve_group_block(todo[i], cost, perms, levels, known_only)
+            if got is not None:
+                return got
+            grouped.discard(i)  # sizes differ: permutations and matchings as usual
+        return solve_block(todo[i], cost, perms, known_only=known_only)
+
     perms: dict[int, torch.Tensor] = {}
     results: dict[int, dict[int, TransportMap]] = {}
     neighbours = _neighbours(todo, cost)
@@ -254,7 +276,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
         return changed
 
     for i in range(len(todo)):
-        take(i, solve_block(todo[i], cost, perms, known_only=iterative)[0])  # the descent is hard
+        take(i, solve_one(i, known_only=iterative)[0])  # the descent is hard
     passes = 1
     dirty = set(range(len(todo))) if iterative else set()
     order = list(range(len(todo)))
@@ -266,8 +288,8 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
             if i not in dirty:
                 continue
             dirty.discard(i)
-            maps, current, aligned = solve_block(todo[i], cost, perms)
-            if aligned > current + 1e-9 * (abs(current) + 1.0):
+            maps, current, aligned = solve_one(i)
+            if aligned > current + (1e-6 if i in grouped else 1e-9) * (abs(current) + 1.0):
                 if take(i, maps):
                     # nested children sharing a piece were solved each against the others' old maps: again
                     dirty |= neighbours[i] | ({i} if todo[i].root in getattr(cost, "coupled", ()) else set())
@@ -284,7 +306,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
         warnings.warn(notes[-1])
     final: dict[int, TransportMap] = {}
     for i, block in enumerate(todo):
-        if solver == "sinkhorn" or any(m.descent_value() is None for m in results[i].values()):
+        if i not in grouped and (solver == "sinkhorn" or any(m.descent_value() is None for m in results[i].values())):
             maps, _, _ = solve_block(block, cost, perms, solver, reg, soft=solver == "sinkhorn")
         else:
             maps = results[i]
@@ -436,7 +458,10 @@ class WeightCost:
 
 def _inner_map_under(t: torch.Tensor, d: int, cd: int, row: torch.Tensor) -> torch.Tensor:
     """``t`` with nested dim ``cd`` moved by one target unit's inner map: ``row`` is a permutation
-    ``(m,)`` (for every source unit along the parent dim ``d``) or one per source unit ``(n_s, m)``."""
+    ``(m,)`` or a group map ``(m, m)`` (for every source unit along the parent dim ``d``), or one
+    permutation per source unit ``(n_s, m)``."""
+    if row.is_floating_point():
+        return apply_matrix(t, cd, row)
     row = row.long()
     if row.dim() == 1:
         return t.index_select(cd, row)

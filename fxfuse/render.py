@@ -39,6 +39,12 @@ def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
     for s in free:
         part = s.structure.split("/")[0] if s.structure else ""
         lines.append(f"  {s.id:>4} {s.size:>6}  {_role(s):<8} {part:<6} {len(s.members):>4}  {_members(s)}")
+    grouped = [s for s in free if s.size > 1]
+    if grouped:
+        lines += ["", "groups (the maps each free space may move by, and the op or fact that limits it):"]
+        for s in grouped:
+            g = analysis.group(s.id)
+            lines.append(f"  {s.id:>4} {g.name:<16} {g.limited_by}")
     lines += _listing("pinned spaces (identity permutation) and why:", show_all,
                       [f"  {s.id:>4} {s.size:>6}  {s.name}: {s.reason}" for s in pinned])
     lines += _listing("pinned inner spaces (a symmetry left unused; parameter elements on each) and why:", show_all,

@@ -24,7 +24,7 @@ from .schema import check_rule
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 OP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}$")
-RULE_KEYS = {"op", "kind", "axes", "sizes", "pin", "free", "options", "note"}
+RULE_KEYS = {"op", "kind", "axes", "sizes", "pin", "free", "options", "note", "groups", "group", "scale"}
 
 
 # ---------------------------------------------------------------- signatures
@@ -121,6 +121,9 @@ class Rule:
     options: tuple[tuple[str, Any], ...] = ()
     note: str = ""
     origin: tuple[str, int] = ("", -1)  # (file path, rule index) for errors found later
+    groups: tuple[tuple[str, str], ...] = ()  # per axis name: the maps the op commutes with (default perm)
+    group: str | None = None  # for every axis of a Python kind (or 'sum'/'product' for broadcast)
+    scale: frozenset[str] = frozenset()  # arguments that scale per channel: larger groups need them uniform
 
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
@@ -272,10 +275,39 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
     note = raw.get("note", "")
     if not isinstance(note, str):
         raise fail("note", "expected a string")
+    groups, group, scale = _parse_groups(raw, names, kind_name, fail)
     rule = Rule(
         ops=tuple(ops), kind=kind_name, source=f"{path.name}:{index}", axes=tuple(axes),
         sizes=tuple(sizes.items()), pin=sets["pin"], free=sets["free"],
         options=tuple(options.items()), note=note, origin=(str(path), index),
+        groups=groups, group=group, scale=scale,
     )
     check_rule(rule, str(path), index)
     return rule
+
+
+def _parse_groups(raw: dict, names: set[str], kind_name: str, fail):
+    """Validate ``groups`` (einsum: ``{axis: group}``), ``group`` (other kinds) and ``scale`` (argument names)."""
+    from .groups import BROADCAST_GROUPS, LEVELS
+
+    groups = raw.get("groups", {}) or {}
+    if not isinstance(groups, dict):
+        raise fail("groups", "expected a mapping from axis name to a group")
+    if groups and kind_name != "einsum":
+        raise fail("groups", f"kind {kind_name!r} takes 'group', not per-axis 'groups'")
+    for name, value in groups.items():
+        if name not in names:
+            raise fail("groups", f"axis {name!r} does not appear in axes")
+        if value not in LEVELS:
+            raise fail("groups", f"unknown group {value!r} for axis {name!r} (known: {', '.join(LEVELS)})")
+    group = raw.get("group")
+    if group is not None:
+        if kind_name == "einsum":
+            raise fail("group", "an einsum rule gives groups per axis: use 'groups: {axis: group}'")
+        allowed = tuple(LEVELS) + (BROADCAST_GROUPS if kind_name in ("broadcast", "elementwise") else ())
+        if group not in allowed:
+            raise fail("group", f"unknown group {group!r} for kind {kind_name!r} (known: {', '.join(allowed)})")
+    scale = raw.get("scale", []) or []
+    if not isinstance(scale, list) or not all(isinstance(v, str) and NAME.match(v) for v in scale):
+        raise fail("scale", "expected a list of argument names")
+    return tuple(groups.items()), group, frozenset(scale)

@@ -23,6 +23,7 @@ import torch
 
 from .axes import CONCAT, PRODUCT, AxisStore, Refinement
 from .errors import StrictError
+from .groups import INVERTIBLE, NAMES, ORTHO, PERM, SpaceGroup, meet, node_limits
 from .kinds import KINDS, RuleMismatch
 from .rules import Rule, RuleSet, load_rules
 from .schema import check_rule
@@ -132,11 +133,16 @@ class Analysis:
     node_axes: Mapping[str, Any] = field(default_factory=dict)
     unfit_rules: tuple[UnfitRule, ...] = ()  # rules that fitted no node they were tried on
     nesting_notes: tuple[str, ...] = ()  # spaces whose nesting was cut to one level
+    groups: Mapping[int, SpaceGroup] = field(default_factory=dict)  # the maps each space commutes with
+    scales: frozenset[str] = frozenset()  # uniform per-channel scales: left alone by non-permutation maps
 
     @property
     def notes(self) -> tuple[str, ...]:
         """Facts a user should see: rules that fit no node, and what the analysis restricted, and why."""
         return tuple(u.note for u in self.unfit_rules) + self.nesting_notes
+
+    def group(self, sid: int) -> SpaceGroup:
+        return self.groups.get(sid) or SpaceGroup("perm", "")
 
     @property
     def free_spaces(self) -> tuple[Space, ...]:
@@ -192,6 +198,7 @@ class Analysis:
                 {
                     "id": s.id, "name": s.name, "size": s.size, "free": s.free,
                     "reason": s.reason, "structure": s.structure, "roles": list(s.roles), "parent": s.parent,
+                    "group": self.group(s.id).name, "group_limited_by": self.group(s.id).limited_by,
                     "members": [[m.param, m.axis] + ([m.path] if m.path else []) for m in s.members],
                 }
                 for s in self.spaces
@@ -270,6 +277,18 @@ class _Walker:
         self.param_uses: list[tuple[str, int, bool]] = []  # (name, atom, read by a contraction)
         self.checked: set[tuple[int, str]] = set()  # (id(rule), op) checked against the op's schema
         self.fits: dict[int, list] = {}  # id(rule) -> [rule, ops seen, nodes fitted, first misfit reason]
+        self.limits: list[tuple[int, int, str]] = []  # (atom, group level, why): see fxfuse.groups
+        self.scales: set[str] = set()
+        self._values = dict(traced.module.state_dict(keep_vars=False))
+        self._uniform: dict[str, bool] = {}
+
+    def uniform(self, name: str) -> bool:
+        """Whether parameter ``name`` holds one value everywhere (a per-channel scale folded away)."""
+        if name not in self._uniform:
+            t = self._values.get(name)
+            self._uniform[name] = bool(t is not None and t.is_floating_point() and t.numel() > 0
+                                       and torch.equal(t, torch.full_like(t, float(t.reshape(-1)[0]))))
+        return self._uniform[name]
 
     # -- values and atoms
     def fresh(self, val: Any, pinned: str | None = None) -> Any:
@@ -423,6 +442,12 @@ class _Walker:
         for atom in self._atoms_flat(out):
             if atom not in self.store.touched and self.store.size(atom) > 1:
                 self.store.pin(atom, f"axis created by {op} at {node.name}")
+        try:
+            self.limits += node_limits(ctx, self)
+        except (RuleMismatch, TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+            why = f"{op} at {node.name} ({rule.source}): group not inferred ({exc})"
+            self.limits += [(a, PERM, why) for a in self._atoms_flat(out)]
+            self.limits += [(a, PERM, why) for x in inputs for a in self._atoms_flat(env.get(x))]
         if rule.kind in VIEW_KINDS:
             tensors = ctx.tensor_args()
             if len(tensors) == 1 and tensors[0][1] in self.param_view:
@@ -494,7 +519,26 @@ class _Walker:
         unfit = tuple(UnfitRule(rule.source, tuple(ops), sum(ops.values()), reason)
                       for rule, ops, fitted, reason in self.fits.values() if not fitted)
         return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes,
-                        unfit, nesting_notes=notes)
+                        unfit, nesting_notes=notes, groups=self._groups(ids, uses), scales=frozenset(self.scales))
+
+    def _groups(self, ids: dict[int, int], uses: dict) -> dict[int, SpaceGroup]:
+        """Each space's group: the meet of the limits of every op on it (``fxfuse.groups``)."""
+        limit: dict[int, tuple[int, str]] = {}
+        for atom, level, why in self.limits:
+            for leaf in self._leaf_roots(atom):
+                if leaf in ids:
+                    limit[ids[leaf]] = meet(limit.get(ids[leaf]), (level, why))
+        for (name, leaves), kinds in uses.items():
+            if len(kinds) > 1:  # both read by a contraction and written: Q and Q^{-T} must agree
+                for leaf in leaves:
+                    if leaf in ids:
+                        limit[ids[leaf]] = meet(limit.get(ids[leaf]), (
+                            ORTHO, f"parameter {name} both writes and reads (contracts) the axis"))
+        out = {}
+        for sid in ids.values():
+            level, why = limit.get(sid, (PERM, "no op constrains it"))
+            out[sid] = SpaceGroup(NAMES[min(level, INVERTIBLE)], why)
+        return out
 
     def _leaf_roots(self, atom: int) -> list[int]:
         root = self.store.find(atom)
