@@ -272,10 +272,11 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
                 results[i] = {s: replace(results[i][s], similarity_identity=m.similarity_identity,
                                          similarity_aligned=current) for s, m in maps.items()}
     notes: list[str] = []
-    silent = getattr(cost, "silent", lambda: [])()
+    silent = getattr(cost, "silent", lambda _planned: [])(todo)
     if silent:
         notes.append(f"no signal for space(s) {', '.join(f's{s}' for s in silent)} (constant on the calibration "
-                     "data): kept at the identity")
+                     "data, or read at no node): kept at the identity")
+        warnings.warn(notes[-1])
     if dirty:
         notes.append(f"coordinate descent stopped after {max_passes} passes without converging")
         warnings.warn(notes[-1])
@@ -418,14 +419,18 @@ class ActivationCost:
         """``sizes``: ``{space: (target size, source size)}``."""
         self.stats, self.nested_stats, self.sizes = stats, nested_stats, sizes
 
-    def silent(self) -> list[int]:
-        """Spaces without any correlation signal (no node, or units constant on the data)."""
+    def silent(self, planned: list[Block]) -> list[int]:
+        """Spaces of ``planned`` without any correlation signal: no node exposes them, or their units are
+        constant on the data (a nested space: no joint node with its parent)."""
+        def signal(*costs) -> bool:
+            return any(c is not None and np.any(c) for c in costs)
+
         out = []
-        for sid in self.sizes:
-            S = self.stats.get(sid)
-            nested = [v for (r, _), v in self.nested_stats.items() if r == sid]
-            if S is not None and not np.any(S) and not any(np.any(v) for v in nested):
-                out.append(sid)
+        for b in planned:
+            nested = [self.nested_stats.get((b.root, c)) for c in b.children]
+            if b.root_free and not signal(self.stats.get(b.root), *nested):
+                out.append(b.root)
+            out += [c for c, v in zip(b.children, nested) if not signal(v)]
         return sorted(out)
 
     def block(self, root, children, perms, known_only=False):

@@ -237,6 +237,8 @@ class _Walker:
         self.rows: list[tuple[int, int, int, int, int]] = []  # (E, P, X, row, selected output atom)
         self.param_view: dict[torch.fx.Node, str] = {}  # a parameter, or a view of one -> its state-dict name
         self.param_uses: list[tuple[str, int, bool]] = []  # (name, atom, read by a contraction)
+        self.prefix = ""  # where the walk is: "" at top level, "submodule/" inside a higher-order op's body
+        self.names: dict[torch.fx.Node, str] = {}  # node -> its name in ``Analysis.node_axes``
 
     # -- values and atoms
     def fresh(self, val: Any, pinned: str | None = None) -> Any:
@@ -301,6 +303,7 @@ class _Walker:
         k = 0
         for node in graph.nodes:
             val = node.meta.get("val")
+            self.names[node] = self.prefix + node.name
             if node.op == "placeholder":
                 if not top:
                     env[node] = inputs[k] if inputs is not None and k < len(inputs) else self.fresh(val)
@@ -447,7 +450,7 @@ class _Walker:
                                 tuple(members[sid]), roles, structure))
         parents = self._nesting(ids)
         spaces = [replace(s, parent=parents.get(s.id)) for s in spaces]
-        node_axes = {n.name: self._node_expr(v, ids) for n, v in self.env.items()}
+        node_axes = {self.names[n]: self._node_expr(v, ids) for n, v in self.env.items()}
         return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes)
 
     def _leaf_roots(self, atom: int) -> list[int]:
@@ -649,7 +652,17 @@ class OpContext:
     def analyze_subgraph(self, sub: torch.fx.Node, operands) -> list:
         gm = getattr(self.walker.traced.graph_module, sub.target)
         inputs = [self.walker.env.get(o) if isinstance(o, torch.fx.Node) else None for o in operands]
-        return self.walker._walk(gm, top=False, inputs=inputs)
+        outer = self.walker.prefix
+        self.walker.prefix = subgraph_prefix(outer, sub.target)
+        try:
+            return self.walker._walk(gm, top=False, inputs=inputs)
+        finally:
+            self.walker.prefix = outer
+
+
+def subgraph_prefix(prefix: str, submodule: str) -> str:
+    """Nodes of a higher-order op's submodule are named ``submodule/node`` (nested: ``outer/inner/node``)."""
+    return f"{prefix}{submodule}/"
 
 
 _OUT = object()

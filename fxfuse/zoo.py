@@ -105,6 +105,20 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(h)[:, 0])
 
 
+class Seq2Seq(nn.Module):
+    """Encoder-decoder on two token inputs: embeddings, ``nn.Transformer``, an LM head on the decoder."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.src_embed = nn.Embedding(vocab, dim)
+        self.tgt_embed = nn.Embedding(vocab, dim)
+        self.transformer = nn.Transformer(dim, heads, layers, layers, 2 * dim, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, src, tgt):
+        return self.head(self.transformer(self.src_embed(src), self.tgt_embed(tgt)))
+
+
 def mlp(seed: int = 0):
     _seeded(seed)
     return MLP().eval(), (torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(1234)),)
@@ -122,6 +136,16 @@ def mha(seed: int = 0):
     model = MHAClassifier()
     _informative(model)
     return model.eval(), (_ids(),)
+
+
+def seq2seq(seed: int = 0):
+    """Two inputs, source and target token ids of different lengths."""
+    _seeded(seed)
+    model = Seq2Seq()
+    _informative(model)
+    g = torch.Generator().manual_seed(1234)
+    return model.eval(), (torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+                          torch.randint(0, VOCAB, (BATCH, SEQ - 2), generator=g))
 
 
 def encoder(seed: int = 0):
@@ -212,6 +236,17 @@ def gpt2(seed: int = 0):
     return _hf("GPT2LMHeadModel", cfg, seed, (_ids(),))
 
 
+def gpt_bigcode(seed: int = 0):
+    """Multi-query attention: one key/value head shared by all query heads, whose queries are
+    folded into the sequence for the score product, so query heads and head dims are separate
+    spaces of the same activations."""
+    from transformers import GPTBigCodeConfig
+
+    cfg = GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True,
+                           use_cache=False, bos_token_id=0, eos_token_id=0)
+    return _hf("GPTBigCodeForCausalLM", cfg, seed, (_ids(),))
+
+
 def llama(seed: int = 0):
     from transformers import LlamaConfig
 
@@ -291,11 +326,13 @@ def mobilenet_v2(seed: int = 0):
     return _hf("MobileNetV2ForImageClassification", cfg, seed, (_pixels(),))
 
 
-PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder}
+PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "seq2seq": seq2seq}
 HF = {
     "bert": bert, "bert_mlm": bert_mlm, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
+    "gpt_bigcode": gpt_bigcode,
     "llama": llama, "qwen2": qwen2, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext,
     "resnet": resnet, "mobilenet_v2": mobilenet_v2,
 }
 ZOO = {**PLAIN, **HF}
-TRANSFORMERS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5", "vit", "swin")
+TRANSFORMERS = ("mha", "encoder", "seq2seq", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "gpt_bigcode",
+                "llama", "qwen2", "t5", "vit", "swin")
