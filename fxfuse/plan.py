@@ -274,8 +274,8 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     notes: list[str] = []
     silent = getattr(cost, "silent", lambda _planned: [])(todo)
     if silent:
-        notes.append(f"no signal for space(s) {', '.join(f's{s}' for s in silent)} (constant on the calibration "
-                     "data, or read at no node): kept at the identity")
+        notes.append(f"no signal for space(s) {', '.join(f's{s}' for s in silent)} ({cost.silent_reason}): "
+                     "kept at the identity")
         warnings.warn(notes[-1])
     if dirty:
         notes.append(f"coordinate descent stopped after {max_passes} passes without converging")
@@ -324,6 +324,7 @@ class WeightCost:
                  source: Analysis | None = None, skip: frozenset[str] = frozenset()):
         """``source``: the source's analysis where its sizes differ; ``skip``: parameters left out."""
         self.parents = target.parents
+        self.sizes = {sp.id: (sp.size, (source or target).spaces[sp.id].size) for sp in target.spaces}
         self.movable = movable if movable is not None else {
             sp.id for sp in target.spaces if sp.free and sp.size > 1}
         self.items: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = []
@@ -345,8 +346,15 @@ class WeightCost:
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
 
+    silent_reason = "no floating-point member tensor to compare"
+
     def tensors_of(self, spaces) -> set[int]:
         return {i for sp in spaces for i in self.by_space.get(sp, [])}
+
+    def silent(self, planned: list[Block]) -> list[int]:
+        """Spaces of ``planned`` that no compared tensor carries (e.g. only an integer index buffer)."""
+        spaces = [b.root for b in planned if b.root_free] + [c for b in planned for c in b.children]
+        return sorted(s for s in spaces if s not in self.by_space)
 
     def _target(self, i: int, dims: tuple[int, ...]) -> torch.Tensor:
         key = (i, dims)
@@ -398,13 +406,8 @@ class WeightCost:
                 b = moved.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
                 S4 = (a @ b.T).reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
                 nested[c] = nested.get(c, 0) + S4
-        if S is None:
-            if not known_only:
-                raise ValueError(f"space {root} has no member tensor")
-            n, n_s = next(((self.items[i][0].shape[self.items[i][2].index(root)],
-                            self.items[i][1].shape[self.items[i][2].index(root)]) for i in relevant
-                           if root in self.items[i][2]), (0, 0))
-            S = torch.zeros(n, n_s, dtype=torch.float32)
+        if S is None:  # no tensor to compare (yet): no preference, see ``silent``
+            S = torch.zeros(self.sizes[root], dtype=torch.float32)
         return S.double().numpy(), nested
 
 
@@ -413,6 +416,8 @@ class WeightCost:
 
 class ActivationCost:
     """Correlation similarity from accumulated activation statistics (see ``fxfuse.activations``)."""
+
+    silent_reason = "constant on the calibration data, or read at no node"
 
     def __init__(self, stats: Mapping[int, np.ndarray], nested_stats: Mapping[tuple[int, int], np.ndarray],
                  sizes: Mapping[int, tuple[int, int]]):

@@ -229,3 +229,21 @@ def test_cli_hf_encoder_decoder_with_named_inputs(tmp_path, capsys):
     ids = torch.randint(3, zoo.VOCAB, (2, 9), generator=g)
     dec = torch.randint(3, zoo.VOCAB, (2, 5), generator=g)
     assert compare_outputs(model, fused, (), {"input_ids": ids, "decoder_input_ids": dec}) <= TOL
+
+
+# ---------------------------------------------------------------- weight matching without a tensor
+
+
+def test_weight_matching_notes_a_space_without_compared_tensors():
+    """A planned space that no floating-point tensor carries (an integer index buffer, or all left out)."""
+    from fxfuse.plan import WeightCost, align
+
+    model, args = zoo.mlp()
+    a = fxfuse.analyze(model, args)
+    hidden = a.layout_of("net.0.weight").axes[0].space
+    left_out = frozenset(m.param for m in a.spaces[hidden].members)
+    state = model.state_dict()
+    with pytest.warns(UserWarning, match=rf"no signal for space\(s\) s{hidden} \(no floating-point member"):
+        alignment = align(a, WeightCost(a, state, state, skip=left_out))
+    assert torch.equal(alignment.maps[hidden].perm, torch.arange(a.spaces[hidden].size))
+    assert len(alignment.notes) == 1 and f"s{hidden}" in alignment.notes[0]
