@@ -11,8 +11,9 @@ Costs are *similarities* ``S[j, k]`` (maximised):
 
 * weights (Git Re-Basin weight matching): ``S[j, k] = Σ ⟨W_t[…j…], W_s'[…k…]⟩``
   over every member axis, ``W_s'`` the source tensor with all *other* spaces
-  already moved; block coordinate descent in a seeded random order until a
-  pass changes nothing (at most ``max_passes``);
+  already moved (in the first pass, axes not solved yet are reduced by their
+  mean and mean square); block coordinate descent in a seeded random order
+  until a pass changes nothing (at most ``max_passes``);
 * activations (OTFusion / Transformer Fusion): ``S[j, k]`` = Pearson
   correlation of target unit ``j`` and source unit ``k`` over calibration
   samples (every token one sample), summed over the nodes where the space
@@ -20,6 +21,7 @@ Costs are *similarities* ``S[j, k]`` (maximised):
 """
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from dataclasses import dataclass, field, replace
@@ -95,7 +97,8 @@ class CostModel(Protocol):
               known_only: bool = False) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """``(S_root (n×n), {child: S_pairs (n×n×m×m)})`` given the current ``perms`` of other spaces.
 
-        ``known_only``: leave out tensors with a movable axis that has no map yet (pure noise).
+        ``known_only``: a movable axis that has no map yet is no slice axis (its order is unknown): the
+        weight cost reduces it by order-free moments.
         """
 
 
@@ -226,9 +229,12 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     """Hard block coordinate descent, then soft maps if asked.
 
     Pass 1 visits blocks in graph order and, when ``iterative``, lets each see
-    only tensors whose other movable axes are already solved (unsolved ones add
-    noise only): a layer-by-layer propagation that gives the descent a good
-    start. Later passes visit blocks in a seeded random order, each with the
+    a tensor's movable axes that are not solved yet only through order-free
+    moments (their mean and mean square): a layer-by-layer propagation that
+    gives the descent a good start. A tensor is never left out, so a space
+    whose every tensor carries another unsolved space (heads next to head dims
+    of their own) is still solved from its weights, not fixed at the identity
+    for the later blocks to settle around. Later passes visit blocks in a seeded random order, each with the
     full cost; a block's new maps are taken only when they raise its
     similarity, and a block is solved again only when a block it shares a
     tensor with has changed. With ``solver="sinkhorn"`` each block's final cost,
@@ -366,6 +372,29 @@ class WeightCost:
             self._target_cache[key] = m
         return m
 
+    def _unknown(self, mask: list[int], perms: Mapping[int, torch.Tensor]) -> list[int]:
+        """Dims of a piece whose space is movable but has no map yet (and dims nested under those)."""
+        unknown = {m for m in mask if m in self.movable and m not in perms}
+        return [e for e, m in enumerate(mask) if m in unknown or self.parents.get(m) in unknown]
+
+    def _reduced(self, i: int, lead: tuple[int, ...], unknown: list[int], mask: list[int],
+                 perms: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """``Σ_f ⟨f(T)[j], f(S')[k]⟩`` over slices along ``lead``, ``f`` the mean and the mean square over the
+        ``unknown`` dims: invariant to their order, so a tensor whose other axes are not solved yet still
+        tells units apart (``(rows_t, rows_s)``, rows over the ``lead`` dims jointly)."""
+        pt, ps, _ = self.items[i]
+        known = tuple(-4 if e in unknown else m for e, m in enumerate(mask))
+        moved = permute_piece(ps, known, perms, self.parents)
+        total = 0
+        for x_t, x_s in ((pt, moved), (pt * pt, moved * moved)):
+            a, b = x_t.mean(unknown, keepdim=True), x_s.mean(unknown, keepdim=True)
+            rows_t = math.prod(a.shape[e] for e in lead)
+            rows_s = math.prod(b.shape[e] for e in lead)
+            a = a.movedim(lead, tuple(range(len(lead)))).reshape(rows_t, -1)
+            b = b.movedim(lead, tuple(range(len(lead)))).reshape(rows_s, -1)
+            total = total + a @ b.T
+        return total
+
     def block(self, root, children, perms, known_only=False):
         relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
         S = None
@@ -384,7 +413,16 @@ class WeightCost:
                 for _, cd in child_dims:
                     mask[cd] = -3
                 static = not any(m in self.movable for m in mask)
-                if known_only and any(m in self.movable and m not in perms for m in mask):
+                unknown = self._unknown(mask, perms) if known_only else []
+                if unknown:
+                    lead = (d,) + tuple(cd for _, cd in child_dims[:1])
+                    prod = self._reduced(i, lead, unknown, mask, perms)
+                    if not child_dims:
+                        S += prod
+                    else:
+                        c, m = child_dims[0][0], pt.shape[child_dims[0][1]]
+                        S4 = prod.reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()
+                        nested[c] = nested.get(c, 0) + S4
                     continue
                 if not child_dims:
                     key = (i, d)

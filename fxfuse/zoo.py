@@ -105,6 +105,48 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(h)[:, 0])
 
 
+class HeadBiasAttention(nn.Module):
+    """Attention with 3-D projections ``(dim, heads, head_dim)``, a content bias per head and dim (as in
+    XLNet) and per-dim scales shared by all heads, so heads and head dims are separate spaces and no
+    tensor carries heads alone."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, head_dim: int = 8):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Parameter(torch.randn(dim, heads, head_dim)) for _ in range(3))
+        self.o = nn.Parameter(torch.randn(heads, head_dim, dim))
+        self.content_bias = nn.Parameter(torch.randn(heads, head_dim))
+        self.q_scale = nn.Parameter(torch.ones(head_dim))
+        self.v_scale = nn.Parameter(torch.ones(head_dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        heads, d = self.q.shape[1:]
+        q, k, v = ((x @ w.reshape(c, heads * d)).view(b, n, heads, d).transpose(1, 2)
+                   for w in (self.q, self.k, self.v))
+        q = (q + self.content_bias[:, None]) * self.q_scale
+        att = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1)
+        a = (att @ (v * self.v_scale)).transpose(1, 2).reshape(b, n, heads * d)
+        return self.norm(x + a @ self.o.reshape(heads * d, c))
+
+
+class HeadBiasClassifier(nn.Module):
+    """Token embedding, two ``HeadBiasAttention`` layers, an MLP, a mean-pooled head."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, layers: int = 2, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(HeadBiasAttention(dim) for _ in range(layers))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head((h + self.mlp(h)).mean(dim=1))
+
+
 class Seq2Seq(nn.Module):
     """Encoder-decoder on two token inputs: embeddings, ``nn.Transformer``, an LM head on the decoder."""
 
@@ -146,6 +188,13 @@ def seq2seq(seed: int = 0):
     g = torch.Generator().manual_seed(1234)
     return model.eval(), (torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
                           torch.randint(0, VOCAB, (BATCH, SEQ - 2), generator=g))
+
+
+def head_bias(seed: int = 0):
+    _seeded(seed)
+    model = HeadBiasClassifier()
+    _informative(model)
+    return model.eval(), (_ids(),)
 
 
 def encoder(seed: int = 0):
@@ -326,7 +375,7 @@ def mobilenet_v2(seed: int = 0):
     return _hf("MobileNetV2ForImageClassification", cfg, seed, (_pixels(),))
 
 
-PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "seq2seq": seq2seq}
+PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "seq2seq": seq2seq, "head_bias": head_bias}
 HF = {
     "bert": bert, "bert_mlm": bert_mlm, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
     "gpt_bigcode": gpt_bigcode,
@@ -334,5 +383,5 @@ HF = {
     "resnet": resnet, "mobilenet_v2": mobilenet_v2,
 }
 ZOO = {**PLAIN, **HF}
-TRANSFORMERS = ("mha", "encoder", "seq2seq", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "gpt_bigcode",
+TRANSFORMERS = ("mha", "encoder", "seq2seq", "head_bias", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "gpt_bigcode",
                 "llama", "qwen2", "t5", "vit", "swin")
