@@ -89,12 +89,14 @@ def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None
 
 
 def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None,
-           moved: frozenset[int] = frozenset()) -> list[torch.Tensor]:
-    """``(samples, units)`` matrices of ``value`` along ``space`` (joint ``space × child`` if nested).
+           moved: frozenset[int] = frozenset()) -> list[tuple[int, torch.Tensor]]:
+    """``(feature, (samples, units))`` matrices of ``value`` along ``space`` (joint ``space × child`` if nested).
 
-    Dims of other ``moved`` spaces are not samples (their order differs between
-    the models): each piece gives two matrices, the mean and the mean square
-    over those dims; a piece without such dims gives one.
+    Every piece holding the space gives its samples (pieces pool them, same
+    feature). Dims of other ``moved`` spaces are not samples (their order
+    differs between the models): such a piece gives the mean (feature 1) and
+    the mean square (feature 2) over those dims; a piece without them gives
+    its values (feature 0).
     """
     out = []
     for view, spaces in pieces(value, tuple(exprs)):
@@ -107,13 +109,13 @@ def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None,
             width *= view.shape[d]
         lead = view.movedim(units, tuple(range(-len(units), 0)))
         if not other:
-            out.append(lead.reshape(-1, width))
+            out.append((0, lead.reshape(-1, width)))
             continue
         # dims before the moved unit dims keep their index; reduce them
         kept = [i for i in range(view.dim()) if i not in units]
         dims = tuple(kept.index(i) for i in other)
         x = lead.double()
-        out += [x.mean(dims).reshape(-1, width), (x * x).mean(dims).reshape(-1, width)]
+        out += [(1, x.mean(dims).reshape(-1, width)), (2, (x * x).mean(dims).reshape(-1, width))]
     return out
 
 
@@ -181,7 +183,10 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
         for c in b.children:
             jobs += [((b.root, c), n) for n in choose_nodes(target, c, nodes_per_space, also=b.root)]
     wanted = {n for _, n in jobs}
+    # spaces whose axes are no samples: the other moved spaces (a block's own nested dims stay samples,
+    # their joint statistics come from the nested jobs)
     moved = frozenset(b.root for b in plan_blocks if b.root_free) | {c for b in plan_blocks for c in b.children}
+    own = {b.root: frozenset(b.children) for b in plan_blocks}
     stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
     for i, (args, kwargs) in enumerate(batches):
         vt = _run(target, args, kwargs, wanted)
@@ -191,11 +196,12 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             exprs, exprs_s = target.node_axes[node], source.node_axes.get(node)
             if node not in vs or exprs_s is None:
                 raise ValueError(f"node {node} of the target has no counterpart in the source graph")
-            for j, (x, y) in enumerate(zip(_units(vt[node], exprs, space, child, moved),
-                                           _units(vs[node], exprs_s, space, child, moved))):
-                st = stats.get((key, node, j))
+            others = moved - own[space]
+            for (feature, x), (_, y) in zip(_units(vt[node], exprs, space, child, others),
+                                            _units(vs[node], exprs_s, space, child, others)):
+                st = stats.get((key, node, feature))
                 if st is None:
-                    st = stats[(key, node, j)] = _Stats(x.shape[1], y.shape[1])
+                    st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1])
                 st.add(x, y)
         if progress:
             progress(f"activations: batch {i + 1}/{len(batches)}")

@@ -6,7 +6,8 @@ Calibration data is one of
 
 * ``N``: ``N`` random samples of every batched input (floats ``~ N(0, 1)``;
   integers uniform over the example's range, so a mask of ones stays ones);
-* a tensor ``(N, …)``: the samples of the one batched input;
+* a tensor ``(N, …)``: the samples of the one batched input (shaped like the
+  example; token ids ``(N, S)`` of any length ``S``);
 * a mapping ``{name: (N, …)}``: inputs by the name of ``forward``'s parameter
   (positional inputs) or keyword; a name that ``forward`` takes but the example
   leaves out is added as a keyword argument (an ``attention_mask``). With one
@@ -28,6 +29,7 @@ from .data import INPUT_KEYS, LABEL_KEYS
 from .errors import FxfuseError
 
 CALIB_BATCH = 16  # calibration batch size: the models are traced once more at this shape
+DEFAULT_CALIB_RANDOM = 256  # random calibration inputs when none are given
 
 Calibration = torch.Tensor | int | Mapping[str, torch.Tensor] | None
 
@@ -109,7 +111,8 @@ def _check(name: str | None, x: Any, example: torch.Tensor | None) -> torch.Tens
     if x.dim() < 1 or x.shape[0] == 0:
         raise CalibrationError(f"{what} is empty")
     if example is not None:
-        if tuple(x.shape[1:]) != tuple(example.shape[1:]):
+        token_ids = x.dim() == example.dim() == 2 and not example.is_floating_point()  # any sequence length
+        if tuple(x.shape[1:]) != tuple(example.shape[1:]) and not token_ids:
             raise CalibrationError(f"{what} has shape {tuple(x.shape)}; the models take "
                                    f"(N, {', '.join(map(str, example.shape[1:]))})")
         if x.is_floating_point() != example.is_floating_point():
@@ -130,7 +133,7 @@ def calibration_batches(calib: Calibration, args: tuple, kwargs: Mapping[str, An
     positional, accepted = forward_names(forward) if forward is not None else ((), frozenset())
     slots = batched_inputs(args, kwargs, positional)
     if calib is None or isinstance(calib, int):
-        n = 256 if calib is None else int(calib)
+        n = DEFAULT_CALIB_RANDOM if calib is None else int(calib)
         if n < 1:
             raise CalibrationError(f"--calib-random {n}: need at least one sample")
         g = torch.Generator().manual_seed(seed)

@@ -11,8 +11,9 @@ Costs are *similarities* ``S[j, k]`` (maximised):
 
 * weights (Git Re-Basin weight matching): ``S[j, k] = Σ ⟨W_t[…j…], W_s'[…k…]⟩``
   over every member axis, ``W_s'`` the source tensor with all *other* spaces
-  already moved (in the first pass, axes not solved yet are reduced by their
-  mean and mean square); block coordinate descent in a seeded random order
+  already moved (in the first pass, a space with no tensor whose other axes
+  are solved reads its tensors with those axes reduced by their mean and mean
+  square); block coordinate descent in a seeded random order
   until a pass changes nothing (at most ``max_passes``);
 * activations (OTFusion / Transformer Fusion): ``S[j, k]`` = Pearson
   correlation of target unit ``j`` and source unit ``k`` over calibration
@@ -97,8 +98,8 @@ class CostModel(Protocol):
               known_only: bool = False) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """``(S_root (n×n), {child: S_pairs (n×n×m×m)})`` given the current ``perms`` of other spaces.
 
-        ``known_only``: a movable axis that has no map yet is no slice axis (its order is unknown): the
-        weight cost reduces it by order-free moments.
+        ``known_only``: leave out tensors with a movable axis that has no map yet (its order is unknown);
+        where that leaves nothing, the weight cost reads them with those axes reduced by order-free moments.
         """
 
 
@@ -229,12 +230,13 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     """Hard block coordinate descent, then soft maps if asked.
 
     Pass 1 visits blocks in graph order and, when ``iterative``, lets each see
-    a tensor's movable axes that are not solved yet only through order-free
-    moments (their mean and mean square): a layer-by-layer propagation that
-    gives the descent a good start. A tensor is never left out, so a space
-    whose every tensor carries another unsolved space (heads next to head dims
-    of their own) is still solved from its weights, not fixed at the identity
-    for the later blocks to settle around. Later passes visit blocks in a seeded random order, each with the
+    only tensors whose other movable axes are already solved (unsolved ones add
+    noise only): a layer-by-layer propagation that gives the descent a good
+    start. A block that would see nothing that way (every tensor carries
+    another unsolved space, as heads next to head dims of their own) sees its
+    tensors with those axes reduced by order-free moments (mean and mean
+    square), so it is solved from its weights and not fixed at the identity for
+    the later blocks to settle around. Later passes visit blocks in a seeded random order, each with the
     full cost; a block's new maps are taken only when they raise its
     similarity, and a block is solved again only when a block it shares a
     tensor with has changed. With ``solver="sinkhorn"`` each block's final cost,
@@ -396,6 +398,12 @@ class WeightCost:
         return total
 
     def block(self, root, children, perms, known_only=False):
+        S, nested = self._block(root, children, perms, known_only, reduce_unknown=False)
+        if known_only and not np.any(S) and not nested:  # every tensor has an unsolved axis: read them anyway
+            S, nested = self._block(root, children, perms, known_only, reduce_unknown=True)
+        return S, nested
+
+    def _block(self, root, children, perms, known_only: bool, reduce_unknown: bool):
         relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
         S = None
         nested: dict[int, np.ndarray] = {}
@@ -414,6 +422,8 @@ class WeightCost:
                     mask[cd] = -3
                 static = not any(m in self.movable for m in mask)
                 unknown = self._unknown(mask, perms) if known_only else []
+                if unknown and not reduce_unknown:
+                    continue
                 if unknown:
                     lead = (d,) + tuple(cd for _, cd in child_dims[:1])
                     prod = self._reduced(i, lead, unknown, mask, perms)

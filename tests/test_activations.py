@@ -56,14 +56,14 @@ def test_moved_axes_are_reduced_not_sampled():
     """Units of space 5 from a tensor that also carries moved space 6: invariant to 6's order."""
     x = torch.randn(7, 3, 4)
     exprs = (Leaf(-1, 7), Leaf(5, 3), Leaf(6, 4))
-    plain = _units(x, exprs, 5, None)
-    assert len(plain) == 1 and plain[0].shape == (28, 3)  # 6 not moved: its axis holds samples
-    mean, square = _units(x, exprs, 5, None, moved=frozenset({5, 6}))
-    assert mean.shape == square.shape == (7, 3)
+    (feature, plain), = _units(x, exprs, 5, None)
+    assert feature == 0 and plain.shape == (28, 3)  # 6 not moved: its axis holds samples
+    (f1, mean), (f2, square) = _units(x, exprs, 5, None, moved=frozenset({5, 6}))
+    assert (f1, f2) == (1, 2) and mean.shape == square.shape == (7, 3)
     torch.testing.assert_close(mean, x.double().mean(2))
     torch.testing.assert_close(square, (x.double() ** 2).mean(2))
     shuffled = x[:, :, torch.randperm(4, generator=torch.Generator().manual_seed(0))]
-    for a, b in zip((mean, square), _units(shuffled, exprs, 5, None, moved=frozenset({5, 6}))):
+    for a, (_, b) in zip((mean, square), _units(shuffled, exprs, 5, None, moved=frozenset({5, 6}))):
         torch.testing.assert_close(a, b)
 
 
@@ -185,8 +185,8 @@ def test_seq2seq_fuses_back_from_a_file_of_named_inputs(tmp_path):
      r"calibration data has 'tgt_mask', which names no input of the models \(they take src, tgt\)"),
     ({"src": torch.randint(0, 9, (16, 8)), "tgt": torch.randint(0, 9, (12, 6))},
      r"calibration inputs have different numbers of samples \(src: 16, tgt: 12\)"),
-    ({"src": torch.randint(0, 9, (16, 8)), "tgt": torch.randint(0, 9, (16, 5))},
-     r"calibration data for 'tgt' has shape \(16, 5\); the models take \(N, 6\)"),
+    ({"src": torch.randint(0, 9, (16, 8)), "tgt": torch.randn(16, 6)},
+     r"calibration data for 'tgt' has dtype torch.float32; the models take torch.int64"),
 ])
 def test_bad_named_calibration(calib, match):
     model, args, permuted = seq2seq_pair()
