@@ -7,6 +7,17 @@ For units ``x`` of the target and ``y`` of the source the accumulated sums give
 the Pearson correlation ``ρ[j, k] = cov(x_j, y_k) / (σ(x_j) σ(y_k))``, summed
 over nodes. A nested pair (heads × head_dim) is correlated jointly over
 ``(h, d)`` units and returned as ``(n_h, n_h, n_d, n_d)``.
+
+A sample must be the same position in both models. An axis of another space
+that is being moved (query heads next to a head dim of its own, as in
+multi-query attention) is in a different order in the source, so it is not a
+sample axis: it is reduced by permutation-invariant moments, the mean ``m``
+and the mean square of the units along it, each correlated as a feature of
+its own (``x[…, j, a] → (mean_a x[…, j, a], mean_a x[…, j, a]²)``).
+
+Nodes inside higher-order subgraphs (``wrap_with_set_grad_enabled``,
+``wrap_with_autocast``) are read too: the capture runs each submodule through
+the same interpreter, naming its nodes ``submodule/node`` as the analysis does.
 """
 from __future__ import annotations
 
@@ -17,7 +28,7 @@ import torch
 
 from .layout import pieces
 from .plan import ActivationCost, blocks
-from .spaces import Analysis, Concat, Leaf, Product, expr_leaves
+from .spaces import Analysis, Concat, Leaf, Product, expr_leaves, subgraph_prefix
 
 # Ops whose outputs are read: where spaces are made (linear, conv), normalised (norms) and carried
 # (the residual adds). Summing correlations over up to ``nodes_per_space`` such nodes, spread
@@ -75,7 +86,7 @@ def _contains(exprs: tuple, space: int) -> bool:
 
 def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None) -> list[str]:
     """Up to ``k`` nodes (evenly spread, preferred ops first) whose output carries ``space`` (and ``also``)."""
-    ops = {n.name: str(n.target) for n in analysis.traced.graph.nodes if n.op == "call_function"}
+    ops = graph_ops(analysis.traced.graph_module)
     found = []
     for name, exprs in analysis.node_axes.items():
         if name not in ops or exprs is None or not exprs or not isinstance(exprs[0], (Leaf, Product, Concat)):
@@ -89,32 +100,78 @@ def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None
     return [good[int(i * step)] for i in range(k)]
 
 
-def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None) -> list[torch.Tensor]:
-    """``(samples, units)`` matrices of ``value`` along ``space`` (joint ``space × child`` if nested)."""
+def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None,
+           moved: frozenset[int] = frozenset()) -> list[tuple[int, torch.Tensor]]:
+    """``(feature, (samples, units))`` matrices of ``value`` along ``space`` (joint ``space × child`` if nested).
+
+    Every piece holding the space gives its samples (pieces pool them, same
+    feature). Dims of other ``moved`` spaces are not samples (their order
+    differs between the models): such a piece gives the mean (feature 1) and
+    the mean square (feature 2) over those dims; a piece without them gives
+    its values (feature 0).
+    """
     out = []
     for view, spaces in pieces(value, tuple(exprs)):
         if space not in spaces or (child is not None and child not in spaces):
             continue
-        d = spaces.index(space)
-        if child is None:
-            out.append(view.movedim(d, -1).reshape(-1, view.shape[d]))
-        else:
-            c = spaces.index(child)
-            moved = view.movedim((d, c), (-2, -1))
-            out.append(moved.reshape(-1, view.shape[d] * view.shape[c]))
+        units = (spaces.index(space),) if child is None else (spaces.index(space), spaces.index(child))
+        other = tuple(i for i, s in enumerate(spaces) if s in moved and i not in units)
+        width = 1
+        for d in units:
+            width *= view.shape[d]
+        lead = view.movedim(units, tuple(range(-len(units), 0)))
+        if not other:
+            out.append((0, lead.reshape(-1, width)))
+            continue
+        # dims before the moved unit dims keep their index; reduce them
+        kept = [i for i in range(view.dim()) if i not in units]
+        dims = tuple(kept.index(i) for i in other)
+        x = lead.double()
+        out += [(1, x.mean(dims).reshape(-1, width)), (2, (x * x).mean(dims).reshape(-1, width))]
     return out
 
 
 class _Capture(torch.fx.Interpreter):
-    def __init__(self, gm, wanted: set[str]):
+    """Runs a graph keeping the values of ``wanted`` nodes; higher-order ops run their submodules the same way."""
+
+    def __init__(self, gm, wanted: set[str], values: dict[str, torch.Tensor] | None = None, prefix: str = ""):
         super().__init__(gm)
-        self.wanted, self.values = wanted, {}
+        self.wanted, self.prefix = wanted, prefix
+        self.values = {} if values is None else values
 
     def run_node(self, n):
-        result = super().run_node(n)
-        if n.name in self.wanted and isinstance(result, torch.Tensor):
-            self.values[n.name] = result.detach()
+        if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args = tuple(self._inner(a, v) for a, v in zip(n.args, args))
+            result = n.target(*args, **kwargs)
+        else:
+            result = super().run_node(n)
+        key = self.prefix + n.name
+        if key in self.wanted and isinstance(result, torch.Tensor):
+            self.values[key] = result.detach()
         return result
+
+    def _inner(self, arg, value):
+        """A submodule argument as a callable that captures its own nodes, named ``prefix/submodule/node``."""
+        if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and isinstance(value, torch.fx.GraphModule)):
+            return value
+        inner = _Capture(value, self.wanted, self.values, subgraph_prefix(self.prefix, arg.target))
+        return lambda *a: inner.run(*a)
+
+
+def graph_ops(gm: torch.fx.GraphModule, prefix: str = "") -> dict[str, str]:
+    """``{node name: op}`` for every call of ``gm`` and of the submodules its higher-order ops run."""
+    ops = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        ops[prefix + n.name] = str(n.target)
+        if isinstance(n.target, torch._ops.HigherOrderOperator):
+            for a in n.args:
+                sub = getattr(gm, a.target, None) if isinstance(a, torch.fx.Node) and a.op == "get_attr" else None
+                if isinstance(sub, torch.fx.GraphModule):
+                    ops.update(graph_ops(sub, subgraph_prefix(prefix, a.target)))
+    return ops
 
 
 def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str]) -> dict[str, torch.Tensor]:
@@ -138,7 +195,11 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
         for c in b.children:
             jobs += [((b.root, c), n) for n in choose_nodes(target, c, nodes_per_space, also=b.root)]
     wanted = {n for _, n in jobs}
-    stats: dict[tuple[tuple[int, int | None], str], _Stats] = {}
+    # spaces whose axes are no samples: the other moved spaces (a block's own nested dims stay samples,
+    # their joint statistics come from the nested jobs)
+    moved = frozenset(b.root for b in plan_blocks if b.root_free) | {c for b in plan_blocks for c in b.children}
+    own = {b.root: frozenset(b.children) for b in plan_blocks}
+    stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
     for i, (args, kwargs) in enumerate(batches):
         vt = _run(target, args, kwargs, wanted)
         vs = _run(source, args, kwargs, wanted)
@@ -147,16 +208,18 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             exprs, exprs_s = target.node_axes[node], source.node_axes.get(node)
             if node not in vs or exprs_s is None:
                 raise ValueError(f"node {node} of the target has no counterpart in the source graph")
-            for x, y in zip(_units(vt[node], exprs, space, child), _units(vs[node], exprs_s, space, child)):
-                st = stats.get((key, node))
+            others = moved - own[space]
+            for (feature, x), (_, y) in zip(_units(vt[node], exprs, space, child, others),
+                                            _units(vs[node], exprs_s, space, child, others)):
+                st = stats.get((key, node, feature))
                 if st is None:
-                    st = stats[(key, node)] = _Stats(x.shape[1], y.shape[1])
+                    st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1])
                 st.add(x, y)
         if progress:
             progress(f"activations: batch {i + 1}/{len(batches)}")
     root_cost: dict[int, np.ndarray] = {}
     nested_cost: dict[tuple[int, int], np.ndarray] = {}
-    for ((space, child), _), st in stats.items():
+    for ((space, child), _, _), st in stats.items():
         grouped = (levels or {}).get(space if child is None else child, 0) > 0
         rho = st.covariance() if grouped else st.correlation()  # groups: covariance (rotation-equivariant)
         if child is None:

@@ -29,9 +29,8 @@ from torch import nn
 
 from .errors import FxfuseError
 from .trace import PARAMETER, TracedModel
-from .verify import compare_outputs
+from .verify import CHECK_TOL, compare_outputs
 
-CHECK_TOL = 1e-4
 NORMS = {"aten.layer_norm.default": (2, 3), "aten.rms_norm.default": (2, None),
          "aten.native_layer_norm.default": (2, 3)}  # op -> (weight position, bias position)
 PASS_THROUGH = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.clone.default",

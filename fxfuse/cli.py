@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import FxfuseError
@@ -367,8 +368,9 @@ def _check_calibration(args, calib) -> None:
         return
     if isinstance(calib, int):
         check_calibration_size(calib, f"--calib-random {calib}")
-    elif calib is not None:
-        check_calibration_size(int(calib.shape[0]), args.calib)
+    elif calib is not None:  # one tensor, or named inputs sharing their sample count
+        first = next(iter(calib.values())) if isinstance(calib, Mapping) else calib
+        check_calibration_size(int(first.shape[0]), args.calib)
 
 
 def _self_check_text(checks: list[dict]) -> str:
@@ -455,8 +457,9 @@ def cmd_compile(args) -> int:
     tgt = loaded[args.target]
     _check_untie(args, tgt)
     _warn_unused_options(args, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
-    if isinstance(calib, torch.Tensor):
-        check_inputs(tgt.module, calib, f"--calib {args.calib}")
+    named = calib.items() if isinstance(calib, Mapping) else [(None, calib)] if isinstance(calib, torch.Tensor) else []
+    for key, x in named:
+        check_inputs(tgt.module, x, f"--calib {args.calib}" + (f" ({key})" if key else ""))
     rows = []
     if labelled is not None:  # every parent runs on the data now: data that does not fit fails before the work
         progress("evaluating the models")

@@ -1,7 +1,10 @@
 """Tensor files for calibration and evaluation (``.safetensors`` or a weights-only ``.pt``).
 
 A calibration file holds one tensor of inputs ``(N, …)`` (token ids or images),
-or several with one under ``inputs`` (or ``input_ids``, ``pixel_values``, ``x``).
+or several named ones, matched to the models' inputs by name
+(``fxfuse.calibration``: ``input_ids``, ``decoder_input_ids``,
+``attention_mask``, …; with one input, the tensor under ``inputs``,
+``input_ids``, ``pixel_values``, ``x`` or ``images``); ``labels`` are left out.
 An evaluation file holds inputs as above and ``labels`` (or ``y``): ``(N,)``
 class ids, or ``(N, S)`` token ids for language models (``-100`` is ignored).
 """
@@ -65,12 +68,16 @@ def _pick(data: dict[str, torch.Tensor], keys, path, what: str) -> torch.Tensor:
     raise FxfuseError(f"{path}: no {what} tensor (looked for {', '.join(keys)}; found {', '.join(sorted(data))})")
 
 
-def load_calibration(path: str | Path) -> torch.Tensor:
-    data = load_tensors(path)
-    x = _pick(data, INPUT_KEYS, path, "inputs")
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise FxfuseError(f"{path}: calibration inputs are empty")
-    return x
+def load_calibration(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The file's one input tensor, or its named input tensors (labels left out), each non-empty."""
+    found = load_tensors(path)
+    data = {k: v for k, v in found.items() if k not in LABEL_KEYS}
+    if not data:
+        raise FxfuseError(f"{path}: no inputs tensor (found only labels: {', '.join(sorted(found))})")
+    for k, x in data.items():
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise FxfuseError(f"{path}: calibration inputs{'' if len(data) == 1 else f' {k!r}'} are empty")
+    return next(iter(data.values())) if len(data) == 1 else data
 
 
 def load_labelled(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from .activations import activation_cost
+from .calibration import DEFAULT_CALIB_RANDOM, Calibration, CalibrationError
+from .calibration import calibration_batches as batches_of
 from .depth import DepthMap, Relayered, depth_map, find_block_lists, relayer, writer_params
 from .emit import aligned_state, average_states, build_module
 from .errors import FxfuseError
@@ -31,8 +33,6 @@ from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze, expr_leaves
 from .verify import CHECK_TOL, check_moved, compare_outputs
 
-CALIB_BATCH = 16  # calibration batch size: the models are traced once more at this shape
-DEFAULT_CALIB_RANDOM = 256  # random calibration inputs when none are given
 COSTS, SOLVERS, METHODS = ("weights", "activations"), ("exact", "sinkhorn"), ("ot", "vanilla")
 DEPTH_COSTS = ("cka", "ot")
 
@@ -60,7 +60,17 @@ def _main_input(args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | int, torc
     raise FusionError("the example inputs hold no tensor")
 
 
+def calibration_batches(calib: Calibration, args: tuple, kwargs: Mapping[str, Any], seed: int = 0,
+                        forward: nn.Module | None = None) -> list[tuple[tuple, dict]]:
+    """Batches of every batched input (``fxfuse.calibration``); bad data raises ``FusionError``."""
+    try:
+        return batches_of(calib, args, kwargs, seed, forward)
+    except CalibrationError as exc:
+        raise FusionError(str(exc)) from None
+
+
 def _with_input(args: tuple, kwargs: Mapping[str, Any], key, value: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the input at ``key`` (a position or a keyword) replaced by ``value``."""
     args, kwargs = list(args), dict(kwargs)
     if isinstance(key, int):
         args[key] = value
@@ -69,42 +79,10 @@ def _with_input(args: tuple, kwargs: Mapping[str, Any], key, value: torch.Tensor
     return tuple(args), kwargs
 
 
-def calibration_batches(calib: torch.Tensor | int | None, args: tuple, kwargs: Mapping[str, Any],
-                        seed: int = 0) -> list[tuple[tuple, dict]]:
-    """Batches shaped like the example input: from a tensor ``(N, …)``, or ``N`` random samples."""
-    key, example = _main_input(args, kwargs)
-    batch = max(example.shape[0], CALIB_BATCH)
-    if calib is None or isinstance(calib, int):
-        n = DEFAULT_CALIB_RANDOM if calib is None else int(calib)
-        if n < 1:
-            raise FusionError(f"--calib-random {n}: need at least one sample")
-        g = torch.Generator().manual_seed(seed)
-        shape = (n,) + tuple(example.shape[1:])
-        if example.is_floating_point():
-            data = torch.randn(shape, generator=g, dtype=example.dtype)
-        else:
-            lo, hi = int(example.min()), int(example.max()) + 1
-            data = torch.randint(lo, max(hi, lo + 1), shape, generator=g, dtype=example.dtype)
-    else:
-        data = calib
-        if not isinstance(data, torch.Tensor):
-            raise FusionError("calibration data must be a tensor")
-        token_ids = data.dim() == example.dim() == 2 and not example.is_floating_point()  # any sequence length
-        if tuple(data.shape[1:]) != tuple(example.shape[1:]) and not token_ids:
-            raise FusionError(f"calibration data has shape {tuple(data.shape)}; the models take "
-                              f"(N, {', '.join(map(str, example.shape[1:]))})")
-        if data.is_floating_point() != example.is_floating_point():
-            raise FusionError(f"calibration data has dtype {data.dtype}; the models take {example.dtype}")
-        data = data.to(example.dtype)
-    if data.is_floating_point() and not torch.isfinite(data).all():
-        raise FusionError("calibration data holds NaN or inf")
-    batch = min(batch, data.shape[0])
-    n_batches = data.shape[0] // batch
-    return [_with_input(args, kwargs, key, data[i * batch:(i + 1) * batch]) for i in range(n_batches)]
-
-
-def _dropped_note(calib: torch.Tensor | int | None, batches: list[tuple[tuple, dict]]) -> str | None:
+def _dropped_note(calib: Calibration, batches: list[tuple[tuple, dict]]) -> str | None:
     """A note when whole batches leave calibration inputs out (the graphs run at one batch shape)."""
+    if isinstance(calib, Mapping):  # named inputs share their sample count: the first one's
+        calib = next(iter(calib.values()))
     total = DEFAULT_CALIB_RANDOM if calib is None else int(calib) if isinstance(calib, int) else int(calib.shape[0])
     size = _main_input(*batches[0])[1].shape[0]
     used = size * len(batches)
@@ -313,7 +291,7 @@ def _self_check(i: int, model: nn.Module, aligned: nn.Module, alignment: Alignme
 
 
 def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None,
-            target: int = 0, cost: str = "weights", calib: torch.Tensor | int | None = None, solver: str = "exact",
+            target: int = 0, cost: str = "weights", calib: Calibration = None, solver: str = "exact",
             reg: float | None = None, weights: Sequence[float] | None = None, pin: Sequence[str] = (),
             method: str = "ot", rules: RuleSet | None = None, seed: int = 0, max_passes: int = 50,
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka", groups: str = "perm",
@@ -322,7 +300,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     ``cost``: ``"weights"`` (weight matching, no data) or ``"activations"`` (needs
-    ``calib``: a tensor of inputs ``(N, …)`` or an int, that many random inputs);
+    ``calib``: a tensor of inputs ``(N, …)``, a mapping of named inputs (several
+    inputs, ``fxfuse.calibration``) or an int, that many random inputs);
     ``solver``: ``"exact"`` (assignment / exact OT) or ``"sinkhorn"`` (soft, ``reg``);
     ``weights``: fusion weights (default uniform); ``pin``: spaces kept unpermuted;
     ``method="vanilla"``: plain averaging, for comparison; ``heads="flat"``: match
@@ -393,12 +372,13 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     batches, dropped = None, None
     args = tuple(example_args)
     if method == "ot" and cost == "activations":
-        batches = calibration_batches(calib, args, kwargs, seed)
+        batches = calibration_batches(calib, args, kwargs, seed, models[target])
         args, kwargs = batches[0]
         dropped = _dropped_note(calib, batches)
     originals = models
     t = time.perf_counter()
-    depth_batches = functools.lru_cache(None)(lambda: batches or calibration_batches(calib, args, kwargs, seed))
+    depth_batches = functools.lru_cache(None)(lambda: batches or calibration_batches(calib, args, kwargs, seed,
+                                                                                          models[target]))
     models, depth_plans = match_depths(originals, target, depth_batches, args, kwargs, depth_cost, say)
     if method == "vanilla" and any(depth_plans):
         raise FusionError("plain averaging needs models of equal depth (use the default method, ot)")

@@ -226,7 +226,7 @@ def _check_loading_info(info: Mapping[str, Any], spec: str, cls: str, arch: str 
 
 
 def hf_example_inputs(module: nn.Module, seed: int = 0, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
-    """Example inputs for an HF model from its config: token ids or pixel values."""
+    """Example inputs for an HF model from its config: token ids (and decoder ids) or pixel values."""
     config = module.config
     name = getattr(module, "main_input_name", "input_ids")
     g = torch.Generator().manual_seed(seed)
@@ -235,7 +235,10 @@ def hf_example_inputs(module: nn.Module, seed: int = 0, batch: int = 2, seq: int
         if not vocab:
             raise SpecError(f"{type(module).__name__}: config has no vocab_size to make example token ids")
         seq = min(seq, getattr(config, "max_position_embeddings", seq) or seq)
-        return {name: torch.randint(min(3, vocab - 1), vocab, (batch, seq), generator=g)}
+        ids = {name: torch.randint(min(3, vocab - 1), vocab, (batch, seq), generator=g)}
+        if getattr(config, "is_encoder_decoder", False):  # the decoder reads token ids of its own
+            ids["decoder_input_ids"] = torch.randint(min(3, vocab - 1), vocab, (batch, seq), generator=g)
+        return ids
     if name == "pixel_values":
         size = getattr(config, "image_size", 32)
         size = size[0] if isinstance(size, (list, tuple)) else size

@@ -11,8 +11,10 @@ Costs are *similarities* ``S[j, k]`` (maximised):
 
 * weights (Git Re-Basin weight matching): ``S[j, k] = Σ ⟨W_t[…j…], W_s'[…k…]⟩``
   over every member axis, ``W_s'`` the source tensor with all *other* spaces
-  already moved; block coordinate descent in a seeded random order until a
-  pass changes nothing (at most ``max_passes``);
+  already moved (in the first pass, a space with no tensor whose other axes
+  are solved reads its tensors with those axes reduced by their mean and mean
+  square); block coordinate descent in a seeded random order
+  until a pass changes nothing (at most ``max_passes``);
 * activations (OTFusion / Transformer Fusion): ``S[j, k]`` = Pearson
   correlation of target unit ``j`` and source unit ``k`` over calibration
   samples (every token one sample), summed over the nodes where the space
@@ -20,6 +22,7 @@ Costs are *similarities* ``S[j, k]`` (maximised):
 """
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from dataclasses import dataclass, field, replace
@@ -101,7 +104,8 @@ class CostModel(Protocol):
               known_only: bool = False) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """``(S_root (n×n), {child: S_pairs (n×n×m×m)})`` given the current ``perms`` of other spaces.
 
-        ``known_only``: leave out tensors with a movable axis that has no map yet (pure noise).
+        ``known_only``: leave out tensors with a movable axis that has no map yet (its order is unknown);
+        where that leaves nothing, the weight cost reads them with those axes reduced by order-free moments.
         """
 
 
@@ -236,7 +240,11 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     Pass 1 visits blocks in graph order and, when ``iterative``, lets each see
     only tensors whose other movable axes are already solved (unsolved ones add
     noise only): a layer-by-layer propagation that gives the descent a good
-    start. Later passes visit blocks in a seeded random order, each with the
+    start. A block that would see nothing that way (every tensor carries
+    another unsolved space, as heads next to head dims of their own) sees its
+    tensors with those axes reduced by order-free moments (mean and mean
+    square), so it is solved from its weights and not fixed at the identity for
+    the later blocks to settle around. Later passes visit blocks in a seeded random order, each with the
     full cost; a block's new maps are taken only when they raise its
     similarity, and a block is solved again only when a block it shares a
     tensor with has changed. With ``solver="sinkhorn"`` each block's final cost,
@@ -297,10 +305,11 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
                 results[i] = {s: replace(results[i][s], similarity_identity=m.similarity_identity,
                                          similarity_aligned=current) for s, m in maps.items()}
     notes: list[str] = []
-    silent = getattr(cost, "silent", lambda: [])()
+    silent = getattr(cost, "silent", lambda _planned: [])(todo)
     if silent:
-        notes.append(f"no signal for space(s) {', '.join(f's{s}' for s in silent)} (constant on the calibration "
-                     "data): kept at the identity")
+        notes.append(f"no signal for space(s) {', '.join(f's{s}' for s in silent)} ({cost.silent_reason}): "
+                     "kept at the identity")
+        warnings.warn(notes[-1])
     if dirty:
         notes.append(f"coordinate descent stopped after {max_passes} passes without converging")
         warnings.warn(notes[-1])
@@ -348,6 +357,7 @@ class WeightCost:
                  source: Analysis | None = None, skip: frozenset[str] = frozenset()):
         """``source``: the source's analysis where its sizes differ; ``skip``: parameters left out."""
         self.parents = target.parents
+        self.sizes = {sp.id: (sp.size, (source or target).spaces[sp.id].size) for sp in target.spaces}
         self.movable = movable if movable is not None else {
             sp.id for sp in target.spaces if sp.free and sp.size > 1}
         self.items: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = []
@@ -370,8 +380,15 @@ class WeightCost:
         self._static: dict[tuple, torch.Tensor] = {}
         self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
 
+    silent_reason = "no floating-point member tensor to compare"
+
     def tensors_of(self, spaces) -> set[int]:
         return {i for sp in spaces for i in self.by_space.get(sp, [])}
+
+    def silent(self, planned: list[Block]) -> list[int]:
+        """Spaces of ``planned`` that no compared tensor carries (e.g. only an integer index buffer)."""
+        spaces = [b.root for b in planned if b.root_free] + [c for b in planned for c in b.children]
+        return sorted(s for s in spaces if s not in self.by_space)
 
     def _target(self, i: int, dims: tuple[int, ...]) -> torch.Tensor:
         key = (i, dims)
@@ -404,7 +421,36 @@ class WeightCost:
                 S4[j] = (a[j] @ b.T).reshape(m, n_s, m)
         return S4.permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
 
+    def _unknown(self, mask: list[int], perms: Mapping[int, torch.Tensor]) -> list[int]:
+        """Dims of a piece whose space is movable but has no map yet (and dims nested under those)."""
+        unknown = {m for m in mask if m in self.movable and m not in perms}
+        return [e for e, m in enumerate(mask) if m in unknown or self.parents.get(m) in unknown]
+
+    def _reduced(self, i: int, lead: tuple[int, ...], unknown: list[int], mask: list[int],
+                 perms: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """``Σ_f ⟨f(T)[j], f(S')[k]⟩`` over slices along ``lead``, ``f`` the mean and the mean square over the
+        ``unknown`` dims: invariant to their order, so a tensor whose other axes are not solved yet still
+        tells units apart (``(rows_t, rows_s)``, rows over the ``lead`` dims jointly)."""
+        pt, ps, _ = self.items[i]
+        known = tuple(-4 if e in unknown else m for e, m in enumerate(mask))
+        moved = permute_piece(ps, known, perms, self.parents)
+        total = 0
+        for x_t, x_s in ((pt, moved), (pt * pt, moved * moved)):
+            a, b = x_t.mean(unknown, keepdim=True), x_s.mean(unknown, keepdim=True)
+            rows_t = math.prod(a.shape[e] for e in lead)
+            rows_s = math.prod(b.shape[e] for e in lead)
+            a = a.movedim(lead, tuple(range(len(lead)))).reshape(rows_t, -1)
+            b = b.movedim(lead, tuple(range(len(lead)))).reshape(rows_s, -1)
+            total = total + a @ b.T
+        return total
+
     def block(self, root, children, perms, known_only=False):
+        S, nested = self._block(root, children, perms, known_only, reduce_unknown=False)
+        if known_only and not np.any(S) and not nested:  # every tensor has an unsolved axis: read them anyway
+            S, nested = self._block(root, children, perms, known_only, reduce_unknown=True)
+        return S, nested
+
+    def _block(self, root, children, perms, known_only: bool, reduce_unknown: bool):
         relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
         S = None
         nested: dict[int, np.ndarray] = {}
@@ -422,7 +468,18 @@ class WeightCost:
                 for _, cd in child_dims:
                     mask[cd] = -3
                 static = not any(m in self.movable for m in mask)
-                if known_only and any(m in self.movable and m not in perms for m in mask):
+                unknown = self._unknown(mask, perms) if known_only else []
+                if unknown and not reduce_unknown:
+                    continue
+                if unknown:
+                    lead = (d,) + tuple(cd for _, cd in child_dims[:1])
+                    prod = self._reduced(i, lead, unknown, mask, perms)
+                    if not child_dims:
+                        S += prod
+                    else:
+                        c, m = child_dims[0][0], pt.shape[child_dims[0][1]]
+                        S4 = prod.reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()
+                        nested[c] = nested.get(c, 0) + S4
                     continue
                 if not child_dims:
                     key = (i, d)
@@ -446,13 +503,8 @@ class WeightCost:
                     # a piece with several nested children (a grouped conv's in and out units) adds its
                     # similarity once to the parent: each child's share is the piece's over their number
                     nested[c] = nested.get(c, 0) + S4 / len(child_dims)
-        if S is None:
-            if not known_only:
-                raise ValueError(f"space {root} has no member tensor")
-            n, n_s = next(((self.items[i][0].shape[self.items[i][2].index(root)],
-                            self.items[i][1].shape[self.items[i][2].index(root)]) for i in relevant
-                           if root in self.items[i][2]), (0, 0))
-            S = torch.zeros(n, n_s, dtype=torch.float32)
+        if S is None:  # no tensor to compare (yet): no preference, see ``silent``
+            S = torch.zeros(self.sizes[root], dtype=torch.float32)
         return S.double().numpy(), nested
 
 
@@ -477,19 +529,25 @@ def _inner_map_under(t: torch.Tensor, d: int, cd: int, row: torch.Tensor) -> tor
 class ActivationCost:
     """Correlation similarity from accumulated activation statistics (see ``fxfuse.activations``)."""
 
+    silent_reason = "constant on the calibration data, or read at no node"
+
     def __init__(self, stats: Mapping[int, np.ndarray], nested_stats: Mapping[tuple[int, int], np.ndarray],
                  sizes: Mapping[int, tuple[int, int]]):
         """``sizes``: ``{space: (target size, source size)}``."""
         self.stats, self.nested_stats, self.sizes = stats, nested_stats, sizes
 
-    def silent(self) -> list[int]:
-        """Spaces without any correlation signal (no node, or units constant on the data)."""
+    def silent(self, planned: list[Block]) -> list[int]:
+        """Spaces of ``planned`` without any correlation signal: no node exposes them, or their units are
+        constant on the data (a nested space: no joint node with its parent)."""
+        def signal(*costs) -> bool:
+            return any(c is not None and np.any(c) for c in costs)
+
         out = []
-        for sid in self.sizes:
-            S = self.stats.get(sid)
-            nested = [v for (r, _), v in self.nested_stats.items() if r == sid]
-            if S is not None and not np.any(S) and not any(np.any(v) for v in nested):
-                out.append(sid)
+        for b in planned:
+            nested = [self.nested_stats.get((b.root, c)) for c in b.children]
+            if b.root_free and not signal(self.stats.get(b.root), *nested):
+                out.append(b.root)
+            out += [c for c, v in zip(b.children, nested) if not signal(v)]
         return sorted(out)
 
     def block(self, root, children, perms, known_only=False):

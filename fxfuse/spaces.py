@@ -281,6 +281,8 @@ class _Walker:
         self.scales: set[str] = set()
         self._values = dict(traced.module.state_dict(keep_vars=False))
         self._uniform: dict[str, bool] = {}
+        self.prefix = ""  # where the walk is: "" at top level, "submodule/" inside a higher-order op's body
+        self.names: dict[torch.fx.Node, str] = {}  # node -> its name in ``Analysis.node_axes``
 
     def uniform(self, name: str) -> bool:
         """Whether parameter ``name`` holds one value everywhere (a per-channel scale folded away)."""
@@ -353,6 +355,7 @@ class _Walker:
         k = 0
         for node in graph.nodes:
             val = node.meta.get("val")
+            self.names[node] = self.prefix + node.name
             if node.op == "placeholder":
                 if not top:
                     env[node] = inputs[k] if inputs is not None and k < len(inputs) else self.fresh(val)
@@ -515,7 +518,7 @@ class _Walker:
         notes = tuple(f"s{c} ({spaces[c].name}) could move its own way under each unit of s{p} "
                       f"({spaces[p].name}) but moves by one permutation shared by all of them: nesting is "
                       "planned one level deep" for c, p in sorted(shared.items()))
-        node_axes = {n.name: self._node_expr(v, ids) for n, v in self.env.items()}
+        node_axes = {self.names[n]: self._node_expr(v, ids) for n, v in self.env.items()}
         unfit = tuple(UnfitRule(rule.source, tuple(ops), sum(ops.values()), reason)
                       for rule, ops, fitted, reason in self.fits.values() if not fitted)
         return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes,
@@ -764,7 +767,17 @@ class OpContext:
     def analyze_subgraph(self, sub: torch.fx.Node, operands) -> list:
         gm = getattr(self.walker.traced.graph_module, sub.target)
         inputs = [self.walker.env.get(o) if isinstance(o, torch.fx.Node) else None for o in operands]
-        return self.walker._walk(gm, top=False, inputs=inputs)
+        outer = self.walker.prefix
+        self.walker.prefix = subgraph_prefix(outer, sub.target)
+        try:
+            return self.walker._walk(gm, top=False, inputs=inputs)
+        finally:
+            self.walker.prefix = outer
+
+
+def subgraph_prefix(prefix: str, submodule: str) -> str:
+    """Nodes of a higher-order op's submodule are named ``submodule/node`` (nested: ``outer/inner/node``)."""
+    return f"{prefix}{submodule}/"
 
 
 _OUT = object()

@@ -74,15 +74,16 @@ def ops_through(analysis, rules, space_ids: Iterable[int]) -> list[str]:
     writes an axis of one of ``space_ids``; an op without a rule is named as such."""
     wanted, axes = set(space_ids), analysis.node_axes
     out: list[str] = []
-    for gm in analysis.traced.graph_module.modules():
+    for path, gm in analysis.traced.graph_module.named_modules():
         if not isinstance(gm, torch.fx.GraphModule):
             continue
+        prefix = "".join(f"{part}/" for part in path.split(".") if part)  # node names as the analysis keys them
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            seen = _spaces_in(axes.get(node.name))
+            seen = _spaces_in(axes.get(prefix + node.name))
             for arg in node.all_input_nodes:
-                seen |= _spaces_in(axes.get(arg.name))
+                seen |= _spaces_in(axes.get(prefix + arg.name))
             if not seen & wanted:
                 continue
             op = _op_name(node.target)

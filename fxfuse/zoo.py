@@ -172,6 +172,62 @@ class RecurrentClassifier(nn.Module):
         return self.head(out.mean(1))
 
 
+class HeadBiasAttention(nn.Module):
+    """Attention with 3-D projections ``(dim, heads, head_dim)``, a content bias per head and dim (as in
+    XLNet) and per-dim scales shared by all heads, so heads and head dims are separate spaces and no
+    tensor carries heads alone."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, head_dim: int = 8):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Parameter(torch.randn(dim, heads, head_dim)) for _ in range(3))
+        self.o = nn.Parameter(torch.randn(heads, head_dim, dim))
+        self.content_bias = nn.Parameter(torch.randn(heads, head_dim))
+        self.q_scale = nn.Parameter(torch.ones(head_dim))
+        self.v_scale = nn.Parameter(torch.ones(head_dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        heads, d = self.q.shape[1:]
+        q, k, v = ((x @ w.reshape(c, heads * d)).view(b, n, heads, d).transpose(1, 2)
+                   for w in (self.q, self.k, self.v))
+        q = (q + self.content_bias[:, None]) * self.q_scale
+        att = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1)
+        a = (att @ (v * self.v_scale)).transpose(1, 2).reshape(b, n, heads * d)
+        return self.norm(x + a @ self.o.reshape(heads * d, c))
+
+
+class HeadBiasClassifier(nn.Module):
+    """Token embedding, two ``HeadBiasAttention`` layers, an MLP, a mean-pooled head."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, layers: int = 2, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(HeadBiasAttention(dim) for _ in range(layers))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head((h + self.mlp(h)).mean(dim=1))
+
+
+class Seq2Seq(nn.Module):
+    """Encoder-decoder on two token inputs: embeddings, ``nn.Transformer``, an LM head on the decoder."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.src_embed = nn.Embedding(vocab, dim)
+        self.tgt_embed = nn.Embedding(vocab, dim)
+        self.transformer = nn.Transformer(dim, heads, layers, layers, 2 * dim, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, src, tgt):
+        return self.head(self.transformer(self.src_embed(src), self.tgt_embed(tgt)))
+
+
 def mlp(seed: int = 0):
     _seeded(seed)
     return MLP().eval(), (torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(1234)),)
@@ -187,6 +243,23 @@ def cnn(seed: int = 0):
 def mha(seed: int = 0):
     _seeded(seed)
     model = MHAClassifier()
+    _informative(model)
+    return model.eval(), (_ids(),)
+
+
+def seq2seq(seed: int = 0):
+    """Two inputs, source and target token ids of different lengths."""
+    _seeded(seed)
+    model = Seq2Seq()
+    _informative(model)
+    g = torch.Generator().manual_seed(1234)
+    return model.eval(), (torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+                          torch.randint(0, VOCAB, (BATCH, SEQ - 2), generator=g))
+
+
+def head_bias(seed: int = 0):
+    _seeded(seed)
+    model = HeadBiasClassifier()
     _informative(model)
     return model.eval(), (_ids(),)
 
@@ -302,6 +375,17 @@ def gpt2(seed: int = 0):
     return _hf("GPT2LMHeadModel", cfg, seed, (_ids(),))
 
 
+def gpt_bigcode(seed: int = 0):
+    """Multi-query attention: one key/value head shared by all query heads, whose queries are
+    folded into the sequence for the score product, so query heads and head dims are separate
+    spaces of the same activations."""
+    from transformers import GPTBigCodeConfig
+
+    cfg = GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True,
+                           use_cache=False, bos_token_id=0, eos_token_id=0)
+    return _hf("GPTBigCodeForCausalLM", cfg, seed, (_ids(),))
+
+
 def llama(seed: int = 0):
     from transformers import LlamaConfig
 
@@ -391,12 +475,13 @@ def mixtral(seed: int = 0):
 
 
 PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "einsum_attention": einsum_attention, "mqa": mqa,
-         "lstm": lstm, "gru": gru}
+         "lstm": lstm, "gru": gru, "seq2seq": seq2seq, "head_bias": head_bias}
 HF = {
     "bert": bert, "bert_mlm": bert_mlm, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
+    "gpt_bigcode": gpt_bigcode,
     "llama": llama, "qwen2": qwen2, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext,
     "resnet": resnet, "mobilenet_v2": mobilenet_v2, "mixtral": mixtral,
 }
 ZOO = {**PLAIN, **HF}
-TRANSFORMERS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5", "vit", "swin",
-                "einsum_attention", "mqa", "mixtral")
+TRANSFORMERS = ("mha", "encoder", "seq2seq", "head_bias", "bert", "bert_mlm", "roberta", "distilbert", "gpt2",
+                "gpt_bigcode", "llama", "qwen2", "t5", "vit", "swin", "einsum_attention", "mqa", "mixtral")

@@ -71,20 +71,11 @@ def one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- exact recovery, every zoo model
 
 
-# Known failures, strict: they must start failing loudly (XPASS) once fixed.
-KNOWN_FAILURES = {
-    ("mqa", "activations"): "query heads and the head dim are two top-level spaces of one activation; activation "
-                            "statistics treat the other space's axis as samples",
-}
-
-
 def _recovery_cases():
     for name in MODELS:
         yield pytest.param(name, "weights", id=f"{name}-weights")
     for name in ACTIVATION_MODELS:
-        reason = KNOWN_FAILURES.get((name, "activations"))
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        yield pytest.param(name, "activations", id=f"{name}-activations", marks=marks)
+        yield pytest.param(name, "activations", id=f"{name}-activations")
 
 
 @pytest.mark.parametrize("name,cost", list(_recovery_cases()))

@@ -31,8 +31,8 @@ from outputs import run, tolerance  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = list(zoo.ZOO)
-TOKEN_MODELS = ("mha", "encoder", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5",
-                "einsum_attention", "mqa", "lstm", "gru", "mixtral")
+TOKEN_MODELS = ("mha", "encoder", "head_bias", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "gpt_bigcode",
+                "llama", "qwen2", "t5", "einsum_attention", "mqa", "lstm", "gru", "mixtral")
 SEED = 1
 # Measured share of moved parameter elements, seed 1: 0.94 (swin, bert_mlm) to 0.999 (mlp, cnn,
 # mobilenet_v2). Unmoved elements are fixed points of the permutations and equal values (HF LayerNorm
@@ -48,6 +48,8 @@ INTERFACE_AXES = {
     "cnn": [("stem.0.weight", 1), ("head.weight", 0), ("head.bias", 0)],
     "mha": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
     "encoder": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
+    "head_bias": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
+    "seq2seq": [("src_embed.weight", 0), ("tgt_embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
     "bert": [("bert.embeddings.word_embeddings.weight", 0), ("classifier.weight", 0), ("classifier.bias", 0)],
     "bert_mlm": [("bert.embeddings.word_embeddings.weight", 0), ("cls.predictions.decoder.weight", 0),
                  ("cls.predictions.decoder.bias", 0), ("cls.predictions.bias", 0)],
@@ -56,6 +58,7 @@ INTERFACE_AXES = {
     "distilbert": [("distilbert.embeddings.word_embeddings.weight", 0), ("classifier.weight", 0),
                    ("classifier.bias", 0)],
     "gpt2": [("transformer.wte.weight", 0), ("lm_head.weight", 0)],
+    "gpt_bigcode": [("transformer.wte.weight", 0), ("lm_head.weight", 0)],
     "llama": [("model.embed_tokens.weight", 0), ("lm_head.weight", 0)],
     "qwen2": [("model.embed_tokens.weight", 0), ("lm_head.weight", 0)],
     "t5": [("encoder.shared.weight", 0), ("encoder.encoder.embed_tokens.weight", 0), ("head.weight", 0),
