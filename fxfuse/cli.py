@@ -40,15 +40,19 @@ def warn(message: str) -> None:
     print(f"fxfuse: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rules", action="append", default=[], metavar="FILE",
-                   help="extra rule file (repeatable; later files override earlier and the shipped rules)")
-    p.add_argument("--strict", action="store_true", help="fail if any op has no rule (default: pin and report)")
+def _common(p: argparse.ArgumentParser, recipe_flags: bool = False) -> None:
+    """Flags of every command; ``--rules`` and ``--strict`` as declared by the recipe schema."""
+    from .recipe import add_options
+
+    if not recipe_flags:
+        add_options(p, ("rules", "strict"), overriding=False)
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled model files (runs their code)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .recipe import add_options
+
     parser = argparse.ArgumentParser(
         prog="fxfuse", description="Align and fuse trained PyTorch models from their torch.fx graphs.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -61,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model spec (see below)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
     p.add_argument("--dot", metavar="FILE", help="write the space graph (spaces and parameters) for graphviz")
+    p.add_argument("--graph", metavar="FILE", help="write the space graph as GraphML (.graphml), node-link JSON "
+                   "(.json) or DOT (.dot), by the file's suffix")
     p.add_argument("--all", action="store_true", help="list every pinned space, not only the first 20")
-    p.add_argument("--force", action="store_true", help="replace an existing --dot file")
+    p.add_argument("--force", action="store_true", help="replace an existing --dot or --graph file")
     _common(p)
     p.set_defaults(func=cmd_explain)
 
@@ -82,35 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "compression) and in depth\n(blocks of a list of repeated blocks are matched by a "
                        "cross-layer dynamic program; the fused\nmodel takes the target's depth).")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="two or more model specs of one architecture (widths and depths may differ)")
+                   help="two or more model specs of one architecture (widths and depths may differ), or one "
+                   "recipe file (.yaml/.yml: options as in fxfuse-recipe.yaml; flags given here override it)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
-    p.add_argument("--target", type=int, default=0, help="index of the model whose basis and class the result takes")
-    p.add_argument("--cost", choices=["weights", "activations"], default="weights",
-                   help="weight matching (no data) or activation correlation (on --calib, else on "
-                   "random inputs)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--calib", metavar="FILE", help="calibration inputs: a .pt/.safetensors tensor (N, ...)")
-    g.add_argument("--calib-random", type=int, metavar="N", help="N random calibration inputs (smoke tests)")
-    p.add_argument("--solver", choices=["exact", "sinkhorn"], default="exact",
-                   help="hard assignment / exact OT, or soft entropic OT")
-    p.add_argument("--reg", type=float, help="sinkhorn regularisation on the max-normalised cost (default 0.06)")
-    p.add_argument("--weights", metavar="W,W,...", help="fusion weights, one per model (default uniform)")
-    p.add_argument("--pin", action="append", default=[], metavar="PATTERN",
-                   help="keep a space unpermuted: sID, or PARAM[:AXIS] glob over its member axes (repeatable)")
-    p.add_argument("--method", choices=["ot", "vanilla"], default="ot", help="ot alignment, or plain averaging")
-    p.add_argument("--heads", choices=["nested", "flat"], default="nested",
-                   help="inside-head dims matched per head (nested) or shared by all heads (flat)")
-    p.add_argument("--depth-cost", choices=["cka", "ot"], default="cka",
-                   help="models of different depth: block-to-block cost of the cross-layer alignment, "
-                   "1 - linear CKA of block outputs or the OT cost between their units (default cka)")
+    add_options(p)
     p.add_argument("--show-depth-map", action="store_true",
                    help="print which block of each model went to which block of the target, and the width maps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the descent order and random calibration")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (it is always in the output)")
     p.add_argument("--eval", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels): print accuracy "
                    "of each model, of vanilla averaging and of the fused model")
     p.add_argument("--force", action="store_true", help="replace an earlier fxfuse output")
-    _common(p)
+    _common(p, recipe_flags=True)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("barrier", help="loss along the line from model A to model B, vanilla and aligned",
@@ -214,12 +202,22 @@ def cmd_explain(args) -> int:
     from .render import render_dot, render_text
 
     progress = Progress(args.quiet)
-    if args.dot:
-        check_output_path(args.dot, args.force)
+    if args.graph:
+        from .graph import check_graph_path
+
+        check_graph_path(args.graph)
+    for path in (args.dot, args.graph):
+        if path:
+            check_output_path(path, args.force)
     loaded, analysis = _load_and_analyze(args, progress)
     if args.dot:
         write_text_atomic(args.dot, render_dot(analysis), force=args.force)
         progress(f"wrote {args.dot}")
+    if args.graph:
+        from .graph import graph_text, space_graph
+
+        write_text_atomic(args.graph, graph_text(space_graph(analysis), args.graph), force=args.force)
+        progress(f"wrote {args.graph}")
     if args.json:
         json.dump(analysis.report(), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -310,40 +308,55 @@ def _warn_fusion(report: dict, analysis) -> None:
         warn("no space moved: every map is the identity, so the fused model is the plain average")
 
 
+def compile_recipe(args):
+    """The recipe of a ``compile`` command: a recipe file's (the one MODEL given) or the models', with the
+    flags given overriding it."""
+    from .recipe import Recipe, RecipeError, given, is_recipe_file
+
+    flags = given(args)
+    recipes = [m for m in args.models if is_recipe_file(m)]
+    if recipes and len(args.models) > 1:
+        raise RecipeError(f"{recipes[0]}: a recipe file must be the only MODEL argument")
+    if recipes:
+        recipe = Recipe.load(recipes[0])
+        if len(recipe.models) < 2:
+            raise RecipeError(f"{recipes[0]}: key 'models': need at least two model specs, got {len(recipe.models)}")
+    else:
+        recipe, flags = Recipe(), dict(flags, models=args.models)
+    return recipe.override(flags)
+
+
 def cmd_compile(args) -> int:
     import torch
 
+    from .card import model_card
     from .checks import check_inputs, check_labels, guarded
     from .data import load_calibration, load_labelled
     from .evaluate import accuracy, predict
     from .fuse import FusionError, compile as fuse_models
     from .io import check_output_path, load_model, save_model, write_text_atomic
+    from .recipe import RECIPE_FILE
     from .rules import load_rules
 
     progress = Progress(args.quiet)
+    recipe = compile_recipe(args)
     out = check_output_path(args.output, args.force, directory=True)
     if args.report:
         check_output_path(args.report, args.force)
-    weights = None
-    if args.weights:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise FxfuseError(f"--weights {args.weights}: expected numbers separated by commas") from None
-    calib = load_calibration(args.calib) if args.calib else args.calib_random
-    _check_calibration(args, calib)
+    calib = load_calibration(recipe.calib) if recipe.calib else recipe.calib_random
+    _check_calibration(recipe, calib)
     labelled = load_labelled(args.eval) if args.eval else None
-    rules = load_rules(args.rules)
+    rules = load_rules(recipe.rules)
     loaded = []
-    for spec in args.models:
+    for spec in recipe.models:
         progress(f"loading {spec}")
         loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
-    if not -len(loaded) <= args.target < len(loaded):
-        raise FxfuseError(f"--target {args.target} is out of range for {len(loaded)} models")
-    tgt = loaded[args.target]
-    _warn_unused_options(args, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
+    if not -len(loaded) <= recipe.target < len(loaded):
+        raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
+    tgt = loaded[recipe.target]
+    _warn_unused_options(recipe, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
     if isinstance(calib, torch.Tensor):
-        check_inputs(tgt.module, calib, f"--calib {args.calib}")
+        check_inputs(tgt.module, calib, f"--calib {recipe.calib}")
     rows = []
     if labelled is not None:  # every parent runs on the data now: data that does not fit fails before the work
         progress("evaluating the models")
@@ -353,10 +366,8 @@ def cmd_compile(args) -> int:
             check_inputs(m.module, x, where)
             check_labels(guarded(f"{where} cannot run on the inputs", lambda: predict(m.module, x[:2], tgt)), y, where)
             rows.append((f"model {i} ({m.spec})", guarded(where, lambda: accuracy(m.module, x, y, tgt))))
-    result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
-                         cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
-                         pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
-                         heads=args.heads, depth_cost=args.depth_cost, progress=progress)
+    result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=recipe,
+                         calib=calib, rules=rules, progress=progress)
     report = dict(result.report, models=[m.spec for m in loaded], fxfuse=provenance(args.argv))
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
@@ -367,14 +378,15 @@ def cmd_compile(args) -> int:
         sys.stdout.write(text or "all models have the target's depth and widths\n")
     if labelled is not None:
         progress("evaluating")
-        if args.method == "ot":
+        if recipe.method == "ot":
             try:
                 vanilla = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs,
-                                      target=args.target, weights=weights, method="vanilla", rules=rules).module
+                                      target=recipe.target, weights=recipe.weights, method="vanilla",
+                                      rules=rules).module
                 rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
             except FusionError:  # undefined across widths or depths: the target alone is the baseline
                 rows.append(("vanilla average", None))
-        rows.append(("fused (fxfuse)" if args.method == "ot" else "fused (vanilla average)",
+        rows.append(("fused (fxfuse)" if recipe.method == "ot" else "fused (vanilla average)",
                      accuracy(result.module, x, y, tgt)))
         report["eval"] = {"file": args.eval, "samples": int(x.shape[0]), "accuracy": dict(rows)}
         width = max(len(r[0]) for r in rows)
@@ -382,15 +394,17 @@ def cmd_compile(args) -> int:
         for label, acc in rows:
             print(f"  {label:<{width}}  " + ("   n/a (the shapes differ)" if acc is None else f"{acc:6.1%}"))
     text = json.dumps(report, indent=1, default=float) + "\n"
-    save_model(tgt, result.module, out, force=args.force, extra={"report.json": text})
+    saved = recipe.resolved()
+    save_model(tgt, result.module, out, force=args.force,
+               extra={"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)})
     if args.report:
         write_text_atomic(args.report, text, force=args.force)
     seconds = f"{report['timings']['total_s']:.1f}s"
-    if args.method == "vanilla":
+    if recipe.method == "vanilla":
         print(f"wrote {out} (vanilla average, no alignment); {seconds}")
     else:
-        print(f"wrote {out} (ot, cost {args.cost}, solver {args.solver}); {_self_check_text(report['self_check'])}; "
-              f"{seconds}")
+        print(f"wrote {out} (ot, cost {recipe.cost}, solver {recipe.solver}); "
+              f"{_self_check_text(report['self_check'])}; {seconds}")
     return 0
 
 

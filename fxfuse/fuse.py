@@ -26,6 +26,7 @@ from .depth import DepthMap, Relayered, depth_map, find_block_lists, relayer, wr
 from .emit import aligned_state, average_states, build_module
 from .errors import FxfuseError
 from .plan import Alignment, WeightCost, align
+from .recipe import accepts_recipe
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze, expr_leaves
 from .verify import compare_outputs
@@ -328,6 +329,7 @@ def _self_check(i: int, model: nn.Module, aligned: nn.Module, alignment: Alignme
                       "; one of these rules is wrong")
 
 
+@accepts_recipe
 def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None,
             target: int = 0, cost: str = "weights", calib: torch.Tensor | int | None = None, solver: str = "exact",
             reg: float | None = None, weights: Sequence[float] | None = None, pin: Sequence[str] = (),
@@ -335,6 +337,10 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka",
             progress: Callable[[str], None] | None = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
+
+    The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
+    loads its model specs, ``compile(models, args, recipe=recipe)`` fuses the
+    given modules with its options (see ``fxfuse.recipe.accepts_recipe``).
 
     ``cost``: ``"weights"`` (weight matching, no data) or ``"activations"`` (needs
     ``calib``: a tensor of inputs ``(N, …)`` or an int, that many random inputs);
