@@ -110,15 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=21, help="interpolation points including both ends (default 21)")
     p.add_argument("--head", choices=["classification", "mlm", "causal"],
                    help="how to read the loss (default: from the model class)")
-    p.add_argument("--cost", choices=["weights", "activations"], default="weights", help="alignment cost")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--calib", metavar="FILE", help="calibration inputs for --cost activations")
-    g.add_argument("--calib-random", type=int, metavar="N", help="N random calibration inputs")
-    p.add_argument("--solver", choices=["exact", "sinkhorn"], default="exact", help="alignment solver")
-    p.add_argument("--reg", type=float, help="sinkhorn regularisation")
-    p.add_argument("--pin", action="append", default=[], metavar="PATTERN", help="keep a space unpermuted")
-    p.add_argument("--heads", choices=["nested", "flat"], default="nested",
-                   help="inside-head dims matched per head (nested) or shared by all heads (flat)")
+    add_options(p, ("cost", "calib", "calib_random", "solver", "reg", "pin", "heads"), overriding=False)
     p.add_argument("--plot", metavar="PNG", help="draw both curves into this PNG (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the curves and barriers as JSON")
     p.add_argument("--force", action="store_true", help="replace an existing --plot file")

@@ -186,7 +186,8 @@ def file_where(source: str) -> Callable[[Option, Any], str]:
 
 
 def cli_where(option: Option, value) -> str:
-    return f"{option.cli_flag} {value}" if isinstance(value, (str, int, float)) else str(option.cli_flag)
+    flag = option.cli_flag or option.name.upper()
+    return f"{flag} {value}" if isinstance(value, (str, int, float)) else flag
 
 
 # ---------------------------------------------------------------- the recipe
