@@ -73,10 +73,11 @@ def model_card(report: Mapping[str, Any], recipe) -> str:
         else "plain weighted average (no alignment)"
     lines = _front_matter(report, recipe)
     lines += ["# Fused model", "",
-              f"Fused by [fxfuse](https://pypi.org/project/fxfuse/) from {len(recipe.models)} models: {method}"
+              f"Fused by fxfuse {prov.get('version', '?')} from {len(recipe.models)} models: {method}"
               + (f" (cost {recipe.cost}, solver {recipe.solver})." if recipe.method == "ot" else "."), "",
               "## Recipe", "", f"Saved beside the weights as `{RECIPE_FILE}`; "
-              f"`fxfuse compile {RECIPE_FILE} -o OUT` reproduces these weights bit for bit.", "",
+              f"`fxfuse compile {RECIPE_FILE} -o OUT` reproduces these weights bit for bit (with the versions below, "
+              "on the same kind of CPU).", "",
               "```yaml", recipe.to_yaml().rstrip("\n"), "```", ""]
     lines += _parents(report, recipe)
     lines += ["## Versions", "", *_table(["fxfuse", "torch", "transformers"],
