@@ -26,7 +26,7 @@ from .depth import DepthMap, Relayered, depth_map, find_block_lists, relayer, wr
 from .emit import aligned_state, average_states, build_module
 from .errors import FxfuseError
 from .plan import Alignment, WeightCost, align
-from .recipe import accepts_recipe
+from .recipe import BY_NAME as OPTIONS, accepts_recipe
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze, expr_leaves
 from .verify import compare_outputs
@@ -34,8 +34,9 @@ from .verify import compare_outputs
 CHECK_TOL = 1e-4
 CALIB_BATCH = 16  # calibration batch size: the models are traced once more at this shape
 DEFAULT_CALIB_RANDOM = 256  # random calibration inputs when none are given
-COSTS, SOLVERS, METHODS = ("weights", "activations"), ("exact", "sinkhorn"), ("ot", "vanilla")
-DEPTH_COSTS = ("cka", "ot")
+# allowed values, as the recipe schema declares them
+COSTS, SOLVERS, METHODS = OPTIONS["cost"].choices, OPTIONS["solver"].choices, OPTIONS["method"].choices
+DEPTH_COSTS, HEADS = OPTIONS["depth_cost"].choices, OPTIONS["heads"].choices
 
 
 class FusionError(FxfuseError):
@@ -372,8 +373,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         raise FusionError(f"unknown cost {cost!r} (one of {', '.join(COSTS)})")
     if solver not in SOLVERS:
         raise FusionError(f"unknown solver {solver!r} (one of {', '.join(SOLVERS)})")
-    if heads not in ("nested", "flat"):
-        raise FusionError(f"unknown heads mode {heads!r} (nested, flat)")
+    if heads not in HEADS:
+        raise FusionError(f"unknown heads mode {heads!r} ({', '.join(HEADS)})")
     if method not in METHODS:
         raise FusionError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     if depth_cost not in DEPTH_COSTS:
