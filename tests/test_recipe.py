@@ -105,6 +105,12 @@ def test_bad_recipes_name_the_file_and_key(tmp_path, capsys, text, message):
     assert line.startswith(f"{path}: ") and message in line
 
 
+def test_a_missing_recipe_file_is_named(tmp_path, capsys):
+    path = tmp_path / "missing.yaml"
+    assert refused(capsys, tmp_path, "compile", path, "-o", tmp_path / "out") == (
+        f"{path}: cannot read: No such file or directory")
+
+
 def test_flags_override_the_recipe(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(Recipe(models=("a", "b"), solver="sinkhorn", reg=0.2, calib="c.pt", pin=("s0",)).to_yaml())
