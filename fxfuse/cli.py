@@ -41,50 +41,14 @@ def warn(message: str) -> None:
     print(f"fxfuse: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rules", action="append", default=[], metavar="FILE",
-                   help="extra rule file (repeatable; later files override earlier and the shipped rules)")
-    p.add_argument("--strict", action="store_true", help="fail if any op has no rule (default: pin and report)")
+def _common(p: argparse.ArgumentParser, recipe_flags: bool = False) -> None:
+    """Flags of every command; ``--rules`` and ``--strict`` as declared by the recipe schema."""
+    from .recipe import add_options
+
+    if not recipe_flags:
+        add_options(p, ("rules", "strict"), overriding=False)
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickled model files (runs their code)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
-
-
-def _data_options(p: argparse.ArgumentParser, data_flag: str) -> None:
-    """``--repair`` and ``--refine STEPS`` (with labelled data under ``data_flag``)."""
-    p.add_argument("--repair", action="store_true", help="rescale fused units to the interpolated statistics of the "
-                   "aligned models on the calibration inputs (needs --calib or --calib-random), folded into weights")
-    p.add_argument("--refine", type=int, metavar="STEPS", help=f"refine the maps for STEPS steps by gradient descent "
-                   f"on the loss of the interpolated model (needs {data_flag}); maps stay exact")
-    p.add_argument(data_flag, metavar="FILE", dest="refine_data",
-                   help="labelled data (.pt/.safetensors: inputs, labels) for --refine")
-    p.add_argument("--refine-lr", type=float, default=0.2, help="Adam learning rate of the latent maps (default 0.2)")
-    p.add_argument("--refine-batch", type=int, default=32, help="batch size of --refine (default 32)")
-    if data_flag == "--data":
-        p.add_argument("--head", choices=["classification", "mlm", "causal"],
-                       help="how --refine reads the loss (default: from the model class)")
-
-
-def _refine_config(args, progress):
-    """A ``RefineConfig`` from ``--refine``/``--refine-data`` (``None`` without ``--refine``), checked up front."""
-    from .data import load_labelled
-    from .refine import RefineConfig
-
-    if args.refine is None:
-        if args.refine_data:
-            flag = "--data" if args.command == "compile" else "--refine-data"
-            raise FxfuseError(f"{flag} is only used with --refine STEPS")
-        return None
-    if args.refine < 1:
-        raise FxfuseError(f"--refine {args.refine}: need at least one step")
-    if not args.refine_data:
-        flag = "--data" if args.command == "compile" else "--refine-data"
-        raise FxfuseError(f"--refine needs labelled data: pass {flag} FILE")
-    if args.refine_batch < 1 or not args.refine_lr > 0:
-        raise FxfuseError("--refine-batch must be at least 1 and --refine-lr positive")
-    x, y = load_labelled(args.refine_data)
-    bar = _progress_bar(args.quiet)
-    return RefineConfig(args.refine, x, y, head=getattr(args, "head", None), lr=args.refine_lr,
-                        batch_size=args.refine_batch, seed=args.seed if hasattr(args, "seed") else 0, on_step=bar)
 
 
 def _progress_bar(quiet: bool):
@@ -108,6 +72,8 @@ def _progress_bar(quiet: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .recipe import add_options
+
     parser = argparse.ArgumentParser(
         prog="fxfuse", description="Align and fuse trained PyTorch models from their torch.fx graphs.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -120,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model spec (see below)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
     p.add_argument("--dot", metavar="FILE", help="write the space graph (spaces and parameters) for graphviz")
+    p.add_argument("--graph", metavar="FILE", help="write the space graph as GraphML (.graphml), node-link JSON "
+                   "(.json) or DOT (.dot), by the file's suffix")
     p.add_argument("--all", action="store_true", help="list every pinned space, not only the first 20")
-    p.add_argument("--force", action="store_true", help="replace an existing --dot file")
-    _groups_option(p, "full: fold norm scales into their linear readers first and say which could not be folded")
+    p.add_argument("--force", action="store_true", help="replace an existing --dot or --graph file")
+    add_options(p, ("groups", "untie"), overriding=False)
     _common(p)
     p.set_defaults(func=cmd_explain)
 
@@ -131,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model spec (see below)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")
-    _groups_option(p, "perm: permutations; full: fold norm scales, then random elements of each space's group")
+    add_options(p, ("groups", "untie"), overriding=False)
     p.add_argument("--force", action="store_true", help="replace an earlier fxfuse output")
     _common(p)
     p.set_defaults(func=cmd_permute)
@@ -143,37 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "compression) and in depth\n(blocks of a list of repeated blocks are matched by a "
                        "cross-layer dynamic program; the fused\nmodel takes the target's depth).")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="two or more model specs of one architecture (widths and depths may differ)")
+                   help="two or more model specs of one architecture (widths and depths may differ), or one "
+                   "recipe file (.yaml/.yml: options as in fxfuse-recipe.yaml; flags given here override it)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output model directory")
-    p.add_argument("--target", type=int, default=0, help="index of the model whose basis and class the result takes")
-    p.add_argument("--cost", choices=["weights", "activations"], default="weights",
-                   help="weight matching (no data) or activation correlation (on --calib, else on "
-                   "random inputs)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--calib", metavar="FILE", help="calibration inputs: a .pt/.safetensors tensor (N, ...)")
-    g.add_argument("--calib-random", type=int, metavar="N", help="N random calibration inputs (smoke tests)")
-    p.add_argument("--solver", choices=["exact", "sinkhorn"], default="exact",
-                   help="hard assignment / exact OT, or soft entropic OT")
-    p.add_argument("--reg", type=float, help="sinkhorn regularisation on the max-normalised cost (default 0.06)")
-    p.add_argument("--weights", metavar="W,W,...", help="fusion weights, one per model (default uniform)")
-    p.add_argument("--pin", action="append", default=[], metavar="PATTERN",
-                   help="keep a space unpermuted: sID, or PARAM[:AXIS] glob over its member axes (repeatable)")
-    p.add_argument("--method", choices=["ot", "vanilla"], default="ot", help="ot alignment, or plain averaging")
-    p.add_argument("--heads", choices=["nested", "flat"], default="nested",
-                   help="inside-head dims matched per head (nested) or shared by all heads (flat)")
-    p.add_argument("--depth-cost", choices=["cka", "ot"], default="cka",
-                   help="models of different depth: block-to-block cost of the cross-layer alignment, "
-                   "1 - linear CKA of block outputs or the OT cost between their units (default cka)")
+    add_options(p)
     p.add_argument("--show-depth-map", action="store_true",
                    help="print which block of each model went to which block of the target, and the width maps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the descent order and random calibration")
-    _groups_option(p, "perm: permutations only; full: each space's whole group (orthogonal streams, in-head maps)")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (it is always in the output)")
     p.add_argument("--eval", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels): print accuracy "
                    "of each model, of vanilla averaging and of the fused model")
-    _data_options(p, "--data")
     p.add_argument("--force", action="store_true", help="replace an earlier fxfuse output")
-    _common(p)
+    _common(p, recipe_flags=True)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("barrier", help="loss along the line from model A to model B, vanilla and aligned",
@@ -185,17 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=21, help="interpolation points including both ends (default 21)")
     p.add_argument("--head", choices=["classification", "mlm", "causal"],
                    help="how to read the loss (default: from the model class)")
-    p.add_argument("--cost", choices=["weights", "activations"], default="weights", help="alignment cost")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--calib", metavar="FILE", help="calibration inputs for --cost activations")
-    g.add_argument("--calib-random", type=int, metavar="N", help="N random calibration inputs")
-    p.add_argument("--solver", choices=["exact", "sinkhorn"], default="exact", help="alignment solver")
-    p.add_argument("--reg", type=float, help="sinkhorn regularisation")
-    p.add_argument("--pin", action="append", default=[], metavar="PATTERN", help="keep a space unpermuted")
-    p.add_argument("--heads", choices=["nested", "flat"], default="nested",
-                   help="inside-head dims matched per head (nested) or shared by all heads (flat)")
-    _data_options(p, "--refine-data")
-    _groups_option(p, "perm: permutations only; full: each space's whole group")
+    add_options(p, ("cost", "calib", "calib_random", "solver", "reg", "pin", "heads", "groups", "untie", "repair",
+                    "refine", "refine_lr", "refine_batch"), overriding=False)
+    p.add_argument("--refine-data", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels) for "
+                   "--refine (the curves are scored on --data)")
     p.add_argument("--plot", metavar="PNG", help="draw both curves into this PNG (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the curves and barriers as JSON")
     p.add_argument("--force", action="store_true", help="replace an existing --plot file")
@@ -213,13 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print as JSON")
     c.set_defaults(func=cmd_rules_list)
     return parser
-
-
-def _groups_option(p: argparse.ArgumentParser, help_text: str, untie: bool = True) -> None:
-    p.add_argument("--groups", choices=["perm", "full"], default="perm", help=help_text + " (default perm)")
-    if untie:
-        p.add_argument("--untie", action="store_true", help="with --groups full: untie a tied weight (an LM head) "
-                       "to fold a norm scale into it (reported)")
 
 
 def _version() -> str:
@@ -286,8 +220,13 @@ def cmd_explain(args) -> int:
     from .render import render_dot, render_text
 
     progress = Progress(args.quiet)
-    if args.dot:
-        check_output_path(args.dot, args.force)
+    if args.graph:
+        from .graph import check_graph_path
+
+        check_graph_path(args.graph)
+    for path in (args.dot, args.graph):
+        if path:
+            check_output_path(path, args.force)
     folded = None
     if args.groups == "full":
         from .fuse import canonical_analysis
@@ -302,6 +241,11 @@ def cmd_explain(args) -> int:
     if args.dot:
         write_text_atomic(args.dot, render_dot(analysis), force=args.force)
         progress(f"wrote {args.dot}")
+    if args.graph:
+        from .graph import graph_text, space_graph
+
+        write_text_atomic(args.graph, graph_text(space_graph(analysis), args.graph), force=args.force)
+        progress(f"wrote {args.graph}")
     if args.json:
         json.dump(analysis.report(), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -423,43 +367,58 @@ def _permute_groups(args, progress: Progress, out) -> int:
     return 0
 
 
+def compile_recipe(args):
+    """The recipe of a ``compile`` command: a recipe file's (the one MODEL given) or the models', with the
+    flags given overriding it."""
+    from .recipe import Recipe, RecipeError, given, is_recipe_file
+
+    flags = given(args)
+    recipes = [m for m in args.models if is_recipe_file(m)]
+    if recipes and len(args.models) > 1:
+        raise RecipeError(f"{recipes[0]}: a recipe file must be the only MODEL argument")
+    if recipes:
+        recipe = Recipe.load(recipes[0])
+        if len(recipe.models) < 2:
+            raise RecipeError(f"{recipes[0]}: key 'models': need at least two model specs, got {len(recipe.models)}")
+    else:
+        recipe, flags = Recipe(), dict(flags, models=args.models)
+    return recipe.override(flags)
+
+
 def cmd_compile(args) -> int:
     import torch
 
+    from .card import model_card
     from .checks import check_inputs, check_labels, guarded
     from .data import load_calibration, load_labelled
     from .evaluate import accuracy, predict
     from .fuse import FusionError, compile as fuse_models
     from .io import check_output_path, load_model, save_model, write_text_atomic
+    from .recipe import RECIPE_FILE, refine_config
     from .rules import load_rules
 
     progress = Progress(args.quiet)
+    recipe = compile_recipe(args)
     out = check_output_path(args.output, args.force, directory=True)
     if args.report:
         check_output_path(args.report, args.force)
-    weights = None
-    if args.weights:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise FxfuseError(f"--weights {args.weights}: expected numbers separated by commas") from None
-    calib = load_calibration(args.calib) if args.calib else args.calib_random
-    _check_calibration(args, calib)
+    calib = load_calibration(recipe.calib) if recipe.calib else recipe.calib_random
+    _check_calibration(recipe, calib)
     labelled = load_labelled(args.eval) if args.eval else None
-    refine = _refine_config(args, progress)
-    rules = load_rules(args.rules)
+    refine = refine_config(recipe, "--data", on_step=_progress_bar(args.quiet))
+    rules = load_rules(recipe.rules)
     loaded = []
-    for spec in args.models:
+    for spec in recipe.models:
         progress(f"loading {spec}")
         loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
-    if not -len(loaded) <= args.target < len(loaded):
-        raise FxfuseError(f"--target {args.target} is out of range for {len(loaded)} models")
-    tgt = loaded[args.target]
-    _check_untie(args, tgt)
-    _warn_unused_options(args, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
+    if not -len(loaded) <= recipe.target < len(loaded):
+        raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
+    tgt = loaded[recipe.target]
+    _check_untie(recipe, tgt)
+    _warn_unused_options(recipe, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
     named = calib.items() if isinstance(calib, Mapping) else [(None, calib)] if isinstance(calib, torch.Tensor) else []
     for key, x in named:
-        check_inputs(tgt.module, x, f"--calib {args.calib}" + (f" ({key})" if key else ""))
+        check_inputs(tgt.module, x, f"--calib {recipe.calib}" + (f" ({key})" if key else ""))
     rows = []
     if labelled is not None:  # every parent runs on the data now: data that does not fit fails before the work
         progress("evaluating the models")
@@ -469,11 +428,8 @@ def cmd_compile(args) -> int:
             check_inputs(m.module, x, where)
             check_labels(guarded(f"{where} cannot run on the inputs", lambda: predict(m.module, x[:2], tgt)), y, where)
             rows.append((f"model {i} ({m.spec})", guarded(where, lambda: accuracy(m.module, x, y, tgt))))
-    result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
-                         cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
-                         pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
-                         heads=args.heads, depth_cost=args.depth_cost, groups=args.groups, untie=args.untie,
-                         progress=progress, repair=args.repair, refine=refine)
+    result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=recipe,
+                         calib=calib, rules=rules, progress=progress, refine=refine)
     report = dict(result.report, models=[m.spec for m in loaded], fxfuse=provenance(args.argv))
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
@@ -490,14 +446,15 @@ def cmd_compile(args) -> int:
         sys.stdout.write(text or "all models have the target's depth and widths\n")
     if labelled is not None:
         progress("evaluating")
-        if args.method == "ot":
+        if recipe.method == "ot":
             try:
                 vanilla = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs,
-                                      target=args.target, weights=weights, method="vanilla", rules=rules).module
+                                      target=recipe.target, weights=recipe.weights, method="vanilla",
+                                      rules=rules).module
                 rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
             except FusionError:  # undefined across widths or depths: the target alone is the baseline
                 rows.append(("vanilla average", None))
-        rows.append(("fused (fxfuse)" if args.method == "ot" else "fused (vanilla average)",
+        rows.append(("fused (fxfuse)" if recipe.method == "ot" else "fused (vanilla average)",
                      accuracy(result.module, x, y, tgt)))
         report["eval"] = {"file": args.eval, "samples": int(x.shape[0]), "accuracy": dict(rows)}
         width = max(len(r[0]) for r in rows)
@@ -505,15 +462,17 @@ def cmd_compile(args) -> int:
         for label, acc in rows:
             print(f"  {label:<{width}}  " + ("   n/a (the shapes differ)" if acc is None else f"{acc:6.1%}"))
     text = json.dumps(report, indent=1, default=float) + "\n"
-    save_model(tgt, result.module, out, force=args.force, extra={"report.json": text})
+    saved = recipe.resolved()
+    save_model(tgt, result.module, out, force=args.force,
+               extra={"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)})
     if args.report:
         write_text_atomic(args.report, text, force=args.force)
     seconds = f"{report['timings']['total_s']:.1f}s"
-    if args.method == "vanilla":
+    if recipe.method == "vanilla":
         print(f"wrote {out} (vanilla average, no alignment); {seconds}")
     else:
-        print(f"wrote {out} (ot, cost {args.cost}, solver {args.solver}); {_self_check_text(report['self_check'])}; "
-              f"{seconds}")
+        print(f"wrote {out} (ot, cost {recipe.cost}, solver {recipe.solver}); "
+              f"{_self_check_text(report['self_check'])}; {seconds}")
     return 0
 
 
@@ -522,6 +481,7 @@ def cmd_barrier(args) -> int:
     from .barrier import barrier, plot
     from .data import load_calibration, load_labelled
     from .io import check_output_path, load_model
+    from .recipe import refine_config
     from .rules import load_rules
 
     progress = Progress(args.quiet)
@@ -536,11 +496,7 @@ def cmd_barrier(args) -> int:
     _check_calibration(args, calib)
     if args.repair and calib is None:
         raise FxfuseError("--repair needs calibration inputs: pass --calib FILE (or --calib-random N)")
-    refine = _refine_config(args, progress)
-    if refine is not None:
-        from dataclasses import replace
-
-        refine = replace(refine, head=args.head)
+    refine = refine_config(args, "--refine-data", on_step=_progress_bar(args.quiet))
     rules = load_rules(args.rules)
     a, b = (load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models)
     _warn_unused_options(args, set(a.module.state_dict()) == set(b.module.state_dict()))

@@ -29,12 +29,14 @@ from .emit import aligned_state, average_states, build_module
 from .errors import FxfuseError
 from .groups import MODES as GROUP_MODES, NAMES as GROUP_NAMES
 from .plan import Alignment, WeightCost, align
+from .recipe import BY_NAME as OPTIONS, accepts_recipe
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze, expr_leaves
 from .verify import CHECK_TOL, check_moved, compare_outputs
 
-COSTS, SOLVERS, METHODS = ("weights", "activations"), ("exact", "sinkhorn"), ("ot", "vanilla")
-DEPTH_COSTS = ("cka", "ot")
+# allowed values, as the recipe schema declares them
+COSTS, SOLVERS, METHODS = OPTIONS["cost"].choices, OPTIONS["solver"].choices, OPTIONS["method"].choices
+DEPTH_COSTS, HEADS = OPTIONS["depth_cost"].choices, OPTIONS["heads"].choices
 
 
 class FusionError(FxfuseError):
@@ -290,6 +292,7 @@ def _self_check(i: int, model: nn.Module, aligned: nn.Module, alignment: Alignme
                        move_one=move_one, what=f"aligning model {i}", error=FusionError)
 
 
+@accepts_recipe
 def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None,
             target: int = 0, cost: str = "weights", calib: Calibration = None, solver: str = "exact",
             reg: float | None = None, weights: Sequence[float] | None = None, pin: Sequence[str] = (),
@@ -298,6 +301,10 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
             refine: Any = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
+
+    The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
+    loads its model specs, ``compile(models, args, recipe=recipe)`` fuses the
+    given modules with its options (see ``fxfuse.recipe.accepts_recipe``).
 
     ``cost``: ``"weights"`` (weight matching, no data) or ``"activations"`` (needs
     ``calib``: a tensor of inputs ``(N, …)``, a mapping of named inputs (several
@@ -342,8 +349,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         raise FusionError(f"unknown cost {cost!r} (one of {', '.join(COSTS)})")
     if solver not in SOLVERS:
         raise FusionError(f"unknown solver {solver!r} (one of {', '.join(SOLVERS)})")
-    if heads not in ("nested", "flat"):
-        raise FusionError(f"unknown heads mode {heads!r} (nested, flat)")
+    if heads not in HEADS:
+        raise FusionError(f"unknown heads mode {heads!r} ({', '.join(HEADS)})")
     if method not in METHODS:
         raise FusionError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     if depth_cost not in DEPTH_COSTS:

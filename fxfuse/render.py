@@ -77,28 +77,11 @@ def _listing(title: str, show_all: bool, rows: list[str]) -> list[str]:
     return ["", title] + shown + more
 
 
-def _q(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def render_dot(analysis: Analysis) -> str:
     """Bipartite graph: spaces (ellipses; green free, grey pinned) and parameters (boxes)."""
-    out = ["graph spaces {", "  rankdir=LR; node [fontsize=10];"]
-    shown = [s for s in analysis.spaces if s.size > 1]
-    params = sorted({m.param for s in shown for m in s.members})
-    for s in shown:
-        label = f"s{s.id} · {s.size}" + (f"\\n{_role(s)}" if _role(s) else "")
-        style = 'style=filled fillcolor="#c8f0c8"' if s.free else 'style=filled fillcolor="#dddddd"'
-        tip = s.reason or "free"
-        out.append(f"  s{s.id} [shape=ellipse {style} label={_q(label)} tooltip={_q(tip)}];")
-    for i, p in enumerate(params):
-        out.append(f"  p{i} [shape=box label={_q(p)}];")
-    index = {p: i for i, p in enumerate(params)}
-    for s in shown:
-        for m in s.members:
-            out.append(f"  s{s.id} -- p{index[m.param]} [label={_q(str(m.axis) + m.path)}];")
-    out.append("}")
-    return "\n".join(out) + "\n"
+    from .graph import graph_dot, space_graph
+
+    return graph_dot(space_graph(analysis))
 
 
 def render_depth_maps(entries: list[dict], width_maps: list[dict] | None = None) -> str:

@@ -20,7 +20,6 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .errors import RuleError
-from .schema import check_rule
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 OP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}$")
@@ -180,10 +179,7 @@ def parse_rule_file(path: str | Path) -> list[Rule]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RuleError(str(path), None, None, f"{line}invalid YAML: {problem}") from None
+        raise RuleError(str(path), None, None, yaml_problem(exc)) from None
     if isinstance(data, dict) and set(data) <= {"rules"}:
         data = data.get("rules")
     if data is None:
@@ -191,6 +187,14 @@ def parse_rule_file(path: str | Path) -> list[Rule]:
     if not isinstance(data, list):
         raise RuleError(str(path), None, None, "expected a list of rules (or a mapping with key 'rules')")
     return [_parse_rule(path, i, raw) for i, raw in enumerate(data)]
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: ``line N: invalid YAML: PROBLEM``."""
+    mark = getattr(exc, "problem_mark", None)
+    line = f"line {mark.line + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{line}invalid YAML: {problem}"
 
 
 def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
@@ -282,6 +286,8 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
         options=tuple(options.items()), note=note, origin=(str(path), index),
         groups=groups, group=group, scale=scale,
     )
+    from .schema import check_rule  # reads torch.ops: imported only when a rule file is read
+
     check_rule(rule, str(path), index)
     return rule
 

@@ -117,7 +117,7 @@ def test_compile_prints_spaces_kept_at_the_identity_for_lack_of_signal(tmp_path,
                        "--calib", calib)
     assert code == 0
     assert err.splitlines() == [
-        "fxfuse: warning: no signal for space(s) s0, s2 (constant on the calibration data): kept at the identity",
+        "fxfuse: warning: no signal for space(s) s0, s2 (constant on the calibration data, or read at no node): kept at the identity",
         "fxfuse: warning: no space moved: every map is the identity, so the fused model is the plain average"]
 
 

@@ -16,7 +16,7 @@ from fxfuse.verify import compare_outputs
 from clirun import run, snapshot
 
 SPEC = "fxfuse.zoo:mlp"
-OUTPUT_FILES = {"fxfuse.json", "model.safetensors", "report.json"}
+OUTPUT_FILES = {"fxfuse.json", "model.safetensors", "report.json", "README.md", "fxfuse-recipe.yaml"}
 
 
 @pytest.fixture

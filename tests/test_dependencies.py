@@ -1,0 +1,35 @@
+"""Every package the project declares for its library is imported by the library."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORT_NAMES = {"pot": "ot", "pyyaml": "yaml"}  # distributions whose module has another name
+
+
+def _declared() -> set[str]:
+    """Distribution names of ``dependencies`` and of the ``hf`` and ``plot`` extras in pyproject.toml."""
+    text = (ROOT / "pyproject.toml").read_text()
+    blocks = re.findall(r"^(?:dependencies|hf|plot) = \[(.*?)\]", text, flags=re.S | re.M)
+    assert len(blocks) == 3
+    return {re.match(r"[A-Za-z0-9_.-]+", s).group(0).lower() for b in blocks for s in re.findall(r'"([^"]+)"', b)}
+
+
+def _imported() -> set[str]:
+    names = set()
+    for path in (ROOT / "fxfuse").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_declared_dependency_is_imported():
+    declared = _declared()
+    assert {"torch", "networkx", "pot", "pyyaml"} <= declared
+    missing = sorted(d for d in declared if IMPORT_NAMES.get(d, d) not in _imported())
+    assert missing == []
