@@ -31,6 +31,12 @@ class Progress:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    def bar(self, description: str, total: int | None):
+        """A progress bar with ETA on stderr, drawn only on a terminal and without --quiet."""
+        from .progress import tqdm_bar
+
+        return tqdm_bar(description, total, sys.stderr, self.quiet or not sys.stderr.isatty())
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", action="append", default=[], metavar="FILE",
@@ -96,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "1 - linear CKA of block outputs or the OT cost between their units (default cka)")
     p.add_argument("--show-depth-map", action="store_true",
                    help="print which block of each model went to which block of the target, and the width maps")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the fused model (default: the target's); costs and checks run in float32")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="collect activation statistics in N local processes (torch.distributed, gloo); under "
+                   "torchrun the ranks torchrun starts are the workers")
     p.add_argument("--seed", type=int, default=0, help="seed of the descent order and random calibration")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report here (it is always in the output)")
     p.add_argument("--eval", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels): print accuracy "
@@ -209,10 +220,39 @@ def cmd_permute(args) -> int:
 
 
 def cmd_compile(args) -> int:
+    from .distributed import in_launched_group, init_from_env, local_group, wait_workers
+
+    if args.workers < 1:
+        raise FxfuseError(f"--workers {args.workers}: need at least one")
+    if args.workers > 1 and (args.cost != "activations" or args.method != "ot"):
+        raise FxfuseError("--workers shares the collection of activation statistics: use it with --cost activations")
+    if args.workers > 1 and in_launched_group():
+        raise FxfuseError("--workers starts local processes; under torchrun the ranks are the workers")
+    if args.workers == 1:
+        init_from_env()  # under torchrun: join its group
+        return _compile(args)
+    ok, failure = False, None
+    with local_group(args.workers, args.argv) as procs:
+        try:
+            code = _compile(args)
+            ok = True
+        finally:
+            failure = wait_workers(procs, ok)
+    if failure:
+        raise FxfuseError(failure)
+    return code
+
+
+def _compile(args) -> int:
     from .data import load_calibration, load_labelled
     from .evaluate import accuracy
+    import torch
+
     from .fuse import FusionError, compile as fuse_models
+
+    from .distributed import WorkerDone, world
     from .io import check_output_path, load_model, save_model, write_text_atomic
+    from .lazy import open_out_of_core, save_hf_out_of_core
     from .rules import load_rules
 
     progress = Progress(args.quiet)
@@ -228,17 +268,29 @@ def cmd_compile(args) -> int:
     calib = load_calibration(args.calib) if args.calib else args.calib_random
     labelled = load_labelled(args.eval) if args.eval else None
     rules = load_rules(args.rules)
-    loaded = []
-    for spec in args.models:
-        progress(f"loading {spec}")
-        loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
+    out_dtype = getattr(torch, args.dtype) if args.dtype else None
+    loaded, states = [], None
+    if args.cost == "weights" and args.method == "ot" and labelled is None:
+        loaded, states = open_out_of_core(args.models, progress)
+    if not loaded:
+        for spec in args.models:
+            progress(f"loading {spec}")
+            loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
     if not -len(loaded) <= args.target < len(loaded):
         raise FxfuseError(f"--target {args.target} is out of range for {len(loaded)} models")
     tgt = loaded[args.target]
-    result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
-                         cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
-                         pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
-                         heads=args.heads, depth_cost=args.depth_cost, progress=progress)
+    try:
+        result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
+                             cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
+                             pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
+                             heads=args.heads, depth_cost=args.depth_cost, progress=progress, states=states,
+                             out_dtype=out_dtype)
+    except WorkerDone:  # its share of the statistics is in rank 0's sums
+        return 0
+    if world()[0] != 0:
+        return 0
+    if result.state is None and out_dtype is not None:
+        result.module.to(out_dtype)
     report = dict(result.report, models=[m.spec for m in loaded])
     if args.show_depth_map:
         from .render import render_depth_maps
@@ -262,7 +314,12 @@ def cmd_compile(args) -> int:
         for label, acc in rows:
             print(f"  {label:<{width}}  " + ("   n/a (the shapes differ)" if acc is None else f"{acc:6.1%}"))
     text = json.dumps(report, indent=1, default=float) + "\n"
-    save_model(tgt, result.module, out, force=args.force, extra={"report.json": text})
+    if result.state is not None:
+        progress(f"writing {out}")
+        save_hf_out_of_core(tgt, result.state, out, force=args.force, extra={"report.json": text}, dtype=out_dtype,
+                            progress=progress)
+    else:
+        save_model(tgt, result.module, out, force=args.force, extra={"report.json": text})
     if args.report:
         write_text_atomic(args.report, text, force=args.force)
     checks = ", ".join(f"model {c['model']}: {c['drift' if 'drift' in c else 'error']:.1e}"
@@ -351,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `fxfuse rules list | head` ends quietly
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore")
     try:
         return args.func(args)

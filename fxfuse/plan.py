@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .layout import permute_piece, pieces
+from .progress import bar
 from .solvers import assignment, solve
 from .spaces import Analysis
 
@@ -222,13 +223,16 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
 
 def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: float | None = None,
           fixed: set[int] = frozenset(), iterative: bool = True, seed: int = 0, max_passes: int = 50,
-          cost_name: str = "weights") -> Alignment:
+          cost_name: str = "weights", progress=None) -> Alignment:
     """Hard block coordinate descent, then soft maps if asked.
 
     Pass 1 visits blocks in graph order and, when ``iterative``, lets each see
     only tensors whose other movable axes are already solved (unsolved ones add
     noise only): a layer-by-layer propagation that gives the descent a good
-    start. Later passes visit blocks in a seeded random order, each with the
+    start. A block that saw all its tensors in pass 1 has seen its full cost,
+    which no later block of pass 1 changes (a later block's spaces were unsolved
+    then, so their tensors were left out): it is solved again only once a
+    neighbour changes, and the result is the same as solving it again. Later passes visit blocks in a seeded random order, each with the
     full cost; a block's new maps are taken only when they raise its
     similarity, and a block is solved again only when a block it shares a
     tensor with has changed. With ``solver="sinkhorn"`` each block's final cost,
@@ -251,19 +255,25 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
         results[i] = maps
         return changed
 
-    for i in range(len(todo)):
-        take(i, solve_block(todo[i], cost, perms, known_only=iterative)[0])  # the descent is hard
+    dirty: set[int] = set()
+    with bar(progress, "solving, pass 1", len(todo)) as b:
+        for i in range(len(todo)):
+            if iterative and not _complete(todo[i], cost, perms):
+                dirty.add(i)
+            take(i, solve_block(todo[i], cost, perms, known_only=iterative)[0])  # the descent is hard
+            b.update()
     passes = 1
-    dirty = set(range(len(todo))) if iterative else set()
     order = list(range(len(todo)))
     rng = random.Random(seed)
     while dirty and passes < max_passes:
         passes += 1
         rng.shuffle(order)
+        b = bar(progress, f"solving, pass {passes}", len(dirty))
         for i in order:
             if i not in dirty:
                 continue
             dirty.discard(i)
+            b.update()
             maps, current, aligned = solve_block(todo[i], cost, perms)
             if aligned > current + 1e-9 * (abs(current) + 1.0):
                 if take(i, maps):
@@ -271,6 +281,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
             else:  # keep the maps, record the similarities of this full-cost solve
                 results[i] = {s: replace(results[i][s], similarity_identity=m.similarity_identity,
                                          similarity_aligned=current) for s, m in maps.items()}
+        b.close()
     notes: list[str] = []
     silent = getattr(cost, "silent", lambda: [])()
     if silent:
@@ -287,6 +298,15 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
             maps = results[i]
         final.update(maps)
     return Alignment(final, passes, cost_name, solver, tuple(notes))
+
+
+def _complete(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]) -> bool:
+    """Whether ``known_only`` leaves out nothing of ``block``'s cost (``False`` if the cost cannot tell)."""
+    leaves_out = getattr(cost, "leaves_out", None)
+    if leaves_out is None:
+        return False
+    others = {s: p for s, p in perms.items() if s != block.root and s not in block.children}
+    return not leaves_out(block.root, block.children, others)
 
 
 def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
@@ -311,11 +331,13 @@ def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
 class WeightCost:
     """Git Re-Basin weight matching similarity between a target and a source state dict.
 
-    Tensors are unfolded into pieces with one space per dim (float32). For a
-    space at dim ``d`` of a piece, the target slices ``T_d`` (``n × rest``) are
-    cached; when every other dim of the piece is fixed (pinned or outside all
-    blocks, e.g. an embedding's vocabulary) the product ``T_d S_dᵀ`` never
-    changes and is computed once.
+    Tensors are unfolded into pieces with one space per dim (float32), read
+    from the states when a block needs them, so a state that reads its
+    tensors on access (``fxfuse.lazy``) is never held whole. For a space at dim
+    ``d`` of a piece, the target slices ``T_d`` (``n × rest``) are cached when
+    the target state is held in memory; when every other dim of the piece is
+    fixed (pinned or outside all blocks, e.g. an embedding's vocabulary) the
+    product ``T_d S_dᵀ`` never changes and is computed once.
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
@@ -325,24 +347,37 @@ class WeightCost:
         self.parents = target.parents
         self.movable = movable if movable is not None else {
             sp.id for sp in target.spaces if sp.free and sp.size > 1}
-        self.items: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = []
+        self.states = (target_state, source_state)
+        self.axes: dict[str, tuple[tuple, tuple]] = {}
+        self.items: list[tuple[str, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
         for name, layout in target.layouts.items():
-            if name in skip:
+            if name in skip or not _floating(target_state, name):
                 continue
-            t, src = target_state[name].detach(), source_state[name].detach()
-            if not t.is_floating_point():
-                continue
-            t, src = t.float().contiguous(), src.float().contiguous()
             src_axes = (source or target).layouts[name].axes
-            for (pt, spaces), (ps, _) in zip(pieces(t, layout.axes), pieces(src, src_axes)):
+            self.axes[name] = (layout.axes, src_axes)
+            shapes = [torch.empty(sh, device="meta") for sh in (layout.shape, _shape(src_axes))]
+            for k, ((pt, spaces), (ps, _)) in enumerate(zip(pieces(shapes[0], layout.axes), pieces(shapes[1], src_axes))):
                 if any(sp in self.movable for sp in spaces):
-                    self.items.append((pt, ps, spaces))
+                    self.items.append((name, k, spaces, tuple(pt.shape), tuple(ps.shape)))
         self.by_space: dict[int, list[int]] = {}
-        for i, (_, _, spaces) in enumerate(self.items):
-            for sp in set(spaces):
+        for i, item in enumerate(self.items):
+            for sp in set(item[2]):
                 self.by_space.setdefault(sp, []).append(i)
+        self._cache_target = getattr(target_state, "holds_tensors", isinstance(target_state, dict))
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
+        self._last: tuple[str, list, list] | None = None
+
+    def _pieces(self, i: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Item ``i``'s target and source pieces (float32), read from the states."""
+        name, k, spaces = self.items[i][:3]
+        if self._last is None or self._last[0] != name:
+            both = []
+            for state, axes in zip(self.states, self.axes[name]):
+                t = state[name].detach().float().contiguous()
+                both.append([view for view, _ in pieces(t, axes)])
+            self._last = (name, both[0], both[1])
+        return self._last[1][k], self._last[2][k], spaces
 
     def tensors_of(self, spaces) -> set[int]:
         return {i for sp in spaces for i in self.by_space.get(sp, [])}
@@ -351,22 +386,43 @@ class WeightCost:
         key = (i, dims)
         m = self._target_cache.get(key)
         if m is None:
-            pt = self.items[i][0]
+            pt = self._pieces(i)[0]
             lead = [pt.shape[d] for d in dims]
             m = pt.movedim(dims, tuple(range(len(dims)))).reshape(*lead, -1).contiguous()
-            self._target_cache[key] = m
+            if self._cache_target:
+                self._target_cache[key] = m
         return m
 
-    def block(self, root, children, perms, known_only=False):
+    def _masks(self, root, children):
+        """``(item, dim of root, spaces with root at -2 and children at -3)`` for every piece holding ``root``."""
         relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
-        S = None
-        nested: dict[int, np.ndarray] = {}
         for i in relevant:
-            pt, ps, spaces = self.items[i]
+            spaces = self.items[i][2]
+            for d, sp in enumerate(spaces):
+                if sp == root:
+                    mask = list(spaces)
+                    mask[d] = -2
+                    for c in children:
+                        if c in spaces:
+                            mask[spaces.index(c)] = -3
+                    yield i, d, mask
+
+    def leaves_out(self, root, children, perms) -> bool:
+        """Whether ``block(..., known_only=True)`` would leave out a tensor (one with an unsolved movable axis)."""
+        return any(m in self.movable and m not in perms for _, _, mask in self._masks(root, children) for m in mask)
+
+    def _pieces_into(self, S, nested, relevant, root, children, perms, known_only, static_pass):
+        """Add the products of the pieces holding ``root`` that are static (or not) to ``S`` and ``nested``.
+
+        Returns ``S`` and how many pieces were added.
+        """
+        added = 0
+        for i in relevant:
+            spaces, shape_t, shape_s = self.items[i][2:]
             for d, sp in enumerate(spaces):
                 if sp != root:
                     continue
-                n, n_s = pt.shape[d], ps.shape[d]
+                n, n_s = shape_t[d], shape_s[d]
                 if S is None:
                     S = torch.zeros(n, n_s, dtype=torch.float32)
                 child_dims = [(c, spaces.index(c)) for c in children if c in spaces]
@@ -374,21 +430,16 @@ class WeightCost:
                 mask[d] = -2
                 for _, cd in child_dims:
                     mask[cd] = -3
-                static = not any(m in self.movable for m in mask)
-                if known_only and any(m in self.movable and m not in perms for m in mask):
+                static = not child_dims and not any(m in self.movable for m in mask)
+                if static != static_pass or known_only and any(m in self.movable and m not in perms for m in mask):
                     continue
+                pt, ps, _ = self._pieces(i)
+                added += 1
                 if not child_dims:
-                    key = (i, d)
-                    if static and key in self._static:
-                        S += self._static[key]
-                        continue
                     moved = permute_piece(ps, tuple(mask), perms, self.parents) if not static else ps
                     a = self._target(i, (d,))
                     b = moved.movedim(d, 0).reshape(n_s, -1)
-                    prod = a @ b.T
-                    if static:
-                        self._static[key] = prod
-                    S += prod
+                    S += a @ b.T
                     continue
                 c, cd = child_dims[0]  # one nested child per piece (a second one counts at its current map)
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
@@ -397,14 +448,37 @@ class WeightCost:
                 b = moved.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
                 S4 = (a @ b.T).reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
                 nested[c] = nested.get(c, 0) + S4
+        return S, added
+
+    def block(self, root, children, perms, known_only=False):
+        relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
+        S = self._static.get(root)
+        if S is not None:
+            S = S.clone()
+        nested: dict[int, np.ndarray] = {}
+        for static_pass in (True, False):  # pieces with no other movable dim first: their sum is cached per space
+            if static_pass and S is not None:
+                continue
+            S, added = self._pieces_into(S, nested, relevant, root, children, perms, known_only, static_pass)
+            if static_pass and added:
+                self._static[root] = S.clone()
         if S is None:
             if not known_only:
                 raise ValueError(f"space {root} has no member tensor")
-            n, n_s = next(((self.items[i][0].shape[self.items[i][2].index(root)],
-                            self.items[i][1].shape[self.items[i][2].index(root)]) for i in relevant
+            n, n_s = next(((self.items[i][3][self.items[i][2].index(root)],
+                            self.items[i][4][self.items[i][2].index(root)]) for i in relevant
                            if root in self.items[i][2]), (0, 0))
             S = torch.zeros(n, n_s, dtype=torch.float32)
         return S.double().numpy(), nested
+
+
+def _floating(state: Mapping[str, torch.Tensor], name: str) -> bool:
+    dtype = getattr(state, "dtype_of", None)
+    return dtype(name).is_floating_point if dtype is not None else state[name].is_floating_point()
+
+
+def _shape(axes: tuple) -> tuple[int, ...]:
+    return tuple(e.size for e in axes)
 
 
 # ---------------------------------------------------------------- activation cost
