@@ -10,7 +10,7 @@ at a time; removed afterwards unless ``--keep``):
 * ``bert-base``: BertModel, hidden 768, 12 layers, 12 heads, MLP 3072 (109.5 M);
 * ``llama-1b``: LlamaForCausalLM, hidden 2048, 22 layers, 32 query / 4 key-value
   heads, MLP 5632, vocabulary 32000 (1.1 B), float32;
-* ``llama-1b-bf16``: the same weights in bfloat16.
+* ``llama-1b-bf16``: the same weights in bfloat16 (converted shard by shard).
 
 For each pair the script runs, each in a fresh process:
 
@@ -56,12 +56,14 @@ def build(name: str) -> tuple[Path, Path]:
     dirs = CACHE / f"{name}-a", CACHE / f"{name}-b"
     if all((d / "config.json").is_file() for d in dirs):
         return dirs
+    if name.endswith("-bf16"):
+        for src, d in zip(build(name.removesuffix("-bf16")), dirs):
+            _to_bf16(src, d)
+        return dirs
     cls, config = _config(name)
     for seed, d in zip((0, 1), dirs):
         torch.manual_seed(seed)
         model = cls(config).eval()
-        if name.endswith("-bf16"):
-            model = model.to(torch.bfloat16)
         tmp = d.with_name(d.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, max_shard_size="1GB")
@@ -69,6 +71,32 @@ def build(name: str) -> tuple[Path, Path]:
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
     return dirs
+
+
+def _to_bf16(src: Path, dst: Path) -> None:
+    """Copy a sharded checkpoint in bfloat16, one shard in memory at a time."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.suffix == ".safetensors":
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(tmp / f.name),
+                      metadata={"format": "pt"})
+        elif f.name == "config.json":
+            config = json.loads(f.read_text())
+            config["dtype"] = "bfloat16"
+            (tmp / f.name).write_text(json.dumps(config, indent=2) + "\n")
+        elif f.name.endswith(".index.json"):
+            index = json.loads(f.read_text())
+            index["metadata"]["total_size"] = index["metadata"]["total_size"] // 2
+            (tmp / f.name).write_text(json.dumps(index, indent=2) + "\n")
+        else:
+            shutil.copy(f, tmp / f.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
 
 
 def floor(a: str, b: str) -> dict:
@@ -116,7 +144,7 @@ def _run_measured(argv: list[str], env: dict) -> tuple[float, float, str]:
         return wall, usage.ru_maxrss / 2 ** 20, out.read()
 
 
-def measure(name: str, keep: bool) -> dict:
+def measure(name: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
@@ -137,9 +165,6 @@ def measure(name: str, keep: bool) -> dict:
                                          env)[0]
     finally:
         shutil.rmtree(out, ignore_errors=True)
-        if not keep:
-            for d in (a, b):
-                shutil.rmtree(d, ignore_errors=True)
     return row
 
 
@@ -154,12 +179,20 @@ def main() -> None:
         print(json.dumps(floor(*args.floor)))
         return
     rows = []
-    for name in args.pairs.split(","):
-        if name not in PAIRS:
-            raise SystemExit(f"unknown pair {name!r} (one of {', '.join(PAIRS)})")
-        rows.append(measure(name, args.keep))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    names = args.pairs.split(",")
+    try:
+        for name in names:
+            if name not in PAIRS:
+                raise SystemExit(f"unknown pair {name!r} (one of {', '.join(PAIRS)})")
+            rows.append(measure(name))
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    finally:
+        if not args.keep:  # the pairs and the float32 checkpoints a bf16 pair was made from
+            for name in names:
+                for base in {name, name.removesuffix("-bf16")}:
+                    for side in "ab":
+                        shutil.rmtree(CACHE / f"{base}-{side}", ignore_errors=True)
     print("| pair | compile wall | of which start-up | floor (load + products) | wall / floor | "
           "(wall − start-up) / floor | peak RSS | passes | self-check |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

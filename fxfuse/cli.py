@@ -251,6 +251,7 @@ def _compile(args) -> int:
     from .fuse import FusionError, compile as fuse_models
 
     from .distributed import WorkerDone, world
+    from .errors import TraceError
     from .io import check_output_path, load_model, save_model, write_text_atomic
     from .lazy import open_out_of_core, save_hf_out_of_core
     from .rules import load_rules
@@ -279,12 +280,23 @@ def _compile(args) -> int:
     if not -len(loaded) <= args.target < len(loaded):
         raise FxfuseError(f"--target {args.target} is out of range for {len(loaded)} models")
     tgt = loaded[args.target]
+    def fuse():
+        return fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
+                           cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
+                           pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
+                           heads=args.heads, depth_cost=args.depth_cost, progress=progress, states=states,
+                           out_dtype=out_dtype)
+
     try:
-        result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, target=args.target,
-                             cost=args.cost, calib=calib, solver=args.solver, reg=args.reg, weights=weights,
-                             pin=args.pin, method=args.method, rules=rules, seed=args.seed, strict=args.strict,
-                             heads=args.heads, depth_cost=args.depth_cost, progress=progress, states=states,
-                             out_dtype=out_dtype)
+        try:
+            result = fuse()
+        except TraceError:
+            if states is None:
+                raise
+            progress("the models do not trace without their weights: loading them in memory")
+            loaded = [load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models]
+            tgt, states = loaded[args.target], None
+            result = fuse()
     except WorkerDone:  # its share of the statistics is in rank 0's sums
         return 0
     if world()[0] != 0:

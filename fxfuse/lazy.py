@@ -126,13 +126,22 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
 class TensorMap(Mapping[str, torch.Tensor]):
     """``keys`` with each tensor made by ``make(key)`` on access (aligned or fused weights, not held)."""
 
-    def __init__(self, keys: Iterable[str], make: Callable[[str], torch.Tensor]):
+    def __init__(self, keys: Iterable[str], make: Callable[[str], torch.Tensor],
+                 aliases: Mapping[str, str] | None = None):
+        """``aliases``: other names of some keys (tied weights), readable but not listed."""
         self._keys, self.make = list(keys), make
+        self._set = set(self._keys)
+        self.aliases = {a: k for a, k in (aliases or {}).items() if k in self._set and a not in self._set}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
+        if key not in self._set:
+            if key not in self.aliases:
+                raise KeyError(key)
+            key = self.aliases[key]
         return self.make(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set or key in self.aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -316,7 +325,7 @@ def aligned_tensors(analysis, state: Mapping[str, torch.Tensor], alignment) -> M
         one = replace(analysis, layouts={name: analysis.layouts[name]})
         return aligned_state(one, {name: state[key]}, alignment)[name]
 
-    return TensorMap(state.keys(), make)
+    return TensorMap(state.keys(), make, _aliases(state, owner))
 
 
 def averaged_tensors(states, weights, target: int, dtype: torch.dtype | None = None) -> Mapping[str, torch.Tensor]:
@@ -334,9 +343,22 @@ def averaged_tensors(states, weights, target: int, dtype: torch.dtype | None = N
         out = ref if dtype is None else ref.to(dtype)  # the average is rounded once, to ``dtype``
         return average_states([{key: x} for x in tensors], weights, {key: out})[key]
 
-    fused = TensorMap(like.keys(), make)
+    fused = TensorMap(like.keys(), make, _aliases(like, {}))
     fused.like = like  # shapes and dtypes without making the tensors
     return fused
+
+
+def _aliases(state: Mapping[str, torch.Tensor], owner: Mapping[str, str]) -> dict[str, str]:
+    """Names under which ``state``'s keys are also read: its own aliases and tied names of the analysis."""
+    out = dict(getattr(state, "aliases", {}))
+    groups: dict[str, list[str]] = {}
+    for alias, name in owner.items():
+        groups.setdefault(name, []).append(alias)
+    for names in groups.values():
+        stored = next((n for n in names if n in state), None)
+        if stored is not None:
+            out.update({n: stored for n in names if n != stored})
+    return out
 
 
 def compute_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype | None:
@@ -370,7 +392,11 @@ def meta_parameters():
 
 
 def load_hf_out_of_core(spec: str, dtype: torch.dtype | None = None, seed: int = 0):
-    """A Hugging Face directory as ``(LoadedModel with a meta skeleton, CheckpointTensors)``; ``None`` if not one.
+    """A Hugging Face directory as ``(LoadedModel with a meta skeleton, CheckpointTensors)``.
+
+    ``None`` where it is not one, or its tensors are not stored under the
+    module's names and shapes (then it is loaded in memory, where
+    transformers converts them).
 
     Only the config is read: the module is built with ``meta`` parameters (its
     computed buffers, such as rotary frequencies, are real), the weights stay
@@ -404,14 +430,9 @@ def load_hf_out_of_core(spec: str, dtype: torch.dtype | None = None, seed: int =
     aliases.update({name: other for other, name in list(aliases.items())})
     offload(module.eval(), dtype)
     tensors = tensors.with_aliases(aliases)
-    names = [k for k, _ in module.state_dict().items()]
-    missing = [k for k in names if k not in tensors]
-    if missing:
-        raise SpecError(f"{spec}: the checkpoint has no tensor {missing[0]}")
-    for k, t in module.state_dict().items():
-        if tuple(tensors.shape_of(k)) != tuple(t.shape):
-            raise SpecError(f"{spec}: {k} has shape {tuple(tensors.shape_of(k))} in the checkpoint and "
-                            f"{tuple(t.shape)} in the model its config describes")
+    # stored under other names (transformers converts some on loading) or other shapes: load it in memory
+    if any(k not in tensors or tuple(tensors.shape_of(k)) != tuple(t.shape) for k, t in module.state_dict().items()):
+        return None
     return LoadedModel(module, (), hf_example_inputs(module, seed), spec, HF), tensors
 
 

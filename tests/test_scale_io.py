@@ -185,3 +185,31 @@ def test_streamed_run_falls_back_when_a_module_reads_another_modules_weights(tmp
     skeleton = offload(_ReadsChildWeight().eval())
     out = run_streamed(skeleton, CheckpointTensors.from_dir(tmp_path), (x,))
     assert torch.equal(out, model(x))
+
+
+def test_models_that_do_not_trace_without_weights_are_loaded_in_memory(tmp_path, capsys):
+    from fxfuse import zoo
+
+    for seed in (0, 1):
+        zoo.resnet(seed=seed)[0].save_pretrained(tmp_path / f"m{seed}")
+    out = tmp_path / "out"
+    assert main(["compile", str(tmp_path / "m0"), str(tmp_path / "m1"), "-o", str(out)]) == 0
+    assert "loading them in memory" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["self_check"][1]["error"] <= 1e-4
+    assert transformers.ResNetForImageClassification.from_pretrained(str(out)) is not None
+
+
+def test_tied_embeddings_out_of_core_equal_in_memory(tmp_path):
+    from fxfuse import zoo
+
+    for seed in (0, 1):
+        zoo.bert_mlm(seed=seed)[0].save_pretrained(tmp_path / f"m{seed}")
+    a, b = str(tmp_path / "m0"), str(tmp_path / "m1")
+    stored = CheckpointTensors.from_dir(tmp_path / "m0")
+    assert "cls.predictions.decoder.weight" not in stored.files  # stored once, under the embedding's name
+    out = _compile(tmp_path / "out", a, b)
+    la, lb = load_model(a), load_model(b)
+    expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs).module.state_dict()
+    written = _tensors(out)
+    assert written and all(torch.equal(t, expected[k]) for k, t in written.items())
