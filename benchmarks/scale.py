@@ -110,25 +110,30 @@ def floor(a: str, b: str) -> dict:
 
     loaded, _ = load_hf_out_of_core(a)
     analysis = fxfuse.analyze(loaded.module, (), example_kwargs=loaded.kwargs)  # shapes only; not counted
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     states = []
     for path in (a, b):
         tensors = CheckpointTensors.from_dir(Path(path))
         states.append({k: tensors[k] for k in tensors})
-    t_load = time.perf_counter() - t0
+    t_load, c_load = time.perf_counter() - t0, time.process_time() - c0
     for name, layout in analysis.layouts.items():  # tied names read the stored tensor
         for s in states:
             if name not in s:
                 s[name] = next(s[alias] for alias in layout.aliases if alias in s)
     cost = WeightCost(analysis, states[0], states[1])
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for blk in blocks(analysis, set()):
         cost.block(blk.root, blk.children, {})
-    return {"load_s": t_load, "products_s": time.perf_counter() - t1}
+    return {"load_s": t_load, "products_s": time.perf_counter() - t1,
+            "cpu_s": c_load + time.process_time() - c1}
 
 
-def _run_measured(argv: list[str], env: dict) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GiB, of this child alone, from wait4) and stdout."""
+def _run_measured(argv: list[str], env: dict) -> tuple[float, float, str, float]:
+    """Wall seconds, peak RSS (GiB, of this child alone, from wait4), stdout and CPU seconds (user + system).
+
+    On a shared machine the CPU seconds are the steadier figure: the wall
+    time grows with whatever else runs.
+    """
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -141,7 +146,7 @@ def _run_measured(argv: list[str], env: dict) -> tuple[float, float, str]:
         err.seek(0)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{err.read()[-3000:]}")
-        return wall, usage.ru_maxrss / 2 ** 20, out.read()
+        return wall, usage.ru_maxrss / 2 ** 20, out.read(), usage.ru_utime + usage.ru_stime
 
 
 def measure(name: str) -> dict:
@@ -153,14 +158,14 @@ def measure(name: str) -> dict:
     out = CACHE / f"{name}-fused"
     row = {"pair": name}
     try:
-        wall, rss, text = _run_measured([sys.executable, "-m", "fxfuse.cli", "compile", str(a), str(b), "-o", str(out),
-                                         "--force", "-q"], env)
+        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.cli", "compile", str(a), str(b), "-o",
+                                              str(out), "--force", "-q"], env)
         report = json.loads((out / "report.json").read_text())
-        row.update(wall_s=wall, peak_rss_gib=rss, timings=report["timings"], passes=report["passes"],
+        row.update(wall_s=wall, cpu_s=cpu, peak_rss_gib=rss, timings=report["timings"], passes=report["passes"],
                    self_check=report["self_check"], stdout=text.strip())
-        print(f"{name}: compile {wall:.1f} s, {rss:.2f} GiB", file=sys.stderr, flush=True)
-        _, frss, ftext = _run_measured([sys.executable, __file__, "--floor", str(a), str(b)], env)
-        row["floor"] = dict(json.loads(ftext.strip().splitlines()[-1]), peak_rss_gib=frss)
+        print(f"{name}: compile {wall:.1f} s ({cpu:.1f} CPU s), {rss:.2f} GiB", file=sys.stderr, flush=True)
+        _, frss, ftext, fcpu = _run_measured([sys.executable, __file__, "--floor", str(a), str(b)], env)
+        row["floor"] = dict(json.loads(ftext.strip().splitlines()[-1]), peak_rss_gib=frss, process_cpu_s=fcpu)
         row["startup_s"] = _run_measured([sys.executable, "-c", "import torch, transformers, fxfuse.cli, fxfuse.fuse"],
                                          env)[0]
     finally:
@@ -194,14 +199,15 @@ def main() -> None:
                     for side in "ab":
                         shutil.rmtree(CACHE / f"{base}-{side}", ignore_errors=True)
     print("| pair | compile wall | of which start-up | floor (load + products) | wall / floor | "
-          "(wall − start-up) / floor | peak RSS | passes | self-check |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "(wall − start-up) / floor | CPU s / floor CPU s | peak RSS | passes | self-check |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         fl = r["floor"]["load_s"] + r["floor"]["products_s"]
         check = max(c.get("error", 0.0) for c in r["self_check"])
         print(f"| {r['pair']} | {r['wall_s']:.1f} s | {r['startup_s']:.1f} s | {r['floor']['load_s']:.1f} + "
               f"{r['floor']['products_s']:.1f} = {fl:.1f} s | {r['wall_s'] / fl:.1f}× | "
-              f"{(r['wall_s'] - r['startup_s']) / fl:.1f}× | {r['peak_rss_gib']:.2f} GiB | "
+              f"{(r['wall_s'] - r['startup_s']) / fl:.1f}× | {r['cpu_s']:.0f} / {r['floor']['cpu_s']:.0f} = "
+              f"{r['cpu_s'] / r['floor']['cpu_s']:.1f}× | {r['peak_rss_gib']:.2f} GiB | "
               f"{list(r['passes'].values())} | {check:.1e} |")
     for r in rows:
         t = r["timings"]

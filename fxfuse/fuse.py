@@ -22,15 +22,15 @@ import torch
 from torch import nn
 
 from .activations import activation_cost
-from .distributed import WorkerDone, all_reduce_sums, shard, world
 from .depth import DepthMap, Relayered, depth_map, find_block_lists, relayer, writer_params
-from .emit import aligned_state, average_states, build_module
+from .distributed import WorkerDone, all_reduce_sums, shard, world
+from .emit import average_states, build_module
 from .errors import FxfuseError
+from .lazy import aligned_tensors, averaged_tensors, compute_dtype, in_memory, run_streamed
 from .plan import Alignment, WeightCost, align
 from .progress import bar
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze, expr_leaves
-from .lazy import aligned_tensors, averaged_tensors, compute_dtype, in_memory, run_streamed
 from .verify import compare_outputs, output_tensors, relative_error
 
 CHECK_TOL = 1e-4
