@@ -28,6 +28,7 @@ import torch
 
 from .layout import pieces
 from .plan import ActivationCost, blocks
+from .progress import bar
 from .spaces import Analysis, Concat, Leaf, Product, expr_leaves, subgraph_prefix
 
 # Ops whose outputs are read: where spaces are made (linear, conv), normalised (norms) and carried
@@ -185,8 +186,13 @@ def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set
 
 def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[tuple, Mapping[str, Any]]],
                     fixed: set[int] = frozenset(), nodes_per_space: int = 16,
-                    progress: Callable[[str], None] | None = None, levels=None) -> ActivationCost:
-    """Correlation costs for every block of ``target`` from both models' activations on ``batches``."""
+                    progress: Callable[[str], None] | None = None, levels=None,
+                    reduce: Callable[[dict], None] | None = None) -> ActivationCost:
+    """Correlation costs for every block of ``target`` from both models' activations on ``batches``.
+
+    ``reduce``: applied to the accumulated sums before they become correlations
+    (``fxfuse.distributed.all_reduce_sums``: the sums of every worker's batches).
+    """
     plan_blocks = blocks(target, set(fixed))
     jobs: list[tuple[tuple[int, int | None], str]] = []
     for b in plan_blocks:
@@ -200,6 +206,7 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
     moved = frozenset(b.root for b in plan_blocks if b.root_free) | {c for b in plan_blocks for c in b.children}
     own = {b.root: frozenset(b.children) for b in plan_blocks}
     stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
+    shown = bar(progress, "activations", len(batches))
     for i, (args, kwargs) in enumerate(batches):
         vt = _run(target, args, kwargs, wanted)
         vs = _run(source, args, kwargs, wanted)
@@ -215,8 +222,10 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
                 if st is None:
                     st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1])
                 st.add(x, y)
-        if progress:
-            progress(f"activations: batch {i + 1}/{len(batches)}")
+        shown.update()
+    shown.close()
+    if reduce is not None:
+        reduce(stats)
     root_cost: dict[int, np.ndarray] = {}
     nested_cost: dict[tuple[int, int], np.ndarray] = {}
     for ((space, child), _, _), st in stats.items():

@@ -35,6 +35,12 @@ class Progress:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    def bar(self, description: str, total: int | None):
+        """A progress bar with ETA on stderr, drawn only on a terminal and without --quiet."""
+        from .progress import tqdm_bar
+
+        return tqdm_bar(description, total, sys.stderr, self.quiet or not sys.stderr.isatty())
+
 
 def warn(message: str) -> None:
     """A warning on stderr, shown even with --quiet: the run is legitimate but not what it may seem."""
@@ -386,19 +392,44 @@ def compile_recipe(args):
 
 
 def cmd_compile(args) -> int:
+    from .distributed import in_launched_group, init_from_env, local_group, wait_workers
+
+    recipe = compile_recipe(args)
+    if recipe.workers > 1 and (recipe.cost != "activations" or recipe.method != "ot"):
+        raise FxfuseError("--workers shares the collection of activation statistics: use it with --cost activations")
+    if recipe.workers > 1 and in_launched_group():
+        raise FxfuseError("--workers starts local processes; under torchrun the ranks are the workers")
+    if recipe.workers == 1:
+        init_from_env()  # under torchrun: join its group
+        return _compile(args, recipe)
+    ok, failure = False, None
+    with local_group(recipe.workers, args.argv[1:]) as procs:
+        try:
+            code = _compile(args, recipe)
+            ok = True
+        finally:
+            failure = wait_workers(procs, ok)
+    if failure:
+        raise FxfuseError(failure)
+    return code
+
+
+def _compile(args, recipe) -> int:
     import torch
 
     from .card import model_card
     from .checks import check_inputs, check_labels, guarded
     from .data import load_calibration, load_labelled
     from .evaluate import accuracy, predict
+    from .distributed import WorkerDone, world
+    from .errors import TraceError
     from .fuse import FusionError, compile as fuse_models
     from .io import check_output_path, load_model, save_model, write_text_atomic
+    from .lazy import open_out_of_core, save_hf_out_of_core
     from .recipe import RECIPE_FILE, refine_config
     from .rules import load_rules
 
     progress = Progress(args.quiet)
-    recipe = compile_recipe(args)
     out = check_output_path(args.output, args.force, directory=True)
     if args.report:
         check_output_path(args.report, args.force)
@@ -407,10 +438,16 @@ def cmd_compile(args) -> int:
     labelled = load_labelled(args.eval) if args.eval else None
     refine = refine_config(recipe, "--data", on_step=_progress_bar(args.quiet))
     rules = load_rules(recipe.rules)
-    loaded = []
-    for spec in recipe.models:
-        progress(f"loading {spec}")
-        loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
+    out_dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+    loaded, states = [], None
+    plain = (recipe.cost == "weights" and recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair
+             and refine is None and labelled is None)
+    if plain:  # Hugging Face twins in safetensors: fused out of core
+        loaded, states = open_out_of_core(recipe.models, progress)
+    if not loaded:
+        for spec in recipe.models:
+            progress(f"loading {spec}")
+            loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
     if not -len(loaded) <= recipe.target < len(loaded):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
     tgt = loaded[recipe.target]
@@ -428,8 +465,28 @@ def cmd_compile(args) -> int:
             check_inputs(m.module, x, where)
             check_labels(guarded(f"{where} cannot run on the inputs", lambda: predict(m.module, x[:2], tgt)), y, where)
             rows.append((f"model {i} ({m.spec})", guarded(where, lambda: accuracy(m.module, x, y, tgt))))
-    result = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=recipe,
-                         calib=calib, rules=rules, progress=progress, refine=refine)
+
+    def fuse():
+        return fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=recipe,
+                           calib=calib, rules=rules, progress=progress, refine=refine, states=states,
+                           out_dtype=out_dtype)
+
+    try:
+        try:
+            result = fuse()
+        except TraceError:
+            if states is None:
+                raise
+            progress("the models do not trace without their weights: loading them in memory")
+            loaded = [load_model(spec, trust_pickle=args.trust_pickle) for spec in recipe.models]
+            tgt, states = loaded[recipe.target], None
+            result = fuse()
+    except WorkerDone:  # its share of the statistics is in rank 0's sums
+        return 0
+    if world()[0] != 0:
+        return 0
+    if result.state is None and out_dtype is not None:
+        result.module.to(out_dtype)
     report = dict(result.report, models=[m.spec for m in loaded], fxfuse=provenance(args.argv))
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
@@ -438,7 +495,7 @@ def cmd_compile(args) -> int:
         print(f"refined {r['steps']} steps in {r['seconds']:.1f}s: loss at the fusion weights "
               f"{r['loss_at_weights_before']:.4f} -> {r['loss_at_weights_after']:.4f}, barrier there "
               f"{r['barrier_at_weights_before']:.4f} -> "
-              f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {args.refine_data})")
+              f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {recipe.refine_data})")
     if args.show_depth_map:
         from .render import render_depth_maps
 
@@ -463,8 +520,13 @@ def cmd_compile(args) -> int:
             print(f"  {label:<{width}}  " + ("   n/a (the shapes differ)" if acc is None else f"{acc:6.1%}"))
     text = json.dumps(report, indent=1, default=float) + "\n"
     saved = recipe.resolved()
-    save_model(tgt, result.module, out, force=args.force,
-               extra={"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)})
+    extra = {"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)}
+    if result.state is not None:
+        progress(f"writing {out}")
+        save_hf_out_of_core(tgt, result.state, out, force=args.force, extra=extra, dtype=out_dtype,
+                            progress=progress)
+    else:
+        save_model(tgt, result.module, out, force=args.force, extra=extra)
     if args.report:
         write_text_atomic(args.report, text, force=args.force)
     seconds = f"{report['timings']['total_s']:.1f}s"

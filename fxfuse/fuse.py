@@ -25,14 +25,17 @@ from .activations import activation_cost
 from .calibration import DEFAULT_CALIB_RANDOM, Calibration, CalibrationError
 from .calibration import calibration_batches as batches_of
 from .depth import DepthMap, Relayered, depth_map, find_block_lists, relayer, writer_params
-from .emit import aligned_state, average_states, build_module
+from .distributed import WorkerDone, all_reduce_sums, shard, world
+from .emit import average_states, build_module
 from .errors import FxfuseError
 from .groups import MODES as GROUP_MODES, NAMES as GROUP_NAMES
+from .lazy import aligned_tensors, averaged_tensors, compute_dtype, in_memory, run_streamed
 from .plan import Alignment, WeightCost, align
+from .progress import bar
 from .recipe import BY_NAME as OPTIONS, accepts_recipe
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze, expr_leaves
-from .verify import CHECK_TOL, check_moved, compare_outputs
+from .verify import CHECK_TOL, check_outputs, compare_outputs, output_tensors, relative_error
 
 # allowed values, as the recipe schema declares them
 COSTS, SOLVERS, METHODS = OPTIONS["cost"].choices, OPTIONS["solver"].choices, OPTIONS["method"].choices
@@ -50,6 +53,7 @@ class FusionResult:
     report: dict
     alignments: tuple[Alignment | None, ...] = field(default_factory=tuple)
     analysis: Analysis | None = None
+    state: Mapping[str, torch.Tensor] | None = None  # out of core: the fused weights, made per tensor on access
 
 
 def _main_input(args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | int, torch.Tensor]:
@@ -252,12 +256,30 @@ def _identity_blocks_in_target_basis(state: dict, target_state: Mapping[str, tor
     return out
 
 
-def _check_finite(models: Sequence[nn.Module]) -> None:
-    for i, m in enumerate(models):
-        for key, t in m.state_dict().items():
-            # a sum is finite unless some element is not (or it overflows: then look closer)
-            if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-                raise FusionError(f"model {i}: {key} holds NaN or inf")
+def _same_architecture(a: nn.Module, b: nn.Module) -> bool:
+    """Two Hugging Face models of one class and one config (so one graph), with equal parameter shapes."""
+    ca, cb = getattr(a, "config", None), getattr(b, "config", None)
+    if type(a) is not type(b) or not hasattr(ca, "to_dict") or not hasattr(cb, "to_dict"):
+        return False
+    strip = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("_name_or_path", "name_or_path")}  # noqa: E731
+    if strip(ca) != strip(cb):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype for k in sa)
+
+
+def _check_finite(states: Sequence[Mapping[str, torch.Tensor]], progress=None) -> None:
+    with bar(progress, "checking weights", sum(len(s) for s in states)) as b:
+        for i, state in enumerate(states):
+            for key in state:
+                b.update()
+                _check_finite_tensor(i, key, state[key])
+
+
+def _check_finite_tensor(i: int, key: str, t: torch.Tensor) -> None:
+    # a sum is finite unless some element is not (or it overflows: then look closer)
+    if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        raise FusionError(f"model {i}: {key} holds NaN or inf")
 
 
 def resolve_pins(analysis: Analysis, patterns: Sequence[str]) -> dict[int, str]:
@@ -282,14 +304,25 @@ def resolve_pins(analysis: Analysis, patterns: Sequence[str]) -> dict[int, str]:
     return fixed
 
 
-def _self_check(i: int, model: nn.Module, aligned: nn.Module, alignment: Alignment, analysis: Analysis,
-                rules: RuleSet, state, args, kwargs) -> float:
-    def move_one(sid: int) -> nn.Module:
-        single = Alignment({sid: alignment.maps[sid]}, 0, alignment.cost, alignment.solver)
-        return build_module(model, aligned_state(analysis, state, single))
+def _outputs(module: nn.Module, state: Mapping[str, torch.Tensor], args, kwargs,
+             dtype: torch.dtype | None, progress=None) -> list[torch.Tensor]:
+    """``module``'s outputs with its weights read from ``state`` one submodule at a time (cast to ``dtype``)."""
+    return output_tensors(run_streamed(module, state, args, kwargs, dtype, progress))
 
-    return check_moved(model, aligned, args, kwargs, analysis=analysis, rules=rules, spaces=alignment.maps,
-                       move_one=move_one, what=f"aligning model {i}", error=FusionError)
+
+def _self_check(i: int, model: nn.Module, skeleton: nn.Module, aligned: Mapping[str, torch.Tensor],
+                alignment: Alignment, analysis: Analysis, rules: RuleSet, state, args, kwargs,
+                dtype: torch.dtype | None, progress=None) -> float:
+    """Relative output error of the aligned weights (run in ``skeleton``) against ``state`` (run in ``model``);
+    ``FusionError`` naming the space at fault and the ops it passes through where it exceeds ``CHECK_TOL``."""
+    def run_one(sid: int) -> list[torch.Tensor]:
+        single = Alignment({sid: alignment.maps[sid]}, 0, alignment.cost, alignment.solver)
+        return _outputs(model, aligned_tensors(analysis, state, single), args, kwargs, dtype)
+
+    return check_outputs(_outputs(model, state, args, kwargs, dtype, progress),
+                         _outputs(skeleton, aligned, args, kwargs, dtype, progress), run_one=run_one,
+                         analysis=analysis, rules=rules, spaces=alignment.maps, what=f"aligning model {i}",
+                         error=FusionError)
 
 
 @accepts_recipe
@@ -299,7 +332,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             method: str = "ot", rules: RuleSet | None = None, seed: int = 0, max_passes: int = 50,
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka", groups: str = "perm",
             untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
-            refine: Any = None) -> FusionResult:
+            refine: Any = None, states: Sequence[Mapping[str, torch.Tensor]] | None = None,
+            out_dtype: torch.dtype | None = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
@@ -334,6 +368,15 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     (``fxfuse.procrustes``), permutations elsewhere. ``"perm"``: permutations only.
     ``untie``: a norm scale whose reader is a tied weight (a tied LM head) may be
     folded into an untied copy of it (reported under ``canonicalize``).
+
+    Out of core (``states``: each model's weights as a mapping that reads them
+    on access, ``fxfuse.lazy.CheckpointTensors``; the modules may hold ``meta``
+    tensors): costs read the tensors a block needs, the self-check runs one
+    submodule's weights at a time, and ``FusionResult.state`` gives the fused
+    weights tensor by tensor, in ``out_dtype`` (default: the target's), to be
+    written shard by shard (``FusionResult.module`` is then the target's
+    skeleton and ``aligned`` is empty). Half-precision weights are checked in
+    float32.
     """
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -373,7 +416,13 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         raise FusionError("--refine needs exact maps (the ot method with the exact solver): soft maps and plain "
                           "averaging are no group elements")
     _check_same_class(models)
-    _check_finite(models)
+    held = states is None or all(in_memory(s) for s in states)
+    if states is not None and len(states) != len(models):
+        raise FusionError(f"{len(states)} weight mappings for {len(models)} models")
+    if not held and (cost != "weights" or method != "ot" or groups != "perm" or repair or refine is not None):
+        raise FusionError("out-of-core fusion supports the weights cost with the ot method and permutations "
+                          "(no repair or refinement); load the models in memory")
+    _check_finite(states or [m.state_dict() for m in models], progress)
     rules = rules if rules is not None else load_rules()
 
     batches, dropped = None, None
@@ -386,14 +435,23 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     t = time.perf_counter()
     depth_batches = functools.lru_cache(None)(lambda: batches or calibration_batches(calib, args, kwargs, seed,
                                                                                           models[target]))
+    if not held and any(_depth_lists(originals[target], m, i) for i, m in enumerate(originals) if i != target):
+        raise FusionError("models of different depths are fused in memory only")
     models, depth_plans = match_depths(originals, target, depth_batches, args, kwargs, depth_cost, say)
     if method == "vanilla" and any(depth_plans):
         raise FusionError("plain averaging needs models of equal depth (use the default method, ot)")
     timings["depth_s"] = time.perf_counter() - t
     _check_same_parameters(models, target)
     t = time.perf_counter()
-    analyses, canonical = [], []
+    analyses: list[Analysis] = []
+    canonical = []
+    plain_weights = cost == "weights" and groups == "perm" and refine is None and not repair
     for i, m in enumerate(models):
+        # weight costs read only the graph's structure: a twin of a traced model shares its analysis
+        twin = next((a for a in analyses if plain_weights and _same_architecture(a.traced.module, m)), None)
+        if twin is not None:
+            analyses.append(twin)
+            continue
         say(f"tracing model {i} ({type(m).__name__})")
         if groups == "full" and method == "ot":
             a, c = canonical_analysis(m, args, kwargs, rules, strict, untie)
@@ -413,7 +471,9 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if method == "vanilla" and any(s.size != r.size for a in analyses for s, r in zip(a.spaces, ref.spaces)):
         raise FusionError("plain averaging needs models of equal widths (use the default method, ot)")
 
-    states = [m.state_dict() for m in models]
+    if states is None:
+        states = [m.state_dict() for m in models]
+    check_dtype = compute_dtype(states[target])
     alignments: list[Alignment | None] = []
     aligned_states = []
     t = time.perf_counter()
@@ -432,14 +492,23 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             cost_model = WeightCost(ref, states[target], states[i], source=analyses[i],
                                     skip=skip | (ref.scales if levels else frozenset()))
         else:
-            say(f"collecting activations of models {target} and {i} on {len(batches)} batches")
-            cost_model = activation_cost(ref, analyses[i], batches, keep, progress=say, levels=levels)
+            rank, size = world()
+            mine = shard(batches, rank, size) if size > 1 else batches
+            say(f"collecting activations of models {target} and {i} on {len(mine)} batches"
+                + (f" (worker {rank} of {size})" if size > 1 else ""))
+            cost_model = activation_cost(ref, analyses[i], mine, keep, progress=progress, levels=levels,
+                                         reduce=all_reduce_sums if size > 1 else None)
+            if rank != 0:  # rank 0 solves, checks and writes
+                continue
         say(f"solving {len(ref.free_spaces)} spaces ({solver})")
         alignment = align(ref, cost_model, solver=solver, reg=reg, fixed=keep, seed=seed,
-                          iterative=cost == "weights", max_passes=max_passes, cost_name=cost, levels=levels)
+                          iterative=cost == "weights", max_passes=max_passes, cost_name=cost, levels=levels,
+                          progress=progress)
         alignments.append(alignment)
-        aligned_states.append(aligned_state(analyses[i], states[i], alignment))
+        aligned_states.append(aligned_tensors(analyses[i], states[i], alignment))
     timings["align_s"] = time.perf_counter() - t
+    if cost == "activations" and method == "ot" and world()[0] != 0:
+        raise WorkerDone()
     refined = None
     if refine is not None:
         from .refine import refine_fusion
@@ -448,7 +517,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         refined = refine_fusion(models, analyses, states, alignments, depth_plans, target, weights, refine, args,
                                 kwargs, say)
         alignments = list(refined.alignments)
-        aligned_states = [st if al is None else aligned_state(analyses[i], states[i], al)
+        aligned_states = [st if al is None else aligned_tensors(analyses[i], states[i], al)
                           for i, (st, al) in enumerate(zip(aligned_states, alignments))]
         timings["refine_s"] = refined.report["seconds"]
 
@@ -457,36 +526,42 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     aligned_modules = []
     checks = []
     for i, (m, st, al) in enumerate(zip(models, aligned_states, alignments)):
-        aligned_m = m if al is None else build_module(models[target], st)
         check: dict[str, Any] = {"model": i, "hard": al is None or al.hard}
         if al is None:
             check["error"] = 0.0
         elif al.hard:  # permutations: the aligned copy must compute what the (relayered) source computes
-            check["error"] = _self_check(i, m, aligned_m, al, analyses[i], rules, states[i], args, kwargs)
+            check["error"] = _self_check(i, m, models[target], st, al, analyses[i], rules, states[i], args, kwargs,
+                                         check_dtype, progress)
         plan = depth_plans[i]
         if plan is not None and al is not None:
-            aligned_states[i] = _identity_blocks_in_target_basis(st, states[target], plan)
-            aligned_m = build_module(models[target], aligned_states[i])
+            aligned_states[i] = st = _identity_blocks_in_target_basis(st, states[target], plan)
         if plan is not None or (al is not None and not al.hard):  # against the model as given
-            check["drift"] = compare_outputs(originals[i], aligned_m, args, kwargs)
+            check["drift"] = relative_error(_outputs(originals[i], originals[i].state_dict(), args, kwargs, check_dtype),
+                                            _outputs(models[target], st, args, kwargs, check_dtype))
         if plan is not None:
             check["depth_drift"] = plan.drift
         checks.append(check)
-        aligned_modules.append(aligned_m)
+        if held:
+            aligned_modules.append(m if al is None else build_module(models[target], st))
     timings["check_s"] = time.perf_counter() - t
-    fused_state = average_states(aligned_states, weights, states[target])
-    repaired = None
-    if repair:
-        from .repair import repair_state, trace_for
+    if held:
+        fused_state = average_states(aligned_states, weights, states[target])
+        repaired = None
+        if repair:
+            from .repair import repair_state, trace_for
 
-        t = time.perf_counter()
-        say("repairing unit statistics on the calibration inputs")
-        calib_batches = batches or calibration_batches(calib, args, kwargs, seed)
-        repaired = repair_state(trace_for(build_module(models[target], fused_state), calib_batches), fused_state,
-                                aligned_states, weights, calib_batches)
-        fused_state = repaired.state
-        timings["repair_s"] = time.perf_counter() - t
-    fused = build_module(models[target], fused_state)
+            t = time.perf_counter()
+            say("repairing unit statistics on the calibration inputs")
+            calib_batches = batches or calibration_batches(calib, args, kwargs, seed)
+            repaired = repair_state(trace_for(build_module(models[target], fused_state), calib_batches),
+                                    fused_state, aligned_states, weights, calib_batches)
+            fused_state = repaired.state
+            timings["repair_s"] = time.perf_counter() - t
+        fused, fused_state = build_module(models[target], fused_state), None
+    else:  # out of core: the fused weights are made tensor by tensor as they are written
+        repaired = None
+        fused_state = averaged_tensors(aligned_states, weights, target, out_dtype)
+        fused = models[target]
     timings["total_s"] = time.perf_counter() - t_start
     report = _report(ref, analyses, alignments, fixed, checks, weights, target, cost, solver, reg, method, timings)
     report["depth_cost"] = depth_cost
@@ -514,7 +589,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
                 report["notes"].append(f"model {i}: its identity blocks in {d.path} are not exact (output change "
                                        f"{p.drift:.1e}; a norm after the residual add, as in post-norm blocks)")
     say(f"fused {len(models)} models in {timings['total_s']:.1f}s")
-    return FusionResult(fused, tuple(aligned_modules), report, tuple(alignments), ref)
+    return FusionResult(fused, tuple(aligned_modules), report, tuple(alignments), ref, fused_state)
 
 
 def _report(ref: Analysis, analyses, alignments, fixed, checks, weights, target, cost, solver, reg, method,

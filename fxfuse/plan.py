@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .layout import apply_matrix, permute_piece, pieces
+from .progress import bar
 from .solvers import assignment, solve
 from .spaces import Analysis
 
@@ -232,9 +233,12 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
     return maps, current, aligned
 
 
+COUPLED_RESOLVES = 8  # re-solves of a block on its own account (nested children sharing a piece)
+
+
 def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: float | None = None,
           fixed: set[int] = frozenset(), iterative: bool = True, seed: int = 0, max_passes: int = 50,
-          cost_name: str = "weights", levels: Mapping[int, int] | None = None) -> Alignment:
+          cost_name: str = "weights", levels: Mapping[int, int] | None = None, progress=None) -> Alignment:
     """Hard block coordinate descent, then soft maps if asked.
 
     Pass 1 visits blocks in graph order and, when ``iterative``, lets each see
@@ -244,7 +248,11 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     another unsolved space, as heads next to head dims of their own) sees its
     tensors with those axes reduced by order-free moments (mean and mean
     square), so it is solved from its weights and not fixed at the identity for
-    the later blocks to settle around. Later passes visit blocks in a seeded random order, each with the
+    the later blocks to settle around. A block that saw all its tensors in pass
+    1 has seen its full cost, which no later block of pass 1 changes (a later
+    block's spaces were unsolved then, so their tensors were left out): it is
+    solved again only once a neighbour changes, and the result is the same as
+    solving it again. Later passes visit blocks in a seeded random order, each with the
     full cost; a block's new maps are taken only when they raise its
     similarity, and a block is solved again only when a block it shares a
     tensor with has changed. With ``solver="sinkhorn"`` each block's final cost,
@@ -283,27 +291,40 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
         results[i] = maps
         return changed
 
-    for i in range(len(todo)):
-        take(i, solve_one(i, known_only=iterative)[0])  # the descent is hard
+    dirty: set[int] = set()
+    own_resolves: dict[int, int] = {}
+    with bar(progress, "solving, pass 1", len(todo)) as b:
+        for i in range(len(todo)):
+            complete = not iterative or _complete(todo[i], cost, perms)
+            take(i, solve_one(i, known_only=iterative)[0])  # the descent is hard
+            if iterative and (not complete or todo[i].root in getattr(cost, "coupled", ())):
+                dirty.add(i)
+            b.update()
     passes = 1
-    dirty = set(range(len(todo))) if iterative else set()
     order = list(range(len(todo)))
     rng = random.Random(seed)
     while dirty and passes < max_passes:
         passes += 1
         rng.shuffle(order)
+        b = bar(progress, f"solving, pass {passes}", len(dirty))
         for i in order:
             if i not in dirty:
                 continue
             dirty.discard(i)
+            b.update()
             maps, current, aligned = solve_one(i)
             if aligned > current + (1e-6 if i in grouped else 1e-9) * (abs(current) + 1.0):
                 if take(i, maps):
-                    # nested children sharing a piece were solved each against the others' old maps: again
-                    dirty |= neighbours[i] | ({i} if todo[i].root in getattr(cost, "coupled", ()) else set())
+                    dirty |= neighbours[i]
+                    # nested children sharing a piece were solved each against the others' old maps: again, a
+                    # few times (the gain it claims is not exact, so re-solving it on its own could cycle)
+                    if todo[i].root in getattr(cost, "coupled", ()) and own_resolves.get(i, 0) < COUPLED_RESOLVES:
+                        own_resolves[i] = own_resolves.get(i, 0) + 1
+                        dirty.add(i)
             else:  # keep the maps, record the similarities of this full-cost solve
                 results[i] = {s: replace(results[i][s], similarity_identity=m.similarity_identity,
                                          similarity_aligned=current) for s, m in maps.items()}
+        b.close()
     notes: list[str] = []
     silent = getattr(cost, "silent", lambda _planned: [])(todo)
     if silent:
@@ -321,6 +342,15 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
             maps = results[i]
         final.update(maps)
     return Alignment(final, passes, cost_name, solver, tuple(notes))
+
+
+def _complete(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]) -> bool:
+    """Whether ``known_only`` leaves out nothing of ``block``'s cost (``False`` if the cost cannot tell)."""
+    leaves_out = getattr(cost, "leaves_out", None)
+    if leaves_out is None:
+        return False
+    others = {s: p for s, p in perms.items() if s != block.root and s not in block.children}
+    return not leaves_out(block.root, block.children, others)
 
 
 def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
@@ -345,11 +375,13 @@ def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
 class WeightCost:
     """Git Re-Basin weight matching similarity between a target and a source state dict.
 
-    Tensors are unfolded into pieces with one space per dim (float32). For a
-    space at dim ``d`` of a piece, the target slices ``T_d`` (``n × rest``) are
-    cached; when every other dim of the piece is fixed (pinned or outside all
-    blocks, e.g. an embedding's vocabulary) the product ``T_d S_dᵀ`` never
-    changes and is computed once.
+    Tensors are unfolded into pieces with one space per dim (float32), read
+    from the states when a block needs them, so a state that reads its
+    tensors on access (``fxfuse.lazy``) is never held whole. For a space at dim
+    ``d`` of a piece, the target slices ``T_d`` (``n × rest``) are cached when
+    the target state is held in memory; when every other dim of the piece is
+    fixed (pinned or outside all blocks, e.g. an embedding's vocabulary) the
+    product ``T_d S_dᵀ`` never changes and is computed once.
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
@@ -360,27 +392,40 @@ class WeightCost:
         self.sizes = {sp.id: (sp.size, (source or target).spaces[sp.id].size) for sp in target.spaces}
         self.movable = movable if movable is not None else {
             sp.id for sp in target.spaces if sp.free and sp.size > 1}
-        self.items: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = []
+        self.states = (target_state, source_state)
+        self.axes: dict[str, tuple[tuple, tuple]] = {}
+        self.items: list[tuple[str, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
         for name, layout in target.layouts.items():
-            if name in skip:
+            if name in skip or not _floating(target_state, name):
                 continue
-            t, src = target_state[name].detach(), source_state[name].detach()
-            if not t.is_floating_point():
-                continue
-            t, src = t.float().contiguous(), src.float().contiguous()
             src_axes = (source or target).layouts[name].axes
-            for (pt, spaces), (ps, _) in zip(pieces(t, layout.axes), pieces(src, src_axes)):
+            self.axes[name] = (layout.axes, src_axes)
+            shapes = [torch.empty(sh, device="meta") for sh in (layout.shape, _shape(src_axes))]
+            for k, ((pt, spaces), (ps, _)) in enumerate(zip(pieces(shapes[0], layout.axes), pieces(shapes[1], src_axes))):
                 if any(sp in self.movable for sp in spaces):
-                    self.items.append((pt, ps, spaces))
+                    self.items.append((name, k, spaces, tuple(pt.shape), tuple(ps.shape)))
         self.by_space: dict[int, list[int]] = {}
-        for i, (_, _, spaces) in enumerate(self.items):
-            for sp in set(spaces):
+        for i, item in enumerate(self.items):
+            for sp in set(item[2]):
                 self.by_space.setdefault(sp, []).append(i)
+        self._cache_target = getattr(target_state, "holds_tensors", isinstance(target_state, dict))
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
+        self._last: tuple[str, list, list] | None = None
         self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
 
     silent_reason = "no floating-point member tensor to compare"
+
+    def _pieces(self, i: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Item ``i``'s target and source pieces (float32), read from the states."""
+        name, k, spaces = self.items[i][:3]
+        if self._last is None or self._last[0] != name:
+            both = []
+            for state, axes in zip(self.states, self.axes[name]):
+                t = state[name].detach().float().contiguous()
+                both.append([view for view, _ in pieces(t, axes)])
+            self._last = (name, both[0], both[1])
+        return self._last[1][k], self._last[2][k], spaces
 
     def tensors_of(self, spaces) -> set[int]:
         return {i for sp in spaces for i in self.by_space.get(sp, [])}
@@ -394,17 +439,18 @@ class WeightCost:
         key = (i, dims)
         m = self._target_cache.get(key)
         if m is None:
-            pt = self.items[i][0]
+            pt = self._pieces(i)[0]
             lead = [pt.shape[d] for d in dims]
             m = pt.movedim(dims, tuple(range(len(dims)))).reshape(*lead, -1).contiguous()
-            self._target_cache[key] = m
+            if self._cache_target:
+                self._target_cache[key] = m
         return m
 
     def _pair_similarity(self, i: int, d: int, cd: int, moved: torch.Tensor, others) -> np.ndarray:
         """``S4[j, k, a, b]``: target slice ``(j, a)`` of piece ``i`` (parent dim ``d``, child dim ``cd``)
         against source slice ``(k, b)``; ``others``: ``(child, dim, map)`` of the parent's other nested
         children in the piece, each taken at its current map under target unit ``j`` (identity if none)."""
-        pt = self.items[i][0]
+        pt = self._pieces(i)[0]
         n, m, n_s = pt.shape[d], pt.shape[cd], moved.shape[d]
         a = self._target(i, (d, cd)).reshape(n, m, -1)
         if not any(p is not None for _, _, p in others):
@@ -431,7 +477,7 @@ class WeightCost:
         """``Σ_f ⟨f(T)[j], f(S')[k]⟩`` over slices along ``lead``, ``f`` the mean and the mean square over the
         ``unknown`` dims: invariant to their order, so a tensor whose other axes are not solved yet still
         tells units apart (``(rows_t, rows_s)``, rows over the ``lead`` dims jointly)."""
-        pt, ps, _ = self.items[i]
+        pt, ps, _ = self._pieces(i)
         known = tuple(-4 if e in unknown else m for e, m in enumerate(mask))
         moved = permute_piece(ps, known, perms, self.parents)
         total = 0
@@ -444,22 +490,40 @@ class WeightCost:
             total = total + a @ b.T
         return total
 
-    def block(self, root, children, perms, known_only=False):
-        S, nested = self._block(root, children, perms, known_only, reduce_unknown=False)
-        if known_only and not np.any(S) and not nested:  # every tensor has an unsolved axis: read them anyway
-            S, nested = self._block(root, children, perms, known_only, reduce_unknown=True)
-        return S, nested
-
-    def _block(self, root, children, perms, known_only: bool, reduce_unknown: bool):
+    def _masks(self, root, children):
+        """``(item, dim of root, spaces with root at -2 and children at -3)`` for every piece holding ``root``."""
         relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
-        S = None
-        nested: dict[int, np.ndarray] = {}
         for i in relevant:
-            pt, ps, spaces = self.items[i]
+            spaces = self.items[i][2]
+            for d, sp in enumerate(spaces):
+                if sp == root:
+                    mask = list(spaces)
+                    mask[d] = -2
+                    for c in children:
+                        if c in spaces:
+                            mask[spaces.index(c)] = -3
+                    yield i, d, mask
+
+    def leaves_out(self, root, children, perms) -> bool:
+        """Whether ``block(..., known_only=True)`` would leave out a tensor (one with an unsolved movable axis),
+        or reads one whose cost depends on the block's own maps (a piece holding several of its children)."""
+        return any(mask.count(-3) > 1 or any(m in self.movable and m not in perms for m in mask)
+                   for _, _, mask in self._masks(root, children))
+
+    def _pieces_into(self, S, nested, relevant, root, children, perms, known_only, static_pass, reduce_unknown):
+        """Add the products of the pieces holding ``root`` that are static (or not) to ``S`` and ``nested``.
+
+        With ``known_only``, a piece with an unsolved movable dim is left out, or with ``reduce_unknown``
+        read through the order-free moments over those dims (``_reduced``). Returns ``S`` and how many
+        pieces were added.
+        """
+        added = 0
+        for i in relevant:
+            spaces, shape_t, shape_s = self.items[i][2:]
             for d, sp in enumerate(spaces):
                 if sp != root:
                     continue
-                n, n_s = pt.shape[d], ps.shape[d]
+                n, n_s = shape_t[d], shape_s[d]
                 if S is None:
                     S = torch.zeros(n, n_s, dtype=torch.float32)
                 child_dims = [(c, spaces.index(c)) for c in children if c in spaces]
@@ -467,10 +531,14 @@ class WeightCost:
                 mask[d] = -2
                 for _, cd in child_dims:
                     mask[cd] = -3
-                static = not any(m in self.movable for m in mask)
+                static = not child_dims and not any(m in self.movable for m in mask)
+                if static != static_pass:
+                    continue
                 unknown = self._unknown(mask, perms) if known_only else []
                 if unknown and not reduce_unknown:
                     continue
+                pt, ps, _ = self._pieces(i)
+                added += 1
                 if unknown:
                     lead = (d,) + tuple(cd for _, cd in child_dims[:1])
                     prod = self._reduced(i, lead, unknown, mask, perms)
@@ -478,21 +546,13 @@ class WeightCost:
                         S += prod
                     else:
                         c, m = child_dims[0][0], pt.shape[child_dims[0][1]]
-                        S4 = prod.reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()
-                        nested[c] = nested.get(c, 0) + S4
+                        nested[c] = nested.get(c, 0) + prod.reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()
                     continue
                 if not child_dims:
-                    key = (i, d)
-                    if static and key in self._static:
-                        S += self._static[key]
-                        continue
                     moved = permute_piece(ps, tuple(mask), perms, self.parents) if not static else ps
                     a = self._target(i, (d,))
                     b = moved.movedim(d, 0).reshape(n_s, -1)
-                    prod = a @ b.T
-                    if static:
-                        self._static[key] = prod
-                    S += prod
+                    S += a @ b.T
                     continue
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
                 if len(child_dims) > 1:
@@ -503,9 +563,39 @@ class WeightCost:
                     # a piece with several nested children (a grouped conv's in and out units) adds its
                     # similarity once to the parent: each child's share is the piece's over their number
                     nested[c] = nested.get(c, 0) + S4 / len(child_dims)
+        return S, added
+
+    def block(self, root, children, perms, known_only=False):
+        S, nested = self._block(root, children, perms, known_only, reduce_unknown=False)
+        if known_only and not np.any(S) and not nested:  # every tensor has an unsolved axis: read them anyway
+            S, nested = self._block(root, children, perms, known_only, reduce_unknown=True)
+        return S, nested
+
+    def _block(self, root, children, perms, known_only: bool, reduce_unknown: bool):
+        relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
+        S = self._static.get(root)
+        if S is not None:
+            S = S.clone()
+        nested: dict[int, np.ndarray] = {}
+        for static_pass in (True, False):  # pieces with no other movable dim first: their sum is cached per space
+            if static_pass and S is not None:
+                continue
+            S, added = self._pieces_into(S, nested, relevant, root, children, perms, known_only, static_pass,
+                                         reduce_unknown)
+            if static_pass and added:
+                self._static[root] = S.clone()
         if S is None:  # no tensor to compare (yet): no preference, see ``silent``
             S = torch.zeros(self.sizes[root], dtype=torch.float32)
         return S.double().numpy(), nested
+
+
+def _floating(state: Mapping[str, torch.Tensor], name: str) -> bool:
+    dtype = getattr(state, "dtype_of", None)
+    return dtype(name).is_floating_point if dtype is not None else state[name].is_floating_point()
+
+
+def _shape(axes: tuple) -> tuple[int, ...]:
+    return tuple(e.size for e in axes)
 
 
 def _inner_map_under(t: torch.Tensor, d: int, cd: int, row: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,11 @@ OPTIONS: tuple[Option, ...] = (
            check=lambda v: None if v >= 1 else f"must be at least 1, got {v}", to_compile=False),
     Option("head", "str", None, "how --refine reads the loss (default: from the model class)",
            choices=("classification", "mlm", "causal"), to_compile=False),
+    Option("dtype", "str", None, "dtype of the fused model (default: the target's); costs and checks run in float32",
+           choices=("float32", "bfloat16", "float16"), to_compile=False),
+    Option("workers", "int", 1, "collect activation statistics in N local processes (torch.distributed, gloo); "
+           "under torchrun the ranks torchrun starts are the workers", metavar="N",
+           check=lambda v: None if v >= 1 else f"need at least one, got {v}", to_compile=False),
     Option("seed", "int", 0, "seed of the descent order and random calibration"),
     Option("rules", "paths", (), "extra rule file (repeatable; later files override earlier and the shipped rules)",
            metavar="FILE", to_compile=False),

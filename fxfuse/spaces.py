@@ -288,7 +288,7 @@ class _Walker:
         """Whether parameter ``name`` holds one value everywhere (a per-channel scale folded away)."""
         if name not in self._uniform:
             t = self._values.get(name)
-            self._uniform[name] = bool(t is not None and t.is_floating_point() and t.numel() > 0
+            self._uniform[name] = bool(t is not None and t.is_floating_point() and t.numel() > 0 and not t.is_meta
                                        and torch.equal(t, torch.full_like(t, float(t.reshape(-1)[0]))))
         return self._uniform[name]
 

@@ -104,21 +104,20 @@ def blame(analysis, rules, space_ids: Iterable[int]) -> str:
     return ", ".join(ops[:BLAMED_OPS]) + (f", … ({len(ops) - BLAMED_OPS} more)" if len(ops) > BLAMED_OPS else "")
 
 
-def check_moved(original: nn.Module, moved: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None, *,
-                analysis, rules, spaces: Iterable[int], move_one: Callable[[int], nn.Module], what: str,
-                error: type[FxfuseError] = UnsoundError) -> float:
-    """The relative output error of ``moved``; raises ``error`` if it exceeds ``CHECK_TOL``.
+def check_outputs(ref: list[torch.Tensor], got: list[torch.Tensor], *, run_one: Callable[[int], list[torch.Tensor]],
+                  analysis, rules, spaces: Iterable[int], what: str,
+                  error: type[FxfuseError] = UnsoundError) -> float:
+    """The relative error of outputs ``got`` against ``ref``; raises ``error`` if it exceeds ``CHECK_TOL``.
 
-    ``spaces``: the spaces ``moved`` moves; ``move_one(s)``: ``original`` with space ``s`` moved
-    alone (to find the space at fault); ``what``: the move, for the message (``"aligning model 1"``).
+    ``spaces``: the spaces moved; ``run_one(s)``: the outputs with space ``s`` moved alone (to find the
+    space at fault); ``what``: the move, for the message (``"aligning model 1"``).
     """
-    err = compare_outputs(original, moved, args, kwargs)
+    err = relative_error(ref, got)
     if err <= CHECK_TOL:
         return err
     spaces = sorted(spaces)
     head = f"{what} changed its function (relative error {err:.2e})"
-    culprit = next((s for s in spaces if not compare_outputs(original, move_one(s), args, kwargs) <= CHECK_TOL),
-                   None)
+    culprit = next((s for s in spaces if not relative_error(ref, run_one(s)) <= CHECK_TOL), None)
     if culprit is None:
         listed = ", ".join(f"s{s}" for s in spaces[:BLAMED_OPS]) + (" …" if len(spaces) > BLAMED_OPS else "")
         raise error(f"{head}: no space changes it alone; the spaces moved ({listed}) pass through "
@@ -126,3 +125,13 @@ def check_moved(original: nn.Module, moved: nn.Module, args: tuple, kwargs: Mapp
     s = analysis.spaces[culprit]
     raise error(f"{head}: space s{culprit} ({s.name}, size {s.size}) is moved unsoundly; it passes through "
                 f"{blame(analysis, rules, [culprit])}; one of these rules is wrong")
+
+
+def check_moved(original: nn.Module, moved: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None, *,
+                analysis, rules, spaces: Iterable[int], move_one: Callable[[int], nn.Module], what: str,
+                error: type[FxfuseError] = UnsoundError) -> float:
+    """``check_outputs`` of module ``moved`` against ``original`` on ``(args, kwargs)``; ``move_one(s)``:
+    ``original`` with space ``s`` moved alone."""
+    return check_outputs(run(original, args, kwargs), run(moved, args, kwargs),
+                         run_one=lambda s: run(move_one(s), args, kwargs), analysis=analysis, rules=rules,
+                         spaces=spaces, what=what, error=error)

@@ -1,0 +1,93 @@
+"""Activation statistics collected by two local workers (torch.distributed, gloo) equal one process's."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fxfuse
+from fxfuse import zoo
+from fxfuse.activations import activation_cost
+from fxfuse.cli import main
+from fxfuse.distributed import _free_port, all_reduce_sums, shard
+from fxfuse.fuse import calibration_batches
+
+MODEL, SAMPLES = "mha", 64  # heads nested in the residual stream; 4 batches of 16
+
+
+def _cost(batches, reduce=None):
+    a, _ = zoo.ZOO[MODEL](seed=0)
+    b, _ = zoo.ZOO[MODEL](seed=1)
+    args = batches[0][0]  # traced at the calibration batch shape, as fxfuse.compile does
+    ta, tb = fxfuse.analyze(a, args), fxfuse.analyze(b, args)
+    return activation_cost(ta, tb, batches, reduce=reduce)
+
+
+def _batches():
+    _, args = zoo.ZOO[MODEL](seed=0)
+    return calibration_batches(SAMPLES, args, {}, seed=0)
+
+
+def _worker(rank: int, size: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        cost = _cost(shard(_batches(), rank, size), reduce=all_reduce_sums)
+        if rank == 0:
+            torch.save({"stats": cost.stats, "nested": cost.nested_stats}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_give_the_single_process_statistics(tmp_path):
+    out = str(tmp_path / "stats.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=False)
+    batches = _batches()
+    assert len(batches) == 4
+    single = _cost(batches)
+    assert got["stats"].keys() == single.stats.keys() and single.stats
+    assert got["nested"].keys() == single.nested_stats.keys()
+    for k, v in single.stats.items():  # equal up to the order of the float64 additions
+        np.testing.assert_allclose(got["stats"][k], v, rtol=1e-10, atol=1e-12)
+    for k, v in single.nested_stats.items():
+        np.testing.assert_allclose(got["nested"][k], v, rtol=1e-10, atol=1e-12)
+    half = _cost(batches[::2])  # one worker's share alone is not the same thing
+    assert any(not np.allclose(half.stats[k], v, atol=1e-6) for k, v in single.stats.items())
+
+
+def test_workers_on_the_command_line_write_what_one_process_writes(tmp_path, capsys):
+    from fxfuse.lazy import CheckpointTensors
+
+    models = tmp_path / "models.py"
+    models.write_text("from fxfuse import zoo\n\ndef a():\n    return zoo.mha(seed=0)\n\n"
+                      "def b():\n    return zoo.mha(seed=1)\n")
+    a, b = f"{models}:a", f"{models}:b"
+    common = ["--cost", "activations", "--calib-random", "64", "-q"]
+    assert main(["compile", a, b, "-o", str(tmp_path / "one"), *common]) == 0
+    assert main(["compile", a, b, "-o", str(tmp_path / "two"), "--workers", "2", *common]) == 0
+    one, two = CheckpointTensors.from_dir(tmp_path / "one"), CheckpointTensors.from_dir(tmp_path / "two")
+    assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    moved = [m["units_moved"] for s in r1["spaces"] for m in s["models"]]
+    assert any(moved)
+    assert moved == [m["units_moved"] for s in r2["spaces"] for m in s["models"]]
+    assert "WORLD_SIZE" not in os.environ  # the group is left behind cleanly
+
+
+def test_workers_need_a_batch_each_and_activations(tmp_path, capsys):
+    spec = "fxfuse.zoo:mlp"
+    code = main(["compile", spec, spec, "-o", str(tmp_path / "o"), "--workers", "2", "-q"])
+    assert code == 2 and "--cost activations" in capsys.readouterr().err
+    code = main(["compile", spec, spec, "-o", str(tmp_path / "o"), "--workers", "3", "--cost", "activations",
+                 "--calib-random", "32", "-q"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "3 workers for 2 calibration batches" in err, err
+    assert not (tmp_path / "o").exists()
