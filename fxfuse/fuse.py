@@ -536,7 +536,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         if plan is not None and al is not None:
             aligned_states[i] = st = _identity_blocks_in_target_basis(st, states[target], plan)
         if plan is not None or (al is not None and not al.hard):  # against the model as given
-            check["drift"] = relative_error(_outputs(originals[i], originals[i].state_dict(), args, kwargs, check_dtype),
+            given = states[i] if originals[i] is models[i] else originals[i].state_dict()  # out of core: the files
+            check["drift"] = relative_error(_outputs(originals[i], given, args, kwargs, check_dtype),
                                             _outputs(models[target], st, args, kwargs, check_dtype))
         if plan is not None:
             check["depth_drift"] = plan.drift
