@@ -127,6 +127,9 @@ def latents_of(alignment: Alignment) -> tuple[dict[int, Latent], dict[int, torch
         if group == "orthogonal" and m.matrix is not None:
             kinds[sid], init[sid] = Latent(sid, "orthogonal", False), m.matrix.float()
             continue
+        if m.q is not None:
+            raise RefineError(f"space s{sid} moves by a map of its symmetry group (groups full): refinement of "
+                              "those maps is not built yet; refine with groups perm")
         if m.pair_perms is not None:  # inner maps of heads under a matching of heads: kept as solved
             pairs[sid] = m.pair_perms
             continue

@@ -164,3 +164,15 @@ def test_an_orthogonal_map_moves_writers_by_o_and_readers_by_its_inverse_transpo
     P = torch.eye(8)[torch.randperm(8, generator=torch.Generator().manual_seed(1))]
     perm = Mover(analysis, state, {}, {hidden})({hidden: P})  # a permutation reads by P as well
     torch.testing.assert_close(perm["fc2.weight"] @ perm["fc1.weight"], state["fc2.weight"] @ state["fc1.weight"])
+
+
+def test_refinement_refuses_the_maps_of_whole_groups(quiet_one_thread):
+    """Maps of ``groups="full"`` (orthogonal streams, in-head maps) are not refined yet: a clear refusal."""
+    from fxfuse import zoo
+
+    a, args = zoo.vit(seed=0)
+    b, _ = zoo.vit(seed=1)
+    x = args[0].repeat(4, 1, 1, 1)
+    y = torch.arange(x.shape[0]) % 3
+    with pytest.raises(RefineError, match="groups full"):
+        fxfuse.compile([a, b], args, groups="full", refine=RefineConfig(2, x, y, head="classification"))
