@@ -552,15 +552,15 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sweep", action="store_true", help="skip the sinkhorn reg sweeps")
     ap.add_argument("--ft-lr-factor", type=float, default=FT_LR_FACTOR,
                     help=f"finetuning lr as a multiple of the family's training lr (default {FT_LR_FACTOR})")
-    ap.add_argument("--rows", help="comma-separated row names: keep only these fxfuse rows (parents and vanilla "
-                    "always stay), e.g. 'fxfuse weights/exact,fxfuse weights/exact + refine'")
+    ap.add_argument("--rows", help="semicolon-separated row names (some hold commas): keep only these fxfuse rows "
+                    "(parents and vanilla always stay), e.g. 'fxfuse weights/exact;fxfuse weights/exact + refine'")
     ap.add_argument("--refine-steps", type=int, default=REFINE["steps"], help="refinement steps of the + refine rows")
     ap.add_argument("--refine-lr", type=float, default=REFINE["lr"], help="refinement learning rate")
     args = ap.parse_args(argv)
     global TRAIN_DATA
     REFINE["steps"], REFINE["lr"] = args.refine_steps, args.refine_lr
     if args.rows:
-        keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+        keys = [k.strip() for k in args.rows.split(";") if k.strip()]
         unknown = [k for k in keys if k not in dict(FUSIONS)]
         if unknown:
             ap.error(f"--rows: unknown rows {unknown} (choose from {', '.join(n for n, _ in FUSIONS)})")
