@@ -4,8 +4,9 @@ A kind relates the axes of one op's tensors through an ``OpContext`` (see
 ``fxfuse.spaces``): ``ctx.tie(a, b)`` makes two atoms share a permutation,
 ``ctx.pin(a, why)`` forces the identity, ``ctx.free(a)`` declares an output
 axis safe to move on its own (constant along it). Output axes a kind leaves
-untouched are pinned by the analyser afterwards, and a kind that does not fit
-a node raises ``RuleMismatch``: both fail closed.
+untouched are pinned by the analyser afterwards, and so are the axes of
+integer arguments it leaves untouched (their values may be indices); a kind
+that does not fit a node raises ``RuleMismatch``: all fail closed.
 
 Shapes are concrete (``ctx.shape``); dims are normalised to ``0..rank-1``.
 """
@@ -201,6 +202,8 @@ def einsum(ctx) -> None:
                 ctx.tie(members[0][0], atom)
             if len(members) == 1 and "..." not in rule.free:
                 ctx.pin(members[0][0], f"'...' dim of {ctx.op} appears on one tensor only ({rule.source})")
+            elif len(members) == 1:
+                ctx.free(members[0][0])  # the rule declares the op invariant along it
     ctx.einsum_binding = (named, ellipses, sizes, chosen)  # read by fxfuse.groups
 
 
@@ -413,6 +416,9 @@ def index(ctx) -> None:
     start = used[0] if (contiguous and used) else 0
     for k in range(bdims):
         ctx.pin(out[start + k], f"axis produced by indexing in {ctx.op}")
+    for i in used:  # the index tensors' positions are those output axes; their values address the indexed axis
+        for atom in ctx.atoms(indices[i]) or ():
+            ctx.pin(atom, f"axis of an index tensor of {ctx.op}")
 
 
 @kind("positional", "Order-dependent along the dims in option 'dims' (cumsum, roll, flip, diff): those are pinned.",

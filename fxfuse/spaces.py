@@ -431,6 +431,7 @@ class _Walker:
             self.checked.add((id(rule), op))
         ctx = OpContext(self, node, rule, op, out, val)
         before = set(self.store.touched)
+        self.store.touched = set()  # what this op's rule relates
         fit = self.fits.setdefault(id(rule), [rule, {}, 0, None])
         fit[1][op] = fit[1].get(op, 0) + 1
         try:
@@ -441,6 +442,9 @@ class _Walker:
             self._fail_closed(node, op, inputs, f"rule {rule.source} does not fit: {exc}")
             fit[3] = fit[3] or f"{exc} (first at {node.name})"
             return
+        related = self.store.touched
+        self.store.touched = before | related
+        self._pin_unrelated_integers(ctx, related)
         fit[2] += 1
         for atom in self._atoms_flat(out):
             if atom not in self.store.touched and self.store.size(atom) > 1:
@@ -455,6 +459,25 @@ class _Walker:
             tensors = ctx.tensor_args()
             if len(tensors) == 1 and tensors[0][1] in self.param_view:
                 self.param_view[node] = self.param_view[tensors[0][1]]
+
+    def _pin_unrelated_integers(self, ctx: "OpContext", related: set[int]) -> None:
+        """Pin the axes of integer (or boolean) arguments that the op's rule neither tied nor pinned.
+
+        Such a tensor's values may be positions (an index buffer gathering rows of a table):
+        moving its axes on their own changes what the op reads. A rule that relates an axis
+        (ties it to an output, pins it, declares it free) has said how it moves; an axis it
+        leaves alone fails closed.
+        """
+        store = self.store
+        roots = {store.find(a) for a in related}
+        for name, value in ctx.tensor_args():
+            val = value.meta.get("val")
+            if val.is_floating_point() or val.is_complex():
+                continue
+            for atom in self._atoms_flat(self.env.get(value)):
+                if store.size(atom) > 1 and store.find(atom) not in roots:
+                    store.pin(atom, f"integer argument '{name}' of {ctx.op} at {ctx.node.name}: its values may "
+                                    "be indices and the rule does not relate this axis")
 
     def _fail_closed(self, node, op: str, inputs, reason: str) -> None:
         module = _module_path(node)
