@@ -124,6 +124,25 @@ def _check(name: str | None, x: Any, example: torch.Tensor | None) -> torch.Tens
     return x
 
 
+def with_input(args: tuple, kwargs: Mapping[str, Any], key: int | str, value: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the input at ``key`` (a position or a keyword) replaced by ``value``."""
+    args, kwargs = list(args), dict(kwargs)
+    if isinstance(key, int):
+        args[key] = value
+    else:
+        kwargs[key] = value
+    return tuple(args), kwargs
+
+
+def samples(calib: Calibration) -> int:
+    """How many samples ``calib`` holds: the random count (``None``: the default), the tensor's rows, or
+    the first named input's (named inputs must agree; ``calibration_batches`` checks that)."""
+    if calib is None or isinstance(calib, int):
+        return DEFAULT_CALIB_RANDOM if calib is None else int(calib)
+    first = next(iter(calib.values())) if isinstance(calib, Mapping) else calib
+    return int(first.shape[0])
+
+
 def calibration_batches(calib: Calibration, args: tuple, kwargs: Mapping[str, Any], seed: int = 0,
                         forward: Callable | torch.nn.Module | None = None) -> list[tuple[tuple, dict]]:
     """Batches ``(args, kwargs)`` shaped like the example, every batched input from the same samples.
@@ -154,12 +173,8 @@ def calibration_batches(calib: Calibration, args: tuple, kwargs: Mapping[str, An
     batch = min(max(example.shape[0] if example.dim() else 1, CALIB_BATCH), n)
     out = []
     for b in range(n // batch):
-        a, kw = list(args), dict(kwargs)
+        a, kw = tuple(args), dict(kwargs)
         for slot, x in data.items():
-            part = x[b * batch:(b + 1) * batch]
-            if isinstance(slot.key, int):
-                a[slot.key] = part
-            else:
-                kw[slot.key] = part
-        out.append((tuple(a), kw))
+            a, kw = with_input(a, kw, slot.key, x[b * batch:(b + 1) * batch])
+        out.append((a, kw))
     return out

@@ -8,7 +8,7 @@ small for a correlation.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn

@@ -305,13 +305,14 @@ def _warn_unused_options(args, same_depths: bool) -> None:
         warn(f"{data} is ignored with --cost weights (weight matching reads no data; only models of different "
              "depths and --repair use calibration inputs)")
     elif args.cost == "activations" and data is None:
-        from .fuse import DEFAULT_CALIB_RANDOM
+        from .calibration import DEFAULT_CALIB_RANDOM
 
         warn(f"--cost activations without --calib: correlating on {DEFAULT_CALIB_RANDOM} random inputs "
              "(pass --calib FILE with real inputs)")
 
 
 def _check_calibration(args, calib) -> None:
+    from .calibration import samples
     from .checks import check_calibration_size
 
     if getattr(args, "method", "ot") != "ot" or args.cost != "activations":
@@ -319,8 +320,7 @@ def _check_calibration(args, calib) -> None:
     if isinstance(calib, int):
         check_calibration_size(calib, f"--calib-random {calib}")
     elif calib is not None:  # one tensor, or named inputs sharing their sample count
-        first = next(iter(calib.values())) if isinstance(calib, Mapping) else calib
-        check_calibration_size(int(first.shape[0]), args.calib)
+        check_calibration_size(samples(calib), args.calib)
 
 
 def _self_check_text(checks: list[dict]) -> str:

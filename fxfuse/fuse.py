@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .activations import activation_cost
-from .calibration import DEFAULT_CALIB_RANDOM, Calibration, CalibrationError
+from .calibration import Calibration, CalibrationError, samples
 from .calibration import calibration_batches as batches_of
 from .depth import DepthMap, Relayered, depth_map, find_block_lists, relayer, writer_params
 from .distributed import WorkerDone, all_reduce_sums, shard, world
@@ -75,21 +75,9 @@ def calibration_batches(calib: Calibration, args: tuple, kwargs: Mapping[str, An
         raise FusionError(str(exc)) from None
 
 
-def _with_input(args: tuple, kwargs: Mapping[str, Any], key, value: torch.Tensor) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` with the input at ``key`` (a position or a keyword) replaced by ``value``."""
-    args, kwargs = list(args), dict(kwargs)
-    if isinstance(key, int):
-        args[key] = value
-    else:
-        kwargs[key] = value
-    return tuple(args), kwargs
-
-
 def _dropped_note(calib: Calibration, batches: list[tuple[tuple, dict]]) -> str | None:
     """A note when whole batches leave calibration inputs out (the graphs run at one batch shape)."""
-    if isinstance(calib, Mapping):  # named inputs share their sample count: the first one's
-        calib = next(iter(calib.values()))
-    total = DEFAULT_CALIB_RANDOM if calib is None else int(calib) if isinstance(calib, int) else int(calib.shape[0])
+    total = samples(calib)
     size = _main_input(*batches[0])[1].shape[0]
     used = size * len(batches)
     if used == total:

@@ -18,7 +18,6 @@ from typing import Mapping
 import torch
 
 from .groups import INVERTIBLE, ORTHO, ORTHO_ONES, PERM
-from .layout import nested_matrix
 from .solvers import consumer
 from .spaces import Analysis, AxisExpr, Concat, Product
 

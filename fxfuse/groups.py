@@ -48,10 +48,6 @@ class SpaceGroup:
     def level(self) -> int:
         return LEVELS[self.name]
 
-    @property
-    def beyond_perm(self) -> bool:
-        return self.level > PERM
-
 
 def meet(a: tuple[int, str] | None, b: tuple[int, str]) -> tuple[int, str]:
     """The smaller of two ``(level, reason)`` limits (the first reason wins a tie)."""

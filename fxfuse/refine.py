@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .errors import FxfuseError
-from .plan import Alignment, TransportMap
+from .plan import Alignment
 from .solvers import assignment, consumer, matching
 from .spaces import Analysis, AxisExpr, Concat, Leaf
 
@@ -380,7 +380,8 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
                   progress: Callable[[str], None] | None = None) -> Refined:
     """``refine`` inside ``fxfuse.compile``: the target's class runs the mixed state on the main input."""
     from .barrier import detect_head, HEADS
-    from .fuse import _main_input, _with_input
+    from .calibration import with_input
+    from .fuse import _main_input
 
     head = config.head or detect_head(models[target])
     if head not in HEADS:
@@ -393,7 +394,7 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
     tied = {name for names in analyses[target].traced.aliases.values() for name in names}
 
     def call(module: nn.Module, state: dict, x: torch.Tensor):
-        a, kw = _with_input(args, kwargs, key, x)
+        a, kw = with_input(args, kwargs, key, x)
         return torch.func.functional_call(module, {k: v for k, v in state.items() if k not in tied}, a, kw)
 
     frozen = []
