@@ -182,7 +182,8 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     ``refine``: a ``fxfuse.refine.RefineConfig`` (its own labelled data, not the
     data scored here): also the curve of B aligned and then refined.
     """
-    from .fuse import _main_input, compile as fuse
+    from .calibration import main_input
+    from .fuse import compile as fuse
 
     if points < 2:
         raise FxfuseError(f"--points must be at least 2, got {points}")
@@ -190,7 +191,7 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     if head not in HEADS:
         raise FxfuseError(f"unknown head {head!r} (one of {', '.join(HEADS)})")
     kwargs = dict(example_kwargs or {})
-    key, example = _main_input(tuple(example_args), kwargs)
+    key, example = main_input(tuple(example_args), kwargs)
     input_key = key if isinstance(key, str) else None
     check_data(inputs, labels, example, head)
     if repair and fuse_options.get("calib") is None:
@@ -221,7 +222,7 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
 
 def _repairer(model_a: nn.Module, example_args: tuple, kwargs: Mapping[str, Any], fuse_options: Mapping[str, Any]):
     """``repair(state, state_a, state_b, λ)`` on the calibration inputs of ``fuse_options``."""
-    from .fuse import calibration_batches
+    from .passes.inputs import calibration_batches
     from .repair import repair_state, trace_for
 
     batches = calibration_batches(fuse_options["calib"], tuple(example_args), kwargs, fuse_options.get("seed", 0))

@@ -124,6 +124,17 @@ def _check(name: str | None, x: Any, example: torch.Tensor | None) -> torch.Tens
     return x
 
 
+def main_input(args: tuple, kwargs: Mapping[str, Any]) -> tuple[int | str, torch.Tensor]:
+    """The first tensor among the inputs: its position or name, and the tensor."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            return i, a
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            return k, v
+    raise CalibrationError("the example inputs hold no tensor")
+
+
 def with_input(args: tuple, kwargs: Mapping[str, Any], key: int | str, value: torch.Tensor) -> tuple[tuple, dict]:
     """``(args, kwargs)`` with the input at ``key`` (a position or a keyword) replaced by ``value``."""
     args, kwargs = list(args), dict(kwargs)

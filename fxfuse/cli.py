@@ -235,7 +235,7 @@ def cmd_explain(args) -> int:
             check_output_path(path, args.force)
     folded = None
     if args.groups == "full":
-        from .fuse import canonical_analysis
+        from .passes.analyse import canonical_analysis
         from .io import load_model
         from .rules import load_rules
 

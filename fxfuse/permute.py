@@ -92,7 +92,7 @@ def move_by_group_elements(model: nn.Module, example_args: tuple, seed: int = 0,
     the space whose map breaks it is found and the error names the ops and rule
     files it passes through (a rule declares a group larger than its op has).
     """
-    from .fuse import canonical_analysis
+    from .passes.analyse import canonical_analysis
     from .groupmaps import aligned_state_groups, random_group_maps
     from .groups import INVERTIBLE
     from .plan import Alignment

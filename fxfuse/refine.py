@@ -381,12 +381,12 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
     """``refine`` inside ``fxfuse.compile``: the target's class runs the mixed state on the main input."""
     from .barrier import detect_head, HEADS
     from .calibration import with_input
-    from .fuse import _main_input
+    from .calibration import main_input
 
     head = config.head or detect_head(models[target])
     if head not in HEADS:
         raise RefineError(f"unknown head {head!r} (one of {', '.join(HEADS)})")
-    key, example = _main_input(args, kwargs)
+    key, example = main_input(args, kwargs)
     if tuple(config.inputs.shape[1:]) != tuple(example.shape[1:]) and config.inputs.dim() != example.dim():
         raise RefineError(f"refinement inputs have shape {tuple(config.inputs.shape)}; the models take (N, "
                           f"{', '.join(map(str, example.shape[1:]))})")

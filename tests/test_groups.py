@@ -6,7 +6,7 @@ import torch
 
 import fxfuse
 from fxfuse import digits, zoo
-from fxfuse.fuse import canonical_analysis
+from fxfuse.passes import canonical_analysis
 from fxfuse.groups import ORTHO
 from fxfuse.permute import move_by_group_elements
 from fxfuse.verify import compare_outputs

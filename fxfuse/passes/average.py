@@ -1,0 +1,48 @@
+"""Pass 6, ``average``: ``Σ_m w_m · aligned_m`` loaded into a copy of the target, repaired on request.
+
+    Checked ──average──▶ Fused   (the fused module; out of core its weights, made per tensor on access)
+
+With ``repair=True`` the fused units are rescaled to the interpolated
+statistics of the aligned models on the calibration inputs (``fxfuse.repair``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..emit import average_states, build_module
+from ..lazy import averaged_tensors
+from .analyse import Analysed
+from .check import Checked
+from .inputs import Inputs, Options, Progress, quiet
+
+
+@dataclass(frozen=True)
+class Fused:
+    """``module``: the fused model (out of core: the target's skeleton); ``state``: out of core, the fused
+    weights made per tensor on access, else ``None``; ``repair``: the repair report, if repaired."""
+
+    module: nn.Module
+    state: Mapping[str, torch.Tensor] | None = None
+    repair: dict | None = None
+
+
+def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Options,
+            progress: Progress | None = None) -> Fused:
+    """Average the aligned weights of ``checked`` with ``options.weights`` (see the module's docstring)."""
+    target, skeleton = options.target, analysed.models[options.target]
+    if not inputs.held:  # the fused weights are made tensor by tensor as they are written
+        return Fused(skeleton, averaged_tensors(checked.aligned, options.weights, target, options.out_dtype))
+    state = average_states(checked.aligned, options.weights, analysed.states[target])
+    if not options.repair:
+        return Fused(build_module(skeleton, state))
+    from ..repair import repair_state, trace_for
+
+    (progress or quiet)("repairing unit statistics on the calibration inputs")
+    batches = inputs.calibration(options.seed)
+    repaired = repair_state(trace_for(build_module(skeleton, state), batches), state, checked.aligned,
+                            options.weights, batches)
+    return Fused(build_module(skeleton, repaired.state), None, repaired.report)
