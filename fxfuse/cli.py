@@ -10,7 +10,9 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import FxfuseError
 
@@ -414,22 +416,61 @@ def cmd_compile(args) -> int:
     return code
 
 
-def _compile(args, recipe) -> int:
-    import torch
+@dataclass(frozen=True)
+class _CompileJob:
+    """What ``fxfuse compile`` works on, loaded and checked before the work: the models (``states``: their
+    weights read on access when fused out of core), calibration, ``--eval`` data, refinement, rules, out dtype."""
 
-    from .card import model_card
-    from .checks import check_inputs, check_labels, guarded
-    from .data import load_calibration, load_labelled
-    from .evaluate import accuracy, predict
+    out: Path
+    loaded: tuple
+    states: tuple | None
+    calib: Any
+    labelled: tuple | None
+    refine: Any
+    rules: Any
+    out_dtype: Any
+
+
+def _compile(args, recipe) -> int:
     from .distributed import WorkerDone, world
-    from .errors import TraceError
-    from .fuse import FusionError, compile as fuse_models
-    from .io import check_output_path, load_model, save_model, write_text_atomic
-    from .lazy import open_out_of_core, save_hf_out_of_core
-    from .recipe import RECIPE_FILE, refine_config
-    from .rules import load_rules
 
     progress = Progress(args.quiet)
+    job, tgt = _compile_job(args, recipe, progress)
+    rows = _evaluate_parents(job, tgt, args.eval, progress)
+    try:
+        result, job, tgt = _fuse_job(job, tgt, recipe, args, progress)
+    except WorkerDone:  # its share of the statistics is in rank 0's sums
+        return 0
+    if world()[0] != 0:
+        return 0
+    if result.state is None and job.out_dtype is not None:
+        result.module.to(job.out_dtype)
+    report = dict(result.report, models=[m.spec for m in job.loaded], fxfuse=provenance(args.argv))
+    progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
+    _warn_fusion(report, result.analysis)
+    _print_refinement(report, recipe)
+    if args.show_depth_map:
+        from .render import render_depth_maps
+
+        text = render_depth_maps(report["depth_maps"], report["width_maps"])
+        sys.stdout.write(text or "all models have the target's depth and widths\n")
+    if job.labelled is not None:
+        report["eval"] = _evaluate_fused(job, tgt, recipe, result.module, rows, args.eval, progress)
+    _write_compiled(job, tgt, recipe, result, report, args, progress)
+    return 0
+
+
+def _compile_job(args, recipe, progress):
+    """Check the outputs, load the data and the models; ``(job, target's LoadedModel)``, before any work."""
+    import torch
+
+    from .checks import check_inputs
+    from .data import load_calibration, load_labelled
+    from .io import check_output_path, load_model
+    from .lazy import open_out_of_core
+    from .recipe import refine_config
+    from .rules import load_rules
+
     out = check_output_path(args.output, args.force, directory=True)
     if args.report:
         check_output_path(args.report, args.force)
@@ -456,86 +497,113 @@ def _compile(args, recipe) -> int:
     named = calib.items() if isinstance(calib, Mapping) else [(None, calib)] if isinstance(calib, torch.Tensor) else []
     for key, x in named:
         check_inputs(tgt.module, x, f"--calib {recipe.calib}" + (f" ({key})" if key else ""))
-    rows = []
-    if labelled is not None:  # every parent runs on the data now: data that does not fit fails before the work
-        progress("evaluating the models")
-        x, y = labelled
-        for i, m in enumerate(loaded):
-            where = f"--eval {args.eval}: model {i} ({m.spec})"
-            check_inputs(m.module, x, where)
-            check_labels(guarded(f"{where} cannot run on the inputs", lambda: predict(m.module, x[:2], tgt)), y, where)
-            rows.append((f"model {i} ({m.spec})", guarded(where, lambda: accuracy(m.module, x, y, tgt))))
+    job = _CompileJob(out, tuple(loaded), None if states is None else tuple(states), calib, labelled, refine, rules,
+                      out_dtype)
+    return job, tgt
 
-    def fuse():
-        return fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=recipe,
-                           calib=calib, rules=rules, progress=progress, refine=refine, states=states,
-                           out_dtype=out_dtype)
+
+def _evaluate_parents(job: _CompileJob, tgt, eval_file: str | None, progress) -> list:
+    """Every parent's accuracy on the ``--eval`` data, run now: data that does not fit fails before the work."""
+    from .checks import check_inputs, check_labels, guarded
+    from .evaluate import accuracy, predict
+
+    rows = []
+    if job.labelled is None:
+        return rows
+    progress("evaluating the models")
+    x, y = job.labelled
+    for i, m in enumerate(job.loaded):
+        where = f"--eval {eval_file}: model {i} ({m.spec})"
+        check_inputs(m.module, x, where)
+        check_labels(guarded(f"{where} cannot run on the inputs", lambda: predict(m.module, x[:2], tgt)), y, where)
+        rows.append((f"model {i} ({m.spec})", guarded(where, lambda: accuracy(m.module, x, y, tgt))))
+    return rows
+
+
+def _fuse_job(job: _CompileJob, tgt, recipe, args, progress):
+    """``fxfuse.compile`` on the job; out of core first, in memory where the models need their weights to trace.
+    ``(result, job, target)`` (the job and target change when the models had to be loaded in memory)."""
+    from dataclasses import replace
+
+    from .errors import TraceError
+    from .fuse import compile as fuse_models
+    from .io import load_model
+
+    def fuse(job, tgt):
+        return fuse_models([m.module for m in job.loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=recipe,
+                           calib=job.calib, rules=job.rules, progress=progress, refine=job.refine,
+                           states=job.states, out_dtype=job.out_dtype)
 
     try:
-        try:
-            result = fuse()
-        except TraceError:
-            if states is None:
-                raise
-            progress("the models do not trace without their weights: loading them in memory")
-            loaded = [load_model(spec, trust_pickle=args.trust_pickle) for spec in recipe.models]
-            tgt, states = loaded[recipe.target], None
-            result = fuse()
-    except WorkerDone:  # its share of the statistics is in rank 0's sums
-        return 0
-    if world()[0] != 0:
-        return 0
-    if result.state is None and out_dtype is not None:
-        result.module.to(out_dtype)
-    report = dict(result.report, models=[m.spec for m in loaded], fxfuse=provenance(args.argv))
-    progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
-    _warn_fusion(report, result.analysis)
+        return fuse(job, tgt), job, tgt
+    except TraceError:
+        if job.states is None:
+            raise
+    progress("the models do not trace without their weights: loading them in memory")
+    job = replace(job, loaded=tuple(load_model(spec, trust_pickle=args.trust_pickle) for spec in recipe.models),
+                  states=None)
+    tgt = job.loaded[recipe.target]
+    return fuse(job, tgt), job, tgt
+
+
+def _print_refinement(report: dict, recipe) -> None:
     if "refine" in report:
         r = report["refine"]
         print(f"refined {r['steps']} steps in {r['seconds']:.1f}s: loss at the fusion weights "
               f"{r['loss_at_weights_before']:.4f} -> {r['loss_at_weights_after']:.4f}, barrier there "
               f"{r['barrier_at_weights_before']:.4f} -> "
               f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {recipe.refine_data})")
-    if args.show_depth_map:
-        from .render import render_depth_maps
 
-        text = render_depth_maps(report["depth_maps"], report["width_maps"])
-        sys.stdout.write(text or "all models have the target's depth and widths\n")
-    if labelled is not None:
-        progress("evaluating")
-        if recipe.method == "ot":
-            try:
-                vanilla = fuse_models([m.module for m in loaded], tgt.args, example_kwargs=tgt.kwargs,
-                                      target=recipe.target, weights=recipe.weights, method="vanilla",
-                                      rules=rules).module
-                rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
-            except FusionError:  # undefined across widths or depths: the target alone is the baseline
-                rows.append(("vanilla average", None))
-        rows.append(("fused (fxfuse)" if recipe.method == "ot" else "fused (vanilla average)",
-                     accuracy(result.module, x, y, tgt)))
-        report["eval"] = {"file": args.eval, "samples": int(x.shape[0]), "accuracy": dict(rows)}
-        width = max(len(r[0]) for r in rows)
-        print(f"accuracy on {args.eval} ({x.shape[0]} samples):")
-        for label, acc in rows:
-            print(f"  {label:<{width}}  " + ("   n/a (the shapes differ)" if acc is None else f"{acc:6.1%}"))
+
+def _evaluate_fused(job: _CompileJob, tgt, recipe, fused, rows: list, eval_file: str, progress) -> dict:
+    """The ``--eval`` table: the parents (``rows``), the vanilla average where defined, the fused model; printed
+    and returned for the report."""
+    from .evaluate import accuracy
+    from .fuse import FusionError, compile as fuse_models
+
+    progress("evaluating")
+    x, y = job.labelled
+    rows = list(rows)
+    if recipe.method == "ot":
+        try:
+            vanilla = fuse_models([m.module for m in job.loaded], tgt.args, example_kwargs=tgt.kwargs,
+                                  target=recipe.target, weights=recipe.weights, method="vanilla",
+                                  rules=job.rules).module
+            rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
+        except FusionError:  # undefined across widths or depths: the target alone is the baseline
+            rows.append(("vanilla average", None))
+    rows.append(("fused (fxfuse)" if recipe.method == "ot" else "fused (vanilla average)", accuracy(fused, x, y, tgt)))
+    width = max(len(r[0]) for r in rows)
+    print(f"accuracy on {eval_file} ({x.shape[0]} samples):")
+    for label, acc in rows:
+        print(f"  {label:<{width}}  " + ("   n/a (the shapes differ)" if acc is None else f"{acc:6.1%}"))
+    return {"file": eval_file, "samples": int(x.shape[0]), "accuracy": dict(rows)}
+
+
+def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, progress) -> None:
+    """The output directory (weights, ``report.json``, the recipe, the model card), ``--report``, the last line."""
+    from .card import model_card
+    from .io import save_model, write_text_atomic
+    from .lazy import save_hf_out_of_core
+    from .recipe import RECIPE_FILE
+
     text = json.dumps(report, indent=1, default=float) + "\n"
     saved = recipe.resolved()
     extra = {"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)}
     if result.state is not None:
-        progress(f"writing {out}")
-        save_hf_out_of_core(tgt, result.state, out, force=args.force, extra=extra, dtype=out_dtype,
+        progress(f"writing {job.out}")
+        save_hf_out_of_core(tgt, result.state, job.out, force=args.force, extra=extra, dtype=job.out_dtype,
                             progress=progress)
     else:
-        save_model(tgt, result.module, out, force=args.force, extra=extra)
+        save_model(tgt, result.module, job.out, force=args.force, extra=extra)
     if args.report:
         write_text_atomic(args.report, text, force=args.force)
     seconds = f"{report['timings']['total_s']:.1f}s"
     if recipe.method == "vanilla":
-        print(f"wrote {out} (vanilla average, no alignment); {seconds}")
+        print(f"wrote {job.out} (vanilla average, no alignment); {seconds}")
     else:
-        print(f"wrote {out} (ot, cost {recipe.cost}, solver {recipe.solver}); "
+        print(f"wrote {job.out} (ot, cost {recipe.cost}, solver {recipe.solver}); "
               f"{_self_check_text(report['self_check'])}; {seconds}")
-    return 0
 
 
 def cmd_barrier(args) -> int:
