@@ -1,6 +1,6 @@
 """``compile``: align several models into one target's basis and average them.
 
-    prepare ─▶ relayer ─▶ analyse ─▶ plan ─▶ (refine) ─▶ check ─▶ average ─▶ report
+    prepare ─▶ relayer ─▶ analyse ─▶ plan ─▶ (refine) ─▶ emit ─▶ check ─▶ average ─▶ report
 
 Each step is a pass of ``fxfuse.passes`` over frozen data. Every input model
 is moved into the target's basis (the target itself by the identity). With
@@ -117,8 +117,10 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if options.refine is not None:
         planned, refined = passes.refine(inputs, same_depth, analysed, planned, options, progress)
         timings["refine_s"] = refined["seconds"]
+    with _timed(timings, "emit_s"):
+        emitted = passes.emit(analysed, planned)
     with _timed(timings, "check_s"):
-        checked = passes.check(inputs, same_depth, analysed, planned, progress)
+        checked = passes.check(inputs, same_depth, analysed, planned, emitted, progress)
     with _timed(timings, "repair_s" if options.repair else "average_s"):
         fused = passes.average(inputs, analysed, checked, options, progress)
     timings["total_s"] = time.perf_counter() - start

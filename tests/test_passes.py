@@ -38,9 +38,10 @@ def run_to(stage: str, models, args, options: passes.Options, **prepare):
     if stage == "analyse":
         return out
     out["planned"] = passes.plan(out["inputs"], out["same_depth"], out["analysed"], options)
-    if stage == "plan":
+    out["emitted"] = passes.emit(out["analysed"], out["planned"])
+    if stage == "emit":
         return out
-    out["checked"] = passes.check(out["inputs"], out["same_depth"], out["analysed"], out["planned"])
+    out["checked"] = passes.check(out["inputs"], out["same_depth"], out["analysed"], out["planned"], out["emitted"])
     if stage == "check":
         return out
     out["fused"] = passes.average(out["inputs"], out["analysed"], out["checked"], options)
@@ -140,36 +141,38 @@ def test_analyse_shares_the_analysis_of_a_twin_only_for_weight_matching():
     assert set(full.levels) == {s.id for s in full.ref.spaces}
 
 
-# -- plan, check, average, report ------------------------------------------------------------------------------
+# -- plan, emit, check, average, report ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cost", ["weights", "activations"])
-def test_plan_inverts_the_permutation(mlp_pair, cost):
+def test_plan_and_emit_invert_the_permutation(mlp_pair, cost):
     model, permuted, args = mlp_pair
     opts = passes.Options.of(2, cost=cost)
     extra = {"calib": torch.randn(32, *args[0].shape[1:])} if cost == "activations" else {}
-    planned = run_to("plan", [model, permuted], args, opts, **extra)["planned"]
+    done = run_to("emit", [model, permuted], args, opts, **extra)
+    planned, emitted = done["planned"], done["emitted"]
     assert planned.alignments[0] is None and planned.alignments[1].hard
+    assert emitted.aligned[0] is done["analysed"].states[0]  # the target is not moved
     target = model.state_dict()
-    for key, value in planned.aligned[1].items():
+    for key, value in emitted.aligned[1].items():
         assert torch.equal(value, target[key]), key
 
 
 def test_check_accepts_exact_maps_and_refuses_a_wrong_one(mlp_pair):
     model, permuted, args = mlp_pair
     opts = passes.Options.of(2)
-    done = run_to("plan", [model, permuted], args, opts)
-    checked = passes.check(done["inputs"], done["same_depth"], done["analysed"], done["planned"])
+    done = run_to("emit", [model, permuted], args, opts)
+    checked = passes.check(done["inputs"], done["same_depth"], done["analysed"], done["planned"], done["emitted"])
     assert [e["model"] for e in checked.entries] == [0, 1]
     assert checked.entries[1]["hard"] and checked.entries[1]["error"] < 1e-6
     assert len(checked.modules) == 2
 
     # weights that are not the source's moved by its maps: the self-check refuses them
-    broken_weights = dict(done["planned"].aligned[1])
+    broken_weights = dict(done["emitted"].aligned[1])
     key = next(k for k in broken_weights if k.endswith("weight"))
     broken_weights[key] = broken_weights[key].flip(0)
-    broken = passes.Planned(done["planned"].alignments, (done["planned"].aligned[0], broken_weights))
+    broken = passes.Emitted((done["emitted"].aligned[0], broken_weights))
     with pytest.raises(passes.FusionError, match="aligning model 1"):
-        passes.check(done["inputs"], done["same_depth"], done["analysed"], broken)
+        passes.check(done["inputs"], done["same_depth"], done["analysed"], done["planned"], broken)
 
 
 def test_average_and_report(mlp_pair):
@@ -197,5 +200,5 @@ def test_passes_by_hand_equal_compile_and_leave_their_inputs_alone(mlp_pair):
         assert torch.equal(value, done["fused"].module.state_dict()[key]), key
     for key, value in permuted.state_dict().items():
         assert torch.equal(value, before[key]), key
-    for name in ("inputs", "same_depth", "analysed", "planned", "checked", "fused"):
+    for name in ("inputs", "same_depth", "analysed", "planned", "emitted", "checked", "fused"):
         assert dataclasses.is_dataclass(done[name]) and type(done[name]).__dataclass_params__.frozen, name

@@ -5,7 +5,8 @@
     analyse   (analyse.py)  SameDepth                    ─▶ Analysed    trace → canonicalise → spaces
     plan      (plan.py)     Analysed                     ─▶ Planned     one alignment per source model
     refine    (refine.py)   Planned                      ─▶ Planned     optional: maps learnt on labels
-    check     (check.py)    Planned                      ─▶ Checked     self-check of exact maps, drift
+    emit      (emit.py)     Planned                      ─▶ Emitted     weights moved into the target's basis
+    check     (check.py)    Emitted                      ─▶ Checked     self-check of exact maps, drift
     average   (average.py)  Checked                      ─▶ Fused       weighted average, optional repair
     report    (report.py)   all of the above             ─▶ dict
 
@@ -18,12 +19,13 @@ run and tested alone. The machinery lives in the modules the passes call:
 from .analyse import Analysed, analyse, canonical_analysis, resolve_pins
 from .average import Fused, average
 from .check import Checked, check
+from .emit import Emitted, emit
 from .inputs import FusionError, Inputs, Options, calibration_batches, prepare
 from .plan import Planned, plan
 from .refine import refine
 from .relayer import DepthPlan, SameDepth, match_depths, relayer
 from .report import report
 
-__all__ = ["Analysed", "Checked", "DepthPlan", "Fused", "FusionError", "Inputs", "Options", "Planned", "SameDepth",
-           "analyse", "average", "calibration_batches", "canonical_analysis", "check", "match_depths", "plan",
+__all__ = ["Analysed", "Checked", "DepthPlan", "Emitted", "Fused", "FusionError", "Inputs", "Options", "Planned", "SameDepth",
+           "analyse", "average", "calibration_batches", "canonical_analysis", "check", "emit", "match_depths", "plan",
            "prepare", "refine", "relayer", "report", "resolve_pins"]

@@ -1,4 +1,4 @@
-"""Pass 6, ``average``: ``Σ_m w_m · aligned_m`` loaded into a copy of the target, repaired on request.
+"""Pass 7, ``average``: ``Σ_m w_m · aligned_m`` loaded into a copy of the target, repaired on request.
 
     Checked ──average──▶ Fused   (the fused module; out of core its weights, made per tensor on access)
 

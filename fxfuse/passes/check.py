@@ -1,6 +1,6 @@
-"""Pass 5, ``check``: every aligned model must compute what its original computes.
+"""Pass 6, ``check``: every aligned model must compute what its original computes.
 
-    Planned ──check──▶ Checked   (one entry per model: self-check error of exact maps, drift of the others)
+    Emitted ──check──▶ Checked   (one entry per model: self-check error of exact maps, drift of the others)
 
 Exact maps (permutations and group elements): the aligned copy, run in the
 target's class, must match the (relayered) source on the example inputs within
@@ -25,6 +25,7 @@ from ..rules import RuleSet
 from ..spaces import Analysis
 from ..verify import check_outputs, output_tensors, relative_error
 from .analyse import Analysed
+from .emit import Emitted
 from .inputs import FusionError, Inputs, Progress, quiet
 from .plan import Planned
 from .relayer import SameDepth, identity_blocks_in_target_basis
@@ -41,15 +42,15 @@ class Checked:
     modules: tuple[nn.Module, ...]
 
 
-def check(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, planned: Planned,
+def check(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, planned: Planned, emitted: Emitted,
           progress: Progress | None = None) -> Checked:
-    """Check every aligned model of ``planned`` (see the module's docstring)."""
+    """Check every model aligned by ``planned`` and emitted in ``emitted`` (see the module's docstring)."""
     (progress or quiet)("checking aligned models")
     target, models, states = analysed.target, analysed.models, analysed.states
     dtype = compute_dtype(states[target])
     args, kwargs = inputs.args, inputs.kwargs
     entries, aligned, modules = [], [], []
-    for i, (m, st, al) in enumerate(zip(models, planned.aligned, planned.alignments)):
+    for i, (m, st, al) in enumerate(zip(models, emitted.aligned, planned.alignments)):
         entry: dict[str, Any] = {"model": i, "hard": al is None or al.hard}
         if al is None:
             entry["error"] = 0.0

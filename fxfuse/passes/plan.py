@@ -1,6 +1,6 @@
 """Pass 3, ``plan``: one alignment per source model, into the target's basis (``fxfuse.plan.align``).
 
-    Analysed ──plan──▶ Planned   (an Alignment per model, None for the target; the aligned weights)
+    Analysed ──plan──▶ Planned   (an Alignment per model, None for the target)
 
 The cost is weight matching (``fxfuse.plan.WeightCost``, iterated to a fixed
 point) or activation statistics on the calibration batches
@@ -12,13 +12,8 @@ lies in an identity block added by ``relayer``, stay at the identity.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
-
-import torch
-
 from ..activations import activation_cost
 from ..distributed import WorkerDone, all_reduce_sums, shard, world
-from ..lazy import aligned_tensors
 from ..plan import Alignment, WeightCost, align
 from .analyse import Analysed
 from .inputs import Inputs, Options, Progress, quiet
@@ -28,10 +23,9 @@ from .relayer import SameDepth
 @dataclass(frozen=True)
 class Planned:
     """``alignments[i]``: model ``i``'s maps into the target's basis (``None`` for the target, and for every
-    model with ``method="vanilla"``); ``aligned[i]``: its weights moved by them."""
+    model with ``method="vanilla"``)."""
 
     alignments: tuple[Alignment | None, ...]
-    aligned: tuple[Mapping[str, torch.Tensor], ...]
 
 
 def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Options,
@@ -40,11 +34,9 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
     say = progress or quiet
     target, ref, states = options.target, analysed.ref, analysed.states
     alignments: list[Alignment | None] = []
-    aligned = []
     for i, (analysis, state) in enumerate(zip(analysed.analyses, states)):
         if i == target or options.method == "vanilla":
             alignments.append(None)
-            aligned.append(state)
             continue
         # identity blocks take the target's weights after alignment: they take no part in it
         skip = same_depth.skipped(i, state)
@@ -68,7 +60,6 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
                           iterative=options.cost == "weights", max_passes=options.max_passes, cost_name=options.cost,
                           levels=analysed.levels, progress=progress)
         alignments.append(alignment)
-        aligned.append(aligned_tensors(analysis, state, alignment))
     if options.by_activations and world()[0] != 0:
         raise WorkerDone()
-    return Planned(tuple(alignments), tuple(aligned))
+    return Planned(tuple(alignments))

@@ -1,6 +1,6 @@
 """Pass 4 (optional), ``refine``: learn the maps further on labelled data (``fxfuse.refine``).
 
-    Planned ──refine──▶ (Planned, report)   (new exact maps; the aligned weights moved by them)
+    Planned ──refine──▶ (Planned, report)   (new exact maps)
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from .relayer import SameDepth
 def refine(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, planned: Planned, options: Options,
            progress: Progress | None = None) -> tuple[Planned, dict]:
     """Refine ``planned`` by ``options.refine`` (a ``fxfuse.refine.RefineConfig``); the new plan and its report."""
-    from ..lazy import aligned_tensors
     from ..refine import refine_fusion
 
     say = progress or quiet
@@ -21,7 +20,4 @@ def refine(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, planned: P
     say(f"refining the alignment for {config.steps} steps")
     refined = refine_fusion(analysed.models, analysed.analyses, analysed.states, planned.alignments,
                             same_depth.plans, options.target, options.weights, config, inputs.args, inputs.kwargs, say)
-    aligned = tuple(st if al is None else aligned_tensors(a, state, al)
-                    for st, al, a, state in zip(planned.aligned, refined.alignments, analysed.analyses,
-                                                analysed.states))
-    return Planned(tuple(refined.alignments), aligned), refined.report
+    return Planned(tuple(refined.alignments)), refined.report

@@ -1,4 +1,4 @@
-"""Pass 7, ``report``: what was done, as a JSON-able dict (written as ``report.json`` and in the model card).
+"""Pass 8, ``report``: what was done, as a JSON-able dict (written as ``report.json`` and in the model card).
 
     (Options, Inputs, SameDepth, Analysed, Planned, Checked, Fused) ──report──▶ dict
 """
