@@ -23,7 +23,9 @@ import warnings
 
 import torch
 
-from fxfuse import analyze, apply_permutations, random_permutations, zoo
+import _paths  # noqa: F401  (tests/ on sys.path, for the zoo)
+import zoo
+from fxfuse import analyze, apply_permutations, random_permutations
 from fxfuse.coverage import full_coverage, pinned_inner
 from fxfuse.verify import compare_outputs
 

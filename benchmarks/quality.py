@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--pairs 3] [--families mlp,vit] [--json FILE] [--threads 2]
 
-For each family (``fxfuse.digits.mlp``, ``fxfuse.digits.vit``) it trains
+For each family (``digits.mlp``, ``digits.vit`` of ``examples/digits.py``) it trains
 ``--pairs`` pairs of models from different seeds (pair i = seeds 2i+1, 2i+2)
 with the shipped hyper-parameters (``digits.HYPERPARAMS``), then measures test
 accuracy (the fixed 400-image test split) of
@@ -59,8 +59,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+import _paths  # noqa: E402,F401  (examples/ on sys.path, for the digits example)
+import digits  # noqa: E402
 import fxfuse  # noqa: E402
-from fxfuse import digits  # noqa: E402
 
 N_CALIB = 512
 FT_EPOCHS = 1

@@ -2,13 +2,15 @@
 
 Produces six model directories under ``--out`` (default: this folder)::
 
-    digits-mlp-a  digits-mlp-b   (fxfuse.digits:mlp, seeds 1 and 2)
-    digits-vit-a  digits-vit-b   (fxfuse.digits:vit, seeds 1 and 2)
+    digits-mlp-a  digits-mlp-b   (digits.py:mlp, seeds 1 and 2)
+    digits-vit-a  digits-vit-b   (digits.py:vit, seeds 1 and 2)
     digits-mlp-wide              (h1 256, h2 128, seed 3: twice as wide)
     digits-vit-deep              (depth 4, seed 3: twice as deep)
 
 each holding ``model.safetensors`` (the state dict) and ``fxfuse.json``
-(``{"factory": ..., "kwargs": ..., "weights": "model.safetensors"}``). A
+(``{"factory": "../digits.py:mlp", "kwargs": ..., "weights": "model.safetensors"}``,
+the factory's file named relative to the directory under this folder, absolute
+elsewhere, so that a model loads from any working directory). A
 directory is written into a temporary sibling folder and moved into place with
 ``os.replace``, so a reader never sees a half-written model.
 
@@ -27,17 +29,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fxfuse import digits
+import digits  # examples/digits.py: this script's directory is on sys.path
 
 MODELS = [
-    # (directory, factory, kind, seed, kwargs)
-    ("digits-mlp-a", "fxfuse.digits:mlp", "mlp", 1, {"h1": 128, "h2": 64}),
-    ("digits-mlp-b", "fxfuse.digits:mlp", "mlp", 2, {"h1": 128, "h2": 64}),
-    ("digits-vit-a", "fxfuse.digits:vit", "vit", 1, {"dim": 64, "heads": 4, "mlp": 128, "depth": 2}),
-    ("digits-vit-b", "fxfuse.digits:vit", "vit", 2, {"dim": 64, "heads": 4, "mlp": 128, "depth": 2}),
+    # (directory, kind: the factory in digits.py, seed, kwargs)
+    ("digits-mlp-a", "mlp", 1, {"h1": 128, "h2": 64}),
+    ("digits-mlp-b", "mlp", 2, {"h1": 128, "h2": 64}),
+    ("digits-vit-a", "vit", 1, {"dim": 64, "heads": 4, "mlp": 128, "depth": 2}),
+    ("digits-vit-b", "vit", 2, {"dim": 64, "heads": 4, "mlp": 128, "depth": 2}),
     # heterogeneous partners: a wider MLP, a deeper ViT
-    ("digits-mlp-wide", "fxfuse.digits:mlp", "mlp", 3, {"h1": 256, "h2": 128}),
-    ("digits-vit-deep", "fxfuse.digits:vit", "vit", 3, {"dim": 64, "heads": 4, "mlp": 128, "depth": 4}),
+    ("digits-mlp-wide", "mlp", 3, {"h1": 256, "h2": 128}),
+    ("digits-vit-deep", "vit", 3, {"dim": 64, "heads": 4, "mlp": 128, "depth": 4}),
 ]
 
 
@@ -66,6 +68,14 @@ def save_model_dir(path: Path, model: torch.nn.Module, factory: str, kwargs: dic
         raise
 
 
+def factory_spec(folder: Path, kind: str) -> str:
+    """``digits.py:kind`` for the manifest in ``folder``: the file relative to ``folder`` where ``folder`` lies under
+    this directory (the examples move together), else its absolute path."""
+    source, folder = Path(digits.__file__).resolve(), Path(folder).resolve()
+    file = os.path.relpath(source, folder) if folder.is_relative_to(source.parent) else str(source)
+    return f"{file}:{kind}"
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
@@ -85,7 +95,7 @@ def main(argv=None) -> None:
     factories = {"mlp": digits.mlp, "vit": digits.vit}
     _, _, x_test, y_test = digits.load_split()
     out = Path(args.out)
-    for name, factory, kind, seed, kwargs in MODELS:
+    for name, kind, seed, kwargs in MODELS:
         if args.only and name not in args.only:
             continue
         hp = digits.HYPERPARAMS[kind]
@@ -94,7 +104,7 @@ def main(argv=None) -> None:
         digits.train(model, epochs[kind], seed, lr=hp["lr"], batch_size=hp["batch_size"])
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         acc = digits.accuracy(model, x_test, y_test)
-        save_model_dir(out / name, model, factory, kwargs)
+        save_model_dir(out / name, model, factory_spec(out / name, kind), kwargs)
         print(f"{name}: test accuracy {acc:.4f} ({round(acc * len(y_test))}/{len(y_test)}), "
               f"{epochs[kind]} epochs in {seconds:.1f} s ({cpu:.1f} s CPU), {dir_size(out / name) / 1024:.0f} KiB", flush=True)
 

@@ -6,7 +6,8 @@ A spec is one of:
   offline; example inputs are made from its config;
 * an fxfuse model directory (``fxfuse.json`` naming a factory and its kwargs, or
   the pickle the model came from, and a weights file), as ``fxfuse permute`` /
-  ``compile`` write for non-HF models;
+  ``compile`` write for non-HF models; a relative ``file.py:factory`` in it is
+  read from the manifest's own directory (so the directory can move with it);
 * ``package.module:factory`` or ``path/to/file.py:factory``, optionally
   ``@weights.safetensors`` (or a ``.pt``/``.bin`` state dict, read with
   ``weights_only=True``). The factory returns a module, ``(module, args)`` or
@@ -136,7 +137,10 @@ def _absolute_file(target: str) -> str:
 def _load_manifest_dir(path: Path, spec: str, trust_pickle: bool = False) -> LoadedModel:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        target = manifest["pickle"] if "pickle" in manifest else manifest["factory"]
+        key = "pickle" if "pickle" in manifest else "factory"
+        target = manifest[key]
+        if not isinstance(target, str):
+            raise TypeError(f"'{key}' must be a string, not {type(target).__name__}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SpecError(f"{path / MANIFEST}: unreadable manifest ({type(exc).__name__}: {exc})") from None
     weights = path / manifest.get("weights", WEIGHTS)
@@ -144,7 +148,13 @@ def _load_manifest_dir(path: Path, spec: str, trust_pickle: bool = False) -> Loa
         loaded = _load_pickle(Path(target), spec, trust_pickle)
         load_weights(loaded.module, weights, spec)
         return loaded
-    return _load_factory(target, str(weights), spec, manifest.get("kwargs") or {})
+    return _load_factory(_beside(path, target), str(weights), spec, manifest.get("kwargs") or {})
+
+
+def _beside(folder: Path, target: str) -> str:
+    """``file.py:factory`` of a manifest in ``folder``, a relative file read from ``folder``; a module spec as is."""
+    modname, _, attr = target.rpartition(":")
+    return f"{folder / modname}:{attr}" if modname.endswith(".py") else target
 
 
 def load_weights(module: nn.Module, path: Path, spec: str) -> None:

@@ -1,8 +1,14 @@
-"""Shared test fixtures."""
+"""Shared test fixtures; the digits example (``examples/digits.py``) imports as ``digits``, as the zoo
+(``tests/zoo.py``) does as ``zoo``."""
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 
 @pytest.fixture(scope="module")

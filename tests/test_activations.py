@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.activations import _units, graph_ops
 from fxfuse.calibration import calibration_batches
 from fxfuse.cli import main
@@ -195,7 +195,7 @@ def test_bad_named_calibration(calib, match):
 
 
 def test_cli_seq2seq_with_a_calibration_file(tmp_path, capsys):
-    spec = "fxfuse.zoo:seq2seq"
+    spec = "zoo:seq2seq"
     assert main(["permute", spec, "-o", str(tmp_path / "p"), "--seed", "1", "-q"]) == 0
     calib = seq2seq_file(tmp_path / "calib.safetensors")
     out = tmp_path / "fused"

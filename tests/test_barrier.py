@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.barrier import Curve, check_data, detect_head
 from fxfuse.cli import main
 from fxfuse.errors import FxfuseError
@@ -100,7 +100,8 @@ def test_cli_barrier_json_and_plot(tmp_path, capsys, mlp_case):
     torch.save({"inputs": x, "labels": y}, tmp_path / "data.pt")
     png = tmp_path / "curve.png"
     a = str(EXAMPLES / "digits-mlp-a")
-    rc = main(["barrier", a, f"fxfuse.digits:mlp@{tmp_path / 'b.pt'}", "--data", str(tmp_path / "data.pt"),
+    b = f"{EXAMPLES / 'digits.py'}:mlp@{tmp_path / 'b.pt'}"  # the file that a's manifest names: one class
+    rc = main(["barrier", a, b, "--data", str(tmp_path / "data.pt"),
                "--points", "5", "--json", "--plot", str(png), "-q"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -117,6 +118,6 @@ def test_cli_barrier_json_and_plot(tmp_path, capsys, mlp_case):
 
 def test_cli_barrier_bad_data_file(tmp_path, capsys):
     torch.save({"inputs": torch.randn(4, 64)}, tmp_path / "nolabels.pt")
-    rc = main(["barrier", "fxfuse.zoo:mlp", "fxfuse.zoo:mlp", "--data", str(tmp_path / "nolabels.pt"), "-q"])
+    rc = main(["barrier", "zoo:mlp", "zoo:mlp", "--data", str(tmp_path / "nolabels.pt"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "no labels tensor" in err and err.count("\n") == 1

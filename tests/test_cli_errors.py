@@ -20,13 +20,13 @@ from clirun import refused, run
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MLP_A, MLP_B = str(EXAMPLES / "digits-mlp-a"), str(EXAMPLES / "digits-mlp-b")
 DIGITS = EXAMPLES / "digits-test.safetensors"
-SPEC = "fxfuse.zoo:mlp"  # 64 -> 48 -> 32 -> 10
+SPEC = "zoo:mlp"  # 64 -> 48 -> 32 -> 10
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory, one_thread) -> Path:
     """Tiny Hugging Face checkpoints: a BERT classifier (3 classes, 97 tokens, 64 positions) and a GPT-2."""
-    from fxfuse import zoo
+    import zoo
 
     root = tmp_path_factory.mktemp("hf")
     zoo.bert()[0].save_pretrained(root / "bert")
@@ -300,9 +300,23 @@ def test_permute_with_nan_weights_says_so(tmp_path, capsys):
     name = next(k for k in sorted(state) if state[k].dim() == 2)
     state[name][0, 0] = float("nan")
     save_file(state, tmp_path / "nan.safetensors")
-    spec = f"fxfuse.digits:mlp@{tmp_path / 'nan.safetensors'}"
+    spec = f"digits:mlp@{tmp_path / 'nan.safetensors'}"
     line = refused(capsys, tmp_path, "permute", spec, "-o", tmp_path / "out", "-q")
     assert line == f"{spec}: the weights hold NaN ({name}); a model with non-finite weights cannot be checked"
+
+
+@pytest.mark.parametrize("factory,why", [
+    ("../nowhere.py:mlp", "no such file {folder}/../nowhere.py"),
+    (3, "unreadable manifest (TypeError: 'factory' must be a string, not int)"),
+])
+def test_manifest_factory_that_cannot_be_found_is_named(tmp_path, capsys, factory, why):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copyfile(EXAMPLES / "digits-mlp-a" / "model.safetensors", folder / "model.safetensors")
+    (folder / "fxfuse.json").write_text(json.dumps({"factory": factory, "kwargs": {}, "weights": "model.safetensors"}))
+    line = refused(capsys, tmp_path, "permute", folder, "-o", tmp_path / "out", "-q")
+    named = folder if isinstance(factory, str) else folder / "fxfuse.json"
+    assert line == f"{named}: {why.format(folder=folder)}"
 
 
 def test_negative_fusion_weights_reach_the_check(tmp_path, capsys):

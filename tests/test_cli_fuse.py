@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxfuse import zoo
+import zoo
 from fxfuse.cli import main
 from fxfuse.io import load_model
 from fxfuse.verify import compare_outputs
 
 from clirun import run, snapshot
 
-SPEC = "fxfuse.zoo:mlp"
+SPEC = "zoo:mlp"
 OUTPUT_FILES = {"fxfuse.json", "model.safetensors", "report.json", "README.md", "fxfuse-recipe.yaml"}
 
 

@@ -16,7 +16,7 @@ from clirun import refused, run, snapshot
 from fxfuse.io import load_model
 from fxfuse.verify import compare_outputs
 
-SPEC = "fxfuse.zoo:mlp"
+SPEC = "zoo:mlp"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -113,7 +113,8 @@ def test_signal_during_the_save_leaves_nothing_behind(tmp_path, sig, code, line)
     (tmp_path / "old" / "fxfuse.json").write_text("{}")  # an earlier output, to be replaced with --force
     before = snapshot(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _SLOW_SAVE, sig, "permute", SPEC, "-o", str(tmp_path / "old"),
+    spec = f"{ROOT / 'tests' / 'zoo.py'}:mlp"  # a fresh process: the zoo by its file
+    proc = subprocess.run([sys.executable, "-c", _SLOW_SAVE, sig, "permute", spec, "-o", str(tmp_path / "old"),
                            "--force", "-q"], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == code, proc.stderr
     assert proc.stderr == line + "\n"
@@ -125,7 +126,7 @@ def test_signal_during_the_save_leaves_nothing_behind(tmp_path, sig, code, line)
 
 
 def test_hf_output_keeps_the_input_config(tmp_path, capsys, one_thread):
-    from fxfuse import zoo
+    import zoo
 
     gpt2 = zoo.gpt2()[0]
     gpt2.config.use_cache = True
@@ -151,6 +152,76 @@ def test_factory_file_output_loads_from_another_directory(tmp_path, capsys, monk
     original = load_model(f"{tmp_path / 'work' / 'net.py'}:build")
     assert compare_outputs(original.module, moved.module, original.args) <= 1e-5
     assert not torch.equal(original.module[0].weight, moved.module[0].weight)
+
+
+NET = """import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self, hidden=8):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, hidden), torch.nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def build(seed=0, hidden=8):
+    torch.manual_seed(seed)
+    return Net(hidden).eval(), (torch.randn(4, 6, generator=torch.Generator().manual_seed(1)),)
+"""
+
+
+def _model_dir(folder: Path, factory: str, seed: int) -> dict[str, torch.Tensor]:
+    """A model directory as the shipped examples are: a manifest naming ``factory`` and the weights of ``seed``."""
+    from fxfuse.io import save_state
+
+    net = folder.parent / "net.py"
+    scope: dict = {}
+    exec(compile(net.read_text(), str(net), "exec"), scope)
+    model = scope["build"](seed, hidden=8)[0]
+    folder.mkdir()
+    save_state(model, folder / "model.safetensors")
+    (folder / "fxfuse.json").write_text(json.dumps({"factory": factory, "kwargs": {"hidden": 8},
+                                                    "weights": "model.safetensors"}))
+    return model.state_dict()
+
+
+def test_relative_factory_file_is_read_from_the_manifests_directory(tmp_path, capsys, monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "net.py").write_text(NET)
+    states = [_model_dir(models / name, "../net.py:build", seed) for seed, name in enumerate(["a", "b"], start=1)]
+    moved = tmp_path / "moved"
+    models.rename(moved)  # the directories move with the file they name
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    a, b = load_model("../moved/a"), load_model(str(moved / "b"))
+    for loaded, state in zip((a, b), states):
+        assert loaded.module.state_dict().keys() == state.keys()
+        assert all(torch.equal(loaded.module.state_dict()[k], state[k]) for k in state)
+    # the file is loaded once: one class for both, and for the file named directly
+    assert type(a.module).__name__ == "Net" and type(a.module) is type(b.module)
+    assert type(load_model(f"{moved / 'net.py'}:build").module) is type(a.module)
+    code, _, err = run(capsys, "compile", "../moved/a", "../moved/b", "-o", "fused", "-q")
+    assert code == 0, err
+    # an output names the file by its absolute path, and loads from anywhere
+    manifest = json.loads(Path("fused/fxfuse.json").read_text())
+    assert manifest["factory"] == f"{moved.resolve() / 'net.py'}:build" and manifest["kwargs"] == {"hidden": 8}
+    monkeypatch.chdir(tmp_path)
+    assert type(load_model("elsewhere/fused").module) is type(a.module)
+
+
+def test_shipped_examples_load_from_any_directory(in_tmp):
+    examples = ROOT / "examples"
+    dirs = sorted(p.parent for p in examples.glob("*/fxfuse.json"))
+    assert len(dirs) >= 6
+    for folder in dirs:
+        assert json.loads((folder / "fxfuse.json").read_text())["factory"].startswith("../digits.py:")
+    loaded = [load_model(str(folder)) for folder in dirs]
+    assert {type(m.module).__name__ for m in loaded} == {"DigitsMLP", "DigitsViT"}
+    assert len({type(m.module) for m in loaded}) == 2  # examples/digits.py loaded once
+    assert {m.factory.rpartition(":")[0] for m in loaded} == {str(examples / "digits.py")}
 
 
 class PickledMLP(torch.nn.Module):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.cli import main
 from fxfuse.coverage import full_coverage, natural_pin, pinned_inner
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fxfuse import digits, zoo
+import digits
+import zoo
 from fxfuse.depth import (
     BlockList, DepthMap, FusionDepthError, block_cost_matrix, block_outputs, cross_layer_dp, depth_map,
     find_block_lists, linear_cka, ot_block_cost, relayer, writer_params,

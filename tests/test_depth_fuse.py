@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.cli import main
 from fxfuse.depth import relayer, writer_params
-from fxfuse.digits import DigitsViT
+from digits import DigitsViT
 from fxfuse.fuse import FusionError
 from fxfuse.verify import compare_outputs
 
@@ -130,7 +130,7 @@ def test_widths_and_depths_at_once():
 
 
 def test_depth_without_block_lists_is_refused():
-    from fxfuse.digits import DigitsMLP
+    from digits import DigitsMLP
 
     class Deeper(DigitsMLP):
         def __init__(self):
@@ -163,7 +163,7 @@ def test_vanilla_is_refused_across_depths(deep_pair):
 def model_dir(path: Path, model: torch.nn.Module, kwargs: dict) -> Path:
     path.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "fxfuse.json").write_text(json.dumps({"factory": "fxfuse.digits:vit", "kwargs": kwargs,
+    (path / "fxfuse.json").write_text(json.dumps({"factory": "digits:vit", "kwargs": kwargs,
                                                   "weights": "model.safetensors"}))
     return path
 

@@ -5,7 +5,6 @@ Fast: no full training. The shipped directories are read directly (safetensors
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -16,14 +15,14 @@ pytest.importorskip("sklearn")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from fxfuse import digits  # noqa: E402
+import digits  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SHIPPED = {
-    "digits-mlp-a": ("fxfuse.digits:mlp", digits.DigitsMLP),
-    "digits-mlp-b": ("fxfuse.digits:mlp", digits.DigitsMLP),
-    "digits-vit-a": ("fxfuse.digits:vit", digits.DigitsViT),
-    "digits-vit-b": ("fxfuse.digits:vit", digits.DigitsViT),
+    "digits-mlp-a": ("../digits.py:mlp", digits.DigitsMLP),
+    "digits-mlp-b": ("../digits.py:mlp", digits.DigitsMLP),
+    "digits-vit-a": ("../digits.py:vit", digits.DigitsViT),
+    "digits-vit-b": ("../digits.py:vit", digits.DigitsViT),
 }
 
 
@@ -32,9 +31,11 @@ def split():
     return digits.load_split()
 
 
-def _resolve(spec: str):
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
+def _resolve(folder: Path, spec: str):
+    """The factory that a manifest in ``folder`` names as ``file.py:name``, the file relative to ``folder``."""
+    file, _, name = spec.rpartition(":")
+    assert (folder / file).resolve() == Path(digits.__file__).resolve()
+    return getattr(digits, name)
 
 
 # ---------------------------------------------------------------- data
@@ -127,7 +128,7 @@ def test_shipped_example(name, split):
     weights = folder / meta["weights"]
     assert sum(f.stat().st_size for f in folder.iterdir()) < 512 * 1024
 
-    factory = _resolve(meta["factory"])
+    factory = _resolve(folder, meta["factory"])
     model, args = factory(seed=0, **meta["kwargs"])
     assert isinstance(model, cls)
     state = load_file(str(weights))

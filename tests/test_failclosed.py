@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.permute import permute_state_dict
 from fxfuse.rules import load_rules
 from fxfuse.spaces import Leaf, Product, expr_leaves

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.verify import compare_outputs
 
 MODELS = list(zoo.ZOO)

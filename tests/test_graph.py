@@ -14,7 +14,7 @@ from fxfuse.spaces import analyze
 
 from clirun import refused, run
 
-SPEC = "fxfuse.zoo:mlp"
+SPEC = "zoo:mlp"
 
 
 def _space(sid, size, members, free=True):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse import digits, zoo
+import digits
+import zoo
 from fxfuse.passes import canonical_analysis
 from fxfuse.groups import ORTHO
 from fxfuse.permute import move_by_group_elements
@@ -118,12 +119,12 @@ def test_cli_permute_and_explain_with_groups(tmp_path, capsys):
     from fxfuse.io import load_model
 
     out = tmp_path / "moved"
-    assert main(["permute", "fxfuse.zoo:vit", "-o", str(out), "--groups", "full", "--seed", "2", "-q"]) == 0
+    assert main(["permute", "zoo:vit", "-o", str(out), "--groups", "full", "--seed", "2", "-q"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"wrote {out}:") and "orthogonal_ones" in text and "norm scales folded" in text
     model, args = zoo.vit(0)
     assert compare_outputs(model, load_model(str(out)).module, args) <= 1e-4
-    assert main(["explain", "fxfuse.zoo:bert", "--groups", "full", "-q"]) == 0
+    assert main(["explain", "zoo:bert", "--groups", "full", "-q"]) == 0
     text = capsys.readouterr().out
     assert "groups (the maps each free space may move by" in text
     assert "not folded: bert.embeddings.LayerNorm.weight" in text and "aten.add.Tensor" in text
@@ -141,7 +142,7 @@ def test_too_large_group_is_caught_naming_the_rule(tmp_path):
 def test_untie_is_refused_where_the_output_cannot_record_it(tmp_path, capsys):
     from fxfuse.cli import main
 
-    code = main(["compile", "fxfuse.zoo:gpt2", "fxfuse.zoo:gpt2", "-o", str(tmp_path / "out"), "--groups", "full",
+    code = main(["compile", "zoo:gpt2", "zoo:gpt2", "-o", str(tmp_path / "out"), "--groups", "full",
                  "--untie", "-q"])
     assert code == 2 and "--untie needs a Hugging Face model directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

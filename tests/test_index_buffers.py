@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")

@@ -17,7 +17,7 @@ from torch import nn
 
 import fxfuse
 from fxfuse.verify import compare_outputs
-from fxfuse.zoo import _informative
+from zoo import _informative
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4
@@ -306,7 +306,7 @@ def test_repeat_interleave_without_dim_fails_closed():
 def test_mixture_of_experts_units_move_experts_stay():
     """transformers' grouped experts: the intermediate units (gate and up halves) are one free space shared by all
     experts and read back by down_proj; the expert axis and the router's rows keep their order."""
-    from fxfuse import zoo
+    import zoo
 
     model, args = zoo.mixtral()
     a = fxfuse.analyze(model, args)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.spaces import Concat, Leaf, Product
 from fxfuse.verify import compare_outputs
 

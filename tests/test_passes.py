@@ -15,7 +15,7 @@ from torch import nn
 
 import fxfuse
 from fxfuse import passes
-from fxfuse import zoo
+import zoo
 from fxfuse.permute import apply_permutations, random_permutations
 from fxfuse.spaces import analyze
 

@@ -21,7 +21,7 @@ from fxfuse.recipe import OPTIONS, RECIPE_FILE, Recipe, RecipeError
 
 from clirun import refused, run
 
-SPEC = "fxfuse.zoo:mlp"
+SPEC = "zoo:mlp"
 FLAGS = ["--target", "1", "--weights", "0.25,0.75", "--cost", "activations", "--calib-random", "32", "--seed", "3"]
 
 
@@ -129,7 +129,7 @@ def test_flags_override_the_recipe(tmp_path):
 
 
 def test_saved_recipe_reproduces_the_output_bit_for_bit(tmp_path, capsys, monkeypatch):
-    (tmp_path / "models.py").write_text("from fxfuse import zoo\n\n\ndef other():\n    return zoo.mlp(seed=1)\n")
+    (tmp_path / "models.py").write_text("import zoo\n\n\ndef other():\n    return zoo.mlp(seed=1)\n")
     monkeypatch.chdir(tmp_path)  # a model given by a relative path
     out = tmp_path / "out"
     code, _, err = run(capsys, "compile", "models.py:other", SPEC, "-o", out, "-q", *FLAGS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse import digits
+import digits
 from fxfuse.cli import main
 from fxfuse.fuse import FusionError
 from fxfuse.refine import RefineConfig, RefineError, project, straight_through
@@ -115,11 +115,11 @@ def test_refinement_composes_with_widths_three_models_and_depths(mlp_pair, data)
 
 
 def test_cli_compile_and_barrier_with_refine(tmp_path, capsys, data):
-    spec = "fxfuse.digits:mlp"
+    spec = "digits:mlp"
     train = tmp_path / "train.pt"
     torch.save({"inputs": data[0][:128], "labels": data[1][:128]}, train)
     out = tmp_path / "fused"
-    assert main(["compile", spec, "fxfuse.digits:mlp", "-o", str(out), "--refine", "3", "-q"]) == 2
+    assert main(["compile", spec, "digits:mlp", "-o", str(out), "--refine", "3", "-q"]) == 2
     assert "--refine needs labelled data: pass --data FILE" in capsys.readouterr().err
     assert main(["compile", spec, spec, "-o", str(out), "--data", str(train), "-q"]) == 2
     assert "only used with --refine" in capsys.readouterr().err
@@ -136,7 +136,7 @@ def test_cli_compile_and_barrier_with_refine(tmp_path, capsys, data):
 
 @pytest.mark.parametrize("factory", ["gpt2", "bert_mlm"])
 def test_refinement_of_language_models_with_tied_embeddings(factory):
-    from fxfuse import zoo
+    import zoo
 
     a, args = getattr(zoo, factory)(seed=0)
     b, _ = getattr(zoo, factory)(seed=1)
@@ -168,7 +168,7 @@ def test_an_orthogonal_map_moves_writers_by_o_and_readers_by_its_inverse_transpo
 
 def test_refinement_refuses_the_maps_of_whole_groups(quiet_one_thread):
     """Maps of ``groups="full"`` (orthogonal streams, in-head maps) are not refined yet: a clear refusal."""
-    from fxfuse import zoo
+    import zoo
 
     a, args = zoo.vit(seed=0)
     b, _ = zoo.vit(seed=1)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse import digits, zoo
+import digits
+import zoo
 from fxfuse.cli import main
 from fxfuse.fuse import FusionError, calibration_batches
 from fxfuse.repair import RepairError, repair, repair_points, repair_state, run_graph, trace_for, unit_stats
@@ -125,7 +126,7 @@ def test_repair_without_calibration_inputs_is_a_clear_error(tmp_path, capsys):
         fxfuse.compile([model, model], args, repair=True)
     with pytest.raises(RepairError, match="calibration inputs"):
         repair(model, [model, model], [0.5, 0.5], [])
-    spec = "fxfuse.digits:vit"
+    spec = "digits:vit"
     out = tmp_path / "fused"
     assert main(["compile", spec, spec, "-o", str(out), "--repair", "-q"]) == 2
     assert "--repair needs calibration inputs" in capsys.readouterr().err
@@ -133,7 +134,7 @@ def test_repair_without_calibration_inputs_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cli_compile_and_barrier_with_repair(tmp_path, capsys):
-    spec = "fxfuse.digits:vit"
+    spec = "digits:vit"
     out = tmp_path / "fused"
     assert main(["compile", spec, spec, "-o", str(out), "--repair", "--calib-random", "32", "-q"]) == 0
     import json
@@ -144,7 +145,7 @@ def test_cli_compile_and_barrier_with_repair(tmp_path, capsys):
     x, y = digits.load_split()[2:]
     data = tmp_path / "data.pt"
     torch.save({"inputs": x[:64], "labels": y[:64]}, data)
-    assert main(["barrier", spec, "fxfuse.digits:vit", "--data", str(data), "--points", "3", "--repair",
+    assert main(["barrier", spec, "digits:vit", "--data", str(data), "--points", "3", "--repair",
                  "--calib-random", "32", "--json", "-q"]) == 0
     curves = json.loads(capsys.readouterr().out)
     assert curves["aligned"]["barrier"] == pytest.approx(0.0, abs=1e-5)

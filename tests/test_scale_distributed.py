@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.activations import activation_cost
 from fxfuse.cli import main
 from fxfuse.distributed import _free_port, all_reduce_sums, shard
@@ -61,11 +61,13 @@ def test_two_workers_give_the_single_process_statistics(tmp_path):
     assert any(not np.allclose(half.stats[k], v, atol=1e-6) for k, v in single.stats.items())
 
 
-def test_workers_on_the_command_line_write_what_one_process_writes(tmp_path, capsys):
+def test_workers_on_the_command_line_write_what_one_process_writes(tmp_path, capsys, monkeypatch):
     from fxfuse.lazy import CheckpointTensors
 
+    tests = os.path.dirname(os.path.abspath(__file__))  # the worker processes import the zoo from here too
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
     models = tmp_path / "models.py"
-    models.write_text("from fxfuse import zoo\n\ndef a():\n    return zoo.mha(seed=0)\n\n"
+    models.write_text("import zoo\n\ndef a():\n    return zoo.mha(seed=0)\n\n"
                       "def b():\n    return zoo.mha(seed=1)\n")
     a, b = f"{models}:a", f"{models}:b"
     common = ["--cost", "activations", "--calib-random", "64", "-q"]
@@ -81,7 +83,7 @@ def test_workers_on_the_command_line_write_what_one_process_writes(tmp_path, cap
 
 
 def test_workers_need_a_batch_each_and_activations(tmp_path, capsys):
-    spec = "fxfuse.zoo:mlp"
+    spec = "zoo:mlp"
     code = main(["compile", spec, spec, "-o", str(tmp_path / "o"), "--workers", "2", "-q"])
     assert code == 2 and "--cost activations" in capsys.readouterr().err
     code = main(["compile", spec, spec, "-o", str(tmp_path / "o"), "--workers", "3", "--cost", "activations",

@@ -188,7 +188,7 @@ def test_streamed_run_falls_back_when_a_module_reads_another_modules_weights(tmp
 
 
 def test_models_that_do_not_trace_without_weights_are_loaded_in_memory(tmp_path, capsys):
-    from fxfuse import zoo
+    import zoo
 
     for seed in (0, 1):
         zoo.resnet(seed=seed)[0].save_pretrained(tmp_path / f"m{seed}")
@@ -201,7 +201,7 @@ def test_models_that_do_not_trace_without_weights_are_loaded_in_memory(tmp_path,
 
 
 def test_tied_embeddings_out_of_core_equal_in_memory(tmp_path):
-    from fxfuse import zoo
+    import zoo
 
     for seed in (0, 1):
         zoo.bert_mlm(seed=seed)[0].save_pretrained(tmp_path / f"m{seed}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.plan import WeightCost, align
 
 

@@ -148,7 +148,7 @@ def test_compile_names_ops_inside_a_subgraph(cumsum):
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "mha", "bert"])
 def test_every_space_is_blamed_on_some_op(name):
-    from fxfuse import zoo
+    import zoo
     from fxfuse.rules import load_rules
     from fxfuse.verify import ops_through
 
@@ -221,7 +221,7 @@ def test_permuted_grouped_convs_fuse_back_exactly(groups, cost, quiet_one_thread
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "mha", "bert", "llama", "mobilenet_v2"])
 def test_permute_and_the_planner_move_the_same_spaces(name):
-    from fxfuse import zoo
+    import zoo
 
     model, args = zoo.ZOO[name]()
     a = fxfuse.analyze(model, args)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse import zoo
-from fxfuse.digits import DigitsMLP, DigitsViT
+import zoo
+from digits import DigitsMLP, DigitsViT
 from fxfuse.fuse import FusionError
 from fxfuse.verify import compare_outputs
 

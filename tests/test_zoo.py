@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse import zoo
+import zoo
 from fxfuse.layout import permute_tensor
 from fxfuse.permute import permute_state_dict
 from fxfuse.spaces import Concat, Leaf, Product, expr_leaves

@@ -1,4 +1,5 @@
-"""A zoo of small models for tests, examples and benchmarks.
+"""A zoo of small models for the tests and benchmarks (``import zoo``; the benchmarks reach this folder through
+``benchmarks/_paths.py``).
 
 Every factory takes an optional ``seed`` and returns ``(module, example_args)``
 with the module in eval mode and random weights drawn from that seed. Hugging

@@ -5,7 +5,8 @@ scikit-learn (no download). This module holds the data split, two model
 families (an MLP and a small pre-norm ViT), factories in the zoo convention
 (``factory(seed=0, **kwargs) -> (module.eval(), example_args)``) and a tiny
 deterministic trainer. ``examples/train_digits.py`` uses it to produce the
-model directories under ``examples/``.
+model directories under ``examples/``, whose manifests name its factories by
+path (``../digits.py:mlp``).
 
 scikit-learn is imported lazily, inside :func:`load_split`: building or
 loading a model needs no scikit-learn (example inputs are random images),
