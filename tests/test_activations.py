@@ -18,7 +18,6 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 import fxfuse
 import zoo
@@ -85,23 +84,8 @@ def test_multi_query_heads_and_head_dim_share_an_activation():
 # ---------------------------------------------------------------- higher-order subgraphs
 
 
-class NoGradBlock(nn.Module):
-    """A residual MLP block under ``torch.no_grad()``: its hidden units live only inside a subgraph."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b1, self.b2, self.c = nn.Linear(16, 32), nn.Linear(32, 24), nn.Linear(24, 32), nn.Linear(32, 5)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        with torch.no_grad():
-            h = h + self.b2(torch.relu(self.b1(h)))
-        return self.c(h)
-
-
 def no_grad_block():
-    torch.manual_seed(0)
-    return NoGradBlock().eval(), (torch.randn(4, 16, generator=torch.Generator().manual_seed(1)),)
+    return zoo.no_grad_block(0)
 
 
 def test_subgraph_nodes_are_named_and_read():

@@ -16,52 +16,13 @@ from fxfuse.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
-WINDOW, DIM, HEADS = 3, 8, 2
-
-
-class RelativeBias(nn.Module):
-    """Attention over ``WINDOW²`` tokens plus a bias gathered from a table by a saved index buffer.
-
-    ``bias[h, i, j] = table[index[i, j], h]`` with ``index`` an integer ``(T, T)`` buffer
-    (persistent: saved with the model), as in Swin-style relative position bias.
-    ``gather``: ``"index"`` (``table[index.view(-1)]``) or ``"index_select"``.
-    """
-
-    def __init__(self, gather: str = "index"):
-        super().__init__()
-        self.gather = gather
-        t = WINDOW * WINDOW
-        self.table = nn.Parameter(torch.randn((2 * WINDOW - 1) ** 2, HEADS))
-        coords = torch.stack(torch.meshgrid(torch.arange(WINDOW), torch.arange(WINDOW), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (WINDOW - 1)
-        self.register_buffer("index", rel[..., 0] * (2 * WINDOW - 1) + rel[..., 1])  # (T, T) int64
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.out = nn.Linear(DIM, DIM)
-        self.head = nn.Linear(t * DIM, 3)
-
-    def forward(self, x):  # x: (B, T, DIM)
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
-        flat = self.index.view(-1)
-        rows = self.table[flat] if self.gather == "index" else torch.index_select(self.table, 0, flat)
-        bias = rows.view(t, t, HEADS).permute(2, 0, 1)
-        scores = q @ k.transpose(-1, -2) + bias
-        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, DIM)
-        return self.head(torch.relu(self.out(y)).flatten(1))
-
-
 def relative_bias_case(gather: str = "index"):
-    torch.manual_seed(0)
-    x = torch.randn(4, WINDOW * WINDOW, DIM, generator=torch.Generator().manual_seed(1))
-    return RelativeBias(gather).eval(), (x,)
+    return zoo.relative_bias(0, gather)
 
 
 def donut_swin_case():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.DonutSwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
-                                       window_size=2)
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    return zoo._hf("DonutSwinModel", cfg, 0, (x,))  # random weights: the bias table is not left at zero
+    pytest.importorskip("transformers")
+    return zoo.donut_swin(0)
 
 
 CASES = {"index": lambda: relative_bias_case("index"), "index_select": lambda: relative_bias_case("index_select"),

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import fxfuse
+import zoo
 from fxfuse.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,24 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---------------------------------------------------------------- concatenation meeting a reshape
 
 
-class ChannelShuffle(nn.Module):
-    """``cat([a(x), b(x)])`` viewed as ``(2, C)``, transposed to ``(C, 2)`` and flattened: a channel shuffle."""
-
-    def __init__(self, c: int = 6):
-        super().__init__()
-        self.c = c
-        self.a, self.b = nn.Linear(5, c), nn.Linear(5, c)
-        self.head = nn.Linear(2 * c, 3)
-
-    def forward(self, x):
-        y = torch.cat([self.a(x), self.b(x)], 1)
-        y = y.view(-1, 2, self.c).transpose(1, 2).reshape(-1, 2 * self.c)
-        return self.head(torch.relu(y))
-
-
 def shuffle_case():
-    torch.manual_seed(0)
-    return ChannelShuffle().eval(), (torch.randn(4, 5, generator=torch.Generator().manual_seed(1)),)
+    return zoo.channel_shuffle(0)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -162,25 +146,8 @@ def test_every_space_is_blamed_on_some_op(name):
 # ---------------------------------------------------------------- groups nested inside groups
 
 
-class GroupedConvs(nn.Module):
-    """1×1 convolutions with ``groups`` per layer: 2 then 4 gives groups nested inside groups."""
-
-    def __init__(self, groups=(2, 4), width: int = 16):
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 1)
-        self.convs = nn.ModuleList(nn.Conv2d(width, width, 1, groups=g) for g in groups)
-        self.head = nn.Linear(width, 5)
-
-    def forward(self, x):
-        h = torch.relu(self.stem(x))
-        for conv in self.convs:
-            h = torch.relu(conv(h))
-        return self.head(h.mean((2, 3)))
-
-
 def grouped_case(groups):
-    torch.manual_seed(0)
-    return GroupedConvs(groups).eval(), (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)
+    return zoo.grouped_convs(0, groups)
 
 
 def planned(analysis) -> set[int]:
@@ -221,8 +188,6 @@ def test_permuted_grouped_convs_fuse_back_exactly(groups, cost, quiet_one_thread
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "mha", "bert", "llama", "mobilenet_v2"])
 def test_permute_and_the_planner_move_the_same_spaces(name):
-    import zoo
-
     model, args = zoo.ZOO[name]()
     a = fxfuse.analyze(model, args)
     assert set(fxfuse.random_permutations(a, seed=0)) == planned(a)

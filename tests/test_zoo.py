@@ -78,6 +78,12 @@ INTERFACE_AXES = {
     "lstm": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
     "gru": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
     "mixtral": [("model.embed_tokens.weight", 0), ("lm_head.weight", 0)],
+    "channel_shuffle": [("stem.0.weight", 1), ("head.weight", 0), ("head.bias", 0)],
+    "grouped_convs": [("stem.weight", 1), ("head.weight", 0), ("head.bias", 0)],
+    "no_grad_block": [("a.weight", 1), ("c.weight", 0), ("c.bias", 0)],
+    "relative_bias": [("qkv.weight", 1), ("head.weight", 0), ("head.bias", 0)],
+    "donut_swin": [("swin.embeddings.patch_embeddings.projection.weight", 1), ("head.weight", 0),
+                   ("head.bias", 0)],
 }
 
 

@@ -229,6 +229,116 @@ class Seq2Seq(nn.Module):
         return self.head(self.transformer(self.src_embed(src), self.tgt_embed(tgt)))
 
 
+class ChannelShuffle(nn.Module):
+    """A stem, then ``cat([a(h), b(h)])`` viewed as ``(2, C)``, transposed to ``(C, 2)`` and flattened (a channel
+    shuffle) before the head: a concatenated axis meeting a reshape, whose two views must both stay pinned."""
+
+    def __init__(self, c: int = 6, width: int = 32):
+        super().__init__()
+        self.c = c
+        self.stem = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.a, self.b = nn.Linear(width, c), nn.Linear(width, c)
+        self.head = nn.Linear(2 * c, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = torch.cat([self.a(h), self.b(h)], 1)
+        y = y.view(-1, 2, self.c).transpose(1, 2).reshape(-1, 2 * self.c)
+        return self.head(torch.relu(y))
+
+
+class GroupedConvs(nn.Module):
+    """1×1 convolutions with ``groups`` per layer: 2 then 4 gives groups nested inside groups."""
+
+    def __init__(self, groups=(2, 4), width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 1, groups=g) for g in groups)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for conv in self.convs:
+            h = torch.relu(conv(h))
+        return self.head(h.mean((2, 3)))
+
+
+class NoGradBlock(nn.Module):
+    """A residual MLP block under ``torch.no_grad()``: its hidden units live only inside a subgraph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b1, self.b2, self.c = nn.Linear(16, 32), nn.Linear(32, 24), nn.Linear(24, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        with torch.no_grad():
+            h = h + self.b2(torch.relu(self.b1(h)))
+        return self.c(h)
+
+
+WINDOW, WINDOW_DIM, WINDOW_HEADS = 3, 8, 2
+
+
+class RelativeBias(nn.Module):
+    """Attention over ``WINDOW²`` tokens plus a bias gathered from a table by a saved index buffer.
+
+    ``bias[h, i, j] = table[index[i, j], h]`` with ``index`` an integer ``(T, T)`` buffer
+    (persistent: saved with the model), as in Swin-style relative position bias.
+    ``gather``: ``"index"`` (``table[index.view(-1)]``) or ``"index_select"``.
+    """
+
+    def __init__(self, gather: str = "index"):
+        super().__init__()
+        self.gather = gather
+        w, dim, heads = WINDOW, WINDOW_DIM, WINDOW_HEADS
+        self.table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
+        self.register_buffer("index", rel[..., 0] * (2 * w - 1) + rel[..., 1])  # (T, T) int64
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.head = nn.Linear(w * w * dim, 3)
+
+    def forward(self, x):  # x: (B, T, dim)
+        b, t, dim = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, WINDOW_HEADS, dim // WINDOW_HEADS).permute(2, 0, 3, 1, 4)
+        flat = self.index.view(-1)
+        rows = self.table[flat] if self.gather == "index" else torch.index_select(self.table, 0, flat)
+        bias = rows.view(t, t, WINDOW_HEADS).permute(2, 0, 1)
+        scores = q @ k.transpose(-1, -2) + bias
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, dim)
+        return self.head(torch.relu(self.out(y)).flatten(1))
+
+
+def channel_shuffle(seed: int = 0):
+    _seeded(seed)
+    model = ChannelShuffle()
+    _informative(model)
+    return model.eval(), (torch.randn(BATCH, 16, generator=torch.Generator().manual_seed(1234)),)
+
+
+def grouped_convs(seed: int = 0, groups=(2, 4)):
+    _seeded(seed)
+    model = GroupedConvs(groups)
+    _informative(model)
+    return model.eval(), (_pixels(size=4),)
+
+
+def no_grad_block(seed: int = 0):
+    _seeded(seed)
+    model = NoGradBlock()
+    _informative(model)
+    return model.eval(), (torch.randn(BATCH, 16, generator=torch.Generator().manual_seed(1234)),)
+
+
+def relative_bias(seed: int = 0, gather: str = "index"):
+    _seeded(seed)
+    model = RelativeBias(gather)
+    _informative(model)
+    return model.eval(), (torch.randn(BATCH, WINDOW * WINDOW, WINDOW_DIM, generator=torch.Generator().manual_seed(1234)),)
+
+
 def mlp(seed: int = 0):
     _seeded(seed)
     return MLP().eval(), (torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(1234)),)
@@ -466,6 +576,31 @@ def mobilenet_v2(seed: int = 0):
     return _hf("MobileNetV2ForImageClassification", cfg, seed, (_pixels(),))
 
 
+class DonutSwinClassifier(nn.Module):
+    """HF ``DonutSwinModel`` (Swin with its relative position index saved as a persistent integer buffer) with a
+    linear head on the pooled output (the model has no head of its own)."""
+
+    def __init__(self, config, classes: int = 3):
+        super().__init__()
+        from transformers import DonutSwinModel
+
+        self.swin = DonutSwinModel(config)
+        self.head = nn.Linear(self.swin.num_features, classes)
+
+    def forward(self, pixels):
+        return self.head(self.swin(pixels).pooler_output)
+
+
+def donut_swin(seed: int = 0):
+    from transformers import DonutSwinConfig
+
+    cfg = DonutSwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2)
+    _seeded(seed)
+    model = DonutSwinClassifier(cfg)
+    _informative(model)
+    return model.eval(), (_pixels(size=16),)
+
+
 def mixtral(seed: int = 0):
     from transformers import MixtralConfig
 
@@ -476,13 +611,15 @@ def mixtral(seed: int = 0):
 
 
 PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "einsum_attention": einsum_attention, "mqa": mqa,
-         "lstm": lstm, "gru": gru, "seq2seq": seq2seq, "head_bias": head_bias}
+         "lstm": lstm, "gru": gru, "seq2seq": seq2seq, "head_bias": head_bias, "channel_shuffle": channel_shuffle,
+         "grouped_convs": grouped_convs, "no_grad_block": no_grad_block, "relative_bias": relative_bias}
 HF = {
     "bert": bert, "bert_mlm": bert_mlm, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
     "gpt_bigcode": gpt_bigcode,
     "llama": llama, "qwen2": qwen2, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext,
-    "resnet": resnet, "mobilenet_v2": mobilenet_v2, "mixtral": mixtral,
+    "resnet": resnet, "mobilenet_v2": mobilenet_v2, "donut_swin": donut_swin, "mixtral": mixtral,
 }
 ZOO = {**PLAIN, **HF}
 TRANSFORMERS = ("mha", "encoder", "seq2seq", "head_bias", "bert", "bert_mlm", "roberta", "distilbert", "gpt2",
-                "gpt_bigcode", "llama", "qwen2", "t5", "vit", "swin", "einsum_attention", "mqa", "mixtral")
+                "gpt_bigcode", "llama", "qwen2", "t5", "vit", "swin", "einsum_attention", "mqa", "mixtral", "relative_bias",
+                "donut_swin")
