@@ -1,0 +1,173 @@
+"""Routed experts: experts move as a space, each expert's hidden units as a space nested under it.
+
+``RoutedMoE`` writes the mixture-of-experts layer the way ``transformers`` 5
+does (top-k of the router's softmax, sort by expert id, ``histc``/``cumsum``
+offsets, ``transformers::grouped_mm_fallback``, weighted unsort, sum over
+slots); its variants break the pattern and must keep the experts pinned.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfuse
+from fxfuse import zoo
+from fxfuse.permute import checked_permutation, random_permutations
+from outputs import run, tolerance
+
+pytestmark = pytest.mark.usefixtures("quiet_one_thread")
+
+E, K, H, UNITS = 4, 2, 8, 6
+
+
+class RoutedMoE(nn.Module):
+    """``x (B, S, 5) -> linear -> + routed experts -> linear (3)``; ``variant`` changes how it routes."""
+
+    def __init__(self, variant: str = "plain", gated: bool = True, seed: int = 0):
+        import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.variant, self.gated = variant, gated
+        self.inp = nn.Linear(5, H)
+        self.router = nn.Linear(H, E, bias=False)
+        self.up = nn.Parameter(torch.randn(E, (2 if gated else 1) * UNITS, H, generator=g) / H ** 0.5)
+        self.down = nn.Parameter(torch.randn(E, H, UNITS, generator=g) / UNITS ** 0.5)
+        self.head = nn.Linear(H, 3)
+        with torch.no_grad():
+            for m in (self.inp, self.router, self.head):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5)
+
+    def forward(self, x):
+        mm = torch.ops.transformers.grouped_mm_fallback
+        h = self.inp(x)
+        b, s, _ = h.shape
+        flat = h.reshape(-1, H)
+        probs = self.router(flat).softmax(-1)
+        top, idx = probs.topk(K, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        ids_sorted, perm = torch.sort(idx.reshape(-1))
+        rows = flat[perm // K]
+        pair_w = top.reshape(-1)[perm]
+        if self.variant == "counts_by_comparison":  # the same counts, written without histc
+            counts = (ids_sorted.unsqueeze(0) == torch.arange(E).unsqueeze(1)).sum(1)
+        else:
+            counts = torch.histc(ids_sorted.float(), bins=E, min=0, max=E - 1)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        up = mm(rows, self.up.transpose(-2, -1), offs=offs)
+        if self.gated:
+            gate, lin = up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * lin
+        else:
+            hidden = F.gelu(up)
+        out = mm(hidden, self.down.transpose(-2, -1), offs=offs) * pair_w.unsqueeze(-1)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.size(0))
+        y = out[inv].view(b * s, K, H).sum(1)
+        if self.variant == "indices_read":  # one more op reads the routing indices
+            y = y + idx.float().mean(-1, keepdim=True)
+        return self.head((flat + y).view(b, s, H))
+
+
+def build(variant="plain", gated=True):
+    model = RoutedMoE(variant, gated).eval()
+    return model, (torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1)),)
+
+
+def expert_spaces(a, up="up", down="down", router="router.weight"):
+    """(experts, units) space ids, read from the layouts of the stacks and the router."""
+    experts = a.layout_of(up).axes[0].space
+    units = a.layout_of(down).axes[2].space
+    assert a.layout_of(router).axes[0].space == experts
+    return experts, units
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_experts_are_a_space_and_units_nest_under_them(gated):
+    model, args = build(gated=gated)
+    a = fxfuse.analyze(model, args)
+    assert a.unruled == () and a.notes == ()
+    experts, units = expert_spaces(a)
+    assert a.spaces[experts].free and a.spaces[experts].size == E
+    assert a.spaces[units].free and a.spaces[units].size == UNITS
+    assert a.parents[units] == experts
+    assert a.group(experts).name == "perm" and a.group(units).name == "perm"
+    up_units = a.layout_of("up").axes[1]
+    leaves = [leaf.space for leaf in fxfuse.spaces.expr_leaves(up_units)]
+    assert leaves == ([units, units] if gated else [units]), "gate and up halves share the expert's units"
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_permuting_experts_and_their_units_keeps_the_function(gated):
+    model, args = build(gated=gated)
+    a = fxfuse.analyze(model, args)
+    experts, units = expert_spaces(a)
+    perms = random_permutations(a, seed=4)
+    sigma, tau = perms[experts], perms[units]
+    assert tau.shape == (E, UNITS) and len({tuple(r.tolist()) for r in tau}) > 1, "one permutation per expert"
+    moved, err = checked_permutation(a, perms, fxfuse.load_rules())
+    ref = run(model, args)
+    assert (run(moved, args) - ref).abs().max() <= tolerance(ref)
+    rho = perms[a.layout_of("up").axes[2].space]  # the hidden stream moves too
+    for i in range(E):  # new expert i is old expert sigma[i], its units in the order tau[i]
+        old_up = model.up[sigma[i]].view(-1, UNITS, H)
+        assert torch.equal(moved.up[i].view(-1, UNITS, H), old_up[:, tau[i]][:, :, rho])
+        assert torch.equal(moved.down[i], model.down[sigma[i]][rho][:, tau[i]])
+        assert torch.equal(moved.router.weight[i], model.router.weight[sigma[i], rho])
+    assert not torch.equal(sigma, torch.arange(E))
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ("indices_read", "top-k indices: expected one reader (aten.reshape.default, aten.view.default), found aten.reshape.default, aten.mean.dim"),
+    ("counts_by_comparison", "expected one reader (aten.histc.default)"),
+])
+def test_routing_off_the_pattern_keeps_experts_pinned_and_says_why(variant, reason):
+    model, args = build(variant)
+    a = fxfuse.analyze(model, args)
+    experts = a.layout_of("up").axes[0].space
+    assert not a.spaces[experts].free and "routed experts not recognised" in a.spaces[experts].reason
+    assert reason in a.spaces[experts].reason
+    (note,) = [n for n in a.notes if "routed experts not recognised" in n]
+    assert reason in note and "the expert axis stays pinned" in note
+    assert not a.spaces[a.layout_of("router.weight").axes[0].space].free
+    moved = fxfuse.permute(model, args, seed=2)  # still sound: the units inside keep one shared permutation
+    ref = run(model, args)
+    assert (run(moved, args) - ref).abs().max() <= tolerance(ref)
+    for i in range(E):  # each expert stays where it is (its entries move only inside it)
+        assert torch.equal(moved.up[i].flatten().sort().values, model.up[i].flatten().sort().values)
+
+
+def test_a_rule_file_can_switch_the_pattern_off(tmp_path):
+    off = tmp_path / "off.yaml"
+    off.write_text("- op: pattern.routed_experts\n  kind: pin\n")
+    model, args = build()
+    a = fxfuse.analyze(model, args, rules=fxfuse.load_rules(extra=[off]))
+    assert not a.spaces[a.layout_of("up").axes[0].space].free
+    assert a.notes == ()
+
+
+def test_zoo_mixtral_experts_move_and_units_nest():
+    model, args = zoo.mixtral()
+    a = fxfuse.analyze(model, args)
+    assert a.unruled == () and a.notes == ()
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp"
+        experts, units = expert_spaces(a, f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj", f"{p}.gate.weight")
+        assert a.spaces[experts].free and a.spaces[units].free and a.parents[units] == experts
+    moved = fxfuse.permute(model, args, seed=3)
+    ref = run(model, args)
+    assert (run(moved, args) - ref).abs().max() <= tolerance(ref)
+    assert not torch.equal(moved.model.layers[0].mlp.gate.weight, model.model.layers[0].mlp.gate.weight)
+
+
+@pytest.mark.parametrize("cost", ["weights"])
+@pytest.mark.parametrize("case", ["routed", "mixtral"])
+def test_permuted_experts_fuse_back_exactly(case, cost):
+    model, args = zoo.mixtral() if case == "mixtral" else build()
+    permuted = fxfuse.permute(model, args, seed=3)
+    result = fxfuse.compile([model, permuted], args, cost=cost, calib=32)
+    fused = result.module.state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.allclose(fused[name], t, atol=1e-6), name
