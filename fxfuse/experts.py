@@ -41,9 +41,10 @@ of every moved model would say so.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -73,6 +74,7 @@ class RoutedExperts:
     down_weight: torch.fx.Node  # (E, F, O)
     out: torch.fx.Node  # (T, O): the last node, where the signature is applied
     gated: bool
+    act: torch.fx.Node  # the activation of the gate half (of the whole up product when not gated)
     nodes: frozenset  # every node it owns (not the inputs, not the top-k values)
 
     @property
@@ -217,12 +219,14 @@ class _Matcher:
             self.expect(set(halves) == {0, 1}, "gate or up half unused", chunk)
             self.owned |= set(halves.values())
             act = self.only_user(halves[0], ACTIVATIONS, "gate half")
+            self.expect(act.args[0] is halves[0], "activation of another tensor", act)
             mul = self.only_user(act, "aten.mul.Tensor", "activated gate")
             self.expect(self.only_user(halves[1], "aten.mul.Tensor", "up half") is mul,
                         "gate and up halves not multiplied together", mul)
             hidden = mul
         else:
-            hidden = self.only_user(up, ACTIVATIONS, "up projection")
+            hidden = act = self.only_user(up, ACTIVATIONS, "up projection")
+            self.expect(self.source(act.args[0]) is up, "activation of another tensor", act)
         down = self.only_user(hidden, GROUPED_MM, "expert hidden units")
         self.grouped_mm(down, offs, 1)
         self.expect(self.users(offs) == [up, down] or self.users(offs) == [down, up], "offsets read elsewhere", offs)
@@ -251,7 +255,7 @@ class _Matcher:
         for n in nodes - {out}:
             for u in n.users:
                 self.expect(u in nodes or (n is tk and u is values), "an intermediate is read outside the layer", n)
-        return RoutedExperts(tk, scores, rows, pick.args[0], up.args[1], down.args[1], out, gated, nodes)
+        return RoutedExperts(tk, scores, rows, pick.args[0], up.args[1], down.args[1], out, gated, act, nodes)
 
     def grouped_mm(self, n: torch.fx.Node, offs: torch.fx.Node, which: int) -> None:
         w = _shape(n.args[1])
@@ -301,6 +305,40 @@ def find(graph: torch.fx.Graph) -> Found:
 # ---------------------------------------------------------------- the signature
 
 
+@dataclass(frozen=True)
+class Probe:
+    """An activation no graph node holds, computed from nodes that do (read by activation costs).
+
+    ``compute(*values of the nodes named in inputs)``; ``axes``: one ``AxisExpr`` per dim
+    (atoms while the analysis runs).
+    """
+
+    inputs: tuple[str, ...]
+    compute: Callable[..., torch.Tensor]
+    axes: tuple
+
+
+def _expert_units(act: torch.fx.Node, gated: bool) -> Callable[..., torch.Tensor]:
+    """``(x (T, H), up weight (E, H, U)) -> (T, E, F)``: every expert's hidden units on every token.
+
+    The dispatch runs each token through its top-K experts only, in an order that
+    depends on the routing, so no node holds the units of one expert as a unit
+    axis; this dense activation does, with tokens as samples, for matching the
+    units of each pair of experts.
+    """
+    fn = functools.partial(act.target, *act.args[1:], **act.kwargs)
+
+    def compute(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum("th,ehu->teu", x, weight.to(x.dtype))
+        if gated:
+            gate, up = z.chunk(2, dim=-1)
+            return fn(gate) * up
+        return fn(z)
+
+    return compute
+
+
+
 @kind("routed_experts", "A whole routed mixture-of-experts subgraph (top-k routing, dispatch sorted by expert, "
       "grouped expert products, weighted unsort), recognised by fxfuse.experts: the experts are a space of the "
       "router's score columns and the expert stacks, each expert's hidden units a space nested under it. Named on "
@@ -342,5 +380,8 @@ def routed_experts(ctx) -> None:
                     (match.down_weight, ((de, False), (df, True), (do, False)))):
         for a, consumed in axes:
             ctx.param_use(w, a, consumed)
+    names = ctx.walker.names
+    ctx.walker.probes[f"{names[match.out]}:expert_units"] = Probe(
+        (names[match.rows], names[match.up_weight]), _expert_units(match.act, match.gated), (t, e, units))
     why = f"routed experts {match.name}: experts are chosen by index"
     ctx.walker.limits += [(a, PERM, why) for a in (e, units, h, oo, t)]

@@ -137,6 +137,7 @@ class Analysis:
     groups: Mapping[int, SpaceGroup] = field(default_factory=dict)  # the maps each space commutes with
     scales: frozenset[str] = frozenset()  # uniform per-channel scales: left alone by non-permutation maps
     pattern_notes: tuple[str, ...] = ()  # subgraphs that looked like a recognised pattern and were not
+    probes: Mapping[str, Any] = field(default_factory=dict)  # activations no node holds (fxfuse.experts.Probe)
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -287,6 +288,7 @@ class _Walker:
         self.names: dict[torch.fx.Node, str] = {}  # node -> its name in ``Analysis.node_axes``
         self.experts: dict[torch.fx.Node, Any] = {}  # node -> the routed-experts match that owns it (fxfuse.experts)
         self.expert_misses: dict[torch.fx.Node, str] = {}  # expert product outside every match -> why
+        self.probes: dict[str, Any] = {}  # name -> experts.Probe over atoms
 
     def uniform(self, name: str) -> bool:
         """Whether parameter ``name`` holds one value everywhere (a per-channel scale folded away)."""
@@ -602,7 +604,8 @@ class _Walker:
         misses = tuple(f"{why} at {', '.join(at)}: the expert axis stays pinned" for why, at in missed.items())
         return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes,
                         unfit, nesting_notes=notes, groups=self._groups(ids, uses), scales=frozenset(self.scales),
-                        pattern_notes=misses)
+                        pattern_notes=misses, probes={name: replace(p, axes=self._node_expr(list(p.axes), ids))
+                                                      for name, p in self.probes.items()})
 
     def _groups(self, ids: dict[int, int], uses: dict) -> dict[int, SpaceGroup]:
         """Each space's group: the meet of the limits of every op on it (``fxfuse.groups``)."""

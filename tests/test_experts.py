@@ -97,6 +97,8 @@ def test_experts_are_a_space_and_units_nest_under_them(gated):
     up_units = a.layout_of("up").axes[1]
     leaves = [leaf.space for leaf in fxfuse.spaces.expr_leaves(up_units)]
     assert leaves == ([units, units] if gated else [units]), "gate and up halves share the expert's units"
+    (probe,) = a.probes.values()  # every expert's units on every token: the activation cost's signal
+    assert [e.space for e in probe.axes[1:]] == [experts, units]
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -162,7 +164,7 @@ def test_zoo_mixtral_experts_move_and_units_nest():
     assert not torch.equal(moved.model.layers[0].mlp.gate.weight, model.model.layers[0].mlp.gate.weight)
 
 
-@pytest.mark.parametrize("cost", ["weights"])
+@pytest.mark.parametrize("cost", ["weights", "activations"])
 @pytest.mark.parametrize("case", ["routed", "mixtral"])
 def test_permuted_experts_fuse_back_exactly(case, cost):
     model, args = zoo.mixtral() if case == "mixtral" else build()
