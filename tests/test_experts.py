@@ -164,6 +164,33 @@ def test_zoo_mixtral_experts_move_and_units_nest():
     assert not torch.equal(moved.model.layers[0].mlp.gate.weight, model.model.layers[0].mlp.gate.weight)
 
 
+def tiny_moe(name):
+    from transformers import OlmoeConfig, Qwen2MoeConfig
+
+    from fxfuse.zoo import VOCAB, _hf, _ids
+
+    shared = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts=4, num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
+    if name == "qwen2_moe":  # with a shared expert (an ordinary gated MLP) next to the routed ones
+        cfg = Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                             decoder_sparse_step=1, **shared)
+        return _hf("Qwen2MoeForCausalLM", cfg, 0, (_ids(),))
+    return _hf("OlmoeForCausalLM", OlmoeConfig(intermediate_size=24, **shared), 0, (_ids(),))
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe"])
+def test_other_transformers_moe_layers_match(name):
+    model, args = tiny_moe(name)
+    a = fxfuse.analyze(model, args)
+    assert a.unruled == () and a.notes == ()
+    p = "model.layers.0.mlp"
+    experts, units = expert_spaces(a, f"{p}.experts.gate_up_proj", f"{p}.experts.down_proj", f"{p}.gate.weight")
+    assert a.spaces[experts].free and a.spaces[units].free and a.parents[units] == experts
+    moved = fxfuse.permute(model, args, seed=5)
+    ref = run(model, args)
+    assert (run(moved, args) - ref).abs().max() <= tolerance(ref)
+
+
 @pytest.mark.parametrize("cost", ["weights", "activations"])
 @pytest.mark.parametrize("case", ["routed", "mixtral"])
 def test_permuted_experts_fuse_back_exactly(case, cost):
