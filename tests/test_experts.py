@@ -46,7 +46,7 @@ class RoutedMoE(nn.Module):
         b, s, _ = h.shape
         flat = h.reshape(-1, H)
         probs = self.router(flat).softmax(-1)
-        top, idx = probs.topk(K, dim=-1)
+        top, idx = probs.topk(K, dim=-1, largest=self.variant != "smallest")
         top = top / top.sum(-1, keepdim=True)
         ids_sorted, perm = torch.sort(idx.reshape(-1))
         rows = flat[perm // K]
@@ -124,6 +124,7 @@ def test_permuting_experts_and_their_units_keeps_the_function(gated):
 @pytest.mark.parametrize("variant,reason", [
     ("indices_read", "top-k indices: expected one reader (aten.reshape.default, aten.view.default), found aten.reshape.default, aten.mean.dim"),
     ("counts_by_comparison", "expected one reader (aten.histc.default)"),
+    ("smallest", "top-k not of the largest K along the experts"),
 ])
 def test_routing_off_the_pattern_keeps_experts_pinned_and_says_why(variant, reason):
     model, args = build(variant)
@@ -200,3 +201,39 @@ def test_permuted_experts_fuse_back_exactly(case, cost):
     fused = result.module.state_dict()
     for name, t in model.state_dict().items():
         assert torch.allclose(fused[name], t, atol=1e-6), name
+
+
+def test_cli_permute_moves_the_zoo_mixtral_experts(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from clirun import run as cli
+
+    code, out, err = cli(capsys, "permute", "fxfuse.zoo:mixtral", "-o", tmp_path / "moved", "--seed", 7, "-q")
+    assert code == 0, err
+    model, args = zoo.mixtral()
+    moved, _ = zoo.mixtral()
+    moved.load_state_dict(load_file(tmp_path / "moved" / "model.safetensors"), strict=False)
+    ref = run(model, args)
+    assert (run(moved, args) - ref).abs().max() <= tolerance(ref)
+    router, router_moved = model.model.layers[0].mlp.gate.weight, moved.model.layers[0].mlp.gate.weight
+    rows = lambda w: [tuple(r.tolist()) for r in w.sort(dim=1).values]  # noqa: E731  (the hidden axis moves too)
+    assert sorted(rows(router_moved)) == sorted(rows(router)) and rows(router_moved) != rows(router)
+
+
+def test_a_signature_that_does_not_fit_pins_the_whole_layer(monkeypatch):
+    """The safety net: if the pattern's kind fails on a matched subgraph, nothing it owns stays free."""
+    from fxfuse.kinds import KINDS, Kind, RuleMismatch
+
+    def broken(ctx):
+        raise RuleMismatch("broken on purpose")
+
+    monkeypatch.setitem(KINDS, "routed_experts", Kind("routed_experts", broken, ""))
+    model, args = build()
+    a = fxfuse.analyze(model, args)
+    assert [u.op for u in a.unruled] == ["pattern.routed_experts"] and "broken on purpose" in a.unruled[0].reason
+    for name, axis in (("up", 0), ("up", 1), ("down", 0), ("down", 2), ("router.weight", 0)):
+        for leaf in fxfuse.spaces.expr_leaves(a.layout_of(name).axes[axis]):
+            assert not a.spaces[leaf.space].free, (name, axis)
+    moved = fxfuse.permute(model, args, seed=1)
+    ref = run(model, args)
+    assert (run(moved, args) - ref).abs().max() <= tolerance(ref)
