@@ -60,6 +60,7 @@ ACTIVATIONS = ("aten.silu.default", "aten.gelu.default", "aten.relu.default", "a
 CASTS = ("aten.to.dtype", "aten._to_copy.default", "aten.alias.default", "aten.clone.default",
          "aten.contiguous.default")
 ASSERT = "aten._assert_tensor_metadata.default"
+EXACT = (torch.int32, torch.int64, torch.float32, torch.float64)  # hold every id and position of a layer exactly
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,19 @@ class _Matcher:
             raise Miss(f"{what} at {at.name}")
 
     def users(self, n: torch.fx.Node) -> list[torch.fx.Node]:
-        """Users of ``n`` past value-preserving casts; assertions on it are owned and skipped."""
+        """Users of ``n`` past casts and copies; assertions on it are owned and skipped.
+
+        A cast acts element by element, so it commutes with any move of the pairs or
+        experts; on ids and positions it must also keep every value (to 32 or 64 bits).
+        """
         out = []
         for u in n.users:
             if _op(u) == ASSERT:
                 self.owned.add(u)
             elif _op(u) in CASTS:
+                src, dst = n.meta.get("val"), u.meta.get("val")
+                self.expect(isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and (
+                    src.is_floating_point() or dst.dtype in EXACT), "integer values cast to a narrower type", u)
                 self.owned.add(u)
                 out += self.users(u)
             else:
