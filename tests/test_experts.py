@@ -25,23 +25,28 @@ E, K, H, UNITS = 4, 2, 8, 6
 class RoutedMoE(nn.Module):
     """``x (B, S, 5) -> linear -> + routed experts -> linear (3)``; ``variant`` changes how it routes."""
 
-    def __init__(self, variant: str = "plain", gated: bool = True, seed: int = 0):
+    def __init__(self, variant: str = "plain", gated: bool = True, seed: int = 0, units: int = UNITS,
+                 kernel: str = "fallback"):
         import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
 
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.variant, self.gated = variant, gated
+        self.variant, self.gated, self.kernel = variant, gated, kernel
         self.inp = nn.Linear(5, H)
         self.router = nn.Linear(H, E, bias=False)
-        self.up = nn.Parameter(torch.randn(E, (2 if gated else 1) * UNITS, H, generator=g) / H ** 0.5)
-        self.down = nn.Parameter(torch.randn(E, H, UNITS, generator=g) / UNITS ** 0.5)
+        self.up = nn.Parameter(torch.randn(E, (2 if gated else 1) * units, H, generator=g) / H ** 0.5)
+        self.down = nn.Parameter(torch.randn(E, H, units, generator=g) / units ** 0.5)
         self.head = nn.Linear(H, 3)
         with torch.no_grad():
             for m in (self.inp, self.router, self.head):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5)
 
     def forward(self, x):
-        mm = torch.ops.transformers.grouped_mm_fallback
+        if self.kernel == "fallback":
+            mm = torch.ops.transformers.grouped_mm_fallback
+        else:  # torch._grouped_mm takes bfloat16
+            def mm(a, w, offs):
+                return torch._grouped_mm(a.to(torch.bfloat16), w.to(torch.bfloat16), offs=offs).float()
         h = self.inp(x)
         b, s, _ = h.shape
         flat = h.reshape(-1, H)
@@ -53,6 +58,8 @@ class RoutedMoE(nn.Module):
         pair_w = top.reshape(-1)[perm]
         if self.variant == "counts_by_comparison":  # the same counts, written without histc
             counts = (ids_sorted.unsqueeze(0) == torch.arange(E).unsqueeze(1)).sum(1)
+        elif self.variant == "narrow_cast":  # ids through int16 on the way to histc
+            counts = torch.histc(ids_sorted.to(torch.int16).float(), bins=E, min=0, max=E - 1)
         else:
             counts = torch.histc(ids_sorted.float(), bins=E, min=0, max=E - 1)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -61,7 +68,7 @@ class RoutedMoE(nn.Module):
             gate, lin = up.chunk(2, dim=-1)
             hidden = F.silu(gate) * lin
         else:
-            hidden = F.gelu(up)
+            hidden = F.gelu(up) if self.kernel == "fallback" else F.relu(up)
         out = mm(hidden, self.down.transpose(-2, -1), offs=offs) * pair_w.unsqueeze(-1)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.size(0))
@@ -71,8 +78,8 @@ class RoutedMoE(nn.Module):
         return self.head((flat + y).view(b, s, H))
 
 
-def build(variant="plain", gated=True):
-    model = RoutedMoE(variant, gated).eval()
+def build(variant="plain", gated=True, **kw):
+    model = RoutedMoE(variant, gated, **kw).eval()
     return model, (torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1)),)
 
 
@@ -125,6 +132,7 @@ def test_permuting_experts_and_their_units_keeps_the_function(gated):
     ("indices_read", "top-k indices: expected one reader (aten.reshape.default, aten.view.default), found aten.reshape.default, aten.mean.dim"),
     ("counts_by_comparison", "expected one reader (aten.histc.default)"),
     ("smallest", "top-k not of the largest K along the experts"),
+    ("narrow_cast", "integer values cast to a narrower type"),
 ])
 def test_routing_off_the_pattern_keeps_experts_pinned_and_says_why(variant, reason):
     model, args = build(variant)
@@ -140,6 +148,25 @@ def test_routing_off_the_pattern_keeps_experts_pinned_and_says_why(variant, reas
     assert (run(moved, args) - ref).abs().max() <= tolerance(ref)
     for i in range(E):  # each expert stays where it is (its entries move only inside it)
         assert torch.equal(moved.up[i].flatten().sort().values, model.up[i].flatten().sort().values)
+
+
+def test_aten_grouped_mm_kernel_matches_too():
+    """``torch._grouped_mm`` (bfloat16): small integer weights and inputs keep its sums exact in any order."""
+    model, _ = build(gated=False, units=8, kernel="aten")  # rows of a multiple of 16 bytes
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name in ("inp.weight", "up", "down"):
+            p = model.get_parameter(name)
+            p.copy_(torch.randint(-1, 2, p.shape, generator=g).float())
+        model.inp.bias.zero_()
+    args = (torch.randint(-2, 3, (2, 6, 5), generator=g).float(),)
+    a = fxfuse.analyze(model, args)
+    assert "aten._grouped_mm.default" in {str(n.target) for n in a.traced.graph.nodes}
+    experts, units = expert_spaces(a)
+    assert a.spaces[experts].free and a.parents[units] == experts and a.notes == ()
+    moved = fxfuse.permute(model, args, seed=6)
+    ref = run(model, args)
+    assert (run(moved, args) - ref).abs().max() <= tolerance(ref)
 
 
 def test_a_rule_file_can_switch_the_pattern_off(tmp_path):
