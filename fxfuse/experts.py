@@ -368,7 +368,7 @@ def routed_experts(ctx) -> None:
     ctx.pin(slot, "the top-k slots are ordered by score")
     units = ctx.new_atom(F)
     ctx.role(e, "experts")
-    ctx.role(units, "expert units")
+    ctx.role(units, "units")
     for a, b in ((e, ue), (e, de), (h, uh), (df, units), (do, oo)):
         ctx.tie(a, b)
     for a in (tx, to):
