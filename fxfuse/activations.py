@@ -85,11 +85,19 @@ def _contains(exprs: tuple, space: int) -> bool:
     return any(leaf.space == space for e in exprs if e is not None for leaf in expr_leaves(e))
 
 
+def node_exprs(analysis: Analysis, name: str) -> tuple | None:
+    """The axes of node ``name``, or of the probe of that name (``Analysis.probes``)."""
+    probe = analysis.probes.get(name)
+    return probe.axes if probe is not None else analysis.node_axes.get(name)
+
+
 def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None) -> list[str]:
-    """Up to ``k`` nodes (evenly spread, preferred ops first) whose output carries ``space`` (and ``also``)."""
+    """Up to ``k`` nodes (evenly spread, preferred ops first) whose output carries ``space`` (and ``also``);
+    probes (activations computed from nodes, ``Analysis.probes``) count as nodes."""
     ops = graph_ops(analysis.traced.graph_module)
+    ops.update({name: "probe" for name in analysis.probes})
     found = []
-    for name, exprs in analysis.node_axes.items():
+    for name, exprs in list(analysis.node_axes.items()) + [(n, p.axes) for n, p in analysis.probes.items()]:
         if name not in ops or exprs is None or not exprs or not isinstance(exprs[0], (Leaf, Product, Concat)):
             continue
         if _contains(exprs, space) and (also is None or _contains(exprs, also)):
@@ -178,9 +186,12 @@ def graph_ops(gm: torch.fx.GraphModule, prefix: str = "") -> dict[str, str]:
 def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str]) -> dict[str, torch.Tensor]:
     ep = analysis.traced.exported
     flat = ep._graph_module_flat_inputs(tuple(args), dict(kwargs))
-    cap = _Capture(ep.graph_module, wanted)
+    probes = {n: analysis.probes[n] for n in wanted if n in analysis.probes}
+    cap = _Capture(ep.graph_module, set(wanted) | {i for p in probes.values() for i in p.inputs})
     with torch.no_grad():
         cap.run(*flat)
+        for name, probe in probes.items():
+            cap.values[name] = probe.compute(*(cap.values[i] for i in probe.inputs))
     return cap.values
 
 
@@ -212,7 +223,7 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
         vs = _run(source, args, kwargs, wanted)
         for key, node in jobs:
             space, child = key
-            exprs, exprs_s = target.node_axes[node], source.node_axes.get(node)
+            exprs, exprs_s = node_exprs(target, node), node_exprs(source, node)
             if node not in vs or exprs_s is None:
                 raise ValueError(f"node {node} of the target has no counterpart in the source graph")
             others = moved - own[space]

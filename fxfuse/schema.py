@@ -128,8 +128,8 @@ def _lookup(op: str) -> OpSchema | None:
 
 
 def unresolved_ops(ops: Iterable[str]) -> list[str]:
-    """Op names (not higher-order) that ``torch.ops`` does not know, in order."""
-    return [op for op in ops if not op.startswith("higher_order.") and op_schema(op) is None]
+    """Op names (not higher-order ops, not ``pattern.`` subgraphs) that ``torch.ops`` does not know, in order."""
+    return [op for op in ops if not op.startswith(("higher_order.", "pattern.")) and op_schema(op) is None]
 
 
 def _output_index(arg: str) -> int | None:

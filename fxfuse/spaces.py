@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from . import experts
 from .axes import CONCAT, PRODUCT, AxisStore, Refinement
 from .errors import StrictError
 from .groups import INVERTIBLE, NAMES, ORTHO, PERM, SpaceGroup, meet, node_limits
@@ -135,11 +136,13 @@ class Analysis:
     nesting_notes: tuple[str, ...] = ()  # spaces whose nesting was cut to one level
     groups: Mapping[int, SpaceGroup] = field(default_factory=dict)  # the maps each space commutes with
     scales: frozenset[str] = frozenset()  # uniform per-channel scales: left alone by non-permutation maps
+    pattern_notes: tuple[str, ...] = ()  # subgraphs that looked like a recognised pattern and were not
+    probes: Mapping[str, Any] = field(default_factory=dict)  # activations no node holds (fxfuse.experts.Probe)
 
     @property
     def notes(self) -> tuple[str, ...]:
         """Facts a user should see: rules that fit no node, and what the analysis restricted, and why."""
-        return tuple(u.note for u in self.unfit_rules) + self.nesting_notes
+        return tuple(u.note for u in self.unfit_rules) + self.nesting_notes + self.pattern_notes
 
     def group(self, sid: int) -> SpaceGroup:
         return self.groups.get(sid) or SpaceGroup("perm", "")
@@ -283,6 +286,9 @@ class _Walker:
         self._uniform: dict[str, bool] = {}
         self.prefix = ""  # where the walk is: "" at top level, "submodule/" inside a higher-order op's body
         self.names: dict[torch.fx.Node, str] = {}  # node -> its name in ``Analysis.node_axes``
+        self.experts: dict[torch.fx.Node, Any] = {}  # node -> the routed-experts match that owns it (fxfuse.experts)
+        self.expert_misses: dict[torch.fx.Node, str] = {}  # expert product outside every match -> why
+        self.probes: dict[str, Any] = {}  # name -> experts.Probe over atoms
 
     def uniform(self, name: str) -> bool:
         """Whether parameter ``name`` holds one value everywhere (a per-channel scale folded away)."""
@@ -351,6 +357,11 @@ class _Walker:
     def _walk(self, gm: torch.fx.GraphModule, top: bool, inputs: list | None = None) -> list:
         graph = gm.graph
         env = self.env
+        pattern = self.rules.lookup(experts.PATTERN_OP)
+        if pattern is not None and pattern.kind == "routed_experts":
+            found = experts.find(graph)
+            self.experts.update(found.owner())
+            self.expert_misses.update(found.misses)
         outputs: list = []
         k = 0
         for node in graph.nodes:
@@ -404,6 +415,9 @@ class _Walker:
 
     def _call(self, node: torch.fx.Node, val: Any) -> None:
         env = self.env
+        if node in self.experts:
+            self._routed_experts(node, val)
+            return
         if node.target is operator.getitem:
             src, idx = node.args
             axes = env.get(src)
@@ -429,6 +443,9 @@ class _Walker:
         if op in rule.ops and rule.origin[0] and (id(rule), op) not in self.checked:
             check_rule(rule, *rule.origin, ops=(op,))  # a custom op may register after its rule file was read
             self.checked.add((id(rule), op))
+        if node in self.expert_misses:  # pin the expert axis with the reason before the op's rule does
+            for atom in (env.get(node.args[1]) or [])[:1]:
+                self.store.pin(atom, f"{self.expert_misses[node]} at {node.name}")
         ctx = OpContext(self, node, rule, op, out, val)
         before = set(self.store.touched)
         self.store.touched = set()  # what this op's rule relates
@@ -459,6 +476,43 @@ class _Walker:
             tensors = ctx.tensor_args()
             if len(tensors) == 1 and tensors[0][1] in self.param_view:
                 self.param_view[node] = self.param_view[tensors[0][1]]
+
+    def _routed_experts(self, node: torch.fx.Node, val: Any) -> None:
+        """A node owned by a routed-experts match: fresh axes; at its last node, the pattern's signature.
+
+        The kind (``fxfuse.experts.routed_experts``) ties the subgraph's inputs and
+        result; every axis of the nodes it owns that it did not tie is pinned. A
+        signature that does not fit pins every axis the subgraph reads or writes.
+        """
+        store, env = self.store, self.env
+        env[node] = self.fresh(val)
+        match = self.experts[node]
+        if node is not match.out:
+            return
+        rule = self.rules.lookup(experts.PATTERN_OP)
+        fit = self.fits.setdefault(id(rule), [rule, {}, 0, None])
+        fit[1][experts.PATTERN_OP] = fit[1].get(experts.PATTERN_OP, 0) + 1
+        ctx = OpContext(self, node, rule, experts.PATTERN_OP, env[node], val)
+        before, store.touched = set(store.touched), set()
+        try:
+            KINDS[rule.kind].apply(ctx)
+        except (RuleMismatch, TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+            store.touched = before
+            reason = f"rule {rule.source} does not fit: {exc}"
+            fit[3] = fit[3] or f"{exc} (first at {node.name})"
+            self._fail_closed(node, experts.PATTERN_OP, list(node.all_input_nodes), reason)
+            for n in match.nodes:
+                for x in (n, *n.all_input_nodes):
+                    for atom in self._atoms_flat(env.get(x)):
+                        store.pin(atom, f"{reason}: {experts.PATTERN_OP} at {node.name}")
+            return
+        related = {store.find(a) for a in store.touched}
+        store.touched = before | store.touched
+        fit[2] += 1
+        for n in match.nodes:
+            for atom in self._atoms_flat(env.get(n)):
+                if store.size(atom) > 1 and store.find(atom) not in related:
+                    store.pin(atom, f"inside routed experts {match.name}")
 
     def _pin_unrelated_integers(self, ctx: "OpContext", related: set[int]) -> None:
         """Pin the axes of integer (or boolean) arguments that the op's rule neither tied nor pinned.
@@ -544,8 +598,14 @@ class _Walker:
         node_axes = {self.names[n]: self._node_expr(v, ids) for n, v in self.env.items()}
         unfit = tuple(UnfitRule(rule.source, tuple(ops), sum(ops.values()), reason)
                       for rule, ops, fitted, reason in self.fits.values() if not fitted)
+        missed: dict[str, list[str]] = {}
+        for n, why in self.expert_misses.items():
+            missed.setdefault(why, []).append(self.names[n])
+        misses = tuple(f"{why} at {', '.join(at)}: the expert axis stays pinned" for why, at in missed.items())
         return Analysis(self.traced, tuple(spaces), layouts, tuple(self.unruled), self.rules.files, node_axes,
-                        unfit, nesting_notes=notes, groups=self._groups(ids, uses), scales=frozenset(self.scales))
+                        unfit, nesting_notes=notes, groups=self._groups(ids, uses), scales=frozenset(self.scales),
+                        pattern_notes=misses, probes={name: replace(p, axes=self._node_expr(list(p.axes), ids))
+                                                      for name, p in self.probes.items()})
 
     def _groups(self, ids: dict[int, int], uses: dict) -> dict[int, SpaceGroup]:
         """Each space's group: the meet of the limits of every op on it (``fxfuse.groups``)."""

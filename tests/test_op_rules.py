@@ -303,24 +303,6 @@ def test_repeat_interleave_without_dim_fails_closed():
     assert compare_outputs(model, fxfuse.permute(model, args, seed=1), args) <= TOL
 
 
-def test_mixture_of_experts_units_move_experts_stay():
-    """transformers' grouped experts: the intermediate units (gate and up halves) are one free space shared by all
-    experts and read back by down_proj; the expert axis and the router's rows keep their order."""
-    import zoo
-
-    model, args = zoo.mixtral()
-    a = fxfuse.analyze(model, args)
-    assert "transformers.grouped_mm_fallback.default" in {str(n.target) for n in a.traced.graph.nodes}
-    assert a.unruled == ()
-    prefix = "model.layers.0.mlp"
-    (experts,) = _spaces_of(a, f"{prefix}.experts.gate_up_proj", 0)
-    gate_half, up_half = _spaces_of(a, f"{prefix}.experts.gate_up_proj", 1)
-    assert gate_half == up_half and a.spaces[gate_half].free and a.spaces[gate_half].size == 48
-    assert _spaces_of(a, f"{prefix}.experts.down_proj", 2) == [gate_half]
-    assert _spaces_of(a, f"{prefix}.experts.down_proj", 0) == [experts] and not a.spaces[experts].free
-    assert not a.spaces[_spaces_of(a, f"{prefix}.gate.weight", 0)[0]].free
-
-
 # ---------------------------------------------------------------- einsum equations, generated
 
 from hypothesis import given, settings  # noqa: E402
