@@ -71,8 +71,9 @@ def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int]
             return consumer(A) if reads else A
         if m.perm is not None and m.perm.dim() == 1:
             return torch.eye(expr.size, dtype=torch.float64)[m.perm]
-        raise FxfuseError(f"space s{expr.space} is nested under a space of another axis (a grouped convolution's "
-                          "units per group): only permutations can move it, not soft maps or maps between widths")
+        raise FxfuseError(f"space s{expr.space} is nested under a space of another axis (units moved per unit of "
+                          "their parent, as in a grouped convolution or a mixture of experts): only permutations can "
+                          "move it, not soft maps or maps between widths")
     if isinstance(expr, Concat):
         return torch.block_diag(*(axis_matrix(p, alignment, parents, reads) for p in expr.parts))
     parts = _factors(expr)  # a nested space follows its parent even across nested products
