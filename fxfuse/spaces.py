@@ -271,6 +271,7 @@ class _Walker:
         self.env: dict[torch.fx.Node, Any] = {}
         self.unruled: list[UnruledOp] = []
         self.param_atoms: dict[str, tuple[str, list[int]]] = {}  # state-dict name -> (kind, atoms)
+        self.param_read: dict[str, bool] = {}  # state-dict name -> whether some node reads it
         self.canonical = {alias: name for name, aliases in traced.aliases.items() for alias in aliases}
         self.rows: list[tuple[int, int, int, int, int]] = []  # (E, P, X, row, selected output atom)
         self.param_view: dict[torch.fx.Node, str] = {}  # a parameter, or a view of one -> its state-dict name
@@ -302,7 +303,20 @@ class _Walker:
 
     def run(self) -> None:
         self._walk(self.traced.graph_module, top=True)
+        self._pin_unread()
         self._resolve_rows()
+
+    def _pin_unread(self) -> None:
+        """Pin the axes of a saved tensor that no node of the graph reads.
+
+        Moving it cannot change the traced function, yet the model may still compute with it
+        (through a tensor derived from it and kept outside the state dict, traced as a constant
+        instead): fail closed.
+        """
+        for name, read in self.param_read.items():
+            if not read:
+                for atom in self.param_atoms[name][1]:
+                    self.store.pin(atom, f"'{name}' is read by no op of the graph")
 
     def _resolve_rows(self) -> None:
         """Settle rows taken by ``select`` from a packed axis ``X = (P × E)``, ``P`` pinned.
@@ -374,6 +388,7 @@ class _Walker:
                     # torch.export gives each name of a tied tensor its own placeholder: one tensor, one set of atoms
                     canon = self.canonical.get(ph.target, ph.target)
                     self.param_view[node] = canon
+                    self.param_read[canon] = self.param_read.get(canon, False) or bool(node.users)
                     if canon in self.param_atoms:
                         for a, b in zip(self.param_atoms[canon][1], env[node]):
                             self.store.unify(a, b, f"tied tensor {canon} = {ph.target}")

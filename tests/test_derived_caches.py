@@ -160,3 +160,25 @@ def test_levit_two_seeds_pass_the_self_check():
     result = fxfuse.compile([a, b], args, cost="weights")
     assert all(c["error"] < 1e-4 for c in result.report["self_check"])
     assert_levit_computes_its_weights(result.module, args)  # the fused bias tables are the ones used
+
+
+class StickyCache(CachedBias):
+    """``CachedBias`` whose cache survives ``train()``: nothing tells fxfuse how to drop it."""
+
+    def train(self, mode: bool = True):
+        return nn.Module.train(self, mode)
+
+
+def test_a_parameter_the_graph_does_not_read_stays_put():
+    torch.manual_seed(0)
+    model = StickyCache().eval()
+    args = (torch.randn(6, TOKENS, DIM, generator=torch.Generator().manual_seed(1)),)
+    run(model, args)  # the graph reads the cached bias as a constant, not the table
+    a = fxfuse.analyze(model, args)
+    for axis in a.layout_of("table").axes:
+        space = a.space(axis.space)
+        assert not space.free and "read by no op" in space.reason
+    permuted = fxfuse.permute(model, args, seed=1)
+    assert torch.equal(permuted.table, model.table)
+    assert not torch.equal(permuted.qkv.weight, model.qkv.weight)  # the rest still moves
+    assert compare_outputs(model, permuted, args) < 1e-5
