@@ -126,8 +126,8 @@ def tiny_levit(seed: int):
     transformers = pytest.importorskip("transformers")
     from fxfuse import zoo
 
-    cfg = transformers.LevitConfig(image_size=64, patch_size=16, hidden_sizes=[16, 24, 32], num_attention_heads=[2, 3, 4],
-                                   depths=[1, 1, 1], key_dim=[4, 4, 4], mlp_ratio=[2, 2, 2],
+    cfg = transformers.LevitConfig(image_size=64, patch_size=16, hidden_sizes=[16, 24, 32],
+                                   num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[4, 4, 4], mlp_ratio=[2, 2, 2],
                                    attention_ratio=[2, 2, 2], num_labels=5)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     model, args = zoo._hf("LevitForImageClassification", cfg, seed, (x,))
