@@ -122,16 +122,13 @@ def test_two_seeds_fuse_and_every_model_keeps_computing_its_weights():
 
 
 def tiny_levit(seed: int):
-    """HF ``LevitForImageClassification`` from a tiny config: a 4 × 4 grid, subsample attention down to 2 × 2."""
-    transformers = pytest.importorskip("transformers")
+    """The zoo's tiny HF ``LevitForImageClassification`` (a 4 × 4 grid, subsample attention down to 2 × 2),
+    run once in eval mode: every attention caches its gathered bias."""
+    pytest.importorskip("transformers")
     from fxfuse import zoo
 
-    cfg = transformers.LevitConfig(image_size=64, patch_size=16, hidden_sizes=[16, 24, 32],
-                                   num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[4, 4, 4], mlp_ratio=[2, 2, 2],
-                                   attention_ratio=[2, 2, 2], num_labels=5)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    model, args = zoo._hf("LevitForImageClassification", cfg, seed, (x,))
-    run(model, args)  # eval mode: every attention caches its gathered bias
+    model, args = zoo.levit(seed)
+    run(model, args)
     return model, args
 
 
