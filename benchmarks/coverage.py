@@ -50,6 +50,8 @@ DESCRIPTIONS = {
     "bert_mlm": "BertForMaskedLM (tied embeddings)",
     "llama": "LlamaForCausalLM (GQA, RoPE, RMSNorm, SwiGLU)",
     "t5": "T5 encoder + linear head",
+    "levit": "LevitForImageClassification (cached attention biases)",
+    "squeezebert": "SqueezeBertForSequenceClassification (grouped 1×1 convolutions)",
     "minilm": "all-MiniLM-L6-v2 (pretrained) + head",
 }
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_inputs, check_labels, guarded
+from .derived import forget_derived
 from .errors import FxfuseError
 from .evaluate import logits_of
 
@@ -122,12 +123,13 @@ def curve(model_a: nn.Module, state_b: Mapping[str, torch.Tensor], inputs, label
     import copy
 
     state_a = model_a.state_dict()
-    probe = copy.deepcopy(model_a)
+    probe = copy.deepcopy(forget_derived(model_a))
     lambdas = tuple(i / (points - 1) for i in range(points))
     losses, accs = [], []
     for i, lam in enumerate(lambdas):
         state = interpolate(state_a, state_b, lam)
         probe.load_state_dict(state if repair is None else repair(state, state_a, state_b, lam), strict=True)
+        forget_derived(probe)
         loss, acc = evaluate(probe, inputs, labels, head, input_key)
         losses.append(loss)
         accs.append(acc)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .derived import forget_derived
 from .errors import FxfuseError
 from .trace import PARAMETER, TracedModel
 from .verify import CHECK_TOL, compare_outputs
@@ -216,10 +217,10 @@ def canonicalize(traced: TracedModel, untie: bool = False) -> Canonical:
         folds.append(Fold(gamma, beta if fold_shift else None, tuple(w for _, w, _, _ in readers), tuple(untied)))
     if not folds:
         return Canonical(model, (), tuple(refused), 0.0)
-    folded = copy.deepcopy(model)
+    folded = copy.deepcopy(forget_derived(model))
     _untie(folded, sorted(untie_done))
     folded.load_state_dict(state, strict=True)
-    folded.eval()
+    forget_derived(folded).eval()
     err = compare_outputs(model, folded, traced.args, traced.kwargs)
     if not err <= CHECK_TOL:
         raise FxfuseError(f"folding norm scales into their readers changed {type(model).__name__}'s function "

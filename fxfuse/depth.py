@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .derived import forget_derived
 from .errors import FxfuseError
 from .trace import PARAMETER, USER_INPUT, trace
 
@@ -592,7 +593,7 @@ def _identity_block(block: nn.Module, dm: DepthMap, position: int, base: int,
     if not names:
         raise FusionDepthError(f"{old}: block has no residual branch to zero (not a pre-norm residual block), "
                                f"so no identity block can be built at {new}")
-    block = copy.deepcopy(block)
+    block = copy.deepcopy(forget_derived(block))
     zeroed = []
     for name in names:
         if not name.startswith(old + "."):
@@ -651,7 +652,7 @@ def relayer(source: nn.Module, maps: Sequence[DepthMap],
     paths = [dm.path for dm in maps]
     if len(set(paths)) != len(paths):
         raise FusionDepthError(f"a block list is mapped more than once: {', '.join(paths)}")
-    model = copy.deepcopy(source)
+    model = copy.deepcopy(forget_derived(source))
     identities: list[str] = []
     zeroed: list[str] = []
     for dm in maps:

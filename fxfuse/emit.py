@@ -11,12 +11,12 @@ that axis. Between spaces of different sizes the result has the target's shape.
 """
 from __future__ import annotations
 
-import copy
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .derived import loaded_copy
 from .errors import FxfuseError
 from .layout import nested_matrix, permute_tensor
 from .plan import Alignment
@@ -138,6 +138,4 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 
 
 def build_module(target: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    module = copy.deepcopy(target)
-    module.load_state_dict(dict(state), strict=True)
-    return module.eval()
+    return loaded_copy(target, state).eval()

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .derived import forget_derived
 from .errors import SpecError
 from .progress import bar
 
@@ -234,6 +235,7 @@ def run_streamed(module: nn.Module, state: Mapping[str, torch.Tensor], args: tup
                 sub._buffers[attr] = old
 
     handles = []
+    forget_derived(module)
     try:
         if not in_memory(state):
             for sub in owners:
@@ -258,6 +260,7 @@ def run_streamed(module: nn.Module, state: Mapping[str, torch.Tensor], args: tup
             h.remove()
         for sub in owners:
             release(sub)
+        forget_derived(module)  # nothing derived from ``state`` stays with the module's own weights
 
 
 def _on_meta(out: Any) -> bool:

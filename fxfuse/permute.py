@@ -10,12 +10,12 @@ refuses to return one that computes something else.
 """
 from __future__ import annotations
 
-import copy
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from .derived import loaded_copy
 from .layout import permute_tensor
 from .rules import RuleSet, load_rules
 from .spaces import Analysis, analyze
@@ -55,10 +55,7 @@ def permute_state_dict(analysis: Analysis, state: Mapping[str, torch.Tensor],
 def apply_permutations(analysis: Analysis, perms: Permutations) -> nn.Module:
     """A deep copy of the analysed model with ``perms`` applied to its weights."""
     model = analysis.traced.module
-    state = permute_state_dict(analysis, model.state_dict(), perms)
-    clone = copy.deepcopy(model)
-    clone.load_state_dict(state, strict=True)
-    return clone
+    return loaded_copy(model, permute_state_dict(analysis, model.state_dict(), perms))
 
 
 def checked_permutation(analysis: Analysis, perms: Permutations, rules: RuleSet) -> tuple[nn.Module, float]:
@@ -104,10 +101,8 @@ def move_by_group_elements(model: nn.Module, example_args: tuple, seed: int = 0,
     maps = random_group_maps(analysis, seed, INVERTIBLE if largest is None else largest)
 
     def moved_by(chosen) -> nn.Module:
-        clone = copy.deepcopy(base)
-        clone.load_state_dict(aligned_state_groups(analysis, base.state_dict(), Alignment(chosen, 0, "random", "random")),
-                              strict=True)
-        return clone.eval()
+        state = aligned_state_groups(analysis, base.state_dict(), Alignment(chosen, 0, "random", "random"))
+        return loaded_copy(base, state).eval()
 
     moved = moved_by(maps)
     err = check_moved(model, moved, example_args, kwargs, analysis=analysis, rules=rules, spaces=maps,

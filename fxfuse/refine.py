@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .derived import forget_derived
 from .errors import FxfuseError
 from .plan import Alignment
 from .solvers import assignment, consumer, matching
@@ -288,7 +289,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     opt = torch.optim.Adam(params, lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
     g = torch.Generator().manual_seed(config.seed)
-    probe = copy.deepcopy(module).eval()
+    probe = copy.deepcopy(forget_derived(module)).eval()
     for p in probe.parameters():
         p.requires_grad_(False)
     n = config.inputs.shape[0]
@@ -395,6 +396,7 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
 
     def call(module: nn.Module, state: dict, x: torch.Tensor):
         a, kw = with_input(args, kwargs, key, x)
+        forget_derived(module)  # nothing cached from the weights of an earlier step
         return torch.func.functional_call(module, {k: v for k, v in state.items() if k not in tied}, a, kw)
 
     frozen = []

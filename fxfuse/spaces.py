@@ -274,6 +274,7 @@ class _Walker:
         self.env: dict[torch.fx.Node, Any] = {}
         self.unruled: list[UnruledOp] = []
         self.param_atoms: dict[str, tuple[str, list[int]]] = {}  # state-dict name -> (kind, atoms)
+        self.param_read: dict[str, bool] = {}  # state-dict name -> whether some node reads it
         self.canonical = {alias: name for name, aliases in traced.aliases.items() for alias in aliases}
         self.rows: list[tuple[int, int, int, int, int]] = []  # (E, P, X, row, selected output atom)
         self.param_view: dict[torch.fx.Node, str] = {}  # a parameter, or a view of one -> its state-dict name
@@ -308,7 +309,20 @@ class _Walker:
 
     def run(self) -> None:
         self._walk(self.traced.graph_module, top=True)
+        self._pin_unread()
         self._resolve_rows()
+
+    def _pin_unread(self) -> None:
+        """Pin the axes of a saved tensor that no node of the graph reads.
+
+        Moving it cannot change the traced function, yet the model may still compute with it
+        (through a tensor derived from it and kept outside the state dict, traced as a constant
+        instead): fail closed.
+        """
+        for name, read in self.param_read.items():
+            if not read:
+                for atom in self.param_atoms[name][1]:
+                    self.store.pin(atom, f"'{name}' is read by no op of the graph")
 
     def _resolve_rows(self) -> None:
         """Settle rows taken by ``select`` from a packed axis ``X = (P × E)``, ``P`` pinned.
@@ -354,6 +368,35 @@ class _Walker:
                     sets.append({leaf for a in atoms for leaf in self._leaf_roots(a)})
         return sets
 
+    def _piece_leaf_counts(self) -> list[Counter[int]]:
+        """For every piece of every tensor (concatenations split into their segments), how often it
+        carries each leaf class."""
+        out: list[Counter[int]] = []
+        values = list(self.env.values()) + [atoms for _, atoms in self.param_atoms.values()]
+        for value in values:
+            groups = value if value and (isinstance(value[0], list) or value[0] is None) else [value]
+            for atoms in groups:
+                if not atoms:
+                    continue
+                combos: set[tuple[int, ...]] = {()}
+                for a in atoms:
+                    combos = {c + s for c in combos for s in self._segments(a)}
+                out += [Counter(c) for c in combos]
+        return out
+
+    def _segments(self, atom: int) -> set[tuple[int, ...]]:
+        """The leaf classes of each segment of an axis: one tuple per way through its concatenations."""
+        root = self.store.find(atom)
+        ref = self.store.refinement(root)
+        if ref is None:
+            return {(root,)}
+        if ref.kind != PRODUCT:
+            return {s for c in ref.children for s in self._segments(c)}
+        combos: set[tuple[int, ...]] = {()}
+        for c in ref.children:
+            combos = {tuple(sorted(x + s)) for x in combos for s in self._segments(c)}
+        return combos
+
     def _walk(self, gm: torch.fx.GraphModule, top: bool, inputs: list | None = None) -> list:
         graph = gm.graph
         env = self.env
@@ -385,6 +428,7 @@ class _Walker:
                     # torch.export gives each name of a tied tensor its own placeholder: one tensor, one set of atoms
                     canon = self.canonical.get(ph.target, ph.target)
                     self.param_view[node] = canon
+                    self.param_read[canon] = self.param_read.get(canon, False) or bool(node.users)
                     if canon in self.param_atoms:
                         for a, b in zip(self.param_atoms[canon][1], env[node]):
                             self.store.unify(a, b, f"tied tensor {canon} = {ph.target}")
@@ -637,10 +681,12 @@ class _Walker:
         """``{child space: parent space}`` where the child may move differently under each parent index.
 
         In a product ``(heads × head_dim)`` the inside-head permutation may depend on the head
-        iff every tensor of the graph that carries ``head_dim`` also carries ``heads`` (then the
-        joint move ``(h, d) -> (p(h), p_h(d))`` is one bijection applied to whole tensors). A
-        tensor with ``head_dim`` but not ``heads`` (a reduction over heads, a per-dim scale
-        broadcast over heads) forces one shared inside permutation.
+        iff every tensor of the graph that carries ``head_dim`` also carries ``heads``, each once
+        in every segment (then the joint move ``(h, d) -> (p(h), p_h(d))`` is one bijection
+        applied to whole tensors). A tensor with ``head_dim`` but not ``heads`` (a reduction over
+        heads, a per-dim scale broadcast over heads) forces one shared inside permutation, and so
+        does a segment that holds either twice (a grouped convolution's weight with ``heads`` on
+        its rows and its columns: under which of them would ``head_dim`` move?).
         """
         store = self.store
         candidates: dict[int, list[int]] = {}
@@ -654,13 +700,13 @@ class _Walker:
                         candidates[leaf].append(earlier)
         if not candidates:
             return {}
-        tensors = self._tensor_leaf_sets()
+        pieces = self._piece_leaf_counts()
         parents: dict[int, int] = {}
         for child, cands in candidates.items():
             if child not in ids or store.pinned(child) or store.size(child) <= 1:
                 continue
-            holding = [t for t in tensors if child in t]
-            ok = [c for c in cands if c in ids and store.size(c) > 1 and all(c in t for t in holding)]
+            holding = [t for t in pieces if child in t]
+            ok = [c for c in cands if c in ids and store.size(c) > 1 and all(t[c] == t[child] == 1 for t in holding)]
             if ok:
                 parents[ids[child]] = ids[ok[-1]]
         for child in list(parents):  # no cycles

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from .derived import forget_derived
 from .errors import TraceError
 
 USER_INPUT, PARAMETER, BUFFER, CONSTANT = "input", "parameter", "buffer", "constant"
@@ -70,7 +71,7 @@ def trace(model: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None
     """Export ``model`` in eval mode on ``args``; raises ``TraceError`` with a hint on failure."""
     kwargs = dict(kwargs or {})
     was_training = model.training
-    model.eval()
+    forget_derived(model).eval()  # the graph reads the parameters, not a tensor cached from them
     try:
         with warnings.catch_warnings(), _no_logging():
             warnings.simplefilter("ignore")

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from .derived import forget_derived
 from .errors import FxfuseError, UnsoundError
 from .spaces import _op_name
 
@@ -35,7 +36,7 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
 @torch.no_grad()
 def run(model: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
     was = model.training
-    model.eval()
+    forget_derived(model).eval()  # computed from its weights as they are now
     try:
         return output_tensors(model(*args, **dict(kwargs or {})))
     finally:

@@ -601,6 +601,28 @@ def donut_swin(seed: int = 0):
     return model.eval(), (_pixels(size=16),)
 
 
+def levit(seed: int = 0):
+    """Attention biases gathered by an index buffer (cached in eval mode), one subsample attention over a
+    stride-2 grid, BatchNorm'd linears, hardswish; 64×64 images give a 4×4, then a 2×2 grid."""
+    from transformers import LevitConfig
+
+    cfg = LevitConfig(image_size=64, patch_size=16, hidden_sizes=[16, 24], num_attention_heads=[2, 3], depths=[1, 1],
+                      key_dim=[4, 4], mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 4, 4, 2, 2, 2]],
+                      num_labels=3)
+    return _hf("LevitForImageClassification", cfg, seed, (_pixels(size=64),))
+
+
+def squeezebert(seed: int = 0):
+    """1×1 grouped convolutions of 2 and 4 groups in attention and feed-forward (groups inside groups)."""
+    from transformers import SqueezeBertConfig
+
+    cfg = SqueezeBertConfig(vocab_size=VOCAB, hidden_size=32, embedding_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                            q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2, intermediate_groups=4,
+                            output_groups=2)
+    return _hf("SqueezeBertForSequenceClassification", cfg, seed, (_ids(),))
+
+
 def mixtral(seed: int = 0):
     from transformers import MixtralConfig
 
@@ -617,9 +639,10 @@ HF = {
     "bert": bert, "bert_mlm": bert_mlm, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
     "gpt_bigcode": gpt_bigcode,
     "llama": llama, "qwen2": qwen2, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext,
-    "resnet": resnet, "mobilenet_v2": mobilenet_v2, "donut_swin": donut_swin, "mixtral": mixtral,
+    "resnet": resnet, "mobilenet_v2": mobilenet_v2, "donut_swin": donut_swin, "mixtral": mixtral, "levit": levit,
+    "squeezebert": squeezebert,
 }
 ZOO = {**PLAIN, **HF}
 TRANSFORMERS = ("mha", "encoder", "seq2seq", "head_bias", "bert", "bert_mlm", "roberta", "distilbert", "gpt2",
                 "gpt_bigcode", "llama", "qwen2", "t5", "vit", "swin", "einsum_attention", "mqa", "mixtral", "relative_bias",
-                "donut_swin")
+                "donut_swin", "levit", "squeezebert")
