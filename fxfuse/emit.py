@@ -1,4 +1,4 @@
-"""Emission: apply alignments to weights, average into the target, check function.
+"""Emission: apply alignments to weights, average them, load the result into a copy of the target.
 
 Permutations move tensors exactly (``fxfuse.layout``). Other maps act per axis
 by a matrix built from the axis expression: a leaf takes its map ``A_s`` where
