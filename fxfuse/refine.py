@@ -274,15 +274,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     if config.inputs.shape[0] < 1:
         raise RefineError("refinement needs labelled data: the data is empty")
     head = config.head
-    movers, latents, kinds = {}, {}, {}
-    for i, al in enumerate(alignments):
-        if i == target or al is None:
-            continue
-        k, init, pairs = latents_of(al)
-        movers[i] = Mover(analyses[i], states[i], pairs, set(k),
-                          frozenset(s for s, lat in k.items() if lat.group == "orthogonal"))
-        kinds[i] = k
-        latents[i] = {sid: init[sid].clone().requires_grad_(True) for sid in k}
+    movers, latents, kinds = _latent_maps(analyses, states, alignments, target)
     params = [L for per in latents.values() for L in per.values()]
     if not params:
         raise RefineError("nothing to refine: no source model has a free space")
@@ -343,6 +335,36 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
             say(f"refining: step {step + 1}/{config.steps}, loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
     seconds = time.perf_counter() - t0
     after = eval_loss(weights)
+    refined, changed = _projected(alignments, latents, kinds)
+    k = max(1, len(losses) // 10)
+    report = {"steps": config.steps, "seconds": seconds, "lr": config.lr, "batch_size": config.batch_size,
+              "seed": config.seed, "samples": int(n), "head": head,
+              "loss_first_steps": sum(losses[:k]) / k, "loss_last_steps": sum(losses[-k:]) / k,
+              "loss_at_weights_before": before, "loss_at_weights_after": after, "loss_of_models": ends,
+              "barrier_at_weights_before": before - chord, "barrier_at_weights_after": after - chord,
+              "eval_samples": min(n, config.eval_samples),
+              "units_changed": {i: {f"s{s}": c for s, c in per.items()} for i, per in changed.items()}}
+    return Refined(tuple(refined), report)
+
+
+def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alignment | None], target: int):
+    """Per source model ``i``: a ``Mover`` of its weights, its latents (leaf tensors with gradients, one per
+    space, initialised at its alignment's maps) and their kinds; ``(movers, latents, kinds)``."""
+    movers, latents, kinds = {}, {}, {}
+    for i, al in enumerate(alignments):
+        if i == target or al is None:
+            continue
+        k, init, pairs = latents_of(al)
+        movers[i] = Mover(analyses[i], states[i], pairs, set(k),
+                          frozenset(s for s, lat in k.items() if lat.group == "orthogonal"))
+        kinds[i] = k
+        latents[i] = {sid: init[sid].clone().requires_grad_(True) for sid in k}
+    return movers, latents, kinds
+
+
+def _projected(alignments: Sequence[Alignment | None], latents, kinds) -> tuple[list, dict]:
+    """The alignments with every learnt latent projected to its group; and, per model and space, how many units
+    (for an orthogonal map: whether the map) changed."""
     refined, changed = [], {}
     for i, al in enumerate(alignments):
         if i not in latents:
@@ -365,15 +387,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
             maps[sid] = new
             changed.setdefault(i, {})[sid] = moved
         refined.append(Alignment(maps, al.passes, al.cost, al.solver, al.notes))
-    k = max(1, len(losses) // 10)
-    report = {"steps": config.steps, "seconds": seconds, "lr": config.lr, "batch_size": config.batch_size,
-              "seed": config.seed, "samples": int(n), "head": head,
-              "loss_first_steps": sum(losses[:k]) / k, "loss_last_steps": sum(losses[-k:]) / k,
-              "loss_at_weights_before": before, "loss_at_weights_after": after, "loss_of_models": ends,
-              "barrier_at_weights_before": before - chord, "barrier_at_weights_after": after - chord,
-              "eval_samples": min(n, config.eval_samples),
-              "units_changed": {i: {f"s{s}": c for s, c in per.items()} for i, per in changed.items()}}
-    return Refined(tuple(refined), report)
+    return refined, changed
 
 
 def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], states, alignments, depth_plans,
