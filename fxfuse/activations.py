@@ -7,6 +7,9 @@ For units ``x`` of the target and ``y`` of the source the accumulated sums give
 the Pearson correlation ``ρ[j, k] = cov(x_j, y_k) / (σ(x_j) σ(y_k))``, summed
 over nodes. A nested pair (heads × head_dim) is correlated jointly over
 ``(h, d)`` units and returned as ``(n_h, n_h, n_d, n_d)``.
+A unit constant over the samples (a token-type embedding read at one type
+only) correlates with nothing: a variance below ``VARIANCE_FLOOR`` of the
+mean square is the rounding noise of ``E[x²] − E[x]²``, taken as zero.
 
 A sample must be the same position in both models. An axis of another space
 that is being moved (query heads next to a head dim of its own, as in
