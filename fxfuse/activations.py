@@ -7,6 +7,9 @@ For units ``x`` of the target and ``y`` of the source the accumulated sums give
 the Pearson correlation ``ρ[j, k] = cov(x_j, y_k) / (σ(x_j) σ(y_k))``, summed
 over nodes. A nested pair (heads × head_dim) is correlated jointly over
 ``(h, d)`` units and returned as ``(n_h, n_h, n_d, n_d)``.
+A unit constant over the samples (a token-type embedding read at one type
+only) correlates with nothing: a variance below ``VARIANCE_FLOOR`` of the
+mean square is the rounding noise of ``E[x²] − E[x]²``, taken as zero.
 
 A sample must be the same position in both models. An axis of another space
 that is being moved (query heads next to a head dim of its own, as in
@@ -40,6 +43,13 @@ PREFERRED = ("linear", "conv", "addmm", "mm.", "bmm", "matmul", "embedding", "la
              "relu", "hardtanh", "hardswish", "sigmoid")
 
 
+# A variance below this share of the mean square is taken as zero: for a unit that is the same in every
+# sample, E[x²] − E[x]² of float64 sums cancels to rounding noise (~1e-16 of E[x²] per addition), and the
+# noise of two such units divided by each other read as correlations of hundreds. What it zeroes varies by
+# less than 1e-5 of its value (~100 float32 ulps).
+VARIANCE_FLOOR = 1e-10
+
+
 class _Stats:
     """Running sums (float64) for the cross-correlation of two sets of units."""
 
@@ -58,24 +68,30 @@ class _Stats:
         self.qs += (y * y).sum(0)
         self.cross.addmm_(x.T, y)
 
+    def _centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cov (n_t × n_s), var_t, var_s)``; a unit constant over the samples (``VARIANCE_FLOOR``) has
+        variance and covariances exactly 0."""
+        n = max(self.n, 1)
+        mt, ms = self.st / n, self.ss / n
+        vt = self.qt / n - mt * mt
+        vs = self.qs / n - ms * ms
+        vt = torch.where(vt > VARIANCE_FLOOR * self.qt / n, vt, 0.0)
+        vs = torch.where(vs > VARIANCE_FLOOR * self.qs / n, vs, 0.0)
+        cov = self.cross / n - torch.outer(mt, ms)
+        return torch.where(torch.outer(vt, vs) > 0, cov, 0.0), vt, vs
+
     def covariance(self) -> np.ndarray:
         """Cross-covariance of the centred units over one overall scale ``√(mean var_t · mean var_s)``.
 
         Unlike the correlation it is equivariant under rotations of either side,
         so Procrustes on it recovers orthogonal maps (``fxfuse.procrustes``).
         """
-        n = max(self.n, 1)
-        mt, ms = self.st / n, self.ss / n
-        cov = self.cross / n - torch.outer(mt, ms)
-        scale = float(((self.qt / n - mt * mt).clamp(min=0).mean() * (self.qs / n - ms * ms).clamp(min=0).mean()).sqrt())
+        cov, vt, vs = self._centred()
+        scale = float((vt.mean() * vs.mean()).sqrt())
         return (cov / scale).numpy() if scale > 0 else np.zeros(tuple(cov.shape))
 
     def correlation(self) -> np.ndarray:
-        n = max(self.n, 1)
-        mt, ms = self.st / n, self.ss / n
-        vt = (self.qt / n - mt * mt).clamp(min=0.0)
-        vs = (self.qs / n - ms * ms).clamp(min=0.0)
-        cov = self.cross / n - torch.outer(mt, ms)
+        cov, vt, vs = self._centred()
         den = torch.sqrt(torch.outer(vt, vs))
         # scale-free: a constant unit (zero variance) correlates with nothing
         return torch.where(den > 0, cov / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).numpy()

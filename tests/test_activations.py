@@ -2,6 +2,8 @@
 
 * Two moved spaces on one activation (multi-query attention: query heads and a
   head dim of their own): the other space's axis is reduced, never a sample.
+* An activation that is the same for every sample (a token-type embedding read
+  at type 0 only) correlates with nothing, however many samples are summed.
 * Spaces inside higher-order subgraphs (a block under ``torch.no_grad()``) are
   read there.
 * A space without signal is kept at the identity with a note and a warning.
@@ -18,10 +20,11 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 import fxfuse
 import zoo
-from fxfuse.activations import _units, graph_ops
+from fxfuse.activations import _Stats, _units, graph_ops
 from fxfuse.calibration import calibration_batches
 from fxfuse.cli import main
 from fxfuse.data import load_calibration
@@ -64,6 +67,74 @@ def test_moved_axes_are_reduced_not_sampled():
     shuffled = x[:, :, torch.randperm(4, generator=torch.Generator().manual_seed(0))]
     for a, (_, b) in zip((mean, square), _units(shuffled, exprs, 5, None, moved=frozenset({5, 6}))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("batches", [16, 64, 256])
+def test_a_constant_activation_correlates_with_nothing(batches):
+    """Both models constant along units of space 5 (another moved space 6 beside it, reduced by its mean and
+    mean square): ``E[x²] − E[x]²`` cancels to rounding noise in float64, which must not read as a variance
+    (it gave ``|ρ|`` up to 673)."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(4, 8, generator=g)
+    shuffled = c[:, torch.randperm(8, generator=g)]
+    varying = torch.randn(batches * 64, 4, 8, generator=g)
+    exprs = (Leaf(-1, 64), Leaf(6, 4), Leaf(5, 8))
+    stats: dict[tuple[str, int], _Stats] = {}
+    for b in range(batches):
+        for kind, x, y in (("constant", c.expand(64, 4, 8), shuffled.expand(64, 4, 8)),
+                           ("varying", varying[b * 64:(b + 1) * 64], varying[b * 64:(b + 1) * 64, :, [1, 0, *range(2, 8)]])):
+            for (feature, a), (_, s) in zip(_units(x, exprs, 5, None, frozenset({5, 6})),
+                                            _units(y, exprs, 5, None, frozenset({5, 6}))):
+                stats.setdefault((kind, feature), _Stats(8, 8)).add(a, s)
+    for feature in (1, 2):
+        assert not stats[("constant", feature)].correlation().any()
+        rho = stats[("varying", feature)].correlation()  # the floor leaves real variances alone
+        assert abs(rho[0, 1] - 1) < 1e-9 and abs(rho[2, 2] - 1) < 1e-9 and abs(rho).max() <= 1 + 1e-9
+
+
+class TypedGroups(nn.Module):
+    """Token embeddings plus a token-type embedding read at type 0 only (constant over samples, as in BERT-like
+    models called without token types), then 1×1 convolutions of 4 then 2 groups: a 2 × 2 × 8 hidden
+    stream whose middle level is reduced where the outer level's units are read."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.embed, self.types = nn.Embedding(zoo.VOCAB, width), nn.Embedding(2, width)
+        self.up = nn.Conv1d(width, 2 * width, 1, groups=4)
+        self.down = nn.Conv1d(2 * width, width, 1, groups=2)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids) + self.types(torch.zeros_like(ids))
+        y = self.down(torch.nn.functional.gelu(self.up(h.transpose(1, 2)))).transpose(1, 2)
+        return self.head((h + y)[:, 0])
+
+
+def typed_groups():
+    torch.manual_seed(0)
+    model = TypedGroups()
+    zoo._informative(model)
+    return model.eval(), (zoo._ids(),)
+
+
+@pytest.mark.parametrize("calib", [16, 256])  # before the variance floor: relative errors 0.056 and 0.31
+def test_constant_activation_beside_nested_groups_fuses_back(calib):
+    model, args = typed_groups()
+    a = fxfuse.analyze(model, args)
+    assert any(s.parent is not None for s in a.spaces) and a.nesting_notes == ()  # the premise: nested groups
+    permuted = fxfuse.permute(model, args, seed=1)
+    err, _ = recovered(model, args, permuted, calib)
+    assert err <= TOL, f"fused model differs from the model by {err:.3e}"
+
+
+@pytest.mark.parametrize("calib", [64, 256])  # before the variance floor: relative errors 0.67 and 0.42
+def test_squeezebert_fuses_back_by_activations(calib):
+    """SqueezeBERT's token-type embeddings are constant (no token types given) and its grouped convolutions
+    nest groups inside groups; with more calibration the rounding noise of the constant grew into the costs."""
+    model, args = zoo.squeezebert()
+    permuted = fxfuse.permute(model, args, seed=1)
+    err, _ = recovered(model, args, permuted, calib)
+    assert err <= TOL, f"fused model differs from the model by {err:.3e}"
 
 
 def test_multi_query_heads_and_head_dim_share_an_activation():
