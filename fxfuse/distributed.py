@@ -113,9 +113,7 @@ def local_group(workers: int, argv: Sequence[str]) -> Iterator[list[subprocess.P
     try:
         for rank in range(1, workers):
             env = dict(os.environ, **group, RANK=str(rank))
-            procs.append(subprocess.Popen([sys.executable, "-m", "fxfuse.cli", *child_argv, "--quiet"], env=env,
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=tempfile.TemporaryFile()))
+            procs.append(start_worker([sys.executable, "-m", "fxfuse.cli", *child_argv, "--quiet"], env))
         os.environ.update(group, RANK="0")
         init_from_env()
         yield procs
@@ -131,6 +129,14 @@ def local_group(workers: int, argv: Sequence[str]) -> Iterator[list[subprocess.P
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def start_worker(command: Sequence[str], env: dict) -> subprocess.Popen:
+    """Start one worker process; its stderr goes to a temporary file (``error_log``) read when it fails."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(list(command), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    proc.error_log = log
+    return proc
 
 
 def _without_workers(argv: Sequence[str]) -> list[str]:
@@ -153,7 +159,7 @@ def wait_workers(procs: Sequence[subprocess.Popen], ok: bool) -> str | None:
             p.kill()
         p.wait()
         if ok and p.returncode != 0 and failure is None:
-            p.stderr.seek(0)
-            lines = [line for line in p.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+            p.error_log.seek(0)
+            lines = [line for line in p.error_log.read().decode(errors="replace").splitlines() if line.strip()]
             failure = f"worker {rank} failed (exit {p.returncode}): {lines[-1] if lines else 'no message'}"
     return failure

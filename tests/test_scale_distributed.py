@@ -92,3 +92,15 @@ def test_workers_need_a_batch_each_and_activations(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 workers for 2 calibration batches" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failing_worker_is_named_with_its_last_error_line():
+    import sys
+
+    from fxfuse.distributed import start_worker, wait_workers
+
+    script = "import sys; sys.stderr.write('Traceback ...\\nValueError: worker broke\\n'); sys.exit(3)"
+    broken = start_worker([sys.executable, "-c", script], dict(os.environ))
+    fine = start_worker([sys.executable, "-c", "pass"], dict(os.environ))
+    assert wait_workers([fine, broken], ok=True) == "worker 2 failed (exit 3): ValueError: worker broke"
+    assert wait_workers([start_worker([sys.executable, "-c", "pass"], dict(os.environ))], ok=True) is None
