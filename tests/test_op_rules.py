@@ -178,6 +178,9 @@ MODELS = {
     "gru_bidirectional": (lambda: (Recurrent("gru", bidirectional=True), _seq()), "aten.gru.input",
                           "rnn.weight_hh_l0_reverse"),
     "rnn": (lambda: (Recurrent("rnn", layers=2), _seq()), "aten.rnn_tanh.input", "rnn.weight_hh_l1"),
+    "repeat": (lambda: (Block(lambda s, h: (h + s.probe.repeat(h.shape[0], 1)).relu().repeat(1, 2), nn.Linear(8, 12),
+                              nn.Linear(24, 3), probe=nn.Parameter(torch.randn(1, 12))), (torch.randn(4, 8),)),
+               "aten.repeat.default", "probe"),
 }
 
 
