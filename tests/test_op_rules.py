@@ -119,6 +119,15 @@ class Recurrent(nn.Module):
         return self.head(out.mean(1 if self.batch_first else 0))
 
 
+def _copy_and_fill(s, h):
+    """In-place writes the graph keeps: ``copy_`` into a fresh tensor, ``fill_`` of another, both read after."""
+    out = torch.empty_like(h)
+    out.copy_(h.relu())
+    bias = torch.empty(h.shape)
+    bias.fill_(0.5)
+    return out * s.scale + bias
+
+
 def _seq():
     return (torch.randn(2, 5, 6),)
 
@@ -181,6 +190,8 @@ MODELS = {
     "repeat": (lambda: (Block(lambda s, h: (h + s.probe.repeat(h.shape[0], 1)).relu().repeat(1, 2), nn.Linear(8, 12),
                               nn.Linear(24, 3), probe=nn.Parameter(torch.randn(1, 12))), (torch.randn(4, 8),)),
                "aten.repeat.default", "probe"),
+    "copy_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.copy_.default", "scale"),
+    "fill_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.fill_.Scalar", "scale"),
 }
 
 
