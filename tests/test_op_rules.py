@@ -128,6 +128,17 @@ def _copy_and_fill(s, h):
     return out * s.scale + bias
 
 
+def _meshgrid(indexing: str):
+    """A (12, 7) matrix made from two vectors by ``meshgrid``, read by the hidden width on both sides."""
+    def f(s, h):
+        a, b = (s.u, s.v) if indexing == "ij" else (s.v, s.u)
+        ga, gb = torch.meshgrid(a, b, indexing=indexing)
+        return (h @ (ga * gb)).relu()
+
+    return Block(f, nn.Linear(8, 12), nn.Linear(7, 3), u=nn.Parameter(torch.randn(12)),
+                 v=nn.Parameter(torch.randn(7))), (torch.randn(4, 8),)
+
+
 def _seq():
     return (torch.randn(2, 5, 6),)
 
@@ -190,6 +201,8 @@ MODELS = {
     "repeat": (lambda: (Block(lambda s, h: (h + s.probe.repeat(h.shape[0], 1)).relu().repeat(1, 2), nn.Linear(8, 12),
                               nn.Linear(24, 3), probe=nn.Parameter(torch.randn(1, 12))), (torch.randn(4, 8),)),
                "aten.repeat.default", "probe"),
+    "meshgrid_ij": (lambda: _meshgrid("ij"), "aten.meshgrid.indexing", "u"),
+    "meshgrid_xy": (lambda: _meshgrid("xy"), "aten.meshgrid.indexing", "v"),
     "copy_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.copy_.default", "scale"),
     "fill_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.fill_.Scalar", "scale"),
 }
