@@ -203,6 +203,10 @@ MODELS = {
                "aten.repeat.default", "probe"),
     "meshgrid_ij": (lambda: _meshgrid("ij"), "aten.meshgrid.indexing", "u"),
     "meshgrid_xy": (lambda: _meshgrid("xy"), "aten.meshgrid.indexing", "v"),
+    "fftn_real": (lambda: (Block(lambda s, h: torch.fft.fftn(h, dim=(1,)).real.relu(), nn.Linear(6, 12),
+                                 nn.Linear(12, 3)), _seq()), "aten.fft_fftn.default", "stem.weight"),
+    "rfft_imag": (lambda: (Block(lambda s, h: torch.fft.rfft(h, dim=1).imag.relu(), nn.Linear(6, 12),
+                                 nn.Linear(12, 3)), _seq()), "aten.fft_rfft.default", "stem.weight"),
     "copy_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.copy_.default", "scale"),
     "fill_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.fill_.Scalar", "scale"),
 }
