@@ -52,6 +52,10 @@ DESCRIPTIONS = {
     "t5": "T5 encoder + linear head",
     "levit": "LevitForImageClassification (cached attention biases)",
     "squeezebert": "SqueezeBertForSequenceClassification (grouped 1×1 convolutions)",
+    "siglip": "SiglipVisionModel + head (attention pooling of a probe tiled over the batch)",
+    "beit": "BeitForImageClassification (relative position index built with meshgrid, copy_, fill_)",
+    "fnet": "FNetForSequenceClassification (Fourier token mixing)",
+    "phi3": "Phi3ForCausalLM (fused projections cut by partial slices)",
     "minilm": "all-MiniLM-L6-v2 (pretrained) + head",
 }
 

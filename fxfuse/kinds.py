@@ -339,7 +339,8 @@ def split(ctx) -> None:
                 ctx.tie(out[i], atom)
 
 
-@kind("slice", "Slices along option 'dim': a full slice ties the axis, a partial one pins it.",
+@kind("slice", "Slices along option 'dim': a full slice ties the axis; a contiguous partial one makes the input axis "
+      "the segments (before | taken | after), the taken one tied to the output; a strided one pins it.",
       options=("dim",))
 def slice_(ctx) -> None:
     x = ctx.value("self")
@@ -351,9 +352,30 @@ def slice_(ctx) -> None:
     for i, atom in enumerate(atoms):
         if i != dim or ctx.out_shape[i] == shape[i]:
             ctx.tie(out[i], atom)
-        else:
-            ctx.pin(atom, f"partial slice by {ctx.op}")
-            ctx.pin(out[i], f"partial slice by {ctx.op}")
+            continue
+        span = _contiguous_span(ctx.value("start"), ctx.value("step") if ctx.has("step") else 1, shape[i],
+                                ctx.out_shape[i])
+        if span is None:
+            ctx.pin(atom, f"strided or symbolic slice by {ctx.op}")
+            ctx.pin(out[i], f"strided or symbolic slice by {ctx.op}")
+            continue
+        before, after = span
+        rests = [ctx.new_atom(n) for n in (before, after) if n > 0]
+        segments = ([rests[0]] if before > 0 else []) + [out[i]] + ([rests[-1]] if after > 0 else [])
+        ctx.tie(atom, ctx.compose(segments, CONCAT))
+        ctx.walker.slice_rests += [(r, ctx.node.name) for r in rests]
+
+
+def _contiguous_span(start, step, size: int, taken: int) -> tuple[int, int] | None:
+    """``(elements before, elements after)`` the slice ``[start : start + taken]`` of an axis of ``size``;
+    ``None`` when the step is not 1 or the start is not a number."""
+    if step not in (None, 1) or not (start is None or isinstance(start, int)):
+        return None
+    begin = 0 if start is None else (start + size if start < 0 else start)
+    begin = min(max(begin, 0), size)
+    if begin + taken > size:
+        return None
+    return begin, size - begin - taken
 
 
 @kind("select", "Picks one index along option 'dim': that axis is pinned, the others pass through (a row of a "

@@ -1,4 +1,4 @@
-"""Kinds for composite ops: einsum equations, stack, repeat_interleave, recurrent layers.
+"""Kinds for composite ops: einsum equations, stack, repeat_interleave, repeat, meshgrid, recurrent layers.
 
 Registered in ``fxfuse.kinds.KINDS`` on import (``fxfuse.kinds`` imports this
 module at its end). Same verbs as there: ``ctx.tie``, ``ctx.pin``, ``ctx.free``;
@@ -130,6 +130,55 @@ def repeat_interleave(ctx) -> None:
         copies = ctx.new_atom(repeats)
         ctx.free(copies)
         ctx.tie(out[d], ctx.compose([atoms[d], copies], PRODUCT))
+
+
+@kind("repeat", "Tiles the tensor (aten.repeat, option 'repeats': the count per dim, new dims in front): a dim "
+      "repeated k > 1 times is (copies × input axis), constant along the copies, which are free, like new dims.",
+      options=("repeats",))
+def repeat(ctx) -> None:
+    x = ctx.value("self")
+    atoms, shape = ctx.atoms(x), ctx.shape(x)
+    out = _single_output(ctx)
+    repeats = ctx.value(ctx.rule.option("repeats", "repeats"))
+    if atoms is None or not isinstance(repeats, (list, tuple)) or not all(isinstance(r, int) for r in repeats) \
+            or len(repeats) < len(atoms) or len(out) != len(repeats):
+        raise RuleMismatch("only integer repeat counts, one per output dim, are understood")
+    lead = len(repeats) - len(atoms)
+    for i in range(lead):  # new leading dims: the output is constant along them
+        ctx.free(out[i])
+    for j, atom in enumerate(atoms):
+        count, o = repeats[lead + j], out[lead + j]
+        if count == 1:
+            ctx.tie(o, atom)
+        elif shape[j] == 1:
+            ctx.free(o)
+        else:  # out[c·n + i] = x[i]: the copies are the outer factor
+            copies = ctx.new_atom(count)
+            ctx.free(copies)
+            ctx.tie(o, ctx.compose([copies, atom], PRODUCT))
+
+
+@kind("meshgrid", "aten.meshgrid: output k varies along one dim only, tied to tensor k (the first two dims swapped "
+      "with option 'indexing' = 'xy'); it is constant, hence free, along the others.", options=("tensors", "indexing"))
+def meshgrid(ctx) -> None:
+    values = list(ctx.value(ctx.rule.option("tensors", "tensors")) or [])
+    indexing = ctx.value(ctx.rule.option("indexing", "indexing")) or "ij"
+    outs = ctx.out
+    if indexing not in ("ij", "xy") or not isinstance(outs, list) or len(outs) != len(values) \
+            or any(not isinstance(o, list) or len(o) != len(values) for o in outs):
+        raise RuleMismatch("expected one output of rank N per input, N the number of inputs, and 'ij' or 'xy'")
+    position = list(range(len(values)))
+    if indexing == "xy" and len(values) >= 2:  # out[k] has shape (n1, n0, n2, ...)
+        position[0], position[1] = 1, 0
+    for k, (value, out) in enumerate(zip(values, outs)):
+        atoms = ctx.atoms(value)
+        if atoms is None or len(atoms) > 1:
+            raise RuleMismatch(f"input {k} is not a 0-d or 1-d tensor")
+        for d, atom in enumerate(out):
+            if d == position[k] and atoms:
+                ctx.tie(atom, atoms[0])
+            else:
+                ctx.free(atom)
 
 
 # ---------------------------------------------------------------- recurrent layers

@@ -277,6 +277,7 @@ class _Walker:
         self.param_read: dict[str, bool] = {}  # state-dict name -> whether some node reads it
         self.canonical = {alias: name for name, aliases in traced.aliases.items() for alias in aliases}
         self.rows: list[tuple[int, int, int, int, int]] = []  # (E, P, X, row, selected output atom)
+        self.slice_rests: list[tuple[int, str]] = []  # (the part of an axis a partial slice leaves out, node)
         self.param_view: dict[torch.fx.Node, str] = {}  # a parameter, or a view of one -> its state-dict name
         self.param_uses: list[tuple[str, int, bool]] = []  # (name, atom, read by a contraction)
         self.checked: set[tuple[int, str]] = set()  # (id(rule), op) checked against the op's schema
@@ -311,6 +312,7 @@ class _Walker:
         self._walk(self.traced.graph_module, top=True)
         self._pin_unread()
         self._resolve_rows()
+        self._pin_slice_rests()
 
     def _pin_unread(self) -> None:
         """Pin the axes of a saved tensor that no node of the graph reads.
@@ -323,6 +325,18 @@ class _Walker:
             if not read:
                 for atom in self.param_atoms[name][1]:
                     self.store.pin(atom, f"'{name}' is read by no op of the graph")
+
+    def _pin_slice_rests(self) -> None:
+        """Pin the parts of a sliced axis that no tensor of the graph carries as a whole axis (``pos[:, :T]``
+        leaves positions ``T:`` out): the traced function cannot see them move, other input sizes would.
+        A tensor that carries the whole sliced axis does not count (conservative: it may be the parameter)."""
+        if not self.slice_rests:
+            return
+        carried = {self.store.find(a) for value in self.env.values() for a in self._atoms_flat(value)}
+        for rest, node in self.slice_rests:
+            for leaf in self._leaf_roots(rest):
+                if leaf not in carried:
+                    self.store.pin(leaf, f"left out by the slice at {node} and read by no op")
 
     def _resolve_rows(self) -> None:
         """Settle rows taken by ``select`` from a packed axis ``X = (P × E)``, ``P`` pinned.

@@ -1,4 +1,4 @@
-"""Property tests: random chains of cat/split/view/transpose/reshape, linears and grouped 1×1
+"""Property tests: random chains of cat/split/slice/view/transpose/reshape, linears and grouped 1×1
 convolutions (groups inside groups) permute soundly.
 
 Each example is a tiny model ``x (B, 6) -> step -> ... -> flatten -> linear -> (B, 3)`` whose steps
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BATCH, WIDTH = 3, 6
 SIZES = (2, 3, 4, 6)
 KINDS = ("linear", "relu", "cat_branches", "cat_self", "split_swap", "view", "flatten", "transpose",
-         "reshape_all", "sum", "grouped")
+         "reshape_all", "sum", "grouped", "slice_swap", "slice_overlap", "slice_drop")
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -66,6 +66,18 @@ class Chain(nn.Module):
                 h = h.reshape(h.shape[0], -1)
             elif kind == "sum":
                 h = h.sum(a[0])
+            elif kind in ("slice_swap", "slice_overlap", "slice_drop"):
+                d, k = a
+
+                def part(start, stop):
+                    return h[(slice(None),) * d + (slice(start, stop),)]
+
+                if kind == "slice_swap":
+                    h = torch.cat([part(k, None), torch.sigmoid(part(None, k))], d)
+                elif kind == "slice_overlap":  # the element at k is read by both slices
+                    h = torch.cat([torch.tanh(part(None, k + 1)), part(k, None)], d)
+                else:
+                    h = part(k, None)
             elif kind == "grouped":  # a grouped 1×1 convolution over the features of (B, n)
                 h = torch.relu(self.conv[a[0]](h[:, :, None, None]).flatten(1))
         return self.head(h.reshape(h.shape[0], -1))
@@ -103,6 +115,12 @@ def chains(draw) -> Chain:
             if d is not None:
                 k = draw(st.integers(1, shape[d - 1] - 1))
                 steps.append((kind, (d, k)))
+        elif kind in ("slice_swap", "slice_overlap", "slice_drop"):
+            d = draw(st.sampled_from([d for d in dims if shape[d - 1] >= 2] or [None]))
+            if d is not None and (kind != "slice_overlap" or shape[d - 1] < 12):
+                k = draw(st.integers(1, shape[d - 1] - 1))
+                steps.append((kind, (d, k)))
+                shape[d - 1] += {"slice_swap": 0, "slice_overlap": 1, "slice_drop": -k}[kind]
         elif kind == "view":
             options = [(d, f) for d in dims for f in (2, 3) if shape[d - 1] % f == 0 and shape[d - 1] > f]
             if options and len(shape) < 4:

@@ -90,4 +90,5 @@ def test_rope_pins_the_inside_head_axis_of_llama():
     model, args = zoo.llama()
     a = fxfuse.analyze(model, args)
     assert a.coverage == 1.0 > full_coverage(a)
-    assert pinned_inner(a) and all("partial slice" in p.reason for p in pinned_inner(a))
+    # rotate_half ties dim i of a head to dim i + d/2; cos and sin, from the unsaved inv_freq, pin them
+    assert pinned_inner(a) and all("inv_freq" in p.reason for p in pinned_inner(a))

@@ -40,10 +40,11 @@ def test_rmsnorm_stream_is_orthogonal_and_rope_pins_the_query_key_dims():
                                              for m in s.members))
     assert a.group(stream.id).name == "orthogonal"
     assert "sum of squares" in a.group(stream.id).limited_by or "rms" in a.group(stream.id).limited_by.lower()
-    # RoPE rotates dim i with i + d/2 (written with slices of the halves): the query/key dims are pinned
+    # RoPE rotates dim i with i + d/2 (slices of the halves tie them); cos and sin, from the unsaved inv_freq,
+    # pin the query/key dims
     q_inside = [s for s in a.spaces if any(m.param.endswith("q_proj.weight") and m.axis == 0 for m in s.members)
                 and s.size == 4]
-    assert q_inside and all(not s.free and "slice" in s.reason for s in q_inside)
+    assert q_inside and all(not s.free and "inv_freq" in s.reason for s in q_inside)
     v_inside = [s for s in a.spaces if s.free and s.parent is not None and s.size == 8]
     assert v_inside and {a.group(s.id).name for s in v_inside} == {"invertible"}
 

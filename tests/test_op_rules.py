@@ -77,6 +77,35 @@ class Attention(nn.Module):
         return self.head(h.mean(1))
 
 
+class SlicedQKV(Attention):
+    """Attention whose one fused projection is cut into q, k and v by slices (Phi-3, Falcon, Persimmon)."""
+
+    def __init__(self):
+        super().__init__("sdpa")
+        del self.q, self.k, self.v
+        self.qkv = nn.Linear(16, 3 * self.heads * self.hd)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        h = self.embed(x)
+        y, n = self.qkv(h), self.heads * self.hd
+        q, k, v = (part.view(b, s, self.heads, self.hd).transpose(1, 2)
+                   for part in (y[..., :n], y[..., n:2 * n], y[..., 2 * n:]))
+        h = h + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, -1))
+        return self.head(h.mean(1))
+
+
+class PartlyRead(nn.Module):
+    """``h @ w[:, :12]``: the columns ``12:`` of ``w`` are read by no op of the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.w, self.head = nn.Linear(8, 12), nn.Parameter(torch.randn(12, 20)), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head((self.stem(x).relu() @ self.w[:, :12]).relu())
+
+
 class EinsumMixer(nn.Module):
     """An MLP-mixer block in einsum form: token mixing ``bsc,ts->btc``, channel mixing ``btc,dc->btd``."""
 
@@ -117,6 +146,32 @@ class Recurrent(nn.Module):
             hn = state[0] if isinstance(state, tuple) else state
             return self.head(hn[-1])
         return self.head(out.mean(1 if self.batch_first else 0))
+
+
+def _copy_and_fill(s, h):
+    """In-place writes the graph keeps: ``copy_`` into a fresh tensor, ``fill_`` of another, both read after."""
+    out = torch.empty_like(h)
+    out.copy_(h.relu())
+    bias = torch.empty(h.shape)
+    bias.fill_(0.5)
+    return out * s.scale + bias
+
+
+def _meshgrid(indexing: str):
+    """A (12, 7) matrix made from two vectors by ``meshgrid``, read by the hidden width on both sides."""
+    def f(s, h):
+        a, b = (s.u, s.v) if indexing == "ij" else (s.v, s.u)
+        ga, gb = torch.meshgrid(a, b, indexing=indexing)
+        return (h @ (ga * gb)).relu()
+
+    return Block(f, nn.Linear(8, 12), nn.Linear(7, 3), u=nn.Parameter(torch.randn(12)),
+                 v=nn.Parameter(torch.randn(7))), (torch.randn(4, 8),)
+
+
+def _complex_rotation(s, h):
+    """Pairs of units as complex numbers, each turned by its own ``polar(mag, angle)``: h (4, 12) is (6 × 2)."""
+    z = torch.view_as_complex(h.view(h.shape[0], 6, 2)) * torch.polar(s.mag.abs() + 0.5, s.angle)
+    return torch.view_as_real(z).flatten(1)
 
 
 def _seq():
@@ -178,6 +233,26 @@ MODELS = {
     "gru_bidirectional": (lambda: (Recurrent("gru", bidirectional=True), _seq()), "aten.gru.input",
                           "rnn.weight_hh_l0_reverse"),
     "rnn": (lambda: (Recurrent("rnn", layers=2), _seq()), "aten.rnn_tanh.input", "rnn.weight_hh_l1"),
+    "repeat": (lambda: (Block(lambda s, h: (h + s.probe.repeat(h.shape[0], 1)).relu().repeat(1, 2), nn.Linear(8, 12),
+                              nn.Linear(24, 3), probe=nn.Parameter(torch.randn(1, 12))), (torch.randn(4, 8),)),
+               "aten.repeat.default", "probe"),
+    "meshgrid_ij": (lambda: _meshgrid("ij"), "aten.meshgrid.indexing", "u"),
+    "meshgrid_xy": (lambda: _meshgrid("xy"), "aten.meshgrid.indexing", "v"),
+    "fftn_real": (lambda: (Block(lambda s, h: torch.fft.fftn(h, dim=(1,)).real.relu(), nn.Linear(6, 12),
+                                 nn.Linear(12, 3)), _seq()), "aten.fft_fftn.default", "stem.weight"),
+    "rfft_imag": (lambda: (Block(lambda s, h: torch.fft.rfft(h, dim=1).imag.relu(), nn.Linear(6, 12),
+                                 nn.Linear(12, 3)), _seq()), "aten.fft_rfft.default", "stem.weight"),
+    "slice_fused_qkv": (lambda: (SlicedQKV(), _seq()), "aten.slice.Tensor", "qkv.weight"),
+    "view_as_complex": (lambda: _mlp_model(_complex_rotation, mag=nn.Parameter(torch.randn(6)),
+                                           angle=nn.Parameter(torch.randn(6))), "aten.view_as_complex.default", "mag"),
+    "view_as_real": (lambda: _mlp_model(_complex_rotation, mag=nn.Parameter(torch.randn(6)),
+                                        angle=nn.Parameter(torch.randn(6))), "aten.view_as_real.default", "angle"),
+    "polar": (lambda: _mlp_model(_complex_rotation, mag=nn.Parameter(torch.randn(6)),
+                                 angle=nn.Parameter(torch.randn(6))), "aten.polar.default", "mag"),
+    "scatter_": (lambda: _mlp_model(lambda s, h: h.relu() * torch.zeros(h.shape[0], 5).scatter_(
+        1, (h.sum(1, keepdim=True).abs() * 3).long() % 5, 1.0).cumsum(1).sum(1, keepdim=True)), "aten.scatter_.value", "stem.weight"),
+    "copy_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.copy_.default", "scale"),
+    "fill_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.fill_.Scalar", "scale"),
 }
 
 
@@ -262,6 +337,32 @@ def test_einsum_summed_letter_on_one_operand_ties_nothing(tmp_path):
     assert _spaces_of(a, "a.weight", 0) == [i] and a.spaces[i].free
     assert [m.param for m in a.spaces[j].members] == ["w"]
     assert compare_outputs(model, fxfuse.permute(model, args, seed=3), args) <= TOL
+
+
+def test_slices_of_a_fused_projection_are_segments_with_heads():
+    """q, k and v cut from one projection by slices: its rows are the segments [q | k | v], each heads × dims,
+    free like three projections of their own."""
+    model, args = build("slice_fused_qkv")
+    a = fxfuse.analyze(model, args)
+    rows = _spaces_of(a, "qkv.weight", 0)
+    assert len(rows) == 6 and all(a.spaces[s].free for s in rows), [a.spaces[s] for s in rows]
+    assert set(_spaces_of(a, "o.weight", 1)) <= set(rows)
+
+
+def test_a_partial_slice_pins_the_part_no_op_reads():
+    """The columns a slice leaves out are pinned (other input sizes would read them); the columns it takes move."""
+    torch.manual_seed(0)
+    model, args = PartlyRead().eval(), (torch.randn(4, 8),)
+    a = fxfuse.analyze(model, args)
+    rows, (taken, rest) = _spaces_of(a, "w", 0), _spaces_of(a, "w", 1)
+    assert a.spaces[taken].free and a.spaces[taken].size == 12 and rows == _spaces_of(a, "stem.weight", 0)
+    assert not a.spaces[rest].free and a.spaces[rest].size == 8 and "read by no op" in a.spaces[rest].reason
+    permuted = fxfuse.permute(model, args, seed=1)
+    assert compare_outputs(model, permuted, args) <= TOL
+    mb, pb = model.stem.bias.detach(), permuted.stem.bias.detach()
+    rows = torch.tensor([int((mb == v).nonzero()) for v in pb])  # the permutation of w's rows
+    w, pw = model.w.detach()[rows], permuted.w.detach()
+    assert torch.equal(pw[:, 12:], w[:, 12:]) and not torch.equal(pw[:, :12], w[:, :12])
 
 
 def test_lstm_layers_and_directions_are_separate_spaces():

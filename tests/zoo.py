@@ -632,6 +632,61 @@ def mixtral(seed: int = 0):
     return _hf("MixtralForCausalLM", cfg, seed, (_ids(),))
 
 
+class SiglipPooled(nn.Module):
+    """HF ``SiglipVisionModel``, whose attention-pooling head reads a probe tiled over the batch (``aten.repeat``),
+    with a linear head on the pooled output."""
+
+    def __init__(self, config, classes: int = 3):
+        super().__init__()
+        from transformers import SiglipVisionModel
+
+        self.vision = SiglipVisionModel(config)
+        self.head = nn.Linear(config.hidden_size, classes)
+
+    def forward(self, pixels):
+        return self.head(self.vision(pixel_values=pixels).pooler_output)
+
+
+def siglip(seed: int = 0):
+    from transformers import SiglipVisionConfig
+
+    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=IMAGE, patch_size=8)
+    _seeded(seed)
+    model = SiglipPooled(cfg)
+    _informative(model)
+    return model.eval(), (_pixels(),)
+
+
+def beit(seed: int = 0):
+    """Relative position biases whose index is built in the forward (``meshgrid``, in-place ``copy_`` and
+    ``fill_``)."""
+    from transformers import BeitConfig
+
+    cfg = BeitConfig(image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, use_relative_position_bias=True, num_labels=3)
+    return _hf("BeitForImageClassification", cfg, seed, (_pixels(),))
+
+
+def fnet(seed: int = 0):
+    """Token mixing by a 2-D Fourier transform over sequence and hidden dims (the real part kept)."""
+    from transformers import FNetConfig
+
+    cfg = FNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=3, use_tpu_fourier_optimizations=False)
+    return _hf("FNetForSequenceClassification", cfg, seed, (_ids(),))
+
+
+def phi3(seed: int = 0):
+    """One fused q/k/v projection and one fused gate/up projection, cut by partial slices."""
+    from transformers import Phi3Config
+
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+                     pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return _hf("Phi3ForCausalLM", cfg, seed, (_ids(),))
+
+
 PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "einsum_attention": einsum_attention, "mqa": mqa,
          "lstm": lstm, "gru": gru, "seq2seq": seq2seq, "head_bias": head_bias, "channel_shuffle": channel_shuffle,
          "grouped_convs": grouped_convs, "no_grad_block": no_grad_block, "relative_bias": relative_bias}
@@ -640,9 +695,9 @@ HF = {
     "gpt_bigcode": gpt_bigcode,
     "llama": llama, "qwen2": qwen2, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext,
     "resnet": resnet, "mobilenet_v2": mobilenet_v2, "donut_swin": donut_swin, "mixtral": mixtral, "levit": levit,
-    "squeezebert": squeezebert,
+    "squeezebert": squeezebert, "siglip": siglip, "beit": beit, "fnet": fnet, "phi3": phi3,
 }
 ZOO = {**PLAIN, **HF}
 TRANSFORMERS = ("mha", "encoder", "seq2seq", "head_bias", "bert", "bert_mlm", "roberta", "distilbert", "gpt2",
                 "gpt_bigcode", "llama", "qwen2", "t5", "vit", "swin", "einsum_attention", "mqa", "mixtral", "relative_bias",
-                "donut_swin", "levit", "squeezebert")
+                "donut_swin", "levit", "squeezebert", "siglip", "beit", "fnet", "phi3")
