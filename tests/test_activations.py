@@ -179,23 +179,44 @@ def test_subgraph_permuted_copy_fuses_back_by_activations():
     assert not report["notes"]
 
 
-def test_space_without_signal_is_noted_and_warned():
-    """Hidden units that are constant on every input (zero weights): kept at the identity, and said so."""
+def silent_block():
+    """The no_grad block with hidden units constant on every input (zero weights, negative biases)."""
     model, args = no_grad_block()
     with torch.no_grad():
         model.b1.weight.zero_()
         model.b1.bias.copy_(-1.0 - torch.rand(24))  # relu(b1(h)) = 0 whatever h
     hidden = fxfuse.analyze(model, args).layout_of("b1.weight").axes[0].space
+    return model, args, hidden
+
+
+def test_space_without_signal_is_matched_by_weights_noted_and_warned():
+    """Constant hidden units carry no activation signal: weight matching aligns them, and says so."""
+    model, args, hidden = silent_block()
     permuted = fxfuse.permute(model, args, seed=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = fxfuse.compile([permuted, model], args, target=1, cost="activations", calib=32)
-    silent = [re.match(r"no signal for space\(s\) ([s\d, ]+) \(", n) for n in r.report["notes"]]
-    named = [m.group(1).split(", ") for m in silent if m]
-    assert named == [[f"s{hidden}"]], r.report["notes"]
+    named = [re.match(r"no activation signal for space\(s\) ([s\d, ]+) \(.*matched by weights$", n)
+             for n in r.report["notes"]]
+    assert [m.group(1).split(", ") for m in named if m] == [[f"s{hidden}"]], r.report["notes"]
     assert any(f"s{hidden}" in str(w.message) for w in caught)
     entry = next(s for s in r.report["spaces"] if s["id"] == hidden)
-    assert entry["models"][0]["units_moved"] == 0  # kept at the identity
+    assert entry["models"][0]["units_moved"] > 0
+    aligned = r.aligned[0].state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(aligned[name], t), name
+
+
+def test_space_without_signal_is_kept_at_the_identity_where_weights_cannot_stand_in():
+    """Soft maps: the silent space keeps the identity, and the note and a warning say so."""
+    model, args, hidden = silent_block()
+    permuted = fxfuse.permute(model, args, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = fxfuse.compile([permuted, model], args, target=1, cost="activations", calib=32, solver="sinkhorn")
+    silent = [re.match(r"no signal for space\(s\) ([s\d, ]+) \(", n) for n in r.report["notes"]]
+    assert [m.group(1).split(", ") for m in silent if m] == [[f"s{hidden}"]], r.report["notes"]
+    assert any(f"s{hidden}" in str(w.message) for w in caught)
 
 
 # ---------------------------------------------------------------- several inputs
@@ -332,3 +353,36 @@ def test_head_bias_permuted_copy_fuses_back_by_weights(perm_seed):
     r = fxfuse.compile([permuted, model], args, target=1, cost="weights")
     err = compare_outputs(model, r.module, args)
     assert err <= TOL, f"head_bias, permutation seed {perm_seed}: fused by weights, output differs by {err:.3e}"
+
+
+# ---------------------------------------------------------------- spaces without activation signal
+
+
+class ConstantBranch(nn.Module):
+    """An MLP plus a branch on a saved constant: the branch's hidden units are the same on every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 5)
+        self.register_buffer("const", torch.randn(1, 8))
+        self.ca, self.cb = nn.Linear(8, 12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) + self.cb(torch.relu(self.ca(self.const)))
+
+
+def test_a_space_without_activation_signal_is_matched_by_weights():
+    torch.manual_seed(0)
+    model = ConstantBranch().eval()
+    args = (torch.randn(4, 16, generator=torch.Generator().manual_seed(1)),)
+    permuted = fxfuse.permute(model, args, seed=3)
+    assert not torch.equal(permuted.ca.weight, model.ca.weight)  # the branch's units moved too
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fxfuse.compile([model, permuted], args, cost="activations", calib=64)
+    assert not any("kept at the identity" in str(w.message) for w in caught)
+    assert any("no activation signal for space(s)" in n and "matched by weights" in n
+               for n in result.report["notes"]), result.report["notes"]
+    fused = result.module.state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.allclose(fused[name], t, atol=1e-6), name

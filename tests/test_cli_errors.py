@@ -110,14 +110,15 @@ def test_permute_says_when_nothing_can_move(tmp_path, capsys):
                          "copy"]
 
 
-def test_compile_prints_spaces_kept_at_the_identity_for_lack_of_signal(tmp_path, capsys):
+def test_compile_prints_spaces_without_activation_signal(tmp_path, capsys):
     calib = tmp_path / "zeros.pt"
     torch.save(torch.zeros(32, 64), calib)  # every hidden unit is its bias: constant
     code, _, err = run(capsys, "compile", SPEC, SPEC, "-o", tmp_path / "out", "-q", "--cost", "activations",
                        "--calib", calib)
     assert code == 0
     assert err.splitlines() == [
-        "fxfuse: warning: no signal for space(s) s0, s2 (constant on the calibration data, or read at no node): kept at the identity",
+        "fxfuse: warning: no activation signal for space(s) s0, s2 (constant on the calibration data, or read at no "
+        "node): matched by weights",
         "fxfuse: warning: no space moved: every map is the identity, so the fused model is the plain average"]
 
 

@@ -11,10 +11,16 @@ lies in an identity block added by ``relayer``, stay at the identity.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Mapping
+
+import torch
 from ..activations import activation_cost
 from ..distributed import WorkerDone, all_reduce_sums, shard, world
-from ..plan import Alignment, WeightCost, align
+from ..lazy import aligned_tensors, in_memory
+from ..plan import Alignment, WeightCost, align, blocks
+from ..spaces import Analysis
 from .analyse import Analysed
 from .inputs import Inputs, Options, Progress, quiet
 from .relayer import SameDepth
@@ -55,11 +61,48 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
                                          reduce=all_reduce_sums if size > 1 else None)
             if rank != 0:  # rank 0 solves, checks and writes
                 continue
+        silent = _weights_instead(ref, analysis, cost_model, keep, options, analysed.levels, state)
         say(f"solving {len(ref.free_spaces)} spaces ({options.solver})")
-        alignment = align(ref, cost_model, solver=options.solver, reg=options.reg, fixed=keep, seed=options.seed,
-                          iterative=options.cost == "weights", max_passes=options.max_passes, cost_name=options.cost,
-                          levels=analysed.levels, progress=progress)
+        alignment = align(ref, cost_model, solver=options.solver, reg=options.reg, fixed=keep | silent,
+                          seed=options.seed, iterative=options.cost == "weights", max_passes=options.max_passes,
+                          cost_name=options.cost, levels=analysed.levels, progress=progress)
+        if silent:
+            alignment = _matched_by_weights(ref, analysis, states[target], state, alignment, silent, keep,
+                                            skip, options, say)
         alignments.append(alignment)
     if options.by_activations and world()[0] != 0:
         raise WorkerDone()
     return Planned(tuple(alignments))
+
+
+def _weights_instead(ref: Analysis, source: Analysis, cost_model, keep: set[int], options: Options, levels,
+                     state: Mapping[str, torch.Tensor]) -> set[int]:
+    """Spaces the activations say nothing about (constant on the data, or read at no node) that weight matching
+    can align instead: top-level spaces without nested ones, of equal sizes, permutations only, weights held."""
+    if options.cost != "activations" or options.solver != "exact" or levels or not in_memory(state):
+        return set()
+    silent = set(cost_model.silent(blocks(ref, keep)))
+    return {s for s in silent if ref.spaces[s].parent is None and s not in ref.parents.values()
+            and ref.spaces[s].size == source.spaces[s].size}
+
+
+def _matched_by_weights(ref: Analysis, source: Analysis, target_state, state, alignment: Alignment, silent: set[int],
+                        keep: set[int], skip: frozenset[str], options: Options, say: Progress) -> Alignment:
+    """``alignment`` with the ``silent`` spaces matched by weights, every other space at its map.
+
+    The source is first moved by ``alignment`` (the silent spaces at the identity), so in its new basis every
+    other space already agrees with the target; weight matching there, with only the silent spaces free, gives
+    their maps directly.
+    """
+    say(f"weight matching {len(silent)} space(s) without activation signal")
+    moved = aligned_tensors(source, state, alignment)
+    others = {s.id for s in ref.spaces} - silent
+    by_weights = align(ref, WeightCost(ref, target_state, moved, source=source, skip=skip),
+                       solver="exact", fixed=others | keep, seed=options.seed, iterative=True,
+                       max_passes=options.max_passes, cost_name="weights")
+    note = (f"no activation signal for space(s) {', '.join(f's{s}' for s in sorted(silent))} (constant on the "
+            "calibration data, or read at no node): matched by weights")
+    warnings.warn(note)
+    return Alignment({**alignment.maps, **{s: by_weights.maps[s] for s in silent if s in by_weights.maps}},
+                     alignment.passes, alignment.cost, alignment.solver,
+                     alignment.notes + by_weights.notes + (note,))
