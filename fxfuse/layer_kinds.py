@@ -122,14 +122,21 @@ def repeat_interleave(ctx) -> None:
     for i, atom in enumerate(atoms):
         if i != d:
             ctx.tie(out[i], atom)
-    if repeats == 1:
-        ctx.tie(out[d], atoms[d])
-    elif shape[d] == 1:
-        ctx.free(out[d])
+    _tile(ctx, out[d], atoms[d], shape[d], repeats, copies_outer=False)
+
+
+def _tile(ctx, out, atom, size: int, count: int, copies_outer: bool) -> None:
+    """Output axis ``out`` holds ``count`` copies of input axis ``atom`` (of ``size``): tied when there is one copy,
+    free when the input axis has one element, else the product of the axis and a free copies axis (the copies
+    outer, ``out[c·n + i]``, or inner, ``out[i·count + c]``)."""
+    if count == 1:
+        ctx.tie(out, atom)
+    elif size == 1:
+        ctx.free(out)
     else:
-        copies = ctx.new_atom(repeats)
+        copies = ctx.new_atom(count)
         ctx.free(copies)
-        ctx.tie(out[d], ctx.compose([atoms[d], copies], PRODUCT))
+        ctx.tie(out, ctx.compose([copies, atom] if copies_outer else [atom, copies], PRODUCT))
 
 
 @kind("repeat", "Tiles the tensor (aten.repeat, option 'repeats': the count per dim, new dims in front): a dim "
@@ -146,16 +153,8 @@ def repeat(ctx) -> None:
     lead = len(repeats) - len(atoms)
     for i in range(lead):  # new leading dims: the output is constant along them
         ctx.free(out[i])
-    for j, atom in enumerate(atoms):
-        count, o = repeats[lead + j], out[lead + j]
-        if count == 1:
-            ctx.tie(o, atom)
-        elif shape[j] == 1:
-            ctx.free(o)
-        else:  # out[c·n + i] = x[i]: the copies are the outer factor
-            copies = ctx.new_atom(count)
-            ctx.free(copies)
-            ctx.tie(o, ctx.compose([copies, atom], PRODUCT))
+    for j, atom in enumerate(atoms):  # out[c·n + i] = x[i]: the copies are the outer factor
+        _tile(ctx, out[lead + j], atom, shape[j], repeats[lead + j], copies_outer=True)
 
 
 @kind("meshgrid", "aten.meshgrid: output k varies along one dim only, tied to tensor k (the first two dims swapped "
