@@ -311,32 +311,29 @@ class RelativeBias(nn.Module):
         return self.head(torch.relu(self.out(y)).flatten(1))
 
 
-def channel_shuffle(seed: int = 0):
+def _made(build, seed: int, args: tuple):
+    """``build()`` with weights drawn from ``seed`` and redrawn by ``_informative``, in eval mode, and ``args``."""
     _seeded(seed)
-    model = ChannelShuffle()
+    model = build()
     _informative(model)
-    return model.eval(), (torch.randn(BATCH, 16, generator=torch.Generator().manual_seed(1234)),)
+    return model.eval(), args
+
+
+def channel_shuffle(seed: int = 0):
+    return _made(ChannelShuffle, seed, (torch.randn(BATCH, 16, generator=torch.Generator().manual_seed(1234)),))
 
 
 def grouped_convs(seed: int = 0, groups=(2, 4)):
-    _seeded(seed)
-    model = GroupedConvs(groups)
-    _informative(model)
-    return model.eval(), (_pixels(size=4),)
+    return _made(lambda: GroupedConvs(groups), seed, (_pixels(size=4),))
 
 
 def no_grad_block(seed: int = 0):
-    _seeded(seed)
-    model = NoGradBlock()
-    _informative(model)
-    return model.eval(), (torch.randn(BATCH, 16, generator=torch.Generator().manual_seed(1234)),)
+    return _made(NoGradBlock, seed, (torch.randn(BATCH, 16, generator=torch.Generator().manual_seed(1234)),))
 
 
 def relative_bias(seed: int = 0, gather: str = "index"):
-    _seeded(seed)
-    model = RelativeBias(gather)
-    _informative(model)
-    return model.eval(), (torch.randn(BATCH, WINDOW * WINDOW, WINDOW_DIM, generator=torch.Generator().manual_seed(1234)),)
+    return _made(lambda: RelativeBias(gather), seed,
+                 (torch.randn(BATCH, WINDOW * WINDOW, WINDOW_DIM, generator=torch.Generator().manual_seed(1234)),))
 
 
 def mlp(seed: int = 0):
@@ -345,64 +342,42 @@ def mlp(seed: int = 0):
 
 
 def cnn(seed: int = 0):
-    _seeded(seed)
-    model = ResidualCNN()
-    _informative(model)
-    return model.eval(), (_pixels(),)
+    return _made(ResidualCNN, seed, (_pixels(),))
 
 
 def mha(seed: int = 0):
-    _seeded(seed)
-    model = MHAClassifier()
-    _informative(model)
-    return model.eval(), (_ids(),)
+    return _made(MHAClassifier, seed, (_ids(),))
 
 
 def seq2seq(seed: int = 0):
     """Two inputs, source and target token ids of different lengths."""
-    _seeded(seed)
-    model = Seq2Seq()
-    _informative(model)
     g = torch.Generator().manual_seed(1234)
-    return model.eval(), (torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
-                          torch.randint(0, VOCAB, (BATCH, SEQ - 2), generator=g))
+    return _made(Seq2Seq, seed, (torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
+                                 torch.randint(0, VOCAB, (BATCH, SEQ - 2), generator=g)))
 
 
 def head_bias(seed: int = 0):
-    _seeded(seed)
-    model = HeadBiasClassifier()
-    _informative(model)
-    return model.eval(), (_ids(),)
+    return _made(HeadBiasClassifier, seed, (_ids(),))
 
 
 def encoder(seed: int = 0):
-    _seeded(seed)
-    model = EncoderClassifier()
-    _informative(model)
-    return model.eval(), (_ids(),)
-
-
-def _token_model(build, seed: int):
-    _seeded(seed)
-    model = build()
-    _informative(model)
-    return model.eval(), (_ids(),)
+    return _made(EncoderClassifier, seed, (_ids(),))
 
 
 def einsum_attention(seed: int = 0):
-    return _token_model(EinsumAttentionClassifier, seed)
+    return _made(EinsumAttentionClassifier, seed, (_ids(),))
 
 
 def mqa(seed: int = 0):
-    return _token_model(MQAClassifier, seed)
+    return _made(MQAClassifier, seed, (_ids(),))
 
 
 def lstm(seed: int = 0):
-    return _token_model(lambda: RecurrentClassifier("lstm"), seed)
+    return _made(lambda: RecurrentClassifier("lstm"), seed, (_ids(),))
 
 
 def gru(seed: int = 0):
-    return _token_model(lambda: RecurrentClassifier("gru", bidirectional=True), seed)
+    return _made(lambda: RecurrentClassifier("gru", bidirectional=True), seed, (_ids(),))
 
 
 @torch.no_grad()
@@ -440,10 +415,7 @@ def _randomise_norm_stats(model: nn.Module) -> None:
 def _hf(cls_name: str, config, seed: int, args):
     import transformers
 
-    _seeded(seed)
-    model = getattr(transformers, cls_name)(config)
-    _informative(model)
-    return model.eval(), args
+    return _made(lambda: getattr(transformers, cls_name)(config), seed, args)
 
 
 def bert(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4):
@@ -532,10 +504,7 @@ def t5(seed: int = 0):
 
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    use_cache=False)
-    _seeded(seed)
-    model = T5EncoderClassifier(cfg)
-    _informative(model)
-    return model.eval(), (_ids(),)
+    return _made(lambda: T5EncoderClassifier(cfg), seed, (_ids(),))
 
 
 def vit(seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4):
@@ -595,10 +564,7 @@ def donut_swin(seed: int = 0):
     from transformers import DonutSwinConfig
 
     cfg = DonutSwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2)
-    _seeded(seed)
-    model = DonutSwinClassifier(cfg)
-    _informative(model)
-    return model.eval(), (_pixels(size=16),)
+    return _made(lambda: DonutSwinClassifier(cfg), seed, (_pixels(size=16),))
 
 
 def levit(seed: int = 0):
@@ -652,10 +618,7 @@ def siglip(seed: int = 0):
 
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              image_size=IMAGE, patch_size=8)
-    _seeded(seed)
-    model = SiglipPooled(cfg)
-    _informative(model)
-    return model.eval(), (_pixels(),)
+    return _made(lambda: SiglipPooled(cfg), seed, (_pixels(),))
 
 
 def beit(seed: int = 0):
