@@ -56,15 +56,16 @@ class SameDepth:
 def relayer(inputs: Inputs, options: Options, progress: Progress | None = None) -> SameDepth:
     """``SameDepth`` of ``inputs.models`` (block outputs compared on the calibration inputs by ``depth_cost``)."""
     models, target = inputs.models, options.target
-    differ = any(depth_lists(models[target], m, i) for i, m in enumerate(models) if i != target)
-    if not differ:
+    lists = [[] if i == target else depth_lists(models[target], m, i) for i, m in enumerate(models)]
+    if not any(lists):
         return SameDepth(models, (None,) * len(models))
     if not inputs.held:
         raise FusionError("models of different depths are fused in memory only")
     if options.method == "vanilla":
         raise FusionError("plain averaging needs models of equal depth (use the default method, ot)")
     batches = functools.lru_cache(None)(lambda: inputs.calibration(options.seed, models[target]))
-    work, plans = match_depths(models, target, batches, inputs.args, inputs.kwargs, options.depth_cost, progress)
+    work, plans = match_depths(models, target, lists, batches, inputs.args, inputs.kwargs, options.depth_cost,
+                               progress)
     return SameDepth(tuple(work), tuple(plans))
 
 
@@ -85,19 +86,17 @@ def depth_lists(target: nn.Module, source: nn.Module, i: int) -> list[str]:
     return differ
 
 
-def match_depths(models: Sequence[nn.Module], target: int, batches: Callable[[], list], args: tuple,
-                 kwargs: Mapping[str, Any], cost: str = "cka", progress: Progress | None = None
-                 ) -> tuple[list[nn.Module], list[DepthPlan | None]]:
+def match_depths(models: Sequence[nn.Module], target: int, lists: Sequence[Sequence[str]],
+                 batches: Callable[[], list], args: tuple, kwargs: Mapping[str, Any], cost: str = "cka",
+                 progress: Progress | None = None) -> tuple[list[nn.Module], list[DepthPlan | None]]:
     """Bring every model to the target's depth; the models to align and, per model, its ``DepthPlan`` or ``None``.
 
+    ``lists[i]``: the paths of model ``i``'s block lists whose lengths differ from the target's (``depth_lists``);
     ``batches()`` gives the calibration batches (called only where depths differ).
     """
     say = progress or quiet
     work, plans = list(models), [None] * len(models)
-    for i, m in enumerate(models):
-        if i == target:
-            continue
-        paths = depth_lists(models[target], m, i)
+    for i, (m, paths) in enumerate(zip(models, lists)):
         if not paths:
             continue
         maps = []
