@@ -67,8 +67,8 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
                           seed=options.seed, iterative=options.cost == "weights", max_passes=options.max_passes,
                           cost_name=options.cost, levels=analysed.levels, progress=progress)
         if silent:
-            alignment = _matched_by_weights(ref, analysis, states[target], state, alignment, silent, keep,
-                                            skip, options, say)
+            alignment = _matched_by_weights(ref, analysis, states[target], state, alignment, silent, skip,
+                                            options, say)
         alignments.append(alignment)
     if options.by_activations and world()[0] != 0:
         raise WorkerDone()
@@ -81,13 +81,13 @@ def _weights_instead(ref: Analysis, source: Analysis, cost_model, keep: set[int]
     can align instead: top-level spaces without nested ones, of equal sizes, permutations only, weights held."""
     if options.cost != "activations" or options.solver != "exact" or levels or not in_memory(state):
         return set()
-    silent = set(cost_model.silent(blocks(ref, keep)))
-    return {s for s in silent if ref.spaces[s].parent is None and s not in ref.parents.values()
+    parents = set(ref.parents.values())
+    return {s for s in cost_model.silent(blocks(ref, keep)) if ref.spaces[s].parent is None and s not in parents
             and ref.spaces[s].size == source.spaces[s].size}
 
 
 def _matched_by_weights(ref: Analysis, source: Analysis, target_state, state, alignment: Alignment, silent: set[int],
-                        keep: set[int], skip: frozenset[str], options: Options, say: Progress) -> Alignment:
+                        skip: frozenset[str], options: Options, say: Progress) -> Alignment:
     """``alignment`` with the ``silent`` spaces matched by weights, every other space at its map.
 
     The source is first moved by ``alignment`` (the silent spaces at the identity), so in its new basis every
@@ -96,9 +96,9 @@ def _matched_by_weights(ref: Analysis, source: Analysis, target_state, state, al
     """
     say(f"weight matching {len(silent)} space(s) without activation signal")
     moved = aligned_tensors(source, state, alignment)
-    others = {s.id for s in ref.spaces} - silent
+    others = {s.id for s in ref.spaces} - silent  # the user's pins among them
     by_weights = align(ref, WeightCost(ref, target_state, moved, source=source, skip=skip),
-                       solver="exact", fixed=others | keep, seed=options.seed, iterative=True,
+                       solver="exact", fixed=others, seed=options.seed, iterative=True,
                        max_passes=options.max_passes, cost_name="weights")
     note = (f"no activation signal for space(s) {', '.join(f's{s}' for s in sorted(silent))} (constant on the "
             "calibration data, or read at no node): matched by weights")
