@@ -193,12 +193,25 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
         if hasattr(config, "use_cache"):
             config.use_cache = False  # for tracing; an output keeps the input's config.json
         module, info = _quietly(lambda: cls.from_pretrained(str(path), config=config, local_files_only=True,
-                                                            output_loading_info=True, ignore_mismatched_sizes=True))
+                                                            output_loading_info=True, ignore_mismatched_sizes=True,
+                                                            **plain_torch_kwargs(transformers)))
     except Exception as exc:
         raise SpecError(f"{spec}: cannot load Hugging Face model: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     _check_loading_info(info, spec, cls.__name__, arch)
     module.eval()
     return LoadedModel(module, (), hf_example_inputs(module, seed), spec, HF)
+
+
+def plain_torch_kwargs(transformers) -> dict:
+    """``from_pretrained`` keywords that keep every layer's own torch forward.
+
+    transformers ≥ 5 swaps layers for hub kernels when the ``kernels`` package
+    is installed (``use_kernels`` defaults to on): their code is fetched at
+    run time, their ops are not the graph fxfuse rules, and every later mode
+    switch (``train()``) re-kernelizes the model, which fails on ``meta``
+    weights. fxfuse asks for the plain model wherever the option exists.
+    """
+    return {"use_kernels": False} if hasattr(transformers.PreTrainedModel, "set_use_kernels") else {}
 
 
 def _quietly(load: Callable):
