@@ -9,7 +9,7 @@ scale, next to the share of weights that moved. Coverage is the share of
 parameter elements on at least one free space; full coverage the share whose
 every axis is free (the interface, kernel taps, spatial positions and
 vocabularies aside, see ``fxfuse.coverage``). The pinned inner spaces follow
-the table, with their reasons. The README's table is this script's output.
+the table, with their reasons. The table in docs/coverage.md is this script's output.
 """
 from __future__ import annotations
 

@@ -220,10 +220,10 @@ def test_outputs_are_written_together(tmp_path, capsys, permuted):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_the_readme_recipe_is_the_example_file_and_valid():
+def test_the_documented_recipe_is_the_example_file_and_valid():
     root = Path(__file__).resolve().parents[1]
     example = (root / "examples" / "digits-recipe.yaml").read_text()
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "commands.md").read_text()
     assert f"```yaml\n{example}```" in readme
     r = Recipe.load(root / "examples" / "digits-recipe.yaml")
     assert r.models == ("examples/digits-mlp-a", "examples/digits-mlp-b") and r.calib_random == 256
