@@ -41,3 +41,19 @@ def test_the_readme_is_short_and_links_every_doc():
     assert len(readme.splitlines()) <= 300
     linked = {(ROOT / t.partition('#')[0]).resolve() for t in _links(ROOT / "README.md")}
     assert set((ROOT / "docs").glob("*.md")) <= {p for p in linked}
+
+
+@pytest.mark.parametrize("command", ["compile", "barrier", "explain", "permute"])
+def test_the_command_summary_names_every_flag(command):
+    """docs/commands.md's summary lists every flag each command takes (bar the ones every command has)."""
+    from fxfuse.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._subparsers._group_actions if a.choices).choices[command]
+    flags = {s for a in sub._actions for s in a.option_strings if s.startswith("--")}
+    flags -= {"--help", "--rules", "--strict", "--quiet", "--trust-pickle", "--output"}  # common; -o OUT
+    text = (ROOT / "docs" / "commands.md").read_text()
+    summary = text[text.index("```\nfxfuse compile"):text.index("```\n\nEvery command")]
+    lines = summary.split(f"fxfuse {command} ", 1)[1].split("\nfxfuse ")[0]
+    missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", lines))
+    assert not missing, f"fxfuse {command}: flags missing from docs/commands.md: {missing}"
