@@ -18,9 +18,14 @@ from pathlib import Path
 import networkx as nx
 
 from .errors import FxfuseError
-from .render import _role
 
 GRAPH_SUFFIXES = (".graphml", ".json", ".dot", ".gv")
+
+
+def space_role(space) -> str:
+    """The space's most telling role name (``hidden``, ``heads``, …), or ``""``."""
+    nice = [r for r in space.roles if len(r) > 2]
+    return nice[0] if nice else ""
 
 
 def space_graph(analysis) -> nx.MultiGraph:
@@ -30,7 +35,7 @@ def space_graph(analysis) -> nx.MultiGraph:
     params = sorted({m.param for s in shown for m in s.members})
     for s in shown:
         g.add_node(f"s{s.id}", kind="space", space=s.id, name=s.name, size=s.size, free=bool(s.free),
-                   role=_role(s), reason=s.reason or "free")
+                   role=space_role(s), reason=s.reason or "free")
     index = {p: i for i, p in enumerate(params)}
     for p, i in index.items():
         g.add_node(f"p{i}", kind="parameter", name=p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .coverage import full_coverage, pinned_inner
+from .graph import graph_dot, space_graph, space_role
 from .spaces import Analysis, Space
 
 PINNED_SHOWN = 20
@@ -13,11 +14,6 @@ def _members(space: Space, limit: int = 3) -> str:
     names = [f"{m.param}[{m.axis}]" for m in space.members[:limit]]
     more = len(space.members) - limit
     return ", ".join(names) + (f", +{more} more" if more > 0 else "")
-
-
-def _role(space: Space) -> str:
-    nice = [r for r in space.roles if len(r) > 2]
-    return nice[0] if nice else ""
 
 
 def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
@@ -38,7 +34,7 @@ def render_text(analysis: Analysis, spec: str, show_all: bool = False) -> str:
     ]
     for s in free:
         part = s.structure.split("/")[0] if s.structure else ""
-        lines.append(f"  {s.id:>4} {s.size:>6}  {_role(s):<8} {part:<6} {len(s.members):>4}  {_members(s)}")
+        lines.append(f"  {s.id:>4} {s.size:>6}  {space_role(s):<8} {part:<6} {len(s.members):>4}  {_members(s)}")
     grouped = [s for s in free if s.size > 1]
     if grouped:
         lines += ["", "groups (the maps each free space may move by, and the op or fact that limits it):"]
@@ -79,8 +75,6 @@ def _listing(title: str, show_all: bool, rows: list[str]) -> list[str]:
 
 def render_dot(analysis: Analysis) -> str:
     """Bipartite graph: spaces (ellipses; green free, grey pinned) and parameters (boxes)."""
-    from .graph import graph_dot, space_graph
-
     return graph_dot(space_graph(analysis))
 
 
