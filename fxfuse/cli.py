@@ -206,6 +206,19 @@ def _warn_analysis(analysis) -> list[str]:
 # ---------------------------------------------------------------- commands
 
 
+def _check_paths(outputs: list[tuple[str, str | None]], models: list[str], files: list[tuple[str, Any]]) -> None:
+    """Refuse, before any work, an output that is, holds or lies inside an input (``fxfuse.guard``).
+
+    ``files``: ``(flag, path or paths)`` of the data and rule files read."""
+    from .guard import check_outputs, file_inputs, model_inputs
+
+    inputs = model_inputs(models)
+    for flag, paths in files:
+        inputs += file_inputs(flag, [paths] if isinstance(paths, str) or paths is None else paths)
+    check_outputs(outputs, inputs)
+
+
+
 def _load_and_analyze(args, progress: Progress, check=None):
     from .io import load_model
     from .rules import load_rules
@@ -228,13 +241,14 @@ def cmd_explain(args) -> int:
     from .render import render_dot, render_text
 
     progress = Progress(args.quiet)
+    _check_paths([("--dot", args.dot), ("--graph", args.graph)], [args.model], [("--rules", args.rules)])
     if args.graph:
         from .graph import check_graph_path
 
         check_graph_path(args.graph)
     for path in (args.dot, args.graph):
         if path:
-            check_output_path(path, args.force)
+            check_output_path(path, args.force, owned="graph")
     folded = None
     if args.groups == "full":
         from .passes.analyse import canonical_analysis
@@ -247,12 +261,13 @@ def cmd_explain(args) -> int:
     else:
         loaded, analysis = _load_and_analyze(args, progress)
     if args.dot:
-        write_text_atomic(args.dot, render_dot(analysis), force=args.force)
+        write_text_atomic(args.dot, render_dot(analysis), force=args.force, owned="graph")
         progress(f"wrote {args.dot}")
     if args.graph:
         from .graph import graph_text, space_graph
 
-        write_text_atomic(args.graph, graph_text(space_graph(analysis), args.graph), force=args.force)
+        write_text_atomic(args.graph, graph_text(space_graph(analysis), args.graph), force=args.force,
+                          owned="graph")
         progress(f"wrote {args.graph}")
     if args.json:
         json.dump(analysis.report(), sys.stdout, indent=1)
@@ -273,6 +288,7 @@ def cmd_permute(args) -> int:
     from .rules import load_rules
 
     progress = Progress(args.quiet)
+    _check_paths([("-o", args.output)], [args.model], [("--rules", args.rules)])
     out = check_output_path(args.output, args.force, directory=True)
     if args.groups == "full":
         return _permute_groups(args, progress, out)
@@ -393,10 +409,19 @@ def compile_recipe(args):
     return recipe.override(flags)
 
 
+def _is_recipe(arg: str) -> bool:
+    from .recipe import is_recipe_file
+
+    return is_recipe_file(arg)
+
+
 def cmd_compile(args) -> int:
     from .distributed import in_launched_group, init_from_env, local_group, wait_workers
 
     recipe = compile_recipe(args)
+    _check_paths([("-o", args.output), ("--report", args.report)], list(recipe.models),
+                 [("recipe", [m for m in args.models if _is_recipe(m)]), ("--calib", recipe.calib),
+                  ("--eval", args.eval), ("--data", recipe.refine_data), ("--rules", recipe.rules)])
     if recipe.workers > 1 and (recipe.cost != "activations" or recipe.method != "ot"):
         raise FxfuseError("--workers shares the collection of activation statistics: use it with --cost activations")
     if recipe.workers > 1 and in_launched_group():
@@ -473,7 +498,7 @@ def _compile_job(args, recipe, progress):
 
     out = check_output_path(args.output, args.force, directory=True)
     if args.report:
-        check_output_path(args.report, args.force)
+        check_output_path(args.report, args.force, owned="report")
     calib = load_calibration(recipe.calib) if recipe.calib else recipe.calib_random
     _check_calibration(recipe, calib)
     labelled = load_labelled(args.eval) if args.eval else None
@@ -597,7 +622,7 @@ def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, p
     else:
         save_model(tgt, result.module, job.out, force=args.force, extra=extra)
     if args.report:
-        write_text_atomic(args.report, text, force=args.force)
+        write_text_atomic(args.report, text, force=args.force, owned="report")
     seconds = f"{report['timings']['total_s']:.1f}s"
     if recipe.method == "vanilla":
         print(f"wrote {job.out} (vanilla average, no alignment); {seconds}")
@@ -615,8 +640,11 @@ def cmd_barrier(args) -> int:
     from .rules import load_rules
 
     progress = Progress(args.quiet)
+    _check_paths([("--plot", args.plot)], list(args.models),
+                 [("--data", args.data), ("--calib", args.calib), ("--refine-data", args.refine_data),
+                  ("--rules", args.rules)])
     if args.plot:
-        check_output_path(args.plot, args.force)
+        check_output_path(args.plot, args.force, owned="plot")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -643,9 +671,9 @@ def cmd_barrier(args) -> int:
                  + ([(f"refined ({args.refine} steps)", result.refined)] if result.refined else []), str(tmp),
                  title=f"{os.path.basename(args.models[0])} → {os.path.basename(args.models[1])}")
             atomic.replace(tmp, out)
-        except BaseException:
+        except BaseException as exc:
             atomic.discard(tmp)
-            raise
+            raise atomic.write_failure(out, exc) from None
     if args.json:
         json.dump(dict(result.as_dict(), models=list(args.models), data=args.data), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -667,12 +695,18 @@ def cmd_barrier(args) -> int:
 
 
 def cmd_rules_check(args) -> int:
+    from .errors import RuleError
     from .rules import parse_rule_file
     from .schema import unresolved_ops
 
     for f in args.files:
         rules = parse_rule_file(f)
         ops = sum(len(r.ops) for r in rules)
+        for i, r in enumerate(rules):
+            typo = [op for op in unresolved_ops(r.ops) if not r.custom]
+            if typo:
+                raise RuleError(f, i, "op", f"{typo[0]} is not in torch.ops (a misspelt name?); a custom op that is "
+                                "registered later needs 'custom: true' in its rule")
         unknown = unresolved_ops(op for r in rules for op in r.ops)
         checked = f" ({ops - len(unknown)} checked against their torch schema)" if unknown else ""
         print(f"ok: {f}: {len(rules)} rules for {ops} ops{checked}")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from .errors import FxfuseError
-from .rules import yaml_problem
+from .rules import read_yaml
 
 KINDS = ("str", "path", "paths", "int", "float", "bool", "floats", "strs", "specs")
 RECIPE_FILE = "fxfuse-recipe.yaml"
@@ -237,13 +237,11 @@ class _RecipeMethods:
     def load(cls, path: str | Path) -> "Recipe":
         """Read a YAML recipe file."""
         try:
-            text = Path(path).read_text()
+            data, _node = read_yaml(Path(path))
         except OSError as exc:
             raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: {yaml_problem(exc)}") from None
+        except ValueError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
         return cls.from_dict(data if data is not None else {}, str(path))
 
     def to_dict(self) -> dict[str, Any]:
