@@ -406,7 +406,31 @@ def compile_recipe(args):
             raise RecipeError(f"{recipes[0]}: key 'models': need at least two model specs, got {len(recipe.models)}")
     else:
         recipe, flags = Recipe(), dict(flags, models=args.models)
-    return recipe.override(flags)
+    recipe = recipe.override(flags)
+    fused, rescaled = recipe.normalised()
+    if rescaled:
+        shown = lambda ws: ",".join(f"{w:g}" for w in ws)  # noqa: E731
+        warn(f"fusion weights {shown(recipe.weights)} do not sum to 1: fusing with {shown(fused.weights)} "
+             "(so recorded in the recipe, the report and the model card)")
+    return fused
+
+
+def _check_workers(recipe) -> None:
+    """Refuse, before any process starts, more workers than calibration batches (each needs one) or than
+    the processors this process may run on."""
+    from .calibration import CALIB_BATCH, samples
+    from .data import load_calibration
+
+    n = samples(load_calibration(recipe.calib) if recipe.calib else recipe.calib_random)
+    batches = max(1, n // CALIB_BATCH)  # batches hold at least CALIB_BATCH samples (or all, when fewer)
+    if recipe.workers > batches:
+        raise FxfuseError(f"--workers {recipe.workers}: {recipe.workers} workers for {batches} calibration batches "
+                          f"at most ({n} samples): need at least one batch per worker (more calibration data, or "
+                          "fewer workers)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if recipe.workers > cpus:
+        raise FxfuseError(f"--workers {recipe.workers}: this machine runs this process on {cpus} processors; "
+                          f"use at most {cpus} workers")
 
 
 def _is_recipe(arg: str) -> bool:
@@ -426,6 +450,8 @@ def cmd_compile(args) -> int:
         raise FxfuseError("--workers shares the collection of activation statistics: use it with --cost activations")
     if recipe.workers > 1 and in_launched_group():
         raise FxfuseError("--workers starts local processes; under torchrun the ranks are the workers")
+    if recipe.workers > 1:
+        _check_workers(recipe)
     if recipe.workers == 1:
         init_from_env()  # under torchrun: join its group
         return _compile(args, recipe)
@@ -518,13 +544,33 @@ def _compile_job(args, recipe, progress):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
     tgt = loaded[recipe.target]
     _check_untie(recipe, tgt)
-    _warn_unused_options(recipe, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
+    if refine is not None:
+        from .barrier import check_refine_data
+
+        check_refine_data(refine, [m.module for m in loaded], tgt.args, tgt.kwargs, f"--data {recipe.refine_data}",
+                          recipe.target)
+    same_depths = all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded)
+    _warn_unused_options(recipe, same_depths)
     named = calib.items() if isinstance(calib, Mapping) else [(None, calib)] if isinstance(calib, torch.Tensor) else []
     for key, x in named:
         check_inputs(tgt.module, x, f"--calib {recipe.calib}" + (f" ({key})" if key else ""))
+    if recipe.method == "ot" and (recipe.cost == "activations" or recipe.repair or not same_depths):
+        _check_calib_file(recipe.calib, calib, tgt)  # the data is read: a mismatch names the file now
     job = _CompileJob(out, tuple(loaded), None if states is None else tuple(states), calib, labelled, refine, rules,
                       out_dtype)
     return job, tgt
+
+
+def _check_calib_file(path: str | None, calib, model) -> None:
+    """A calibration file's tensors matched to ``model``'s inputs now, so that a mismatch names the file."""
+    from .calibration import CalibrationError, calibration_batches
+
+    if not path:
+        return
+    try:
+        calibration_batches(calib, model.args, model.kwargs, forward=model.module)
+    except CalibrationError as exc:
+        raise FxfuseError(f"--calib {path}: {exc}") from None
 
 
 def _evaluate_parents(job: _CompileJob, tgt, eval_file: str | None, progress) -> list:
@@ -657,6 +703,12 @@ def cmd_barrier(args) -> int:
     refine = refine_config(args, "--refine-data", on_step=_progress_bar(args.quiet))
     rules = load_rules(args.rules)
     a, b = (load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models)
+    if args.cost == "activations" or args.repair:
+        _check_calib_file(args.calib, calib, a)
+    if refine is not None:
+        from .barrier import check_refine_data
+
+        check_refine_data(refine, [a.module, b.module], a.args, a.kwargs, f"--refine-data {args.refine_data}")
     _warn_unused_options(args, set(a.module.state_dict()) == set(b.module.state_dict()))
     result = barrier(a.module, b.module, inputs, labels, a.args, example_kwargs=a.kwargs, points=args.points,
                      head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,

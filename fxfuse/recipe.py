@@ -78,7 +78,8 @@ def _at_least_one(value) -> str | None:
 OPTIONS: tuple[Option, ...] = (
     Option("models", "specs", (), "two or more model specs of one architecture (widths and depths may differ)",
            flag=None, to_compile=False),
-    Option("target", "int", 0, "index of the model whose basis and class the result takes"),
+    Option("target", "int", 0, "index of the model whose basis and class the result takes (0 for the first)",
+           check=lambda v: None if v >= 0 else f"must be a model's index, 0 or more, got {v}"),
     Option("cost", "str", "weights", "weight matching (no data) or activation correlation (on --calib, else on "
            "random inputs)", choices=("weights", "activations")),
     Option("calib", "path", None, "calibration inputs: a .pt/.safetensors tensor (N, ...)", metavar="FILE",
@@ -262,6 +263,19 @@ class _RecipeMethods:
                     merged[other.name] = other.default
         merged.update(changes)
         return type(self)(**merged)
+
+    def normalised(self) -> tuple["Recipe", bool]:
+        """``(this recipe with fusion weights that sum to 1, whether they had to be rescaled)``.
+
+        Weights are divided by their sum as ``fxfuse.compile`` divides them, so the recipe records the
+        weights used; weights summing to 1 are kept as given. Weights that cannot be fused (negative, of
+        another count than the models) are left for ``compile`` to refuse.
+        """
+        w = self.weights
+        if w is None or len(w) != len(self.models) or not all(math.isfinite(x) and x >= 0 for x in w) \
+                or sum(w) <= 0 or sum(w) == 1.0:
+            return self, False
+        return dataclasses.replace(self, weights=tuple(x / sum(w) for x in w)), True
 
     def compile_options(self) -> dict[str, Any]:
         """The keywords this recipe gives ``fxfuse.compile`` directly (files are loaded by the caller)."""

@@ -114,7 +114,7 @@ def test_calib_of_the_wrong_shape_writes_nothing(tmp_path, capsys, permuted):
     code, stdout, err = run(capsys, *compile_args(permuted, out, "--cost", "activations", "--calib", calib))
     assert code == 2
     assert stdout == ""
-    assert err == "fxfuse: error: calibration data has shape (32, 63); the models take (N, 64)\n"
+    assert err == f"fxfuse: error: --calib {calib}: calibration data has shape (32, 63); the models take (N, 64)\n"
     assert not out.exists()
     assert snapshot(tmp_path) == before
 
