@@ -16,6 +16,20 @@ from typing import Any
 
 from .errors import FxfuseError
 
+_IMPORTED = time.time()  # a stand-in for the process start where /proc does not tell it
+
+
+def process_start() -> float:
+    """When this process started (``time.time()`` scale): from ``/proc`` on Linux, else when this module was
+    imported (the command's own imports come after it)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - since_boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
+
 EPILOG = """model specs:
   DIR                        a Hugging Face model directory (config.json + safetensors), or a
                              directory written by fxfuse (fxfuse.json + model.safetensors)
@@ -327,6 +341,9 @@ def _warn_unused_options(args, same_depths: bool) -> None:
 
         warn(f"--cost activations without --calib: correlating on {DEFAULT_CALIB_RANDOM} random inputs "
              "(pass --calib FILE with real inputs)")
+    elif data == "--calib-random":
+        warn(f"--calib-random {args.calib_random}: calibrating on random inputs, not data the models were trained "
+             "on; the maps follow what the models do on noise (pass --calib FILE with real inputs)")
 
 
 def _check_calibration(args, calib) -> None:
@@ -503,8 +520,7 @@ def _compile(args, recipe) -> int:
     if args.show_depth_map:
         from .render import render_depth_maps
 
-        text = render_depth_maps(report["depth_maps"], report["width_maps"])
-        sys.stdout.write(text or "all models have the target's depth and widths\n")
+        sys.stdout.write(render_depth_maps(report["depth_maps"], report["width_maps"]))
     if job.labelled is not None:
         report["eval"] = _evaluate_fused(job, tgt, recipe, result.module, rows, args.eval, progress)
     _write_compiled(job, tgt, recipe, result, report, args, progress)
@@ -669,7 +685,7 @@ def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, p
         save_model(tgt, result.module, job.out, force=args.force, extra=extra)
     if args.report:
         write_text_atomic(args.report, text, force=args.force, owned="report")
-    seconds = f"{report['timings']['total_s']:.1f}s"
+    seconds = f"{time.time() - args.started:.1f}s in all ({report['timings']['total_s']:.1f}s fusing)"
     if recipe.method == "vanilla":
         print(f"wrote {job.out} (vanilla average, no alignment); {seconds}")
     else:
@@ -810,10 +826,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `fxfuse rules list | head` ends quietly
+    started = process_start() if argv is None else time.time()  # a command line: from the process start
     argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = ["fxfuse", *argv]
+    args.started = started
     warnings.filterwarnings("ignore")
     if getattr(args, "quiet", False):
         _quiet_libraries()

@@ -158,7 +158,7 @@ def _load_manifest_dir(path: Path, spec: str, trust_pickle: bool = False) -> Loa
         raise SpecError(f"{path / MANIFEST}: unreadable manifest ({type(exc).__name__}: {exc})") from None
     weights = path / manifest.get("weights", WEIGHTS)
     if "pickle" in manifest:
-        loaded = _load_pickle(Path(target), spec, trust_pickle)
+        loaded = _load_pickle(path / target, spec, trust_pickle)  # a relative pickle beside the manifest
         load_weights(loaded.module, weights, spec)
         return loaded
     return _load_factory(_beside(path, target), str(weights), spec, manifest.get("kwargs") or {})
@@ -344,7 +344,7 @@ def save_model(like: LoadedModel, module: nn.Module, out: str | Path, force: boo
             shutil.copyfile(Path(like.spec) / "config.json", tmp / "config.json")
         else:
             save_state(module, tmp / WEIGHTS)
-            (tmp / MANIFEST).write_text(json.dumps(_manifest(like), indent=2) + "\n")
+            (tmp / MANIFEST).write_text(json.dumps(_manifest(like, out), indent=2) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         atomic.replace(tmp, out)
@@ -354,11 +354,24 @@ def save_model(like: LoadedModel, module: nn.Module, out: str | Path, force: boo
     return out
 
 
-def _manifest(like: LoadedModel) -> dict:
-    """How to rebuild the model class: its factory, or the pickle it came from (absolute paths)."""
+def _manifest(like: LoadedModel, out: Path) -> dict:
+    """How to rebuild the model class: its factory, or the pickle it came from, a file named relative to
+    the output directory ``out`` (so that the two can move together; read back by ``_beside``)."""
     if like.source == PICKLE:
-        return {"pickle": like.factory, "weights": WEIGHTS}
-    return {"factory": like.factory, "kwargs": dict(like.factory_kwargs), "weights": WEIGHTS}
+        return {"pickle": _relative(like.factory, out), "weights": WEIGHTS}
+    factory = like.factory
+    module, _, attr = factory.rpartition(":")
+    if module.endswith(".py"):
+        factory = f"{_relative(module, out)}:{attr}"
+    return {"factory": factory, "kwargs": dict(like.factory_kwargs), "weights": WEIGHTS}
+
+
+def _relative(file: str, out: Path) -> str:
+    """``file`` relative to directory ``out`` (both resolved), or absolute where no relative path exists."""
+    try:
+        return os.path.relpath(Path(file).resolve(), Path(out).resolve())
+    except ValueError:  # another drive
+        return str(Path(file).resolve())
 
 
 def save_state(module: nn.Module, path: Path) -> None:

@@ -152,7 +152,10 @@ def test_target_out_of_range(tmp_path, capsys, permuted, target):
     code, stdout, err = run(capsys, "compile", permuted, SPEC, "--target", target, "-o", out, "-q")
     assert code == 2
     assert stdout == ""
-    assert err == f"fxfuse: error: --target {target} is out of range for 2 models\n"
+    if target.startswith("-"):  # no Python index from the end: the first model is 0
+        assert err == f"fxfuse: error: --target {target}: must be a model's index, 0 or more, got {target}\n"
+    else:
+        assert err == f"fxfuse: error: --target {target} is out of range for 2 models\n"
     assert not out.exists()
 
 
