@@ -211,7 +211,7 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
                                                             **plain_torch_kwargs(transformers)))
     except Exception as exc:
         raise SpecError(f"{spec}: cannot load Hugging Face model: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-    _check_loading_info(info, spec, cls.__name__, arch, known=getattr(transformers, arch or "", None) is not None)
+    _check_loading_info(info, spec, type(module).__name__, arch, known=getattr(transformers, arch or "", None) is not None)
     module.eval()
     return LoadedModel(module, (), hf_example_inputs(module, seed), spec, HF)
 
