@@ -764,6 +764,7 @@ def cmd_barrier(args) -> int:
 
 def cmd_rules_check(args) -> int:
     from .errors import RuleError
+    from .rank_check import check_ranks
     from .rules import parse_rule_file
     from .schema import unresolved_ops
 
@@ -775,6 +776,7 @@ def cmd_rules_check(args) -> int:
             if typo:
                 raise RuleError(f, i, "op", f"{typo[0]} is not in torch.ops (a misspelt name?); a custom op that is "
                                 "registered later needs 'custom: true' in its rule")
+            check_ranks(r, f, i)
         unknown = unresolved_ops(op for r in rules for op in r.ops)
         checked = f" ({ops - len(unknown)} checked against their torch schema)" if unknown else ""
         print(f"ok: {f}: {len(rules)} rules for {ops} ops{checked}")

@@ -6,8 +6,9 @@ A spec is one of:
   offline; example inputs are made from its config;
 * an fxfuse model directory (``fxfuse.json`` naming a factory and its kwargs, or
   the pickle the model came from, and a weights file), as ``fxfuse permute`` /
-  ``compile`` write for non-HF models; a relative ``file.py:factory`` in it is
-  read from the manifest's own directory (so the directory can move with it);
+  ``compile`` write for non-HF models; its ``file.py:factory`` (or pickle) is
+  written relative to that directory and read from it (so the two can move
+  together);
 * ``package.module:factory`` or ``path/to/file.py:factory``, optionally
   ``@weights.safetensors`` (or a ``.pt``/``.bin`` state dict, read with
   ``weights_only=True``). The factory returns a module, ``(module, args)`` or

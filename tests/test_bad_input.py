@@ -472,3 +472,20 @@ def test_last_line_time_counts_from_the_process_start(tmp_path):
     probe = time.time()
     subprocess.run([sys.executable, "-c", "import torch, fxfuse.cli"], env=env, timeout=300, check=True)
     assert total - fusing >= 0.5 * (time.time() - probe)
+
+
+@pytest.mark.parametrize("rule, reason", [
+    ("{op: aten.linear.default, axes: {input: '... i', weight: 'o i x', bias: 'o', out: '... o'}}",
+     "aten.linear.default: argument 'weight' has rank 3 in the rule ('o i x'), but the op takes rank 2 there"),
+    ("{op: aten.conv2d.default, axes: {input: 'b c h w', weight: 'o c kh', out: 'b o oh ow'}, pin: [oh, ow, kh]}",
+     "aten.conv2d.default: argument 'weight' has rank 3 in the rule ('o c kh'), but the op takes rank 4 there"),
+    ("{op: aten.mm.default, axes: {self: 'k m', mat2: 'k n', out: 'm n'}}",
+     "aten.mm.default: argument 'self' is 'k m' in the rule, but the op takes its axes as 'm k' (swapped axes?)"),
+    ("{op: aten.bmm.default, axes: {self: 'b m k', mat2: 'b k n', out: 'b m n x'}}",
+     "aten.bmm.default: 'out' has rank 4 in the rule ('b m n x'), but the op returns rank 3 for inputs of the "
+     "rule's ranks (self (3, 7, 5), mat2 (3, 5, 11))"),
+])
+def test_rules_check_runs_the_op_for_wrong_ranks_and_swapped_axes(tmp_path, capsys, rule, reason):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"- {rule}\n")
+    assert bad(capsys, tmp_path, "rules", "check", path) == f"{path}: rule 0, field 'axes': {reason}"

@@ -48,7 +48,8 @@ def test_compile_recovers_the_model(tmp_path, capsys, permuted, reference):
     assert code == 0, err
     assert err == ""  # -q
     assert re.match(rf"wrote {re.escape(str(out))} \(ot, cost weights, solver exact\); "
-                    r"self-check error of exact maps: model 0 \d\.\de-\d\d, model 1 0\.0e\+00; \d+\.\ds\n$", stdout)
+                    r"self-check error of exact maps: model 0 \d\.\de-\d\d, model 1 0\.0e\+00; "
+                    r"\d+\.\ds in all \(\d+\.\ds fusing\)\n$", stdout)
     assert {p.name for p in out.iterdir()} == OUTPUT_FILES
     assert json.loads((out / "fxfuse.json").read_text())["factory"] == SPEC
     report = json.loads((out / "report.json").read_text())
