@@ -198,12 +198,15 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
         import transformers
     except ImportError:
         raise SpecError(f"{spec}: loading Hugging Face models needs transformers: pip install 'fxfuse[hf]'") from None
+    from .lazy import CheckpointTensors
+
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
-        raise SpecError(f"{spec}: cannot load Hugging Face model: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+        raise SpecError(f"{spec}: cannot load Hugging Face model: {one_line(exc)}") from None
     arch, cls = hf_architecture(transformers, config, spec)
     cls = cls or transformers.AutoModel
+    CheckpointTensors.from_dir(path)  # a truncated or corrupt header: one line naming the file
     try:
         if hasattr(config, "use_cache"):
             config.use_cache = False  # for tracing; an output keeps the input's config.json
@@ -212,7 +215,8 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
                                                             **plain_torch_kwargs(transformers)))
     except Exception as exc:
         raise SpecError(f"{spec}: cannot load Hugging Face model: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-    _check_loading_info(info, spec, type(module).__name__, arch, known=getattr(transformers, arch or "", None) is not None)
+    known = getattr(transformers, arch or "", None) is not None
+    _check_loading_info(info, spec, type(module).__name__, arch, known=known)
     module.eval()
     return LoadedModel(module, (), hf_example_inputs(module, seed), spec, HF)
 
@@ -224,8 +228,9 @@ def hf_architecture(transformers, config, spec: str) -> tuple[str | None, type |
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     wanted = getattr(cls, "config_class", None)
     if isinstance(wanted, type) and not isinstance(config, wanted):
+        has, takes = getattr(config, "model_type", None), getattr(wanted, "model_type", "?")
         raise SpecError(f"{spec}: config.json names the architecture {arch}, which does not fit its model_type "
-                        f"'{getattr(config, 'model_type', None)}' ({arch} takes '{getattr(wanted, 'model_type', '?')}')")
+                        f"'{has}' ({arch} takes '{takes}')")
     return arch, cls
 
 

@@ -29,6 +29,7 @@ import torch
 
 from .errors import RuleError
 from .rules import Rule, Signature
+from .schema import _is_tensor
 
 ELLIPSIS = (2,)  # the dims '...' stands for, the same in every tensor
 SIZES = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)  # one per axis name, all different
@@ -119,8 +120,7 @@ def _check_ops(rule: Rule, path: str, index: int) -> None:
         if overload is None:
             continue
         schema = overload._schema
-        tensors = {a.name for a in schema.arguments if isinstance(a.type, torch.TensorType)
-                   or (isinstance(a.type, torch.OptionalType) and isinstance(a.type.getElementType(), torch.TensorType))}
+        tensors = {a.name for a in schema.arguments if _is_tensor(a.type)}
         for alt in rule.axes:
             _check_alternative(rule, op, overload, schema, tensors, alt, path, index)
 

@@ -268,12 +268,12 @@ class _RecipeMethods:
         """``(this recipe with fusion weights that sum to 1, whether they had to be rescaled)``.
 
         Weights are divided by their sum as ``fxfuse.compile`` divides them, so the recipe records the
-        weights used; weights summing to 1 are kept as given. Weights that cannot be fused (negative, of
-        another count than the models) are left for ``compile`` to refuse.
+        weights used; weights summing to 1 (to rounding) are kept as given. Weights that cannot be fused
+        (negative, of another count than the models) are left for ``compile`` to refuse.
         """
         w = self.weights
         if w is None or len(w) != len(self.models) or not all(math.isfinite(x) and x >= 0 for x in w) \
-                or sum(w) <= 0 or sum(w) == 1.0:
+                or sum(w) <= 0 or abs(sum(w) - 1.0) <= 1e-9:
             return self, False
         return dataclasses.replace(self, weights=tuple(x / sum(w) for x in w)), True
 
