@@ -1,8 +1,8 @@
 """Safe output paths: checked up front, written to a temporary sibling, renamed into place.
 
 * ``check_output_path`` refuses, with one line and before any work, a path
-  that exists (unless ``force``), a directory ``force`` would replace that
-  fxfuse did not write, the working directory or one above it, a parent that
+  that exists (unless ``force``), a directory or file ``force`` would replace
+  that fxfuse did not write, a path through a symlink loop, the working directory or one above it, a parent that
   is missing or not writable.
 * ``temp_dir`` / ``temp_file`` make the sibling with the permissions a plain
   ``mkdir`` / ``open`` would give (not ``mkdtemp``'s 0700 / 0600).
@@ -43,21 +43,56 @@ def is_fxfuse_output(path: Path) -> bool:
     """A directory fxfuse wrote: it holds ``fxfuse.json`` or fxfuse's ``report.json``."""
     if (path / MANIFEST).is_file():
         return True
+    return is_fxfuse_report(path / REPORT)
+
+
+def is_fxfuse_report(path: Path) -> bool:
+    """A file holding a report fxfuse wrote (JSON with its ``fxfuse`` provenance, or a report's own keys)."""
     try:
-        report = json.loads((path / REPORT).read_text())
+        report = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(report, dict) and ("fxfuse" in report or {"self_check", "spaces"} <= set(report))
 
 
-def check_output_path(out: str | Path, force: bool, directory: bool = False) -> Path:
+def _head(path: Path, n: int = 4096) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _is_graph_text(path: Path) -> bool:
+    """DOT (``[strict] [di]graph``), GraphML, or node-link JSON, as ``explain --dot/--graph`` write them."""
+    head = _head(path).lstrip()
+    if head.startswith((b"graph", b"digraph", b"strict")) or b"<graphml" in head:
+        return True
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "nodes" in data
+
+
+OWNED = {  # files fxfuse writes, and how to know one it wrote (--force replaces nothing else)
+    "report": (is_fxfuse_report, "a report"),
+    "graph": (_is_graph_text, "a graph file"),
+    "plot": (lambda p: _head(p, 8) == b"\x89PNG\r\n\x1a\n", "a PNG plot"),
+}
+
+
+def check_output_path(out: str | Path, force: bool, directory: bool = False, owned: str | None = None) -> Path:
     """Refuse (one line) any output path that cannot or must not be written; call before any work.
 
-    ``directory``: ``out`` is a model directory (``--force`` replaces only an earlier fxfuse output).
+    ``directory``: ``out`` is a model directory (``--force`` replaces only an earlier fxfuse output);
+    ``owned``: a key of ``OWNED``, the kind of file ``--force`` may replace (one fxfuse wrote).
     """
+    from .guard import real
+
     out = Path(out)
     name = str(out)
-    resolved = out.resolve()
+    resolved = real(out)
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         raise FxfuseError(f"{name}: is the working directory or holds it; choose a new path")
@@ -71,6 +106,8 @@ def check_output_path(out: str | Path, force: bool, directory: bool = False) -> 
                               "refusing to replace it")
         if not directory and out.is_dir():
             raise FxfuseError(f"{name}: is a directory; refusing to replace it with a file")
+        if not directory and owned is not None and not OWNED[owned][0](out):
+            raise FxfuseError(f"{name}: is not {OWNED[owned][1]} written by fxfuse; refusing to replace it")
     parent = out.parent
     if not parent.exists():
         raise FxfuseError(f"{parent}: no such directory")
@@ -83,6 +120,20 @@ def check_output_path(out: str | Path, force: bool, directory: bool = False) -> 
     except OSError as exc:
         raise FxfuseError(f"{name}: cannot write in {parent}: {exc.strerror or exc}") from None
     return out
+
+
+def write_failure(out: Path, exc: BaseException) -> BaseException:
+    """A failure while writing ``out`` as one line naming it and the cause (a full disk, a file-size limit,
+    an I/O error), or ``exc`` itself where it is no write failure."""
+    import re
+
+    if isinstance(exc, OSError):
+        cause = exc.strerror or str(exc)
+    elif type(exc).__name__ == "SafetensorError" and (code := re.search(r"os error (\d+)", str(exc))):
+        cause = os.strerror(int(code.group(1)))
+    else:
+        return exc
+    return FxfuseError(f"{out}: cannot write it: {cause}; nothing was written")
 
 
 @contextlib.contextmanager

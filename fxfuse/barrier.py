@@ -173,6 +173,24 @@ def _check_fit(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, lab
     guarded("model A cannot run on the data", lambda: evaluate(model_a, inputs, labels, head, input_key))
 
 
+def check_refine_data(refine, models, example_args: tuple, example_kwargs: Mapping[str, Any] | None,
+                      where: str, target: int = 0) -> None:
+    """The labelled data of ``refine`` (a ``RefineConfig``) fits every model: inputs they take, labels within
+    their classes (the head read from ``models[target]`` unless ``refine`` names one). Run before any
+    alignment, so that ``--refine`` fails at once with one line naming ``where``."""
+    from .calibration import main_input
+
+    key, example = main_input(tuple(example_args), dict(example_kwargs or {}))
+    input_key = key if isinstance(key, str) else None
+    head = refine.head or detect_head(models[target])
+    for i, model in enumerate(models):
+        check_inputs(model, refine.inputs, f"{where}: model {i}")
+        with torch.no_grad():
+            logits = guarded(f"{where}: model {i} cannot run on the inputs",
+                             lambda: logits_of(_call(model, refine.inputs[:2], input_key)))
+        check_labels(logits, refine.labels, f"{where}: model {i}", shift=head == "causal")
+
+
 def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None, points: int = 21,
             head: str | None = None, progress: Callable[[str], None] | None = None, repair: bool = False,

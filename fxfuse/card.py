@@ -1,12 +1,17 @@
 """Model cards: the ``README.md`` of a compile output, in the Hugging Face model-card style.
 
-``model_card(report, recipe) -> str`` is pure: YAML front matter (tags, base
-models), then the recipe as a YAML block, the parents and their fusion weights,
-the versions, coverage, self-check and drift figures, and the evaluation and
-barrier figures where the report holds them.
+``model_card(report, recipe) -> str`` reads nothing but the parents'
+``config.json`` (for their hub ids): YAML front matter (tags, and the
+parents' hub ids as base models; a local path is left out), then the recipe
+as a YAML block, the parents and their fusion weights, the versions,
+coverage, self-check and drift figures, and the evaluation and barrier
+figures where the report holds them.
 """
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
@@ -23,9 +28,33 @@ def _figure(value: Any, fmt: str = ".1e") -> str:
     return "–" if value is None else format(value, fmt)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def hub_id(spec: str) -> str | None:
+    """The Hugging Face hub id of a parent: the spec itself where it is one (not a local path), else the
+    ``_name_or_path`` a Hugging Face directory's ``config.json`` records where that is one; else ``None``."""
+    path = Path(spec)
+    name: Any = spec
+    if (path / "config.json").is_file():
+        try:
+            name = json.loads((path / "config.json").read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            return None
+    elif path.exists():
+        return None
+    if not isinstance(name, str) or not HUB_ID.fullmatch(name) or Path(name).exists():
+        return None
+    return name
+
+
 def _front_matter(report: Mapping[str, Any], recipe) -> list[str]:
-    meta = {"library_name": "pytorch", "tags": ["fxfuse", "merge", "model-fusion", f"fxfuse-{recipe.method}"],
-            "base_model": list(recipe.models)}
+    """Tags, and ``base_model``: the parents' hub ids (a local path is no base model a hub can link)."""
+    meta: dict[str, Any] = {"library_name": "pytorch",
+                            "tags": ["fxfuse", "merge", "model-fusion", f"fxfuse-{recipe.method}"]}
+    hub = [h for h in (hub_id(spec) for spec in recipe.models) if h]
+    if hub:
+        meta["base_model"] = hub
     return ["---", yaml.safe_dump(meta, sort_keys=False).rstrip("\n"), "---", ""]
 
 

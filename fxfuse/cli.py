@@ -16,6 +16,20 @@ from typing import Any
 
 from .errors import FxfuseError
 
+_IMPORTED = time.time()  # a stand-in for the process start where /proc does not tell it
+
+
+def process_start() -> float:
+    """When this process started (``time.time()`` scale): from ``/proc`` on Linux, else when this module was
+    imported (the command's own imports come after it)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - since_boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
+
 EPILOG = """model specs:
   DIR                        a Hugging Face model directory (config.json + safetensors), or a
                              directory written by fxfuse (fxfuse.json + model.safetensors)
@@ -206,6 +220,19 @@ def _warn_analysis(analysis) -> list[str]:
 # ---------------------------------------------------------------- commands
 
 
+def _check_paths(outputs: list[tuple[str, str | None]], models: list[str], files: list[tuple[str, Any]]) -> None:
+    """Refuse, before any work, an output that is, holds or lies inside an input (``fxfuse.guard``).
+
+    ``files``: ``(flag, path or paths)`` of the data and rule files read."""
+    from .guard import check_outputs, file_inputs, model_inputs
+
+    inputs = model_inputs(models)
+    for flag, paths in files:
+        inputs += file_inputs(flag, [paths] if isinstance(paths, str) or paths is None else paths)
+    check_outputs(outputs, inputs)
+
+
+
 def _load_and_analyze(args, progress: Progress, check=None):
     from .io import load_model
     from .rules import load_rules
@@ -228,13 +255,14 @@ def cmd_explain(args) -> int:
     from .render import render_dot, render_text
 
     progress = Progress(args.quiet)
+    _check_paths([("--dot", args.dot), ("--graph", args.graph)], [args.model], [("--rules", args.rules)])
     if args.graph:
         from .graph import check_graph_path
 
         check_graph_path(args.graph)
     for path in (args.dot, args.graph):
         if path:
-            check_output_path(path, args.force)
+            check_output_path(path, args.force, owned="graph")
     folded = None
     if args.groups == "full":
         from .passes.analyse import canonical_analysis
@@ -247,12 +275,13 @@ def cmd_explain(args) -> int:
     else:
         loaded, analysis = _load_and_analyze(args, progress)
     if args.dot:
-        write_text_atomic(args.dot, render_dot(analysis), force=args.force)
+        write_text_atomic(args.dot, render_dot(analysis), force=args.force, owned="graph")
         progress(f"wrote {args.dot}")
     if args.graph:
         from .graph import graph_text, space_graph
 
-        write_text_atomic(args.graph, graph_text(space_graph(analysis), args.graph), force=args.force)
+        write_text_atomic(args.graph, graph_text(space_graph(analysis), args.graph), force=args.force,
+                          owned="graph")
         progress(f"wrote {args.graph}")
     if args.json:
         json.dump(analysis.report(), sys.stdout, indent=1)
@@ -273,6 +302,7 @@ def cmd_permute(args) -> int:
     from .rules import load_rules
 
     progress = Progress(args.quiet)
+    _check_paths([("-o", args.output)], [args.model], [("--rules", args.rules)])
     out = check_output_path(args.output, args.force, directory=True)
     if args.groups == "full":
         return _permute_groups(args, progress, out)
@@ -311,6 +341,9 @@ def _warn_unused_options(args, same_depths: bool) -> None:
 
         warn(f"--cost activations without --calib: correlating on {DEFAULT_CALIB_RANDOM} random inputs "
              "(pass --calib FILE with real inputs)")
+    elif data == "--calib-random":
+        warn(f"--calib-random {args.calib_random}: calibrating on random inputs, not data the models were trained "
+             "on; the maps follow what the models do on noise (pass --calib FILE with real inputs)")
 
 
 def _check_calibration(args, calib) -> None:
@@ -390,17 +423,52 @@ def compile_recipe(args):
             raise RecipeError(f"{recipes[0]}: key 'models': need at least two model specs, got {len(recipe.models)}")
     else:
         recipe, flags = Recipe(), dict(flags, models=args.models)
-    return recipe.override(flags)
+    recipe = recipe.override(flags)
+    fused, rescaled = recipe.normalised()
+    if rescaled:
+        shown = lambda ws: ",".join(f"{w:g}" for w in ws)  # noqa: E731
+        warn(f"fusion weights {shown(recipe.weights)} do not sum to 1: fusing with {shown(fused.weights)} "
+             "(so recorded in the recipe, the report and the model card)")
+    return fused
+
+
+def _check_workers(recipe) -> None:
+    """Refuse, before any process starts, more workers than calibration batches (each needs one) or than
+    the processors this process may run on."""
+    from .calibration import CALIB_BATCH, samples
+    from .data import load_calibration
+
+    n = samples(load_calibration(recipe.calib) if recipe.calib else recipe.calib_random)
+    batches = max(1, n // CALIB_BATCH)  # batches hold at least CALIB_BATCH samples (or all, when fewer)
+    if recipe.workers > batches:
+        raise FxfuseError(f"--workers {recipe.workers}: {recipe.workers} workers for {batches} calibration batches "
+                          f"at most ({n} samples): need at least one batch per worker (more calibration data, or "
+                          "fewer workers)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if recipe.workers > cpus:
+        raise FxfuseError(f"--workers {recipe.workers}: this machine runs this process on {cpus} processors; "
+                          f"use at most {cpus} workers")
+
+
+def _is_recipe(arg: str) -> bool:
+    from .recipe import is_recipe_file
+
+    return is_recipe_file(arg)
 
 
 def cmd_compile(args) -> int:
     from .distributed import in_launched_group, init_from_env, local_group, wait_workers
 
     recipe = compile_recipe(args)
+    _check_paths([("-o", args.output), ("--report", args.report)], list(recipe.models),
+                 [("recipe", [m for m in args.models if _is_recipe(m)]), ("--calib", recipe.calib),
+                  ("--eval", args.eval), ("--data", recipe.refine_data), ("--rules", recipe.rules)])
     if recipe.workers > 1 and (recipe.cost != "activations" or recipe.method != "ot"):
         raise FxfuseError("--workers shares the collection of activation statistics: use it with --cost activations")
     if recipe.workers > 1 and in_launched_group():
         raise FxfuseError("--workers starts local processes; under torchrun the ranks are the workers")
+    if recipe.workers > 1:
+        _check_workers(recipe)
     if recipe.workers == 1:
         init_from_env()  # under torchrun: join its group
         return _compile(args, recipe)
@@ -452,8 +520,7 @@ def _compile(args, recipe) -> int:
     if args.show_depth_map:
         from .render import render_depth_maps
 
-        text = render_depth_maps(report["depth_maps"], report["width_maps"])
-        sys.stdout.write(text or "all models have the target's depth and widths\n")
+        sys.stdout.write(render_depth_maps(report["depth_maps"], report["width_maps"]))
     if job.labelled is not None:
         report["eval"] = _evaluate_fused(job, tgt, recipe, result.module, rows, args.eval, progress)
     _write_compiled(job, tgt, recipe, result, report, args, progress)
@@ -473,7 +540,7 @@ def _compile_job(args, recipe, progress):
 
     out = check_output_path(args.output, args.force, directory=True)
     if args.report:
-        check_output_path(args.report, args.force)
+        check_output_path(args.report, args.force, owned="report")
     calib = load_calibration(recipe.calib) if recipe.calib else recipe.calib_random
     _check_calibration(recipe, calib)
     labelled = load_labelled(args.eval) if args.eval else None
@@ -493,13 +560,33 @@ def _compile_job(args, recipe, progress):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
     tgt = loaded[recipe.target]
     _check_untie(recipe, tgt)
-    _warn_unused_options(recipe, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
+    if refine is not None:
+        from .barrier import check_refine_data
+
+        check_refine_data(refine, [m.module for m in loaded], tgt.args, tgt.kwargs, f"--data {recipe.refine_data}",
+                          recipe.target)
+    same_depths = all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded)
+    _warn_unused_options(recipe, same_depths)
     named = calib.items() if isinstance(calib, Mapping) else [(None, calib)] if isinstance(calib, torch.Tensor) else []
     for key, x in named:
         check_inputs(tgt.module, x, f"--calib {recipe.calib}" + (f" ({key})" if key else ""))
+    if recipe.method == "ot" and (recipe.cost == "activations" or recipe.repair or not same_depths):
+        _check_calib_file(recipe.calib, calib, tgt)  # the data is read: a mismatch names the file now
     job = _CompileJob(out, tuple(loaded), None if states is None else tuple(states), calib, labelled, refine, rules,
                       out_dtype)
     return job, tgt
+
+
+def _check_calib_file(path: str | None, calib, model) -> None:
+    """A calibration file's tensors matched to ``model``'s inputs now, so that a mismatch names the file."""
+    from .calibration import CalibrationError, calibration_batches
+
+    if not path:
+        return
+    try:
+        calibration_batches(calib, model.args, model.kwargs, forward=model.module)
+    except CalibrationError as exc:
+        raise FxfuseError(f"--calib {path}: {exc}") from None
 
 
 def _evaluate_parents(job: _CompileJob, tgt, eval_file: str | None, progress) -> list:
@@ -597,8 +684,8 @@ def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, p
     else:
         save_model(tgt, result.module, job.out, force=args.force, extra=extra)
     if args.report:
-        write_text_atomic(args.report, text, force=args.force)
-    seconds = f"{report['timings']['total_s']:.1f}s"
+        write_text_atomic(args.report, text, force=args.force, owned="report")
+    seconds = f"{time.time() - args.started:.1f}s in all ({report['timings']['total_s']:.1f}s fusing)"
     if recipe.method == "vanilla":
         print(f"wrote {job.out} (vanilla average, no alignment); {seconds}")
     else:
@@ -615,8 +702,11 @@ def cmd_barrier(args) -> int:
     from .rules import load_rules
 
     progress = Progress(args.quiet)
+    _check_paths([("--plot", args.plot)], list(args.models),
+                 [("--data", args.data), ("--calib", args.calib), ("--refine-data", args.refine_data),
+                  ("--rules", args.rules)])
     if args.plot:
-        check_output_path(args.plot, args.force)
+        check_output_path(args.plot, args.force, owned="plot")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -629,6 +719,12 @@ def cmd_barrier(args) -> int:
     refine = refine_config(args, "--refine-data", on_step=_progress_bar(args.quiet))
     rules = load_rules(args.rules)
     a, b = (load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models)
+    if args.cost == "activations" or args.repair:
+        _check_calib_file(args.calib, calib, a)
+    if refine is not None:
+        from .barrier import check_refine_data
+
+        check_refine_data(refine, [a.module, b.module], a.args, a.kwargs, f"--refine-data {args.refine_data}")
     _warn_unused_options(args, set(a.module.state_dict()) == set(b.module.state_dict()))
     result = barrier(a.module, b.module, inputs, labels, a.args, example_kwargs=a.kwargs, points=args.points,
                      head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,
@@ -643,9 +739,9 @@ def cmd_barrier(args) -> int:
                  + ([(f"refined ({args.refine} steps)", result.refined)] if result.refined else []), str(tmp),
                  title=f"{os.path.basename(args.models[0])} → {os.path.basename(args.models[1])}")
             atomic.replace(tmp, out)
-        except BaseException:
+        except BaseException as exc:
             atomic.discard(tmp)
-            raise
+            raise atomic.write_failure(out, exc) from None
     if args.json:
         json.dump(dict(result.as_dict(), models=list(args.models), data=args.data), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -667,12 +763,20 @@ def cmd_barrier(args) -> int:
 
 
 def cmd_rules_check(args) -> int:
+    from .errors import RuleError
+    from .rank_check import check_ranks
     from .rules import parse_rule_file
     from .schema import unresolved_ops
 
     for f in args.files:
         rules = parse_rule_file(f)
         ops = sum(len(r.ops) for r in rules)
+        for i, r in enumerate(rules):
+            typo = [op for op in unresolved_ops(r.ops) if not r.custom]
+            if typo:
+                raise RuleError(f, i, "op", f"{typo[0]} is not in torch.ops (a misspelt name?); a custom op that is "
+                                "registered later needs 'custom: true' in its rule")
+            check_ranks(r, f, i)
         unknown = unresolved_ops(op for r in rules for op in r.ops)
         checked = f" ({ops - len(unknown)} checked against their torch schema)" if unknown else ""
         print(f"ok: {f}: {len(rules)} rules for {ops} ops{checked}")
@@ -724,10 +828,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `fxfuse rules list | head` ends quietly
+    started = process_start() if argv is None else time.time()  # a command line: from the process start
     argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = ["fxfuse", *argv]
+    args.started = started
     warnings.filterwarnings("ignore")
     if getattr(args, "quiet", False):
         _quiet_libraries()

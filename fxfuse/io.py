@@ -6,8 +6,9 @@ A spec is one of:
   offline; example inputs are made from its config;
 * an fxfuse model directory (``fxfuse.json`` naming a factory and its kwargs, or
   the pickle the model came from, and a weights file), as ``fxfuse permute`` /
-  ``compile`` write for non-HF models; a relative ``file.py:factory`` in it is
-  read from the manifest's own directory (so the directory can move with it);
+  ``compile`` write for non-HF models; its ``file.py:factory`` (or pickle) is
+  written relative to that directory and read from it (so the two can move
+  together);
 * ``package.module:factory`` or ``path/to/file.py:factory``, optionally
   ``@weights.safetensors`` (or a ``.pt``/``.bin`` state dict, read with
   ``weights_only=True``). The factory returns a module, ``(module, args)`` or
@@ -54,6 +55,7 @@ class LoadedModel:
 def load_model(spec: str, trust_pickle: bool = False, seed: int = 0) -> LoadedModel:
     """Resolve ``spec`` (see module doc); raises ``SpecError`` with one line on failure."""
     path = Path(spec)
+    _check_loops(path, spec)
     if path.is_dir():
         if (path / MANIFEST).is_file():
             return _load_manifest_dir(path, spec, trust_pickle)
@@ -68,6 +70,18 @@ def load_model(spec: str, trust_pickle: bool = False, seed: int = 0) -> LoadedMo
     if not path.exists():
         raise SpecError(f"{spec}: no such file or directory, and not a 'package.module:factory' spec")
     raise SpecError(f"{spec}: not a model directory, a pickled module or a 'package.module:factory' spec")
+
+
+def _check_loops(path: Path, spec: str) -> None:
+    """A spec, or a file of its directory, that is a symlink loop: one line saying so (not "no such file")."""
+    from .guard import loop_in
+
+    for p in (path, *(path / n for n in (MANIFEST, WEIGHTS, "config.json", "model.safetensors.index.json"))):
+        loop = loop_in(p)
+        if loop is not None:
+            raise SpecError(f"{spec}: {'' if loop == path else f'{loop} '}is a symlink loop (it points back to itself)")
+        if p == path and not path.is_dir():
+            return
 
 
 # ---------------------------------------------------------------- factories
@@ -145,7 +159,7 @@ def _load_manifest_dir(path: Path, spec: str, trust_pickle: bool = False) -> Loa
         raise SpecError(f"{path / MANIFEST}: unreadable manifest ({type(exc).__name__}: {exc})") from None
     weights = path / manifest.get("weights", WEIGHTS)
     if "pickle" in manifest:
-        loaded = _load_pickle(Path(target), spec, trust_pickle)
+        loaded = _load_pickle(path / target, spec, trust_pickle)  # a relative pickle beside the manifest
         load_weights(loaded.module, weights, spec)
         return loaded
     return _load_factory(_beside(path, target), str(weights), spec, manifest.get("kwargs") or {})
@@ -184,12 +198,16 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
         import transformers
     except ImportError:
         raise SpecError(f"{spec}: loading Hugging Face models needs transformers: pip install 'fxfuse[hf]'") from None
+    from .lazy import CheckpointTensors
+
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        if cls is None:
-            cls = transformers.AutoModel
+    except Exception as exc:
+        raise SpecError(f"{spec}: cannot load Hugging Face model: {one_line(exc)}") from None
+    arch, cls = hf_architecture(transformers, config, spec)
+    cls = cls or transformers.AutoModel
+    CheckpointTensors.from_dir(path)  # a truncated or corrupt header: one line naming the file
+    try:
         if hasattr(config, "use_cache"):
             config.use_cache = False  # for tracing; an output keeps the input's config.json
         module, info = _quietly(lambda: cls.from_pretrained(str(path), config=config, local_files_only=True,
@@ -197,9 +215,23 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
                                                             **plain_torch_kwargs(transformers)))
     except Exception as exc:
         raise SpecError(f"{spec}: cannot load Hugging Face model: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-    _check_loading_info(info, spec, cls.__name__, arch)
+    known = getattr(transformers, arch or "", None) is not None
+    _check_loading_info(info, spec, type(module).__name__, arch, known=known)
     module.eval()
     return LoadedModel(module, (), hf_example_inputs(module, seed), spec, HF)
+
+
+def hf_architecture(transformers, config, spec: str) -> tuple[str | None, type | None]:
+    """``(architecture named by config.json, its transformers class or None)``; an architecture whose class
+    takes another ``model_type`` than the config's is refused (its layers would read missing fields)."""
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    wanted = getattr(cls, "config_class", None)
+    if isinstance(wanted, type) and not isinstance(config, wanted):
+        has, takes = getattr(config, "model_type", None), getattr(wanted, "model_type", "?")
+        raise SpecError(f"{spec}: config.json names the architecture {arch}, which does not fit its model_type "
+                        f"'{has}' ({arch} takes '{takes}')")
+    return arch, cls
 
 
 def plain_torch_kwargs(transformers) -> dict:
@@ -231,7 +263,7 @@ def _names(keys, limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _check_loading_info(info: Mapping[str, Any], spec: str, cls: str, arch: str | None) -> None:
+def _check_loading_info(info: Mapping[str, Any], spec: str, cls: str, arch: str | None, known: bool = True) -> None:
     """Refuse a checkpoint that does not fill the model exactly: transformers would draw missing or
     mis-shaped tensors at random, and drop tensors its class has no place for."""
     missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
@@ -243,8 +275,14 @@ def _check_loading_info(info: Mapping[str, Any], spec: str, cls: str, arch: str 
         shown = ", ".join(f"{k} {tuple(a)} (the config gives {tuple(b)})" for k, a, b in sorted(mismatched)[:3])
         raise SpecError(f"{spec}: tensors of the checkpoint do not have the shapes of its config.json: {shown}")
     if unexpected:
-        why = ("config.json names no 'architectures', so the bare base model was built; add the class with "
-               "the model's head" if arch is None else f"{cls} has no place for them")
+        if arch is None:
+            why = ("config.json names no 'architectures', so the bare base model was built; add the class with "
+                   "the model's head")
+        elif not known:
+            why = (f"config.json names the architecture {arch}, which this transformers does not know, so the "
+                   f"bare base model {cls} was built")
+        else:
+            why = f"{cls} has no place for them"
         raise SpecError(f"{spec}: the checkpoint's tensors {_names(unexpected)} would be lost ({why})")
 
 
@@ -292,9 +330,9 @@ def _load_pickle(path: Path, spec: str, trust: bool) -> LoadedModel:
 # ---------------------------------------------------------------- saving
 
 
-def check_output_path(out: str | Path, force: bool, directory: bool = False) -> Path:
+def check_output_path(out: str | Path, force: bool, directory: bool = False, owned: str | None = None) -> Path:
     """Refuse to overwrite an existing path unless ``force``; call before any work (``fxfuse.atomic``)."""
-    return atomic.check_output_path(out, force, directory)
+    return atomic.check_output_path(out, force, directory, owned)
 
 
 def save_model(like: LoadedModel, module: nn.Module, out: str | Path, force: bool = False,
@@ -312,21 +350,34 @@ def save_model(like: LoadedModel, module: nn.Module, out: str | Path, force: boo
             shutil.copyfile(Path(like.spec) / "config.json", tmp / "config.json")
         else:
             save_state(module, tmp / WEIGHTS)
-            (tmp / MANIFEST).write_text(json.dumps(_manifest(like), indent=2) + "\n")
+            (tmp / MANIFEST).write_text(json.dumps(_manifest(like, out), indent=2) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         atomic.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         atomic.discard(tmp)
-        raise
+        raise atomic.write_failure(out, exc) from None
     return out
 
 
-def _manifest(like: LoadedModel) -> dict:
-    """How to rebuild the model class: its factory, or the pickle it came from (absolute paths)."""
+def _manifest(like: LoadedModel, out: Path) -> dict:
+    """How to rebuild the model class: its factory, or the pickle it came from, a file named relative to
+    the output directory ``out`` (so that the two can move together; read back by ``_beside``)."""
     if like.source == PICKLE:
-        return {"pickle": like.factory, "weights": WEIGHTS}
-    return {"factory": like.factory, "kwargs": dict(like.factory_kwargs), "weights": WEIGHTS}
+        return {"pickle": _relative(like.factory, out), "weights": WEIGHTS}
+    factory = like.factory
+    module, _, attr = factory.rpartition(":")
+    if module.endswith(".py"):
+        factory = f"{_relative(module, out)}:{attr}"
+    return {"factory": factory, "kwargs": dict(like.factory_kwargs), "weights": WEIGHTS}
+
+
+def _relative(file: str, out: Path) -> str:
+    """``file`` relative to directory ``out`` (both resolved), or absolute where no relative path exists."""
+    try:
+        return os.path.relpath(Path(file).resolve(), Path(out).resolve())
+    except ValueError:  # another drive
+        return str(Path(file).resolve())
 
 
 def save_state(module: nn.Module, path: Path) -> None:
@@ -335,14 +386,14 @@ def save_state(module: nn.Module, path: Path) -> None:
     save_file({k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}, str(path))
 
 
-def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
-    path = check_output_path(path, force)
+def write_text_atomic(path: str | Path, text: str, force: bool = False, owned: str | None = None) -> Path:
+    path = check_output_path(path, force, owned=owned)
     fd, tmp = atomic.temp_file(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         atomic.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         atomic.discard(tmp)
-        raise
+        raise atomic.write_failure(path, exc) from None
     return path

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .derived import forget_derived
+from .checks import one_line
 from .errors import SpecError
 from .progress import bar
 
@@ -67,8 +68,11 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
                 raise SpecError(f"{path / INDEX}: names shard {missing[0]}, which is not there")
             return cls({k: path / f for k, f in weight_map.items()}, dtype=dtype)
         if (path / WEIGHTS).is_file():
-            with safe_open(str(path / WEIGHTS), "pt") as f:
-                return cls({k: path / WEIGHTS for k in f.keys()}, dtype=dtype)
+            try:
+                with safe_open(str(path / WEIGHTS), "pt") as f:
+                    return cls({k: path / WEIGHTS for k in f.keys()}, dtype=dtype)
+            except Exception as exc:  # a truncated or corrupt header
+                raise SpecError(f"{path / WEIGHTS}: not a readable safetensors file ({one_line(exc)})") from None
         return None
 
     def with_aliases(self, aliases: Mapping[str, str]) -> "CheckpointTensors":
@@ -406,7 +410,7 @@ def load_hf_out_of_core(spec: str, dtype: torch.dtype | None = None, seed: int =
     computed buffers, such as rotary frequencies, are real), the weights stay
     in the safetensors files. ``dtype``: what the skeleton computes in.
     """
-    from .io import HF, LoadedModel, hf_example_inputs
+    from .io import HF, LoadedModel, hf_architecture, hf_example_inputs
     from .trace import tied_aliases
 
     path = Path(spec)
@@ -419,14 +423,15 @@ def load_hf_out_of_core(spec: str, dtype: torch.dtype | None = None, seed: int =
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        _arch, cls = hf_architecture(transformers, config, spec)
         if cls is None:
             return None
         if hasattr(config, "use_cache"):
             config.use_cache = False
         with meta_parameters():
             module = cls(config)
+    except SpecError:
+        raise
     except Exception as exc:
         raise SpecError(f"{spec}: cannot build the Hugging Face model: {type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}") from None
@@ -471,9 +476,9 @@ def _atomic_dir(out: Path, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         atomic.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         atomic.discard(tmp)
-        raise
+        raise atomic.write_failure(out, exc) from None
 
 
 def _dtype_of(state, key: str, dtype: torch.dtype | None) -> torch.dtype:

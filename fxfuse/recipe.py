@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from .errors import FxfuseError
-from .rules import yaml_problem
+from .rules import read_yaml
 
 KINDS = ("str", "path", "paths", "int", "float", "bool", "floats", "strs", "specs")
 RECIPE_FILE = "fxfuse-recipe.yaml"
@@ -78,7 +78,8 @@ def _at_least_one(value) -> str | None:
 OPTIONS: tuple[Option, ...] = (
     Option("models", "specs", (), "two or more model specs of one architecture (widths and depths may differ)",
            flag=None, to_compile=False),
-    Option("target", "int", 0, "index of the model whose basis and class the result takes"),
+    Option("target", "int", 0, "index of the model whose basis and class the result takes (0 for the first)",
+           check=lambda v: None if v >= 0 else f"must be a model's index, 0 or more, got {v}"),
     Option("cost", "str", "weights", "weight matching (no data) or activation correlation (on --calib, else on "
            "random inputs)", choices=("weights", "activations")),
     Option("calib", "path", None, "calibration inputs: a .pt/.safetensors tensor (N, ...)", metavar="FILE",
@@ -237,13 +238,11 @@ class _RecipeMethods:
     def load(cls, path: str | Path) -> "Recipe":
         """Read a YAML recipe file."""
         try:
-            text = Path(path).read_text()
+            data, _node = read_yaml(Path(path))
         except OSError as exc:
             raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: {yaml_problem(exc)}") from None
+        except ValueError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
         return cls.from_dict(data if data is not None else {}, str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,6 +263,19 @@ class _RecipeMethods:
                     merged[other.name] = other.default
         merged.update(changes)
         return type(self)(**merged)
+
+    def normalised(self) -> tuple["Recipe", bool]:
+        """``(this recipe with fusion weights that sum to 1, whether they had to be rescaled)``.
+
+        Weights are divided by their sum as ``fxfuse.compile`` divides them, so the recipe records the
+        weights used; weights summing to 1 (to rounding) are kept as given. Weights that cannot be fused
+        (negative, of another count than the models) are left for ``compile`` to refuse.
+        """
+        w = self.weights
+        if w is None or len(w) != len(self.models) or not all(math.isfinite(x) and x >= 0 for x in w) \
+                or sum(w) <= 0 or abs(sum(w) - 1.0) <= 1e-9:
+            return self, False
+        return dataclasses.replace(self, weights=tuple(x / sum(w) for x in w)), True
 
     def compile_options(self) -> dict[str, Any]:
         """The keywords this recipe gives ``fxfuse.compile`` directly (files are loaded by the caller)."""

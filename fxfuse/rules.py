@@ -23,7 +23,7 @@ from .errors import RuleError
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 OP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}$")
-RULE_KEYS = {"op", "kind", "axes", "sizes", "pin", "free", "options", "note", "groups", "group", "scale"}
+RULE_KEYS = {"op", "kind", "axes", "sizes", "pin", "free", "options", "note", "groups", "group", "scale", "custom"}
 
 
 # ---------------------------------------------------------------- signatures
@@ -123,6 +123,7 @@ class Rule:
     groups: tuple[tuple[str, str], ...] = ()  # per axis name: the maps the op commutes with (default perm)
     group: str | None = None  # for every axis of a Python kind (or 'sum'/'product' for broadcast)
     scale: frozenset[str] = frozenset()  # arguments that scale per channel: larger groups need them uniform
+    custom: bool = False  # its ops are registered at run time (custom ops): torch.ops may not know them yet
 
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
@@ -169,24 +170,76 @@ def load_rules(extra: Iterable[str | Path] = (), shipped: bool = True) -> RuleSe
     return RuleSet(rules, tuple(str(f) for f in files))
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader that refuses a mapping key given twice (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8; raises ``OSError`` or ``ValueError`` (with the byte offset) with the reason."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset {exc.start} (line {line}) "
+                         f"is not valid UTF-8") from None
+
+
+def read_yaml(path: Path) -> tuple[Any, Any]:
+    """``(data, node)`` of a UTF-8 YAML file, a key given twice refused; raises ``OSError`` or ``ValueError``
+    with a one-line reason (``line N: ...``)."""
+    text = read_text(path)
+    loader = _UniqueKeys(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        raise ValueError(yaml_problem(exc)) from None
+    finally:
+        loader.dispose()
+    return data, node
+
+
 def parse_rule_file(path: str | Path) -> list[Rule]:
-    """Read and validate one YAML rule file; raises ``RuleError`` naming the fault."""
+    """Read and validate one YAML rule file; raises ``RuleError`` naming the fault (an op ruled twice too)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data, node = read_yaml(path)
     except OSError as exc:
         raise RuleError(str(path), None, None, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RuleError(str(path), None, None, yaml_problem(exc)) from None
+    except ValueError as exc:
+        raise RuleError(str(path), None, None, str(exc)) from None
     if isinstance(data, dict) and set(data) <= {"rules"}:
         data = data.get("rules")
+        node = node.value[0][1] if node.value else None
     if data is None:
         return []
     if not isinstance(data, list):
         raise RuleError(str(path), None, None, "expected a list of rules (or a mapping with key 'rules')")
-    return [_parse_rule(path, i, raw) for i, raw in enumerate(data)]
+    rules = [_parse_rule(path, i, raw) for i, raw in enumerate(data)]
+    lines = [item.start_mark.line + 1 for item in node.value]
+    first: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        for op in rule.ops:
+            j = first.setdefault(op, i)
+            if j != i:
+                raise RuleError(str(path), i, "op", f"{op} is ruled twice: by rule {j} (line {lines[j]}) and rule {i} "
+                                f"(line {lines[i]}); keep one")
+    return rules
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -279,12 +332,15 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
     note = raw.get("note", "")
     if not isinstance(note, str):
         raise fail("note", "expected a string")
+    custom = raw.get("custom", False)
+    if not isinstance(custom, bool):
+        raise fail("custom", f"expected true or false, got {custom!r}")
     groups, group, scale = _parse_groups(raw, names, kind_name, fail)
     rule = Rule(
         ops=tuple(ops), kind=kind_name, source=f"{path.name}:{index}", axes=tuple(axes),
         sizes=tuple(sizes.items()), pin=sets["pin"], free=sets["free"],
         options=tuple(options.items()), note=note, origin=(str(path), index),
-        groups=groups, group=group, scale=scale,
+        groups=groups, group=group, scale=scale, custom=custom,
     )
     from .schema import check_rule  # reads torch.ops: imported only when a rule file is read
 

@@ -48,7 +48,8 @@ def test_compile_recovers_the_model(tmp_path, capsys, permuted, reference):
     assert code == 0, err
     assert err == ""  # -q
     assert re.match(rf"wrote {re.escape(str(out))} \(ot, cost weights, solver exact\); "
-                    r"self-check error of exact maps: model 0 \d\.\de-\d\d, model 1 0\.0e\+00; \d+\.\ds\n$", stdout)
+                    r"self-check error of exact maps: model 0 \d\.\de-\d\d, model 1 0\.0e\+00; "
+                    r"\d+\.\ds in all \(\d+\.\ds fusing\)\n$", stdout)
     assert {p.name for p in out.iterdir()} == OUTPUT_FILES
     assert json.loads((out / "fxfuse.json").read_text())["factory"] == SPEC
     report = json.loads((out / "report.json").read_text())
@@ -114,7 +115,7 @@ def test_calib_of_the_wrong_shape_writes_nothing(tmp_path, capsys, permuted):
     code, stdout, err = run(capsys, *compile_args(permuted, out, "--cost", "activations", "--calib", calib))
     assert code == 2
     assert stdout == ""
-    assert err == "fxfuse: error: calibration data has shape (32, 63); the models take (N, 64)\n"
+    assert err == f"fxfuse: error: --calib {calib}: calibration data has shape (32, 63); the models take (N, 64)\n"
     assert not out.exists()
     assert snapshot(tmp_path) == before
 
@@ -152,7 +153,10 @@ def test_target_out_of_range(tmp_path, capsys, permuted, target):
     code, stdout, err = run(capsys, "compile", permuted, SPEC, "--target", target, "-o", out, "-q")
     assert code == 2
     assert stdout == ""
-    assert err == f"fxfuse: error: --target {target} is out of range for 2 models\n"
+    if target.startswith("-"):  # no Python index from the end: the first model is 0
+        assert err == f"fxfuse: error: --target {target}: must be a model's index, 0 or more, got {target}\n"
+    else:
+        assert err == f"fxfuse: error: --target {target} is out of range for 2 models\n"
     assert not out.exists()
 
 

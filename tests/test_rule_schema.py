@@ -70,8 +70,9 @@ def test_overload_packet_accepts_an_argument_of_some_overload(tmp_path):
     assert rules[0].ops == ("aten.add",)
     assert "other" in op_schema("aten.add").tensors and "alpha" in op_schema("aten.add").arguments
     # aten.max: max.default returns one tensor, max.dim two; either naming fits some overload
-    both = '- op: aten.max\n  axes: {self: "... a", out: "..."}\n- op: aten.max\n  axes: {self: "... a", out1: "..."}\n'
-    assert len(parse_rule_file(_write(tmp_path, "max.yaml", both))) == 2
+    for name, result in (("max.yaml", "out"), ("max1.yaml", "out1")):
+        text = f'- op: aten.max\n  axes: {{self: "... a", {result}: "..."}}\n'
+        assert len(parse_rule_file(_write(tmp_path, name, text))) == 1
     with pytest.raises(fxfuse.RuleError, match="'out2': the op returns only 2 results"):
         parse_rule_file(_write(tmp_path, "max2.yaml", '- op: aten.max\n  axes: {self: "... a", out2: "..."}\n'))
 
@@ -134,7 +135,8 @@ def test_cli_rules_check_fails_with_one_line(tmp_path, capsys):
 
 
 def test_cli_rules_check_lists_unchecked_ops(tmp_path, capsys):
-    path = _write(tmp_path, "mixed.yaml", '- op: [aten.relu.default, mylib.thing.default]\n  kind: broadcast\n')
+    path = _write(tmp_path, "mixed.yaml", '- op: [aten.relu.default, mylib.thing.default]\n  kind: broadcast\n'
+                                          '  custom: true\n')
     assert main(["rules", "check", str(path)]) == 0
     out, _ = capsys.readouterr()
     assert out == (f"ok: {path}: 1 rules for 2 ops (1 checked against their torch schema)\n"

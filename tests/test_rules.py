@@ -240,7 +240,9 @@ def test_later_extra_file_wins(tmp_path):
     assert fxfuse.load_rules(extra=[a, b], shipped=False).lookup("mylib.op.default").kind == "broadcast"
     assert fxfuse.load_rules(extra=[b, a], shipped=False).lookup("mylib.op.default").kind == "pin"
     same = _write(tmp_path, "same.yaml", '- op: mylib.op.default\n  kind: pin\n- op: mylib.op.default\n  kind: constant\n')
-    assert fxfuse.load_rules(extra=[same], shipped=False).lookup("mylib.op.default").kind == "constant"
+    with pytest.raises(fxfuse.RuleError, match=r"rule 1, field 'op': mylib.op.default is ruled twice: by rule 0 "
+                                               r"\(line 1\) and rule 1 \(line 3\); keep one"):
+        fxfuse.load_rules(extra=[same], shipped=False)  # within one file, an op is ruled once
 
 
 def test_overload_less_name_matches_every_overload(tmp_path):
