@@ -113,7 +113,7 @@ OPTIONS: tuple[Option, ...] = (
            to_compile=False),
     Option("refine_batch", "int", 32, "batch size of --refine",
            check=lambda v: None if v >= 1 else f"must be at least 1, got {v}", to_compile=False),
-    Option("refine_lr_orthogonal", "float", 0.01, "Adam learning rate of the orthogonal maps of --refine (groups full)",
+    Option("refine_lr_orthogonal", "float", 0.03, "Adam learning rate of the orthogonal maps of --refine (groups full)",
            check=_positive, to_compile=False),
     Option("refine_orthogonal", "str", "exp", "how --refine learns orthogonal maps (groups full): exp, Q0·exp(A - Aᵀ) "
            "about the data-free map; project, a latent matrix projected to the nearest orthogonal map each step",
@@ -419,5 +419,5 @@ def refine_config(values, flag: str = "--data", on_step=None):
     x, y = load_labelled(values.refine_data)
     return RefineConfig(values.refine, x, y, head=getattr(values, "head", None), lr=values.refine_lr,
                         batch_size=values.refine_batch, seed=getattr(values, "seed", 0), on_step=on_step,
-                        lr_orthogonal=getattr(values, "refine_lr_orthogonal", 0.01),
+                        lr_orthogonal=getattr(values, "refine_lr_orthogonal", 0.03),
                         orthogonal=getattr(values, "refine_orthogonal", "exp"))

@@ -89,7 +89,7 @@ class RefineConfig:
     seed: int = 0
     eval_samples: int = 512
     on_step: Callable[[int, int, float], None] | None = None
-    lr_orthogonal: float = 0.01
+    lr_orthogonal: float = 0.03
     orthogonal: str = "exp"
 
 
