@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 import pytest
 import torch
 
@@ -311,3 +313,12 @@ def test_cli_compile_with_groups_full_and_refine(tmp_path, capsys, data):
     report = json.loads((out / "report.json").read_text())
     assert report["refine"]["steps"] == 3 and report["groups"] == "full"
     assert all(c["hard"] and c["error"] < 1e-4 for c in report["self_check"] if c)
+    with pytest.raises(SystemExit) as info:
+        main(["compile", "digits:vit", "digits:vit", "-o", str(tmp_path / "bad"), "--groups", "full", "--refine", "3",
+              "--data", str(train), "--refine-orthogonal", "cayley", "-q"])
+    assert info.value.code == 2 and "--refine-orthogonal" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["compile", "digits:vit", "digits:vit", "-o", str(tmp_path / "p"), "--groups", "full", "--refine", "3",
+                 "--data", str(train), "--refine-orthogonal", "project", "--refine-lr-orthogonal", "0.02", "-q"]) == 0
+    recipe = yaml.safe_load((tmp_path / "p" / "fxfuse-recipe.yaml").read_text())
+    assert recipe["refine_orthogonal"] == "project" and recipe["refine_lr_orthogonal"] == 0.02
