@@ -322,3 +322,23 @@ def test_cli_compile_with_groups_full_and_refine(tmp_path, capsys, data):
                  "--data", str(train), "--refine-orthogonal", "project", "--refine-lr-orthogonal", "0.02", "-q"]) == 0
     recipe = yaml.safe_load((tmp_path / "p" / "fxfuse-recipe.yaml").read_text())
     assert recipe["refine_orthogonal"] == "project" and recipe["refine_lr_orthogonal"] == 0.02
+
+
+@pytest.mark.parametrize("factory,untie", [("llama", False), ("gpt2", True)])
+def test_refinement_over_whole_groups_of_language_models(factory, untie):
+    """An RMSNorm stream (orthogonal; RoPE dims stay pinned) and a LayerNorm stream with the LM head untied
+    (orthogonal fixing ``1``): refined maps stay group elements and the self-check exact."""
+    import zoo
+
+    a, args = getattr(zoo, factory)(seed=0)
+    b, _ = getattr(zoo, factory)(seed=1)
+    ids = torch.randint(0, zoo.VOCAB, (16, zoo.SEQ), generator=torch.Generator().manual_seed(0))
+    r = fxfuse.compile([a, b], args, groups="full", untie=untie,
+                       refine=RefineConfig(4, ids, ids.clone(), batch_size=8, eval_samples=16))
+    levels = {s["id"]: _level(s["group"]) for s in r.report["spaces"]}
+    stream = "orthogonal_ones" if untie else "orthogonal"
+    assert {"perm", stream} <= _assert_group_maps(r.alignments[1], levels)
+    assert all(c["hard"] and c["error"] <= 1e-4 for c in r.report["self_check"] if c)
+    assert compare_outputs(b, r.aligned[1], args) <= 1e-4
+    rep = r.report["refine"]
+    assert rep["loss_at_weights_after"] < rep["loss_at_weights_before"]
