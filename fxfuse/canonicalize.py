@@ -39,6 +39,8 @@ PASS_THROUGH = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.
                 "aten.dropout.default", "aten.select.int", "aten.slice.Tensor", "aten.expand.default",
                 "aten.unsqueeze.default", "aten.squeeze.dim", "aten.type_as.default"}
 
+MOVES_OTHER_AXES = {"aten.transpose.int", "aten.permute.default"}  # pass through while the last axis stays last
+
 
 @dataclass(frozen=True)
 class Fold:
@@ -130,6 +132,15 @@ def _readers(traced: TracedModel, out, width: int):
                 if w is None:
                     return None, f"read by {op} at {user.name} whose weight is not a parameter"
                 readers.append(("addmm", w, b, _module_of(user)))
+            elif op in MOVES_OTHER_AXES:  # a transpose or permute that leaves the normalised axis last
+                rank = node.meta["val"].dim() if isinstance(node.meta.get("val"), torch.Tensor) else 0
+                dims = list(user.args[1:3]) if op == "aten.transpose.int" else list(user.args[1])
+                dims = [d % rank for d in dims] if rank else [rank - 1]
+                last = rank - 1
+                keeps = (last not in dims) if op == "aten.transpose.int" else (dims and dims[-1] == last)
+                if not keeps:
+                    return None, f"read by {op} at {user.name}, which moves the normalised axis"
+                stack.append(user)
             elif op in PASS_THROUGH:
                 val = user.meta.get("val")
                 dim = user.args[1] if len(user.args) > 1 else None

@@ -114,6 +114,11 @@ OPTIONS: tuple[Option, ...] = (
            to_compile=False),
     Option("refine_batch", "int", 32, "batch size of --refine",
            check=lambda v: None if v >= 1 else f"must be at least 1, got {v}", to_compile=False),
+    Option("refine_lr_orthogonal", "float", 0.03, "Adam learning rate of the orthogonal maps of --refine (groups full)",
+           check=_positive, to_compile=False),
+    Option("refine_orthogonal", "str", "exp", "how --refine learns orthogonal maps (groups full): exp, Q0·exp(A - Aᵀ) "
+           "about the data-free map; project, a latent matrix projected to the nearest orthogonal map each step",
+           choices=("exp", "project"), to_compile=False),
     Option("head", "str", None, "how --refine reads the loss (default: from the model class)",
            choices=("classification", "mlm", "causal"), to_compile=False),
     Option("dtype", "str", None, "dtype of the fused model (default: the target's); costs and checks run in float32",
@@ -407,7 +412,8 @@ def accepts_recipe(compile_fn: Callable) -> Callable:
 
 def refine_config(values, flag: str = "--data", on_step=None):
     """A ``fxfuse.refine.RefineConfig`` from a recipe's (or a namespace's) ``refine``, ``refine_data``,
-    ``refine_lr``, ``refine_batch``, ``head`` and ``seed``; ``None`` without ``refine``.
+    ``refine_lr``, ``refine_batch``, ``refine_lr_orthogonal``, ``refine_orthogonal``, ``head`` and ``seed``;
+    ``None`` without ``refine``.
     ``flag``: how the labelled data is given, for the messages."""
     if values.refine is None:
         if values.refine_data:
@@ -424,4 +430,6 @@ def refine_config(values, flag: str = "--data", on_step=None):
 
     x, y = load_labelled(values.refine_data)
     return RefineConfig(values.refine, x, y, head=getattr(values, "head", None), lr=values.refine_lr,
-                        batch_size=values.refine_batch, seed=getattr(values, "seed", 0), on_step=on_step)
+                        batch_size=values.refine_batch, seed=getattr(values, "seed", 0), on_step=on_step,
+                        lr_orthogonal=getattr(values, "refine_lr_orthogonal", 0.03),
+                        orthogonal=getattr(values, "refine_orthogonal", "exp"))

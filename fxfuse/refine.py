@@ -20,11 +20,20 @@ The final maps are exact group elements (the last projection), so the aligned
 models still compute what their originals do and the self-check still holds.
 Groups: ``permutation`` (a space of equal sizes, also nested inside heads),
 ``matching`` (spaces of different sizes: a hard many-to-one map, projected by
-``fxfuse.solvers.matching``), ``orthogonal`` (a map whose ``group`` attribute says so:
-its matrix is the latent, ``U Vᵀ`` the projection, and axes that read its units
-move by the map itself, its inverse transpose). Soft (sinkhorn) maps are no group
-element and are refused; the inner matchings of heads under a matching of
-heads stay as solved (their parent is refined).
+``fxfuse.solvers.matching``), and with ``groups="full"`` the maps of
+``fxfuse.procrustes``: ``orthogonal`` (a residual stream, the in-head q/k and
+v/o maps, one per head, ``(n_heads, m, m)``; spaces that allow any invertible
+map are refined orthogonally, a well-conditioned subgroup) and
+``orthogonal_ones`` (a LayerNorm stream: ``Q·1 = 1``, the rotation acting on
+``1^⊥``). Axes that read an orthogonal map's units move by the map itself (its
+inverse transpose). An orthogonal map learns at its own rate (``lr_orthogonal``),
+either projected like the others (``orthogonal="project"``) or as
+``Q = Q₀ exp(A − Aᵀ)`` about its data-free map ``Q₀`` with ``A`` from zero
+(``"exp"``, which never leaves the group; measured on digits ViT pairs, it
+refined to higher accuracy than the projection at every rate tried). The final
+orthogonal maps are projected once more in float64. Soft (sinkhorn) maps are no
+group element and are refused; the inner matchings of heads under a matching
+of heads stay as solved (their parent is refined).
 """
 from __future__ import annotations
 
@@ -40,11 +49,16 @@ from torch import nn
 
 from .derived import forget_derived
 from .errors import FxfuseError
+from .groupmaps import ones_complement
+from .groups import ORTHO_ONES
 from .plan import Alignment
 from .solvers import assignment, consumer, matching
 from .spaces import Analysis, AxisExpr, Concat, Leaf
 
-GROUPS = ("permutation", "matching", "orthogonal")
+GROUPS = ("permutation", "matching", "orthogonal", "orthogonal_ones")
+ORTHOGONAL = ("orthogonal", "orthogonal_ones")
+PARAMETRISATIONS = ("project", "exp")
+ORTHO_TOL = 1e-6          # an initial group map farther than this from orthogonal is refused
 LAMBDA_HALF_WIDTH = 0.1   # two models: λ ~ U[w_B − 0.1, w_B + 0.1]
 WEIGHT_JITTER = 0.2       # more models: w_m · U[1 − 0.2, 1 + 0.2], renormalised
 
@@ -60,7 +74,10 @@ class RefineConfig:
     ``head``: how to read the loss (``None``: from the target's class);
     ``seed``: batches and interpolation points; ``eval_samples``: samples of the
     data on which the loss before and after is reported; ``on_step(step, steps,
-    loss)`` is called after every step (a progress bar).
+    loss)`` is called after every step (a progress bar). Orthogonal maps (``groups
+    full``) learn at ``lr_orthogonal``, parametrised by ``orthogonal``:
+    ``"project"`` (a latent matrix projected to ``U Vᵀ`` each step, straight-through
+    gradient) or ``"exp"`` (``Q₀ exp(A − Aᵀ)``, ``A`` learnt from zero).
     """
 
     steps: int
@@ -72,6 +89,8 @@ class RefineConfig:
     seed: int = 0
     eval_samples: int = 512
     on_step: Callable[[int, int, float], None] | None = None
+    lr_orthogonal: float = 0.03
+    orthogonal: str = "exp"
 
 
 # ---------------------------------------------------------------- groups
@@ -82,11 +101,18 @@ def project(latent: torch.Tensor, group: str) -> torch.Tensor:
 
     ``permutation``: ``argmax_P ⟨P, L⟩`` (a linear assignment); ``matching``: the
     hard many-to-one map maximising ``⟨A, L⟩`` (rows sum to 1); ``orthogonal``:
-    ``U Vᵀ`` from the SVD ``L = U Σ Vᵀ`` (the orthogonal Procrustes solution).
+    ``U Vᵀ`` from the SVD ``L = U Σ Vᵀ`` (the orthogonal Procrustes solution);
+    ``orthogonal_ones``: the orthogonal maps with ``Q·1 = 1``, ``B O Bᵀ + 11ᵀ/n``
+    with ``O`` the projection of ``Bᵀ L B`` (``B`` an orthonormal basis of ``1^⊥``).
     """
     if group == "orthogonal":
         U, _, Vh = torch.linalg.svd(latent.detach())
         return U @ Vh
+    if group == "orthogonal_ones":
+        n = latent.shape[-1]
+        B = ones_complement(n).to(latent.dtype)
+        O = project(B.T @ latent.detach() @ B, "orthogonal")
+        return B @ O @ B.T + torch.full((n, n), 1.0 / n, dtype=latent.dtype)
     if group not in ("permutation", "matching"):
         raise RefineError(f"unknown group {group!r} (one of {', '.join(GROUPS)})")
     flat = latent.detach().reshape(-1, *latent.shape[-2:]).double().numpy()
@@ -108,6 +134,17 @@ def _one_hot(perm: torch.Tensor, n: int) -> torch.Tensor:
     return torch.eye(n)[perm]
 
 
+def rotation(generator: torch.Tensor, group: str) -> torch.Tensor:
+    """``exp(A − Aᵀ)`` (``(…, n, n)``), differentiable: an orthogonal map; for ``orthogonal_ones`` the rotation
+    acts on ``1^⊥`` only (``A`` is ``(…, n−1, n−1)``, the map ``B exp(A − Aᵀ) Bᵀ + 11ᵀ/n``)."""
+    R = torch.linalg.matrix_exp(generator - generator.transpose(-1, -2))
+    if group != "orthogonal_ones":
+        return R
+    n = generator.shape[-1] + 1
+    B = ones_complement(n).to(generator.dtype)
+    return B @ R @ B.T + torch.full((n, n), 1.0 / n, dtype=generator.dtype)
+
+
 # ---------------------------------------------------------------- latents of one alignment
 
 
@@ -120,17 +157,25 @@ class Latent:
     nested: bool
 
 
-def latents_of(alignment: Alignment) -> tuple[dict[int, Latent], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """``(kinds, initial latents, fixed pair perms)`` for every map of ``alignment``; refuses soft maps."""
+def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None
+               ) -> tuple[dict[int, Latent], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """``(kinds, initial latents, fixed pair perms)`` for every map of ``alignment``; refuses soft maps.
+
+    A group map (``q``: ``(n, n)``, or ``(n_parent, m, m)`` inside heads) is orthogonal
+    (``orthogonal_ones`` where ``levels`` says the space keeps the ones vector);
+    an initial map that is not orthogonal is refused.
+    """
     kinds, init, pairs = {}, {}, {}
     for sid, m in alignment.maps.items():
-        group = getattr(m, "group", None)  # maps of other groups name theirs; an orthogonal map is its own latent
-        if group == "orthogonal" and m.matrix is not None:
-            kinds[sid], init[sid] = Latent(sid, "orthogonal", False), m.matrix.float()
-            continue
         if m.q is not None:
-            raise RefineError(f"space s{sid} moves by a map of its symmetry group (groups full): refinement of "
-                              "those maps is not built yet; refine with groups perm")
+            q = m.q.double()
+            eye = torch.eye(q.shape[-1], dtype=q.dtype)
+            if float((q.transpose(-1, -2) @ q - eye).abs().max()) > ORTHO_TOL:
+                raise RefineError(f"space s{sid} moves by a group map that is not orthogonal: refinement learns "
+                                  "orthogonal maps only")
+            group = "orthogonal_ones" if (levels or {}).get(sid) == ORTHO_ONES else "orthogonal"
+            kinds[sid], init[sid] = Latent(sid, group, q.dim() == 3), m.q.double()
+            continue
         if m.pair_perms is not None:  # inner maps of heads under a matching of heads: kept as solved
             pairs[sid] = m.pair_perms
             continue
@@ -196,8 +241,9 @@ class Mover:
         self.state, self.pairs, self.parents, self.orthogonal = state, pairs, analysis.parents, orthogonal
         self.moved: list[tuple[str, tuple[str, ...], list[tuple[int, AxisExpr, bool]]]] = []
         touched = set(spaces) | set(pairs)
+        skip = analysis.scales if orthogonal else frozenset()  # c·1 commutes with every map (fxfuse.groupmaps)
         for name, layout in analysis.layouts.items():
-            if not state[name].is_floating_point():
+            if not state[name].is_floating_point() or name in skip:
                 continue
             axes = [(d, e, bool(layout.consumed[d]) if d < len(layout.consumed) else False)
                     for d, e in enumerate(layout.axes) if any(leaf.space in touched for leaf in _leaves(e))]
@@ -257,14 +303,15 @@ def _mix(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
 def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]],
            alignments: Sequence[Alignment | None], target: int, weights: Sequence[float], config: RefineConfig,
            call: Callable[[nn.Module, dict, torch.Tensor], Any], frozen: Sequence[Mapping[str, torch.Tensor]] = (),
-           progress: Callable[[str], None] | None = None) -> Refined:
+           progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None) -> Refined:
     """Refine every source's ``alignment`` into the target's basis (see the module doc).
 
     ``module``: a model of the target's class (its forward runs with the mixed
     state); ``states[m]``: model ``m``'s own state (the target's for ``target``);
     ``call(module, state, x)``: runs ``module`` with ``state`` on inputs ``x``;
     ``frozen[m]``: entries of source ``m``'s aligned state that do not move
-    (identity blocks that take the target's weights).
+    (identity blocks that take the target's weights); ``levels``: each space's
+    group level (``fxfuse.groups``; which orthogonal maps keep the ones vector).
     """
     from .barrier import head_loss
 
@@ -273,12 +320,17 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
         raise RefineError(f"--refine {config.steps}: need at least one step")
     if config.inputs.shape[0] < 1:
         raise RefineError("refinement needs labelled data: the data is empty")
+    if config.orthogonal not in PARAMETRISATIONS:
+        raise RefineError(f"unknown parametrisation {config.orthogonal!r} of orthogonal maps "
+                          f"(one of {', '.join(PARAMETRISATIONS)})")
     head = config.head
-    movers, latents, kinds = _latent_maps(analyses, states, alignments, target)
-    params = [L for per in latents.values() for L in per.values()]
-    if not params:
+    movers, latents, kinds, bases = _latent_maps(analyses, states, alignments, target, levels, config.orthogonal)
+    perm_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group not in ORTHOGONAL]
+    ortho_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group in ORTHOGONAL]
+    if not perm_params and not ortho_params:
         raise RefineError("nothing to refine: no source model has a free space")
-    opt = torch.optim.Adam(params, lr=config.lr)
+    opt = torch.optim.Adam([g for g in ({"params": perm_params, "lr": config.lr},
+                                        {"params": ortho_params, "lr": config.lr_orthogonal}) if g["params"]])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
     g = torch.Generator().manual_seed(config.seed)
     probe = copy.deepcopy(forget_derived(module)).eval()
@@ -293,7 +345,8 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
             if i not in movers:
                 out.append(st)
                 continue
-            mats = {sid: project_fn(L, kinds[i][sid].group) for sid, L in latents[i].items()}
+            mats = {sid: _matrix(L, kinds[i][sid].group, bases[i].get(sid), project_fn).float()
+                    for sid, L in latents[i].items()}
             moved = movers[i](mats)
             moved.update(frozen[i])
             out.append(moved)
@@ -335,7 +388,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
             say(f"refining: step {step + 1}/{config.steps}, loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
     seconds = time.perf_counter() - t0
     after = eval_loss(weights)
-    refined, changed = _projected(alignments, latents, kinds)
+    refined, changed = _projected(alignments, latents, kinds, bases)
     k = max(1, len(losses) // 10)
     report = {"steps": config.steps, "seconds": seconds, "lr": config.lr, "batch_size": config.batch_size,
               "seed": config.seed, "samples": int(n), "head": head,
@@ -347,24 +400,47 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     return Refined(tuple(refined), report)
 
 
-def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alignment | None], target: int):
+def _matrix(latent: torch.Tensor, group: str, base: torch.Tensor | None, project_fn) -> torch.Tensor:
+    """The map a latent stands for: ``project_fn(L)`` (a projection), or ``Q₀ · rotation(A)`` where the
+    orthogonal map is parametrised by a generator ``A`` about its initial map ``Q₀ = base``."""
+    if base is None:
+        return project_fn(latent, group)
+    return base.to(latent.dtype) @ rotation(latent, group)
+
+
+def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alignment | None], target: int,
+                 levels: Mapping[int, int] | None = None, orthogonal: str = "project"):
     """Per source model ``i``: a ``Mover`` of its weights, its latents (leaf tensors with gradients, one per
-    space, initialised at its alignment's maps) and their kinds; ``(movers, latents, kinds)``."""
-    movers, latents, kinds = {}, {}, {}
+    space, initialised at its alignment's maps; with ``orthogonal="exp"`` an orthogonal map's latent is a
+    generator starting at zero about the initial map), their kinds and those initial maps;
+    ``(movers, latents, kinds, bases)``."""
+    movers, latents, kinds, bases = {}, {}, {}, {}
     for i, al in enumerate(alignments):
         if i == target or al is None:
             continue
-        k, init, pairs = latents_of(al)
+        k, init, pairs = latents_of(al, levels)
         movers[i] = Mover(analyses[i], states[i], pairs, set(k),
-                          frozenset(s for s, lat in k.items() if lat.group == "orthogonal"))
-        kinds[i] = k
-        latents[i] = {sid: init[sid].clone().requires_grad_(True) for sid in k}
-    return movers, latents, kinds
+                          frozenset(s for s, lat in k.items() if lat.group in ORTHOGONAL))
+        kinds[i], latents[i], bases[i] = k, {}, {}
+        for sid, lat in k.items():
+            if lat.group in ORTHOGONAL and orthogonal == "exp":
+                n = init[sid].shape[-1] - (lat.group == "orthogonal_ones")
+                bases[i][sid] = init[sid]
+                latents[i][sid] = torch.zeros(*init[sid].shape[:-2], n, n, requires_grad=True)
+            else:
+                latents[i][sid] = init[sid].float().clone().requires_grad_(True)
+    return movers, latents, kinds, bases
 
 
-def _projected(alignments: Sequence[Alignment | None], latents, kinds) -> tuple[list, dict]:
+def _final_orthogonal(latent: torch.Tensor, group: str, base: torch.Tensor | None) -> torch.Tensor:
+    """The learnt orthogonal map in float64, projected once more so it is orthogonal to rounding."""
+    M = latent.detach().double() if base is None else base.double() @ rotation(latent.detach().double(), group)
+    return project(M, group)
+
+
+def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=None) -> tuple[list, dict]:
     """The alignments with every learnt latent projected to its group; and, per model and space, how many units
-    (for an orthogonal map: whether the map) changed."""
+    (for an orthogonal map: how many of its rows, one per unit) changed."""
     refined, changed = [], {}
     for i, al in enumerate(alignments):
         if i not in latents:
@@ -372,12 +448,16 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds) -> tuple[
             continue
         maps = dict(al.maps)
         for sid, L in latents[i].items():
-            P = project(L, kinds[i][sid].group)
             old = al.maps[sid]
-            if kinds[i][sid].group == "orthogonal":
-                new = replace(old, matrix=P.to(old.matrix.dtype))
-                moved = int(not torch.allclose(P, old.matrix.to(P.dtype)))
-            elif kinds[i][sid].group == "matching":
+            if kinds[i][sid].group in ORTHOGONAL:
+                Q = _final_orthogonal(L, kinds[i][sid].group, (bases or {}).get(i, {}).get(sid))
+                new = replace(old, q=Q.to(old.q.dtype), similarity_aligned=float("nan"), solver=old.solver + ", refined")
+                moved = int((~torch.isclose(Q, old.q.double(), atol=1e-6).all(-1)).sum())
+                maps[sid] = new
+                changed.setdefault(i, {})[sid] = moved
+                continue
+            P = project(L, kinds[i][sid].group)
+            if kinds[i][sid].group == "matching":
                 new = replace(old, matrix=P.to(old.matrix.dtype), similarity_aligned=float("nan"))
                 moved = int((P.argmax(-1) != old.matrix.argmax(-1)).sum())
             else:
@@ -392,7 +472,7 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds) -> tuple[
 
 def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], states, alignments, depth_plans,
                   target: int, weights: Sequence[float], config: RefineConfig, args: tuple, kwargs: Mapping[str, Any],
-                  progress: Callable[[str], None] | None = None) -> Refined:
+                  progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None) -> Refined:
     """``refine`` inside ``fxfuse.compile``: the target's class runs the mixed state on the main input."""
     from .barrier import detect_head, HEADS
     from .calibration import with_input
@@ -423,4 +503,4 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
                              if k.startswith(block + ".") and k not in zeroed and v.is_floating_point()})
         frozen.append(keep)
     return refine(models[target], analyses, states, alignments, target, weights, replace(config, head=head), call,
-                  frozen, progress)
+                  frozen, progress, levels)

@@ -162,3 +162,35 @@ def test_group_keys_are_validated(tmp_path, text, match):
     bad.write_text(text)
     with pytest.raises(fxfuse.RuleError, match=match):
         fxfuse.load_rules(extra=[bad])
+
+
+def test_norm_scales_fold_through_transposes_that_keep_the_normalised_axis_last():
+    """nn.MultiheadAttention transposes its normalised input (batch and sequence) before the in-projection: the
+    fold passes through, so a trained digits ViT's stream is orthogonal fixing ``1``; a transpose that moves the
+    normalised axis stops the fold."""
+    model, args = digits.vit(0, dim=16, heads=2, mlp=32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln" in name or name.startswith("norm."):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    analysis, folded = canonical_analysis(model, args, {}, fxfuse.load_rules(), False)
+    assert {f.scale for f in folded.folds} >= {"blocks.0.ln1.weight", "blocks.1.ln1.weight"}
+    assert not folded.refused
+    stream = next(s for s in analysis.spaces if s.name == "cls:2")  # the residual stream (cls token's last axis)
+    assert analysis.group(stream.id).name == "orthogonal_ones"
+    assert compare_outputs(model, folded.module, args) <= 1e-5
+
+    class Moves(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.norm(x).transpose(-1, -2))
+
+    m = Moves()
+    with torch.no_grad():
+        m.norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+    _, canon = canonical_analysis(m, (torch.randn(2, 4, 4),), {}, fxfuse.load_rules(), False)
+    assert not canon.folds and "moves the normalised axis" in canon.refused[0].reason

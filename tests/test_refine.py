@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from fxfuse.cli import main
 from fxfuse.fuse import FusionError
 from fxfuse.refine import RefineConfig, RefineError, project, straight_through
 from fxfuse.verify import compare_outputs
+from dataclasses import replace
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
@@ -33,6 +36,18 @@ def mlp_pair(data):
     a, args = _trained(digits.mlp, 1, data, h1=32, h2=16)
     b, _ = _trained(digits.mlp, 2, data, h1=32, h2=16)
     return a, b, args
+
+
+@pytest.fixture(scope="module")
+def vit_pair(data):
+    """Two small digits ViTs trained apart to ~85 % test accuracy."""
+    out = []
+    for seed in (1, 2):
+        model, args = digits.vit(seed=seed, dim=16, heads=2, mlp=32)
+        torch.manual_seed(seed)
+        digits.train(model, 8, seed, lr=3e-3, batch_size=32, data=data[:2])
+        out.append(model.eval())
+    return out[0], out[1], args
 
 
 def _config(data, steps: int = 40, **kw) -> RefineConfig:
@@ -166,13 +181,164 @@ def test_an_orthogonal_map_moves_writers_by_o_and_readers_by_its_inverse_transpo
     torch.testing.assert_close(perm["fc2.weight"] @ perm["fc1.weight"], state["fc2.weight"] @ state["fc1.weight"])
 
 
-def test_refinement_refuses_the_maps_of_whole_groups(quiet_one_thread):
-    """Maps of ``groups="full"`` (orthogonal streams, in-head maps) are not refined yet: a clear refusal."""
+def test_orthogonal_projections_and_rotations_are_group_elements():
+    from fxfuse.refine import rotation
+
+    g = torch.Generator().manual_seed(0)
+    eye, ones = torch.eye(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    for group in ("orthogonal", "orthogonal_ones"):
+        Q = project(torch.randn(3, 6, 6, generator=g, dtype=torch.float64), group)  # a stack, as inside heads
+        torch.testing.assert_close(Q.transpose(1, 2) @ Q, eye.expand(3, 6, 6))
+        A = torch.randn(3, 6 - (group == "orthogonal_ones"), 6 - (group == "orthogonal_ones"), generator=g,
+                        dtype=torch.float64)
+        R = rotation(A, group)
+        torch.testing.assert_close(R.transpose(1, 2) @ R, eye.expand(3, 6, 6))
+        if group == "orthogonal_ones":  # the ones vector stays where it is
+            torch.testing.assert_close(Q @ ones, ones.expand(3, 6))
+            torch.testing.assert_close(R @ ones, ones.expand(3, 6))
+            torch.testing.assert_close(project(Q[0] + 0.1 * eye, group), project(Q[0] + 0.1 * eye, group) @ eye)
+    B = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    Q = project(torch.randn(6, 6, generator=g, dtype=torch.float64), "orthogonal_ones")
+    torch.testing.assert_close(project(Q @ (B @ B.T + 6 * eye), "orthogonal_ones"), project(Q, "orthogonal_ones"))
+
+
+def _assert_group_maps(alignment, levels):
+    """Every map of ``alignment`` is an exact group element: a permutation, or orthogonal (fixing ``1``)."""
+    from fxfuse.groups import ORTHO_ONES
+
+    kinds = set()
+    for sid, m in alignment.maps.items():
+        if m.q is None:
+            p = m.perm if m.perm.dim() == 2 else m.perm[None]
+            assert torch.equal(p.sort(-1).values, torch.arange(p.shape[-1]).expand_as(p)), sid
+            kinds.add("perm")
+            continue
+        q = m.q.double()
+        torch.testing.assert_close(q.transpose(-1, -2) @ q, torch.eye(q.shape[-1], dtype=q.dtype).expand_as(q),
+                                   atol=1e-12, rtol=0)
+        if levels.get(sid) == ORTHO_ONES:
+            ones = torch.ones(q.shape[-1], dtype=q.dtype)
+            torch.testing.assert_close(q @ ones, ones.expand(q.shape[:-1]), atol=1e-12, rtol=0)
+            kinds.add("orthogonal_ones")
+        else:
+            kinds.add("in-head" if q.dim() == 3 else "orthogonal")
+    return kinds
+
+
+@pytest.mark.parametrize("orthogonal", ["project", "exp"])
+def test_refinement_over_whole_groups_of_a_moved_copy_stays_exact(orthogonal):
+    """A ViT and its copy moved by random orthogonal group elements (``fxfuse permute --groups full``): the
+    data-free alignment undoes the move; refining over the whole groups from there keeps every map an exact group
+    element (orthogonal fixing ``1`` on the stream, orthogonal in heads, permutations; the self-check exact) and
+    never loses the exact solution: the loss at the fusion weights ends no higher than the model's own. (The maps
+    do move: the labels are the model's own predictions, whose loss an interpolation of the two can lower.)"""
+    import zoo
+    from fxfuse.groups import ORTHO
+    from fxfuse.permute import move_by_group_elements
+
+    model, args = zoo.vit(seed=0)
+    moved, info = move_by_group_elements(model, args, seed=4, largest=ORTHO)
+    assert info["groups"].get("orthogonal_ones") and info["groups"].get("orthogonal")
+    x = torch.rand(24, *args[0].shape[1:], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(pixel_values=x).logits.argmax(-1)
+    config = RefineConfig(30, x, y, batch_size=8, eval_samples=24, orthogonal=orthogonal, seed=3)
+    r = fxfuse.compile([model, moved], args, groups="full", refine=config)
+    kinds = _assert_group_maps(r.alignments[1], {s["id"]: _level(s["group"]) for s in r.report["spaces"]})
+    assert {"perm", "orthogonal_ones", "in-head"} <= kinds
+    assert all(c["hard"] and c["error"] <= 1e-4 for c in r.report["self_check"] if c)
+    assert compare_outputs(moved, r.aligned[1], args) <= 1e-4
+    rep = r.report["refine"]
+    own = rep["loss_of_models"][0]
+    assert abs(rep["loss_at_weights_before"] - own) <= 1e-5  # the data-free start is the model itself
+    assert rep["loss_at_weights_after"] <= own
+    again = fxfuse.compile([model, moved], args, groups="full", refine=config)
+    for key, value in r.module.state_dict().items():
+        assert torch.equal(value, again.module.state_dict()[key]), key
+
+
+def _level(name: str) -> int:
+    from fxfuse.groups import LEVELS
+
+    return LEVELS[name]
+
+
+@pytest.mark.parametrize("orthogonal", ["project", "exp"])
+def test_refinement_over_whole_groups_of_two_models(orthogonal, vit_pair, data):
+    """Two ViTs trained apart: refinement moves the orthogonal maps, lowers the midpoint loss, never leaves the
+    group (the self-check stays exact), and is deterministic for a seed (another seed gives other maps)."""
+    a, b, args = vit_pair
+    config = _config(data, steps=40, orthogonal=orthogonal, lr_orthogonal=0.03)
+    r = fxfuse.compile([a, b], args, groups="full", refine=config)
+    rep = r.report["refine"]
+    assert rep["loss_at_weights_after"] < rep["loss_at_weights_before"] - 0.01, rep
+    start = fxfuse.compile([a, b], args, groups="full")
+    moved = [s for s, m in r.alignments[1].maps.items() if m.q is not None
+             and not torch.allclose(m.q, start.alignments[1].maps[s].q, atol=1e-3)]
+    assert moved and sum(rep["units_changed"][1].values()) > 0
+    levels = {s["id"]: _level(s["group"]) for s in r.report["spaces"]}
+    # trained, nn.MultiheadAttention's first norm keeps its scale (its output is also transposed), so the
+    # stream keeps permutations here; heads' inner maps are orthogonal
+    assert {"perm", "in-head"} <= _assert_group_maps(r.alignments[1], levels)
+    assert all(c["hard"] and c["error"] <= 1e-4 for c in r.report["self_check"])
+    assert compare_outputs(b, r.aligned[1], args) <= 1e-4
+    again = fxfuse.compile([a, b], args, groups="full", refine=config)
+    for key, value in r.module.state_dict().items():
+        assert torch.equal(value, again.module.state_dict()[key]), key
+    other = fxfuse.compile([a, b], args, groups="full", refine=replace(config, seed=1))
+    assert any(not torch.equal(v, other.module.state_dict()[k]) for k, v in r.module.state_dict().items())
+
+
+def test_refinement_refuses_group_maps_that_are_not_orthogonal():
+    from fxfuse.plan import Alignment, TransportMap
+    from fxfuse.refine import latents_of
+
+    q = torch.diag(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    with pytest.raises(RefineError, match="not orthogonal"):
+        latents_of(Alignment({0: TransportMap(0, q=q)}, 1, "weights", "exact"))
+    with pytest.raises(RefineError, match="unknown parametrisation"):
+        a, args = digits.mlp(seed=0, h1=8, h2=6)
+        x = args[0]
+        fxfuse.compile([a, a], args, refine=RefineConfig(1, x, torch.zeros(x.shape[0], dtype=torch.long),
+                                                         orthogonal="cayley"))
+
+
+def test_cli_compile_with_groups_full_and_refine(tmp_path, capsys, data):
+    train = tmp_path / "train.pt"
+    torch.save({"inputs": data[0][:96], "labels": data[1][:96]}, train)
+    out = tmp_path / "fused"
+    assert main(["compile", "digits:vit", "digits:vit", "-o", str(out), "--groups", "full", "--refine", "3",
+                 "--data", str(train), "-q"]) == 0
+    assert "refined 3 steps" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["refine"]["steps"] == 3 and report["groups"] == "full"
+    assert all(c["hard"] and c["error"] < 1e-4 for c in report["self_check"] if c)
+    with pytest.raises(SystemExit) as info:
+        main(["compile", "digits:vit", "digits:vit", "-o", str(tmp_path / "bad"), "--groups", "full", "--refine", "3",
+              "--data", str(train), "--refine-orthogonal", "cayley", "-q"])
+    assert info.value.code == 2 and "--refine-orthogonal" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["compile", "digits:vit", "digits:vit", "-o", str(tmp_path / "p"), "--groups", "full", "--refine", "3",
+                 "--data", str(train), "--refine-orthogonal", "project", "--refine-lr-orthogonal", "0.02", "-q"]) == 0
+    recipe = yaml.safe_load((tmp_path / "p" / "fxfuse-recipe.yaml").read_text())
+    assert recipe["refine_orthogonal"] == "project" and recipe["refine_lr_orthogonal"] == 0.02
+
+
+@pytest.mark.parametrize("factory,untie", [("llama", False), ("gpt2", True)])
+def test_refinement_over_whole_groups_of_language_models(factory, untie):
+    """An RMSNorm stream (orthogonal; RoPE dims stay pinned) and a LayerNorm stream with the LM head untied
+    (orthogonal fixing ``1``): refined maps stay group elements and the self-check exact."""
     import zoo
 
-    a, args = zoo.vit(seed=0)
-    b, _ = zoo.vit(seed=1)
-    x = args[0].repeat(4, 1, 1, 1)
-    y = torch.arange(x.shape[0]) % 3
-    with pytest.raises(RefineError, match="groups full"):
-        fxfuse.compile([a, b], args, groups="full", refine=RefineConfig(2, x, y, head="classification"))
+    a, args = getattr(zoo, factory)(seed=0)
+    b, _ = getattr(zoo, factory)(seed=1)
+    ids = torch.randint(0, zoo.VOCAB, (16, zoo.SEQ), generator=torch.Generator().manual_seed(0))
+    r = fxfuse.compile([a, b], args, groups="full", untie=untie,
+                       refine=RefineConfig(4, ids, ids.clone(), batch_size=8, eval_samples=16))
+    levels = {s["id"]: _level(s["group"]) for s in r.report["spaces"]}
+    stream = "orthogonal_ones" if untie else "orthogonal"
+    assert {"perm", stream} <= _assert_group_maps(r.alignments[1], levels)
+    assert all(c["hard"] and c["error"] <= 1e-4 for c in r.report["self_check"] if c)
+    assert compare_outputs(b, r.aligned[1], args) <= 1e-4
+    rep = r.report["refine"]
+    assert rep["loss_at_weights_after"] < rep["loss_at_weights_before"]
