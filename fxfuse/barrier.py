@@ -26,9 +26,7 @@ from .checks import check_inputs, check_labels, guarded
 from .derived import forget_derived
 from .errors import FxfuseError
 from .evaluate import logits_of
-
-HEADS = ("classification", "mlm", "causal")
-
+from .heads import HEADS, detect_head, head_loss, scored  # noqa: F401  (also imported from here)
 
 @dataclass(frozen=True)
 class Curve:
@@ -61,34 +59,8 @@ class BarrierResult:
         return out
 
 
-def detect_head(model: nn.Module) -> str:
-    name = type(model).__name__
-    if "CausalLM" in name or "LMHead" in name:
-        return "causal"
-    if "MaskedLM" in name or "ForPreTraining" in name:
-        return "mlm"
-    return "classification"
-
-
 def _call(model: nn.Module, x: torch.Tensor, input_key: str | None) -> Any:
     return model(**{input_key: x}) if input_key else model(x)
-
-
-def scored(logits: torch.Tensor, labels: torch.Tensor, head: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits (M, V), labels (M,))`` of every scored position (causal LM: shifted by one token)."""
-    logits = logits.float()
-    if head == "causal":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    if logits.dim() != labels.dim() + 1 or logits.shape[:-1] != labels.shape:
-        raise FxfuseError(f"logits of shape {tuple(logits.shape)} do not fit labels of shape {tuple(labels.shape)} "
-                          f"(head '{head}')")
-    return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-
-
-def head_loss(out: Any, labels: torch.Tensor, head: str) -> torch.Tensor:
-    """Mean cross-entropy of a model output over its labelled positions (differentiable)."""
-    flat, target = scored(logits_of(out), labels, head)
-    return F.cross_entropy(flat, target, ignore_index=-100)
 
 
 @torch.no_grad()

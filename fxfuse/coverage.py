@@ -10,13 +10,16 @@ reason.
 * ``coverage``: share of parameter elements on at least one free space;
 * ``full_coverage``: share of parameter elements whose every axis is free,
   natural or of size 1 (a model whose attention heads are pinned scores less).
+
+The functions take an ``fxfuse.spaces.Analysis`` (or one of its spaces) and read
+only its spaces and layouts: ``Analysis.report`` builds on this module.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from .spaces import Analysis, Space, expr_leaves
+from .exprs import expr_leaves
 from .trace import PARAMETER
 
 # (what, axis names of the shipped rules, op names containing one of these): an axis that a
@@ -29,7 +32,7 @@ NATURAL = (
 _SEEN_ONCE = re.compile(r"axis '(\w+)' of (\S+) appears on one tensor only")
 
 
-def natural_pin(space: Space) -> str | None:
+def natural_pin(space) -> str | None:
     """What pins a space by nature (``"interface"``, ``"kernel taps"``, ``"spatial positions"``,
     ``"vocabulary"``), or ``None`` for a free space or an inner pin."""
     reason = space.reason or ""
@@ -55,7 +58,7 @@ class PinnedSpace:
     params: int  # parameter elements that lie on it
 
 
-def pinned_inner(analysis: Analysis) -> tuple[PinnedSpace, ...]:
+def pinned_inner(analysis) -> tuple[PinnedSpace, ...]:
     """Pinned spaces of size > 1 that are not natural, largest first (by parameter elements on them)."""
     out = []
     for s in analysis.spaces:
@@ -66,7 +69,7 @@ def pinned_inner(analysis: Analysis) -> tuple[PinnedSpace, ...]:
     return tuple(sorted(out, key=lambda p: (-p.params, p.id)))
 
 
-def full_coverage(analysis: Analysis) -> float:
+def full_coverage(analysis) -> float:
     """Share of parameter elements whose every axis is free, natural or of size 1."""
     ok = {s.id for s in analysis.spaces if s.free or s.size <= 1 or natural_pin(s) is not None}
     total = movable = 0
@@ -80,7 +83,7 @@ def full_coverage(analysis: Analysis) -> float:
     return movable / total if total else 0.0
 
 
-def _numel(analysis: Analysis, name: str) -> int:
+def _numel(analysis, name: str) -> int:
     n = 1
     for d in analysis.layouts[name].shape:
         n *= d

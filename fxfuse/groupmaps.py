@@ -160,7 +160,7 @@ def random_group_maps(analysis: Analysis, seed: int = 0, largest: int = INVERTIB
     ``largest`` caps the groups drawn from (``ORTHO``: orthogonal maps where a space
     allows any invertible one, the maps the solvers can recover).
     """
-    from .plan import TransportMap
+    from .maps import TransportMap
 
     g = torch.Generator().manual_seed(int(seed))
     maps = {}

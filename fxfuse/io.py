@@ -198,7 +198,7 @@ def _load_hf(path: Path, spec: str, seed: int) -> LoadedModel:
         import transformers
     except ImportError:
         raise SpecError(f"{spec}: loading Hugging Face models needs transformers: pip install 'fxfuse[hf]'") from None
-    from .lazy import CheckpointTensors
+    from .checkpoint import CheckpointTensors
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)

@@ -522,7 +522,3 @@ def subgraph(ctx) -> None:
 
 
 KINDS["elementwise"] = Kind("elementwise", broadcast, "Alias of 'broadcast'.")
-
-
-from . import layer_kinds  # noqa: E402,F401  (registers the composite-op kinds)
-from . import experts  # noqa: E402,F401  (registers the routed-experts pattern kind)

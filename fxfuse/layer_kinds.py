@@ -1,7 +1,7 @@
 """Kinds for composite ops: einsum equations, stack, repeat_interleave, repeat, meshgrid, recurrent layers.
 
-Registered in ``fxfuse.kinds.KINDS`` on import (``fxfuse.kinds`` imports this
-module at its end). Same verbs as there: ``ctx.tie``, ``ctx.pin``, ``ctx.free``;
+Registered in ``fxfuse.kinds.KINDS`` on import (``fxfuse.all_kinds`` imports this
+module). Same verbs as there: ``ctx.tie``, ``ctx.pin``, ``ctx.free``;
 a node a kind cannot read raises ``RuleMismatch`` and fails closed.
 """
 from __future__ import annotations
@@ -189,7 +189,7 @@ def _output_used(ctx, index: int) -> bool:
 
 def _is_constant(ctx, value) -> bool:
     """A tensor made by a ``constant`` rule (zeros, full): unchanged by any permutation of any axis."""
-    from .spaces import _op_name
+    from .trace import op_name as _op_name
 
     if getattr(value, "op", None) != "call_function":
         return False

@@ -22,7 +22,7 @@ import torch
 
 from .groups import ORTHO_ONES, PERM
 from .groupmaps import ones_complement
-from .plan import Block, TransportMap, _pairwise
+from .maps import Block, TransportMap, _pairwise
 from .solvers import assignment
 
 

@@ -10,7 +10,7 @@ latent to the nearest exact element of its group,
 moves every source by its projected maps (``fxfuse.emit``'s per-axis matrices,
 built here differentiably), interpolates with the target at a random point and
 takes one Adam step on the latents with the model's own loss (classification,
-masked LM or causal LM, ``fxfuse.barrier.head_loss``) on a batch of labelled
+masked LM or causal LM, ``fxfuse.heads.head_loss``) on a batch of labelled
 data. The gradient passes the projection straight through
 (``P + L − stop_gradient(L)``). Two models are mixed at ``λ ~ U[w_B − 0.1,
 w_B + 0.1]`` (``[0.4, 0.6]`` for uniform weights); more models at their fusion
@@ -313,7 +313,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     (identity blocks that take the target's weights); ``levels``: each space's
     group level (``fxfuse.groups``; which orthogonal maps keep the ones vector).
     """
-    from .barrier import head_loss
+    from .heads import head_loss
 
     say = progress or (lambda _msg: None)
     if config.steps < 1:
@@ -474,7 +474,7 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
                   target: int, weights: Sequence[float], config: RefineConfig, args: tuple, kwargs: Mapping[str, Any],
                   progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None) -> Refined:
     """``refine`` inside ``fxfuse.compile``: the target's class runs the mixed state on the main input."""
-    from .barrier import detect_head, HEADS
+    from .heads import detect_head, HEADS
     from .calibration import with_input
     from .calibration import main_input
 

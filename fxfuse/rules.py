@@ -251,7 +251,7 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
-    from .kinds import KINDS
+    from .all_kinds import KINDS
 
     def fail(fieldname: str | None, message: str) -> RuleError:
         return RuleError(str(path), index, fieldname, message)

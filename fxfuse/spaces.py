@@ -24,47 +24,16 @@ import torch
 from . import experts
 from .axes import CONCAT, PRODUCT, AxisStore, Refinement
 from .errors import StrictError
+from .exprs import AxisExpr, Concat, Leaf, Product, expr_leaves, expr_text  # noqa: F401  (also imported from here)
 from .groups import INVERTIBLE, NAMES, ORTHO, PERM, SpaceGroup, meet, node_limits
-from .kinds import KINDS, RuleMismatch
+from .all_kinds import KINDS
+from .kinds import RuleMismatch
 from .rules import Rule, RuleSet, load_rules
 from .schema import check_rule
 from .trace import BUFFER, CONSTANT, PARAMETER, USER_INPUT, TracedModel, trace
+from .trace import op_name as _op_name
 
 # ---------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Leaf:
-    space: int
-    size: int
-
-
-@dataclass(frozen=True)
-class Product:
-    parts: tuple["AxisExpr", ...]
-    size: int
-
-
-@dataclass(frozen=True)
-class Concat:
-    parts: tuple["AxisExpr", ...]
-    size: int
-
-
-AxisExpr = Leaf | Product | Concat
-
-
-def expr_leaves(expr: AxisExpr) -> list[Leaf]:
-    if isinstance(expr, Leaf):
-        return [expr]
-    return [leaf for part in expr.parts for leaf in expr_leaves(part)]
-
-
-def expr_text(expr: AxisExpr) -> str:
-    if isinstance(expr, Leaf):
-        return f"s{expr.space}"
-    sep = "×" if isinstance(expr, Product) else " | "
-    return "(" + sep.join(expr_text(p) for p in expr.parts) + ")"
 
 
 @dataclass(frozen=True)
@@ -246,15 +215,6 @@ def _module_path(node: torch.fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     return str(path).replace("L['self'].", "").replace("L__self___", "")
-
-
-def _op_name(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target)
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return f"{getattr(target, 'namespace', 'higher_order')}.{target.name()}"
-    mod = getattr(target, "__module__", None) or ""
-    return f"{mod}.{getattr(target, '__name__', str(target))}".strip(".")
 
 
 def _is_tensor(v: Any) -> bool:

@@ -22,6 +22,16 @@ from .errors import TraceError
 USER_INPUT, PARAMETER, BUFFER, CONSTANT = "input", "parameter", "buffer", "constant"
 
 
+def op_name(target: Any) -> str:
+    """The name rules use for a node's target: ``aten.linear.default``, ``higher_order.cond``, ``module.fn``."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"{getattr(target, 'namespace', 'higher_order')}.{target.name()}"
+    mod = getattr(target, "__module__", None) or ""
+    return f"{mod}.{getattr(target, '__name__', str(target))}".strip(".")
+
+
 @dataclass(frozen=True)
 class Placeholder:
     """A graph input: ``kind`` is input/parameter/buffer/constant; ``target`` its state-dict name."""

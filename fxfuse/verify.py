@@ -15,7 +15,7 @@ from torch import nn
 
 from .derived import forget_derived
 from .errors import FxfuseError, UnsoundError
-from .spaces import _op_name
+from .trace import op_name as _op_name
 
 CHECK_TOL = 1e-4
 BLAMED_OPS = 8  # ops named in an error before "…"

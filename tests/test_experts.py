@@ -249,7 +249,8 @@ def test_cli_permute_moves_the_zoo_mixtral_experts(tmp_path, capsys):
 
 def test_a_signature_that_does_not_fit_pins_the_whole_layer(monkeypatch):
     """The safety net: if the pattern's kind fails on a matched subgraph, nothing it owns stays free."""
-    from fxfuse.kinds import KINDS, Kind, RuleMismatch
+    from fxfuse.all_kinds import KINDS
+    from fxfuse.kinds import Kind, RuleMismatch
 
     def broken(ctx):
         raise RuleMismatch("broken on purpose")

@@ -178,7 +178,7 @@ def test_parsed_rule_fields(tmp_path):
 
 
 def test_every_kind_accepts_its_own_options(tmp_path):
-    from fxfuse.kinds import KINDS
+    from fxfuse.all_kinds import KINDS
     text = ""
     for name, kind in sorted(KINDS.items()):
         text += f"- op: test.{name}\n  kind: {name}\n"

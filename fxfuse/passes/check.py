@@ -25,9 +25,9 @@ from ..rules import RuleSet
 from ..spaces import Analysis
 from ..verify import check_outputs, output_tensors, relative_error
 from .analyse import Analysed
-from .emit import Emitted
+from .emitting import Emitted
 from .inputs import FusionError, Inputs, Progress, quiet
-from .plan import Planned
+from .planning import Planned
 from .relayer import SameDepth, identity_blocks_in_target_basis
 
 

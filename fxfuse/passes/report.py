@@ -14,7 +14,7 @@ from .analyse import Analysed
 from .average import Fused
 from .check import Checked
 from .inputs import Inputs, Options
-from .plan import Planned
+from .planning import Planned
 from .relayer import SameDepth
 
 

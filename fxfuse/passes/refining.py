@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .analyse import Analysed
 from .inputs import Inputs, Options, Progress, quiet
-from .plan import Planned
+from .planning import Planned
 from .relayer import SameDepth
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..lazy import aligned_tensors
 from .analyse import Analysed
-from .plan import Planned
+from .planning import Planned
 
 
 @dataclass(frozen=True)
