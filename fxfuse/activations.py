@@ -13,8 +13,9 @@ mean square is the rounding noise of ``E[x²] − E[x]²``, taken as zero.
 
 A sample must be the same position in both models. An axis of another space
 that is being moved (query heads next to a head dim of its own, as in
-multi-query attention) is in a different order in the source, so it is not a
-sample axis: it is reduced by permutation-invariant moments, the mean ``m``
+multi-query attention; the head dims beside the query heads of a key/value
+group, both nested under the key/value heads) is in a different order in the
+source, so it is not a sample axis: it is reduced by permutation-invariant moments, the mean ``m``
 and the mean square of the units along it, each correlated as a feature of
 its own (``x[…, j, a] → (mean_a x[…, j, a], mean_a x[…, j, a]²)``).
 
@@ -242,7 +243,8 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             exprs, exprs_s = node_exprs(target, node), node_exprs(source, node)
             if node not in vs or exprs_s is None:
                 raise ValueError(f"node {node} of the target has no counterpart in the source graph")
-            others = moved - own[space]
+            # the other nested dims of the block are moved too: samples only along dims that keep their order
+            others = moved - own[space] if child is None else moved - {space, child}
             for (feature, x), (_, y) in zip(_units(vt[node], exprs, space, child, others),
                                             _units(vs[node], exprs_s, space, child, others)):
                 st = stats.get((key, node, feature))

@@ -72,6 +72,10 @@ def _tie_right_aligned(ctx, groups: list[tuple[list[int], list[int]]]) -> None:
     width = max((len(atoms) for atoms, _ in groups), default=0)
     for k in range(1, width + 1):
         members = [(atoms[-k], shape[-k]) for atoms, shape in groups if len(atoms) >= k and shape[-k] != 1]
+        if any(s is None for _, s in members):  # a size only the data knows (it may even be 1): no tie, pinned
+            for atom, _ in members:
+                ctx.pin(atom, f"{ctx.op} broadcasts a dim whose size depends on the data")
+            continue
         sizes = {s for _, s in members}
         if len(sizes) > 1:
             raise RuleMismatch(f"cannot broadcast sizes {sorted(sizes)}")
@@ -196,6 +200,10 @@ def einsum(ctx) -> None:
         width = max(len(a) for a, _ in ellipses)
         for k in range(1, width + 1):
             members = [(a[-k], s[-k]) for a, s in ellipses if len(a) >= k and s[-k] != 1]
+            if any(s is None for _, s in members) and len(members) > 1:  # a size only the data knows: pinned
+                for atom, _ in members:
+                    ctx.pin(atom, f"{ctx.op} broadcasts a dim whose size depends on the data")
+                continue
             if len({s for _, s in members}) > 1:
                 raise RuleMismatch(f"'...' dims do not broadcast: {sorted({s for _, s in members})}")
             for atom, _ in members[1:]:
@@ -307,8 +315,12 @@ def cat(ctx) -> None:
     rank = len(ctx.out_shape)
     values = [v for v in values if len(ctx.shape(v)) == rank]  # legacy empty 1-D inputs are skipped
     dim = _norm(ctx.value(ctx.rule.option("dim", "dim")) or 0, rank)
-    segments = [ctx.atoms(v)[dim] for v in values if ctx.shape(v)[dim] > 0]
-    ctx.tie(out[dim], ctx.compose(segments, CONCAT))
+    if any(ctx.shape(v)[dim] is None for v in values):  # segments of sizes only the data knows
+        for atom in [out[dim]] + [ctx.atoms(v)[dim] for v in values]:
+            ctx.pin(atom, f"{ctx.op} joins segments whose sizes depend on the data")
+    else:
+        segments = [ctx.atoms(v)[dim] for v in values if ctx.shape(v)[dim] > 0]
+        ctx.tie(out[dim], ctx.compose(segments, CONCAT))
     for v in values:
         for i, atom in enumerate(ctx.atoms(v)):
             if i != dim:
@@ -330,9 +342,13 @@ def split(ctx) -> None:
             for i, atom in enumerate(a for k, a in enumerate(atoms) if k != dim):
                 ctx.tie(out[i], atom)
         return
-    if sum(s[dim] for s in shapes) != shape[dim]:
+    if shape[dim] is None or any(s[dim] is None for s in shapes):  # segments of sizes only the data knows
+        for atom in [atoms[dim]] + [o[dim] for o in outs]:
+            ctx.pin(atom, f"{ctx.op} cuts segments whose sizes depend on the data")
+    elif sum(s[dim] for s in shapes) != shape[dim]:
         raise RuleMismatch("outputs do not cover the split axis")
-    ctx.tie(atoms[dim], ctx.compose([o[dim] for o, s in zip(outs, shapes) if s[dim] > 0], CONCAT))
+    else:
+        ctx.tie(atoms[dim], ctx.compose([o[dim] for o, s in zip(outs, shapes) if s[dim] > 0], CONCAT))
     for out in outs:
         for i, atom in enumerate(atoms):
             if i != dim:
@@ -459,6 +475,25 @@ def positional(ctx) -> None:
             ctx.pin(out[i], f"order matters along this axis for {ctx.op}")
         else:
             ctx.tie(out[i], atom)
+
+
+@kind("index_rows", "Writes rows of option 'source' into self at positions along option 'dim' (index_add, "
+      "index_copy): that axis is pinned on self, source and the output; the others are tied.",
+      options=("dim", "source"))
+def index_rows(ctx) -> None:
+    x, src = ctx.value("self"), ctx.value(ctx.rule.option("source", "source"))
+    atoms, shape, src_atoms = ctx.atoms(x), ctx.shape(x), ctx.atoms(src)
+    out = _single_output(ctx)
+    if src_atoms is None or len(ctx.out_shape) != len(shape) or len(src_atoms) != len(shape):
+        raise RuleMismatch("expected self, source and the output of one rank")
+    dim = _norm(ctx.value(ctx.rule.option("dim", "dim")), len(shape))
+    for i, (a, b) in enumerate(zip(atoms, src_atoms)):
+        if i == dim:
+            for atom in (a, b, out[i]):
+                ctx.pin(atom, f"{ctx.op} writes rows at positions along this axis")
+        else:
+            ctx.tie(out[i], a)
+            ctx.tie(b, a)
 
 
 @kind("pad", "Pads the last dims (option 'pad': argument with [left, right, ...]): padded dims are pinned.",
