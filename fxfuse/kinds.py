@@ -247,6 +247,30 @@ def reduce(ctx) -> None:
             ctx.tie(atoms[i], out[j])
 
 
+@kind("arg_reduce", "max/min over option 'dim' with the index of the extreme (max.dim, min.dim): the reduced axis is "
+      "pinned (the indices address it), the kept ones are tied to every output.", options=("dim", "keepdim"))
+def arg_reduce(ctx) -> None:
+    x = ctx.value("self")
+    atoms, shape = ctx.atoms(x), ctx.shape(x)
+    if atoms is None:
+        raise RuleMismatch("reduced argument is not a tensor")
+    value = ctx.value(ctx.rule.option("dim", "dim"))
+    if not isinstance(value, int):
+        raise RuleMismatch(f"expected one integer dim, got {value!r}")
+    dim = _norm(value, len(shape))
+    keep = bool(ctx.value(ctx.rule.option("keepdim", "keepdim")) or False)
+    ctx.pin(atoms[dim], f"{ctx.op} returns positions along this axis")
+    outs = ctx.out if ctx.out and isinstance(ctx.out[0], list) else [ctx.out]
+    for out in outs:
+        if out is None:
+            continue
+        if len(out) != (len(shape) if keep else len(shape) - 1):
+            raise RuleMismatch("output rank does not match the reduction")
+        kept = [i for i in range(len(shape)) if i != dim]
+        for i, j in zip(kept, kept if keep else range(len(kept))):
+            ctx.tie(atoms[i], out[j])
+
+
 # ---------------------------------------------------------------- shape ops
 
 
@@ -494,6 +518,23 @@ def index_rows(ctx) -> None:
         else:
             ctx.tie(out[i], a)
             ctx.tie(b, a)
+
+
+@kind("unfold", "Tensor.unfold along option 'dimension': the windows replace that axis and their taps are a new "
+      "last axis, both pinned (positions); the other axes pass through.", options=("dimension",))
+def unfold(ctx) -> None:
+    x = ctx.value("self")
+    atoms, shape = ctx.atoms(x), ctx.shape(x)
+    out = _single_output(ctx)
+    if len(out) != len(shape) + 1:
+        raise RuleMismatch("expected one more output dim than input dims")
+    dim = _norm(ctx.value(ctx.rule.option("dimension", "dimension")), len(shape))
+    for i, atom in enumerate(atoms):
+        if i == dim:
+            for a in (atom, out[i], out[-1]):
+                ctx.pin(a, f"{ctx.op} takes windows of positions along this axis")
+        else:
+            ctx.tie(out[i], atom)
 
 
 @kind("pad", "Pads the last dims (option 'pad': argument with [left, right, ...]): padded dims are pinned.",

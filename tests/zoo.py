@@ -697,6 +697,20 @@ def jetmoe(seed: int = 0):
     return _hf("JetMoeForCausalLM", cfg, seed, (_ids(),))
 
 
+def efficientnet(seed: int = 0):
+    """Depthwise-separable blocks with squeeze-and-excitation; deep units vary by rounding noise only (~1e-7), so
+    their activation correlations follow noise, not signal.
+
+    Not in ``ZOO``: at redrawn O(1) weights its output hardly depends on the early blocks (a broken tie there
+    moves it by ~1e-7, below the tolerance), so the zoo's mutation check cannot hold for it.
+    """
+    from transformers import EfficientNetConfig
+
+    cfg = EfficientNetConfig(image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320,
+                             num_labels=5, dropout_rate=0.0, drop_connect_rate=0.0)
+    return _hf("EfficientNetForImageClassification", cfg, seed, (_pixels(),))
+
+
 PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "einsum_attention": einsum_attention, "mqa": mqa,
          "lstm": lstm, "gru": gru, "seq2seq": seq2seq, "head_bias": head_bias, "channel_shuffle": channel_shuffle,
          "grouped_convs": grouped_convs, "no_grad_block": no_grad_block, "relative_bias": relative_bias,
