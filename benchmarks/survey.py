@@ -52,9 +52,9 @@ OVERRIDES = {
     "bloom": {"n_head": 4},
     "codegen": {"rotary_dim": 4, "n_ctx": 64},
     "ctrl": {"dff": 64},
-    "deberta": {"max_relative_positions": 16, "position_buckets": 8},
-    "deberta-v2": {"max_relative_positions": 16, "position_buckets": 8},
-    "funnel": {"block_sizes": [1, 1], "d_head": 8, "d_inner": 64, "n_head": 4},
+    "deberta": {"max_relative_positions": 16, "position_buckets": 8, "pooler_hidden_size": 32},
+    "deberta-v2": {"max_relative_positions": 16, "position_buckets": 8, "pooler_hidden_size": 32},
+    "funnel": {"block_sizes": [1, 1], "d_head": 8, "d_inner": 64, "n_head": 4, "num_hidden_layers": None},
     "gemma": {"head_dim": 8, "num_key_value_heads": 2},
     "gemma2": {"head_dim": 8, "num_key_value_heads": 2, "sliding_window": 4},
     "gptj": {"rotary_dim": 4},
@@ -73,17 +73,17 @@ OVERRIDES = {
     "cohere": {"num_key_value_heads": 2},
     "granite": {"num_key_value_heads": 2},
     "xglm": {"attention_heads": 4},
-    "convnextv2": {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1]},
     "regnet": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "embedding_size": 16, "groups_width": 8},
     "poolformer": {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "num_encoder_blocks": 4},
     "segformer": {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 2, 4, 8],
                   "decoder_hidden_size": 32, "num_encoder_blocks": 4},
-    "bit": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "embedding_size": 16},
+    "bit": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "embedding_size": 16, "num_groups": 4},
     "focalnet": {"embed_dim": 8, "depths": [1, 1, 1, 1]},
     "swinv2": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "window_size": 2},
-    "pvt": {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "num_encoder_blocks": 4},
-    "pvt_v2": {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "num_encoder_blocks": 4},
-    "cvt": {"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": [1, 2, 4]},
+    "pvt": {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "num_encoder_blocks": 4,
+            "num_attention_heads": [1, 2, 4, 8], "mlp_ratios": [2, 2, 2, 2]},
+    "pvt_v2": {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "num_encoder_blocks": 4,
+               "num_attention_heads": [1, 2, 4, 8], "mlp_ratios": [2, 2, 2, 2]},
     "mobilenet_v1": {"depth_multiplier": 0.25},
     "mobilevit": {"hidden_sizes": [16, 24, 32], "neck_hidden_sizes": [8, 8, 16, 16, 24, 24, 32]},
     "dinov2": {"mlp_ratio": 2},
@@ -94,8 +94,8 @@ TEXT = ["albert", "bart", "biogpt", "bloom", "camembert", "codegen", "cohere", "
         "granite", "megatron-bert", "mistral", "mobilebert", "mpnet", "nystromformer", "olmo", "olmo2", "opt",
         "persimmon", "phi", "qwen3", "rembert", "roformer", "stablelm", "starcoder2", "xglm", "xlm-roberta", "yoso",
         "mbart", "funnel"]
-VISION = ["deit", "dinov2", "convnextv2", "regnet", "poolformer", "segformer", "bit", "focalnet", "swinv2", "pvt",
-          "pvt_v2", "cvt", "mobilenet_v1", "mobilevit", "data2vec-vision", "vit_msn"]
+VISION = ["deit", "dinov2", "dinov2_with_registers", "regnet", "poolformer", "segformer", "bit", "focalnet", "swinv2", "pvt",
+          "pvt_v2", "ijepa", "mobilenet_v1", "mobilevit", "data2vec-vision", "vit_msn"]
 
 
 def build(model_type: str, seed: int = 0):
@@ -103,12 +103,17 @@ def build(model_type: str, seed: int = 0):
     import transformers
     from zoo import _informative
 
-    cfg = transformers.AutoConfig.for_model(model_type)
-    for key, value in {**SMALL, **OVERRIDES.get(model_type, {})}.items():
-        if hasattr(cfg, key) or key in OVERRIDES.get(model_type, {}):
-            setattr(cfg, key, value)
-    if hasattr(cfg, "layer_types") and cfg.layer_types is not None:  # per-layer attention kinds follow the depth
-        cfg.layer_types = list(cfg.layer_types)[: cfg.num_hidden_layers]
+    default = transformers.AutoConfig.for_model(model_type)
+    fields = {k: v for k, v in SMALL.items() if hasattr(default, k)}
+    if hasattr(default, "num_key_value_heads"):
+        fields["num_key_value_heads"] = SMALL["num_attention_heads"]
+    if getattr(default, "head_dim", None) is not None:
+        fields["head_dim"] = SMALL["hidden_size"] // SMALL["num_attention_heads"]
+    fields.update(OVERRIDES.get(model_type, {}))
+    fields = {k: v for k, v in fields.items() if v is not None}  # None: leave the type's default
+    cfg = transformers.AutoConfig.for_model(model_type, **fields)  # derived fields follow the sizes
+    if getattr(cfg, "layer_types", None) is not None and hasattr(cfg, "num_hidden_layers"):
+        cfg.layer_types = list(cfg.layer_types)[: cfg.num_hidden_layers]  # per-layer attention kinds: the depth
     cfg.architectures = cfg.architectures or []  # a type with several classes per task takes the first
     vision = model_type in VISION
     autos = (["AutoModelForImageClassification"] if vision
@@ -125,8 +130,9 @@ def build(model_type: str, seed: int = 0):
         raise RuntimeError("; ".join(errors))
     _informative(model)
     g = torch.Generator().manual_seed(1234)
-    args = ((torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g),) if vision
-            else (torch.randint(3, VOCAB, (BATCH, SEQ), generator=g),))
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=g)
+    ids[:, -1] = SMALL["eos_token_id"]  # encoder-decoder classifiers pool the end-of-sequence token
+    args = (torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g),) if vision else (ids,)
     return model.eval(), args
 
 

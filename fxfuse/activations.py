@@ -309,6 +309,7 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
     # their joint statistics come from the nested jobs)
     moved = frozenset(b.root for b in plan_blocks if b.root_free) | {c for b in plan_blocks for c in b.children}
     own = {b.root: frozenset(b.children) for b in plan_blocks}
+    grouped_block = {b.root: any((levels or {}).get(s, 0) > 0 for s in (b.root,) + b.children) for b in plan_blocks}
     stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
     shown = bar(progress, "activations", len(batches))
     for i, (args, kwargs) in enumerate(batches):
@@ -320,7 +321,8 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             if node not in vs or exprs_s is None:
                 raise ValueError(f"node {node} of the target has no counterpart in the source graph")
             # the other nested dims of the block are moved too: samples only along dims that keep their order
-            others = moved - own[space] if child is None else moved - {space, child}
+            # (their moments are permutation-invariant; a block with a larger group keeps them as samples)
+            others = moved - own[space] if child is None or grouped_block[space] else moved - {space, child}
             for (feature, x), (_, y) in zip(_units(vt[node], exprs, space, child, others),
                                             _units(vs[node], exprs_s, space, child, others)):
                 st = stats.get((key, node, feature))
