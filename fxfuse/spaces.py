@@ -872,7 +872,8 @@ class OpContext:
 
     def shape(self, value: Any) -> list[int] | None:
         if value is _OUT:
-            return None if self.out_shape and isinstance(self.out_shape[0], list) else self.out_shape
+            single = self.out is not None and all(isinstance(a, int) for a in self.out)  # one tensor's atoms
+            return self.out_shape if single else None
         if isinstance(value, tuple) and len(value) == 2 and value[0] is _OUT:
             shapes = self.out_shape
             return shapes[value[1]] if isinstance(shapes, list) and value[1] < len(shapes) and isinstance(shapes[value[1]], list) else None
