@@ -56,6 +56,8 @@ DESCRIPTIONS = {
     "beit": "BeitForImageClassification (relative position index built with meshgrid, copy_, fill_)",
     "fnet": "FNetForSequenceClassification (Fourier token mixing)",
     "phi3": "Phi3ForCausalLM (fused projections cut by partial slices)",
+    "gqa": "grouped-query attention, 8 query / 4 key-value heads by repeat_interleave, no RoPE",
+    "jetmoe": "JetMoeForCausalLM (experts dispatched by data-dependent counts)",
     "minilm": "all-MiniLM-L6-v2 (pretrained) + head",
 }
 

@@ -13,8 +13,9 @@ mean square is the rounding noise of ``E[x²] − E[x]²``, taken as zero.
 
 A sample must be the same position in both models. An axis of another space
 that is being moved (query heads next to a head dim of its own, as in
-multi-query attention) is in a different order in the source, so it is not a
-sample axis: it is reduced by permutation-invariant moments, the mean ``m``
+multi-query attention; the head dims beside the query heads of a key/value
+group, both nested under the key/value heads) is in a different order in the
+source, so it is not a sample axis: it is reduced by permutation-invariant moments, the mean ``m``
 and the mean square of the units along it, each correlated as a feature of
 its own (``x[…, j, a] → (mean_a x[…, j, a], mean_a x[…, j, a]²)``).
 
@@ -51,13 +52,22 @@ VARIANCE_FLOOR = 1e-10
 
 
 class _Stats:
-    """Running sums (float64) for the cross-correlation of two sets of units."""
+    """Running sums (float64) for the cross-correlation of two sets of units.
 
-    def __init__(self, n_t: int, n_s: int):
+    With ``halves``, the same sums over the even samples (rows) alone are kept
+    beside them (``h*``): ``halves()`` gives the even and the odd half, whose
+    solutions should agree where the signal determines the assignment.
+    """
+
+    def __init__(self, n_t: int, n_s: int, halves: bool = False):
         self.n = 0
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
         self.st, self.ss, self.qt, self.qs = z(n_t), z(n_s), z(n_t), z(n_s)
         self.cross = z(n_t, n_s)
+        if halves:
+            self.hn = 0
+            self.hst, self.hss, self.hqt, self.hqs = z(n_t), z(n_s), z(n_t), z(n_s)
+            self.hcross = z(n_t, n_s)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
@@ -67,6 +77,24 @@ class _Stats:
         self.qt += (x * x).sum(0)
         self.qs += (y * y).sum(0)
         self.cross.addmm_(x.T, y)
+        if hasattr(self, "hn"):
+            x, y = x[0::2], y[0::2]
+            self.hn += x.shape[0]
+            self.hst += x.sum(0)
+            self.hss += y.sum(0)
+            self.hqt += (x * x).sum(0)
+            self.hqs += (y * y).sum(0)
+            self.hcross.addmm_(x.T, y)
+
+    def halves(self) -> tuple["_Stats", "_Stats"]:
+        """The sums over the even samples and over the odd ones (the whole less the even)."""
+        even, odd = _Stats.__new__(_Stats), _Stats.__new__(_Stats)
+        even.n, even.st, even.ss, even.qt, even.qs, even.cross = (
+            self.hn, self.hst, self.hss, self.hqt, self.hqs, self.hcross)
+        odd.n, odd.st, odd.ss, odd.qt, odd.qs, odd.cross = (
+            self.n - self.hn, self.st - self.hst, self.ss - self.hss, self.qt - self.hqt, self.qs - self.hqs,
+            self.cross - self.hcross)
+        return even, odd
 
     def _centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(cov (n_t × n_s), var_t, var_s)``; a unit constant over the samples (``VARIANCE_FLOOR``) has
@@ -109,15 +137,27 @@ def node_exprs(analysis: Analysis, name: str) -> tuple | None:
 
 def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None) -> list[str]:
     """Up to ``k`` nodes (evenly spread, preferred ops first) whose output carries ``space`` (and ``also``);
-    probes (activations computed from nodes, ``Analysis.probes``) count as nodes."""
+    probes (activations computed from nodes, ``Analysis.probes``) count as nodes.
+
+    Nodes with a size that depends on the data (rows dispatched to an expert) are left out: the two models
+    route different tokens, so their rows are not the same samples. A space found there is read at no view
+    of a weight either (a slice of an expert's stacked weight: the same for every input).
+    """
     ops = graph_ops(analysis.traced.graph_module)
     ops.update({name: "probe" for name in analysis.probes})
-    found = []
+    unknown = data_dependent_nodes(analysis.traced.graph_module)
+    found, dispatched = [], False
     for name, exprs in list(analysis.node_axes.items()) + [(n, p.axes) for n, p in analysis.probes.items()]:
         if name not in ops or exprs is None or not exprs or not isinstance(exprs[0], (Leaf, Product, Concat)):
             continue
         if _contains(exprs, space) and (also is None or _contains(exprs, also)):
-            found.append(name)
+            if name in unknown:
+                dispatched = True
+            else:
+                found.append(name)
+    if dispatched:  # the space's activations are the dispatched rows: its views of weights are no signal either
+        weights = weight_only_nodes(analysis)
+        found = [n for n in found if n not in weights]
     good = [n for n in found if any(p in ops[n] for p in PREFERRED)] or found
     if len(good) <= k:
         return good
@@ -199,6 +239,42 @@ def graph_ops(gm: torch.fx.GraphModule, prefix: str = "") -> dict[str, str]:
     return ops
 
 
+def weight_only_nodes(analysis: Analysis) -> set[str]:
+    """Top-level nodes that no graph input reaches (a view of a weight, a table gathered by a saved index): their
+    values are weights, the same for every input, and carry no activation signal."""
+    from .trace import USER_INPUT
+
+    graph = analysis.traced.graph_module.graph
+    reached: set = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            ph = analysis.traced.placeholders.get(node.name)
+            if ph is None or ph.kind == USER_INPUT:
+                reached.add(node)
+        elif any(a in reached for a in node.all_input_nodes):
+            reached.add(node)
+    return {n.name for n in graph.nodes if n.op == "call_function" and n not in reached}
+
+
+def data_dependent_nodes(gm: torch.fx.GraphModule, prefix: str = "") -> set[str]:
+    """Nodes (of ``gm`` and the submodules its higher-order ops run) with a size that depends on the data: their
+    rows (tokens routed to an expert) are not the same samples in two models, so they are read at no node."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    out = set()
+    for n in gm.graph.nodes:
+        vals = n.meta.get("val")
+        vals = vals if isinstance(vals, (list, tuple)) else [vals]
+        if any(isinstance(v, torch.Tensor) and free_unbacked_symbols(v.shape) for v in vals):
+            out.add(prefix + n.name)
+        if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
+            for a in n.args:
+                sub = getattr(gm, a.target, None) if isinstance(a, torch.fx.Node) and a.op == "get_attr" else None
+                if isinstance(sub, torch.fx.GraphModule):
+                    out |= data_dependent_nodes(sub, subgraph_prefix(prefix, a.target))
+    return out
+
+
 def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str]) -> dict[str, torch.Tensor]:
     ep = analysis.traced.exported
     flat = ep._graph_module_flat_inputs(tuple(args), dict(kwargs))
@@ -214,11 +290,12 @@ def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set
 def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[tuple, Mapping[str, Any]]],
                     fixed: set[int] = frozenset(), nodes_per_space: int = 16,
                     progress: Callable[[str], None] | None = None, levels=None,
-                    reduce: Callable[[dict], None] | None = None) -> ActivationCost:
+                    reduce: Callable[[dict], None] | None = None, halves: bool = False) -> ActivationCost:
     """Correlation costs for every block of ``target`` from both models' activations on ``batches``.
 
     ``reduce``: applied to the accumulated sums before they become correlations
     (``fxfuse.distributed.all_reduce_sums``: the sums of every worker's batches).
+    ``halves``: also the costs of the even and of the odd samples alone (``ActivationCost.halves``).
     """
     plan_blocks = blocks(target, set(fixed))
     jobs: list[tuple[tuple[int, int | None], str]] = []
@@ -232,6 +309,7 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
     # their joint statistics come from the nested jobs)
     moved = frozenset(b.root for b in plan_blocks if b.root_free) | {c for b in plan_blocks for c in b.children}
     own = {b.root: frozenset(b.children) for b in plan_blocks}
+    grouped_block = {b.root: any((levels or {}).get(s, 0) > 0 for s in (b.root,) + b.children) for b in plan_blocks}
     stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
     shown = bar(progress, "activations", len(batches))
     for i, (args, kwargs) in enumerate(batches):
@@ -242,17 +320,29 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             exprs, exprs_s = node_exprs(target, node), node_exprs(source, node)
             if node not in vs or exprs_s is None:
                 raise ValueError(f"node {node} of the target has no counterpart in the source graph")
-            others = moved - own[space]
+            # the other nested dims of the block are moved too: samples only along dims that keep their order
+            # (their moments are permutation-invariant; a block with a larger group keeps them as samples)
+            others = moved - own[space] if child is None or grouped_block[space] else moved - {space, child}
             for (feature, x), (_, y) in zip(_units(vt[node], exprs, space, child, others),
                                             _units(vs[node], exprs_s, space, child, others)):
                 st = stats.get((key, node, feature))
                 if st is None:
-                    st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1])
+                    st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1], halves)
                 st.add(x, y)
         shown.update()
     shown.close()
     if reduce is not None:
         reduce(stats)
+    sizes = {s.id: (s.size, source.spaces[s.id].size) for s in target.spaces}
+    cost = ActivationCost(*_costs(target, source, stats, levels), sizes)
+    if halves:
+        parts = [{k: st.halves()[h] for k, st in stats.items()} for h in (0, 1)]
+        cost.halves = tuple(ActivationCost(*_costs(target, source, p, levels), sizes) for p in parts)
+    return cost
+
+
+def _costs(target: Analysis, source: Analysis, stats: Mapping, levels) -> tuple[dict, dict]:
+    """``(root costs, nested costs)`` summed over the nodes of each job."""
     root_cost: dict[int, np.ndarray] = {}
     nested_cost: dict[tuple[int, int], np.ndarray] = {}
     for ((space, child), _, _), st in stats.items():
@@ -265,5 +355,4 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             m = target.spaces[child].size
             r4 = rho.reshape(n, m, n_s, m).transpose(0, 2, 1, 3)
             nested_cost[(space, child)] = nested_cost.get((space, child), 0) + r4
-    sizes = {s.id: (s.size, source.spaces[s.id].size) for s in target.spaces}
-    return ActivationCost(root_cost, nested_cost, sizes)
+    return root_cost, nested_cost

@@ -72,6 +72,10 @@ def _tie_right_aligned(ctx, groups: list[tuple[list[int], list[int]]]) -> None:
     width = max((len(atoms) for atoms, _ in groups), default=0)
     for k in range(1, width + 1):
         members = [(atoms[-k], shape[-k]) for atoms, shape in groups if len(atoms) >= k and shape[-k] != 1]
+        if any(s is None for _, s in members):  # a size only the data knows (it may even be 1): no tie, pinned
+            for atom, _ in members:
+                ctx.pin(atom, f"{ctx.op} broadcasts a dim whose size depends on the data")
+            continue
         sizes = {s for _, s in members}
         if len(sizes) > 1:
             raise RuleMismatch(f"cannot broadcast sizes {sorted(sizes)}")
@@ -196,6 +200,10 @@ def einsum(ctx) -> None:
         width = max(len(a) for a, _ in ellipses)
         for k in range(1, width + 1):
             members = [(a[-k], s[-k]) for a, s in ellipses if len(a) >= k and s[-k] != 1]
+            if any(s is None for _, s in members) and len(members) > 1:  # a size only the data knows: pinned
+                for atom, _ in members:
+                    ctx.pin(atom, f"{ctx.op} broadcasts a dim whose size depends on the data")
+                continue
             if len({s for _, s in members}) > 1:
                 raise RuleMismatch(f"'...' dims do not broadcast: {sorted({s for _, s in members})}")
             for atom, _ in members[1:]:
@@ -236,6 +244,30 @@ def reduce(ctx) -> None:
         if len(oshape) != (len(shape) if keep else len(kept)):
             raise RuleMismatch(f"output rank {len(oshape)} does not match reduction of rank {len(shape)}")
         for i, j in zip(kept, positions):
+            ctx.tie(atoms[i], out[j])
+
+
+@kind("arg_reduce", "max/min over option 'dim' with the index of the extreme (max.dim, min.dim): the reduced axis is "
+      "pinned (the indices address it), the kept ones are tied to every output.", options=("dim", "keepdim"))
+def arg_reduce(ctx) -> None:
+    x = ctx.value("self")
+    atoms, shape = ctx.atoms(x), ctx.shape(x)
+    if atoms is None:
+        raise RuleMismatch("reduced argument is not a tensor")
+    value = ctx.value(ctx.rule.option("dim", "dim"))
+    if not isinstance(value, int):
+        raise RuleMismatch(f"expected one integer dim, got {value!r}")
+    dim = _norm(value, len(shape))
+    keep = bool(ctx.value(ctx.rule.option("keepdim", "keepdim")) or False)
+    ctx.pin(atoms[dim], f"{ctx.op} returns positions along this axis")
+    outs = ctx.out if ctx.out and isinstance(ctx.out[0], list) else [ctx.out]
+    for out in outs:
+        if out is None:
+            continue
+        if len(out) != (len(shape) if keep else len(shape) - 1):
+            raise RuleMismatch("output rank does not match the reduction")
+        kept = [i for i in range(len(shape)) if i != dim]
+        for i, j in zip(kept, kept if keep else range(len(kept))):
             ctx.tie(atoms[i], out[j])
 
 
@@ -307,8 +339,12 @@ def cat(ctx) -> None:
     rank = len(ctx.out_shape)
     values = [v for v in values if len(ctx.shape(v)) == rank]  # legacy empty 1-D inputs are skipped
     dim = _norm(ctx.value(ctx.rule.option("dim", "dim")) or 0, rank)
-    segments = [ctx.atoms(v)[dim] for v in values if ctx.shape(v)[dim] > 0]
-    ctx.tie(out[dim], ctx.compose(segments, CONCAT))
+    if any(ctx.shape(v)[dim] is None for v in values):  # segments of sizes only the data knows
+        for atom in [out[dim]] + [ctx.atoms(v)[dim] for v in values]:
+            ctx.pin(atom, f"{ctx.op} joins segments whose sizes depend on the data")
+    else:
+        segments = [ctx.atoms(v)[dim] for v in values if ctx.shape(v)[dim] > 0]
+        ctx.tie(out[dim], ctx.compose(segments, CONCAT))
     for v in values:
         for i, atom in enumerate(ctx.atoms(v)):
             if i != dim:
@@ -330,9 +366,13 @@ def split(ctx) -> None:
             for i, atom in enumerate(a for k, a in enumerate(atoms) if k != dim):
                 ctx.tie(out[i], atom)
         return
-    if sum(s[dim] for s in shapes) != shape[dim]:
+    if shape[dim] is None or any(s[dim] is None for s in shapes):  # segments of sizes only the data knows
+        for atom in [atoms[dim]] + [o[dim] for o in outs]:
+            ctx.pin(atom, f"{ctx.op} cuts segments whose sizes depend on the data")
+    elif sum(s[dim] for s in shapes) != shape[dim]:
         raise RuleMismatch("outputs do not cover the split axis")
-    ctx.tie(atoms[dim], ctx.compose([o[dim] for o, s in zip(outs, shapes) if s[dim] > 0], CONCAT))
+    else:
+        ctx.tie(atoms[dim], ctx.compose([o[dim] for o, s in zip(outs, shapes) if s[dim] > 0], CONCAT))
     for out in outs:
         for i, atom in enumerate(atoms):
             if i != dim:
@@ -457,6 +497,42 @@ def positional(ctx) -> None:
         if i in pinned:
             ctx.pin(atom, f"order matters along this axis for {ctx.op}")
             ctx.pin(out[i], f"order matters along this axis for {ctx.op}")
+        else:
+            ctx.tie(out[i], atom)
+
+
+@kind("index_rows", "Writes rows of option 'source' into self at positions along option 'dim' (index_add, "
+      "index_copy): that axis is pinned on self, source and the output; the others are tied.",
+      options=("dim", "source"))
+def index_rows(ctx) -> None:
+    x, src = ctx.value("self"), ctx.value(ctx.rule.option("source", "source"))
+    atoms, shape, src_atoms = ctx.atoms(x), ctx.shape(x), ctx.atoms(src)
+    out = _single_output(ctx)
+    if src_atoms is None or len(ctx.out_shape) != len(shape) or len(src_atoms) != len(shape):
+        raise RuleMismatch("expected self, source and the output of one rank")
+    dim = _norm(ctx.value(ctx.rule.option("dim", "dim")), len(shape))
+    for i, (a, b) in enumerate(zip(atoms, src_atoms)):
+        if i == dim:
+            for atom in (a, b, out[i]):
+                ctx.pin(atom, f"{ctx.op} writes rows at positions along this axis")
+        else:
+            ctx.tie(out[i], a)
+            ctx.tie(b, a)
+
+
+@kind("unfold", "Tensor.unfold along option 'dimension': the windows replace that axis and their taps are a new "
+      "last axis, both pinned (positions); the other axes pass through.", options=("dimension",))
+def unfold(ctx) -> None:
+    x = ctx.value("self")
+    atoms, shape = ctx.atoms(x), ctx.shape(x)
+    out = _single_output(ctx)
+    if len(out) != len(shape) + 1:
+        raise RuleMismatch("expected one more output dim than input dims")
+    dim = _norm(ctx.value(ctx.rule.option("dimension", "dimension")), len(shape))
+    for i, atom in enumerate(atoms):
+        if i == dim:
+            for a in (atom, out[i], out[-1]):
+                ctx.pin(a, f"{ctx.op} takes windows of positions along this axis")
         else:
             ctx.tie(out[i], atom)
 

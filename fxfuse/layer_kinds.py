@@ -288,3 +288,23 @@ def _tie_state(ctx, atoms, xa: list, xs: list, units: list[int], unused: bool) -
     else:  # every layer's units on one axis: they must share one permutation
         for unit in units:
             ctx.tie(atoms[-1], unit)
+
+
+# ---------------------------------------------------------------- gated linear units
+
+
+@kind("glu", "GLU along option 'dim': the input axis is (2 × c), values then gates; both halves move with the "
+      "output's c, the 2 is pinned.", options=("dim",))
+def glu(ctx) -> None:
+    x = ctx.value("self")
+    atoms, shape = ctx.atoms(x), ctx.shape(x)
+    out = _single_output(ctx)
+    dim = _norm(ctx.value(ctx.rule.option("dim", "dim")), len(shape))
+    if len(ctx.out_shape) != len(shape) or shape[dim] != 2 * ctx.out_shape[dim]:
+        raise RuleMismatch("the output is not the input with half the axis")
+    halves = ctx.new_atom(2)
+    ctx.pin(halves, f"{ctx.op}: values and gates are the two halves of this axis")
+    ctx.tie(atoms[dim], ctx.compose([halves, out[dim]], PRODUCT))
+    for i, atom in enumerate(atoms):
+        if i != dim:
+            ctx.tie(out[i], atom)

@@ -543,6 +543,27 @@ class ActivationCost:
                  sizes: Mapping[int, tuple[int, int]]):
         """``sizes``: ``{space: (target size, source size)}``."""
         self.stats, self.nested_stats, self.sizes = stats, nested_stats, sizes
+        self.halves: tuple["ActivationCost", "ActivationCost"] | None = None  # even and odd samples alone
+
+    def undetermined(self, planned: list[Block]) -> dict[int, float]:
+        """Spaces whose permutation the two halves of the samples solve differently: ``{space: share of units}``.
+
+        Each block is solved on the even samples' costs and on the odd ones'; a
+        unit mapped differently is one the signal does not determine (noise
+        beyond the units' own variation). Blocks of unequal sizes are left out.
+        """
+        if self.halves is None:
+            return {}
+        out: dict[int, float] = {}
+        for b in planned:
+            if any(self.sizes[s][0] != self.sizes[s][1] for s in (b.root,) + b.children):
+                continue
+            even, odd = (solve_block(b, half, {})[0] for half in self.halves)
+            for s, m in even.items():
+                p, q = m.perm, odd[s].perm
+                if p is not None and q is not None and not torch.equal(p, q):
+                    out[s] = float((p != q).double().mean())
+        return out
 
     def silent(self, planned: list[Block]) -> list[int]:
         """Spaces of ``planned`` without any correlation signal: no node exposes them, or their units are

@@ -11,6 +11,11 @@ is an immutable ``Analysis``:
   a tree of ``Leaf(space)``, ``Product`` (row-major, heads × head_dim) and
   ``Concat`` (segments) nodes;
 * ``unruled``: ops that had no rule (their axes were pinned: fail closed).
+
+A size that depends on the data (an unbacked symbol of ``torch.export``: the
+number of tokens routed to an expert) cannot be known: its axis is a pinned
+atom of size 0, a kind sees it as ``None``, and an op whose rule then cannot
+place its axes pins every axis it reads or writes, with that reason.
 """
 from __future__ import annotations
 
@@ -221,6 +226,24 @@ def _is_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
 
+def _dim(size: Any) -> int | None:
+    """A dim's size, ``None`` where it depends on the data (an unbacked symbol such as ``u0``)."""
+    if isinstance(size, int):
+        return size
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return None if free_unbacked_symbols(size) else int(size)
+
+
+def _data_dependent(val: Any) -> list[str]:
+    """The data-dependent sizes of a node's value (a tensor or a list of them), as text."""
+    if _is_tensor(val):
+        return [str(s) for s in val.shape if _dim(s) is None]
+    if isinstance(val, (list, tuple)):
+        return [d for v in val for d in _data_dependent(v)]
+    return []
+
+
 # kinds whose output is a view of their one tensor argument (a parameter stays a parameter)
 VIEW_KINDS = ("reshape", "transpose", "permute", "split", "slice", "select", "expand", "ignore")
 
@@ -251,6 +274,7 @@ class _Walker:
         self.experts: dict[torch.fx.Node, Any] = {}  # node -> the routed-experts match that owns it (fxfuse.experts)
         self.expert_misses: dict[torch.fx.Node, str] = {}  # expert product outside every match -> why
         self.probes: dict[str, Any] = {}  # name -> experts.Probe over atoms
+        self.at = ""  # the node being walked, for the reason of a data-dependent size
 
     def uniform(self, name: str) -> bool:
         """Whether parameter ``name`` holds one value everywhere (a per-channel scale folded away)."""
@@ -263,7 +287,10 @@ class _Walker:
     # -- values and atoms
     def fresh(self, val: Any, pinned: str | None = None) -> Any:
         if _is_tensor(val):
-            return [self.store.new(int(s), pinned) for s in val.shape]
+            sizes = [_dim(s) for s in val.shape]
+            unknown = (pinned or f"size {{}} depends on the data{self.at}").format
+            return [self.store.new(n, pinned) if n is not None else self.store.new(0, unknown(s))
+                    for n, s in zip(sizes, val.shape)]
         if isinstance(val, (list, tuple)):
             return [self.fresh(v, pinned) if _is_tensor(v) else None for v in val]
         return None
@@ -384,6 +411,7 @@ class _Walker:
         for node in graph.nodes:
             val = node.meta.get("val")
             self.names[node] = self.prefix + node.name
+            self.at = f" at {self.names[node]}"
             if node.op == "placeholder":
                 if not top:
                     env[node] = inputs[k] if inputs is not None and k < len(inputs) else self.fresh(val)
@@ -472,8 +500,12 @@ class _Walker:
         try:
             KINDS[rule.kind].apply(ctx)
         except (RuleMismatch, TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
-            # a rule that does not fit this node fails closed like a missing one
             self.store.touched = before
+            unknown = _data_dependent(val) + [d for x in inputs for d in _data_dependent(x.meta.get("val"))]
+            if unknown:  # not a misfit: no rule can place an axis whose size it cannot know
+                self._pin_touched(node, op, inputs, f"size {unknown[0]} depends on the data ({rule.source}: {exc})")
+                return
+            # a rule that does not fit this node fails closed like a missing one
             self._fail_closed(node, op, inputs, f"rule {rule.source} does not fit: {exc}")
             fit[3] = fit[3] or f"{exc} (first at {node.name})"
             return
@@ -550,6 +582,14 @@ class _Walker:
                 if store.size(atom) > 1 and store.find(atom) not in roots:
                     store.pin(atom, f"integer argument '{name}' of {ctx.op} at {ctx.node.name}: its values may "
                                     "be indices and the rule does not relate this axis")
+
+    def _pin_touched(self, node, op: str, inputs, reason: str) -> None:
+        """Pin every axis ``node`` reads or writes, with ``reason``: an op the analysis cannot place."""
+        module = _module_path(node)
+        why = f"{reason}: {op} at {node.name}" + (f" ({module})" if module else "")
+        for atoms in [self.env.get(a) for a in inputs] + [self.env.get(node)]:
+            for atom in self._atoms_flat(atoms):
+                self.store.pin(atom, why)
 
     def _fail_closed(self, node, op: str, inputs, reason: str) -> None:
         module = _module_path(node)
@@ -753,9 +793,9 @@ class OpContext:
     @staticmethod
     def _shape_of_val(val: Any) -> Any:
         if _is_tensor(val):
-            return [int(s) for s in val.shape]
+            return [_dim(s) for s in val.shape]
         if isinstance(val, (list, tuple)):
-            return [[int(s) for s in v.shape] if _is_tensor(v) else None for v in val]
+            return [[_dim(s) for s in v.shape] if _is_tensor(v) else None for v in val]
         return None
 
     def _bind(self, node: torch.fx.Node) -> dict[str, Any]:
@@ -792,7 +832,8 @@ class OpContext:
 
     def shape(self, value: Any) -> list[int] | None:
         if value is _OUT:
-            return self.out_shape if self.out_shape is None or not self.out_shape or isinstance(self.out_shape[0], int) else None
+            single = self.out is not None and all(isinstance(a, int) for a in self.out)  # one tensor's atoms
+            return self.out_shape if single else None
         if isinstance(value, tuple) and len(value) == 2 and value[0] is _OUT:
             shapes = self.out_shape
             return shapes[value[1]] if isinstance(shapes, list) and value[1] < len(shapes) and isinstance(shapes[value[1]], list) else None

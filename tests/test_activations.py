@@ -386,3 +386,39 @@ def test_a_space_without_activation_signal_is_matched_by_weights():
     fused = result.module.state_dict()
     for name, t in model.state_dict().items():
         assert torch.allclose(fused[name], t, atol=1e-6), name
+
+
+# ---------------------------------------------------------------- assignments the signal does not determine
+
+
+def test_noise_driven_spaces_are_matched_by_weights_noted_and_warned():
+    """EfficientNet's deep units vary by rounding noise only: their correlations follow noise (a permuted copy
+    fused back 0.27-0.30 off, silently). The two halves of the samples disagree there; weights match them."""
+    model, args = zoo.efficientnet()
+    permuted = fxfuse.permute(model, args, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        err, report = recovered(model, args, permuted, 16)
+    assert err <= TOL, f"fused model differs from the model by {err:.3e}"
+    noted = [n for n in report["notes"] if "is not determined by its signal" in n and n.endswith("matched by weights")]
+    assert len(noted) == 1, report["notes"]
+    assert any("is not determined by its signal" in str(w.message) for w in caught)
+
+
+def test_a_permuted_copy_with_signal_flags_nothing():
+    """Where every unit carries signal both halves solve the same permutation: no note, the maps are the full
+    data's."""
+    model, args = zoo.bert()
+    permuted = fxfuse.permute(model, args, seed=1)
+    err, report = recovered(model, args, permuted, 16)
+    assert err <= TOL
+    assert not any("determined by its signal" in n for n in report["notes"]), report["notes"]
+
+
+def test_rows_of_data_dependent_size_are_no_samples():
+    """Two independently drawn JetMoE models route different tokens to each expert: the dispatched rows differ
+    in number and in meaning between them, so they are read at no node (they used to crash the statistics)."""
+    a, args = zoo.jetmoe(0)
+    b, _ = zoo.jetmoe(1)
+    r = fxfuse.compile([b, a], args, target=1, cost="activations", calib=16)
+    assert r.report["cost"] == "activations" and type(r.module) is type(a)

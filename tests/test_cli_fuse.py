@@ -185,3 +185,21 @@ def test_compile_help(capsys):
     for option in ("--cost", "--solver", "--pin", "--calib", "--calib-random", "--reg", "--weights",
                    "--method", "--report", "--eval", "--force", "--target"):
         assert option in out
+
+
+def test_noise_driven_spaces_are_said_on_screen(tmp_path, capsys):
+    """EfficientNet fused back by activations: spaces the signal does not determine are matched by weights, said
+    as one warning line on stderr even with -q, and in the report; the model comes back exactly."""
+    p = tmp_path / "permuted"
+    code, _, err = run(capsys, "permute", "zoo:efficientnet", "-o", p, "--seed", "1", "-q")
+    assert code == 0, err
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compile", p, "zoo:efficientnet", "--target", "1", "-o", out, "-q",
+                       "--cost", "activations", "--calib-random", "16")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "is not determined by its signal" in line]
+    assert len(lines) == 1 and lines[0].startswith("fxfuse: warning: activation assignment of space(s) s"), err
+    report = json.loads((out / "report.json").read_text())
+    assert any("is not determined by its signal" in n for n in report["notes"])
+    model, args = zoo.efficientnet(seed=0)
+    assert compare_outputs(model, load_model(str(out)).module, args) <= 1e-4

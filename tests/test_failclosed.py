@@ -272,3 +272,35 @@ def test_report_is_json(scan_case, bert_case):
     assert [u["op"] for u in scan_report["unruled_ops"]] == [UNRULED_OP]
     assert scan_report["unruled_ops"][0]["module"] == "scan"
     assert bert_case[2].report()["unruled_ops"] == []
+
+
+# ---------------------------------------------------------------- sizes that depend on the data
+
+
+class MaskedRows(nn.Module):
+    """Rows chosen by a mask (``torch.export`` knows their count only as an unbacked symbol), then three learned
+    rows appended along that axis: the learned rows' axis is joined to an axis of unknown size."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 16)
+        self.extra = nn.Parameter(torch.randn(3, 16))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.lin(x))
+        rows = torch.cat([h[x[:, 0] > 0], self.extra])
+        return self.head(rows.mean(0, keepdim=True))
+
+
+def test_data_dependent_size_pins_what_it_touches_and_never_crashes():
+    torch.manual_seed(0)
+    model, args = MaskedRows().eval(), (torch.randn(6, 8, generator=torch.Generator().manual_seed(0)),)
+    a = fxfuse.analyze(model, args)
+    assert a.unruled == (), "an unknown size is no missing rule"
+    extra = space_of(a, "extra", 0)
+    assert not extra.free and "depend on the data" in extra.reason, extra.reason
+    assert space_of(a, "lin.weight", 0).free, "the feature axis the mask does not touch stays free"
+    permuted = fxfuse.permute(model, args, seed=1)
+    assert max_diff(run(model, args), run(permuted, args)) <= tolerance(run(model, args))
+    assert not torch.equal(permuted.lin.weight, model.lin.weight)

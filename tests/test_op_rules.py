@@ -178,6 +178,19 @@ def _seq():
     return (torch.randn(2, 5, 6),)
 
 
+def _conv1d_model(mid: nn.Module):
+    """Conv1d stem (3 -> 6 channels), ``mid``, a Conv1d head pooled over length: channels on both sides of mid."""
+    head = nn.Sequential(nn.Conv1d(6, 5, 3), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(5, 3))
+    return Block(lambda s, h: s.mid(h).relu(), nn.Sequential(nn.Conv1d(3, 6, 3), nn.ReLU()), head,
+                 mid=mid), (torch.randn(2, 3, 10),)
+
+
+def _one_hot(s, h):
+    """Rows of a table picked by a class computed from the input: the classes are pinned, the table's width moves."""
+    cls = (h.sum(1).abs() * 3).long() % 5
+    return h.relu() * (F.one_hot(cls, 5).to(h.dtype) @ s.table)
+
+
 MODELS = {
     "numpy_T": (lambda: _mlp_model(lambda s, h: (torch.relu(h) @ s.w.T).relu() @ s.w2.T, w=nn.Parameter(
         torch.randn(10, 12)), w2=nn.Parameter(torch.randn(12, 10))),
@@ -251,6 +264,33 @@ MODELS = {
                                  angle=nn.Parameter(torch.randn(6))), "aten.polar.default", "mag"),
     "scatter_": (lambda: _mlp_model(lambda s, h: h.relu() * torch.zeros(h.shape[0], 5).scatter_(
         1, (h.sum(1, keepdim=True).abs() * 3).long() % 5, 1.0).cumsum(1).sum(1, keepdim=True)), "aten.scatter_.value", "stem.weight"),
+    "glu": (lambda: _mlp_model(lambda s, h: s.w(F.glu(h, -1)).relu(), w=nn.Linear(6, 12)), "aten.glu.default",
+            "stem.weight"),
+    "glu_channels": (lambda: _conv_model(lambda s, h: F.glu(h, 1), c_in=12, c_out=6), "aten.glu.default",
+                     "stem.0.weight"),
+    "mv": (lambda: _mlp_model(lambda s, h: h.relu() * torch.mv(s.w, h.relu().mean(0)), w=nn.Parameter(
+        torch.randn(12, 12))), "aten.mv.default", "w"),
+    "vdot": (lambda: _mlp_model(lambda s, h: h.relu() * torch.vdot(s.u, h.relu().mean(0)),
+                                u=nn.Parameter(torch.randn(12))), "aten.vdot.default", "u"),
+    "dot": (lambda: _mlp_model(lambda s, h: h.relu() * torch.dot(s.u, h.relu().mean(0)),
+                               u=nn.Parameter(torch.randn(12))), "aten.dot.default", "u"),
+    "conv_transpose1d": (lambda: _conv1d_model(nn.ConvTranspose1d(6, 6, 3)), "aten.conv_transpose1d.default",
+                         "mid.weight"),
+    "tensor_split_indices": (lambda: _mlp_model(lambda s, h: torch.cat(
+        [p.relu() * k for k, p in enumerate(torch.tensor_split(h, [4, 9], dim=1), 1)], 1)),
+                             "aten.tensor_split.indices", "stem.weight"),
+    "unfold": (lambda: (Block(lambda s, h: h.relu().unfold(1, 2, 1).mean(-1).mean(1), nn.Linear(6, 12),
+                              nn.Linear(12, 3)), _seq()), "aten.unfold.default", "stem.weight"),
+    "one_hot": (lambda: _mlp_model(_one_hot, table=nn.Parameter(torch.randn(5, 12))), "aten.one_hot.default",
+                "table"),
+    "broadcast_to": (lambda: _mlp_model(lambda s, h: (h + torch.broadcast_to(s.b, h.shape)).relu(),
+                                        b=nn.Parameter(torch.randn(12))), "aten.broadcast_to.default", "b"),
+    "max_dim_over_tokens": (lambda: (Block(lambda s, h: h.relu().max(dim=1).values, nn.Linear(6, 12),
+                                           nn.Linear(12, 3)), _seq()), "aten.max.dim", "stem.weight"),
+    "min_dim_over_tokens": (lambda: (Block(lambda s, h: h.relu().min(dim=1, keepdim=True).values.squeeze(1),
+                                           nn.Linear(6, 12), nn.Linear(12, 3)), _seq()), "aten.min.dim", "stem.weight"),
+    "min_all": (lambda: _mlp_model(lambda s, h: h.relu() - h.min()), "aten.min.default", "stem.weight"),
+    "max_all": (lambda: _mlp_model(lambda s, h: h.relu() - h.max()), "aten.max.default", "stem.weight"),
     "copy_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.copy_.default", "scale"),
     "fill_": (lambda: _mlp_model(_copy_and_fill, scale=nn.Parameter(torch.randn(12))), "aten.fill_.Scalar", "scale"),
 }

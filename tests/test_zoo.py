@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = list(zoo.ZOO)
 TOKEN_MODELS = ("mha", "encoder", "head_bias", "bert", "bert_mlm", "roberta", "distilbert", "gpt2", "gpt_bigcode",
-                "llama", "qwen2", "t5", "einsum_attention", "mqa", "lstm", "gru", "mixtral", "squeezebert", "fnet", "phi3")
+                "llama", "qwen2", "t5", "einsum_attention", "mqa", "lstm", "gru", "mixtral", "squeezebert", "fnet", "phi3", "gqa", "jetmoe")
 SEED = 1
 # Measured share of moved parameter elements, seed 1: 0.94 (swin, bert_mlm) to 0.999 (mlp, cnn,
 # mobilenet_v2). Unmoved elements are fixed points of the permutations and equal values (HF LayerNorm
@@ -75,6 +75,7 @@ INTERFACE_AXES = {
                      ("classifier.bias", 0)],
     "einsum_attention": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
     "mqa": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
+    "gqa": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
     "lstm": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
     "gru": [("embed.weight", 0), ("head.weight", 0), ("head.bias", 0)],
     "mixtral": [("model.embed_tokens.weight", 0), ("lm_head.weight", 0)],
@@ -93,6 +94,7 @@ INTERFACE_AXES = {
              ("classifier.bias", 0)],
     "fnet": [("fnet.embeddings.word_embeddings.weight", 0), ("classifier.weight", 0), ("classifier.bias", 0)],
     "phi3": [("model.embed_tokens.weight", 0), ("lm_head.weight", 0)],
+    "jetmoe": [("model.embed_tokens.weight", 0), ("lm_head.weight", 0)],
 }
 
 

@@ -157,6 +157,37 @@ class MQAClassifier(nn.Module):
         return self.head(h.mean(1))
 
 
+class GQAClassifier(nn.Module):
+    """Grouped-query attention without rotary embeddings: 8 query heads over 4 key/value heads, the keys and
+    values repeated to the query heads by ``repeat_interleave`` (query head ``h`` reads key/value head ``h // 2``);
+    pre-norm blocks with ``nn.RMSNorm``."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 64, heads: int = 8, kv_heads: int = 4, classes: int = 5):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, kv_heads * self.hd)
+        self.v = nn.Linear(dim, kv_heads * self.hd)
+        self.o = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        b, s, _ = h.shape
+        x = self.norm1(h)
+        group = self.heads // self.kv_heads
+        q = self.q(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+        k = self.k(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2).repeat_interleave(group, dim=1)
+        v = self.v(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2).repeat_interleave(group, dim=1)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.o(a.transpose(1, 2).reshape(b, s, -1))
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h.mean(1))
+
+
 class RecurrentClassifier(nn.Module):
     """Token embedding, an ``nn.LSTM`` or ``nn.GRU`` (packed gate weights), mean-pooled linear head."""
 
@@ -370,6 +401,10 @@ def einsum_attention(seed: int = 0):
 
 def mqa(seed: int = 0):
     return _made(MQAClassifier, seed, (_ids(),))
+
+
+def gqa(seed: int = 0):
+    return _made(GQAClassifier, seed, (_ids(),))
 
 
 def lstm(seed: int = 0):
@@ -650,17 +685,45 @@ def phi3(seed: int = 0):
     return _hf("Phi3ForCausalLM", cfg, seed, (_ids(),))
 
 
+def jetmoe(seed: int = 0):
+    """Routed experts dispatched by data-dependent counts: ``expert_size.tolist()`` cuts the sorted tokens with
+    ``split_with_sizes`` (sizes ``torch.export`` knows only as unbacked symbols), each expert's rows run through
+    a slice of one stacked weight, ``index_add`` scatters them back; attention experts (MoA) the same way."""
+    from transformers import JetMoeConfig
+
+    cfg = JetMoeConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+                       intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                       use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return _hf("JetMoeForCausalLM", cfg, seed, (_ids(),))
+
+
+def efficientnet(seed: int = 0):
+    """Depthwise-separable blocks with squeeze-and-excitation; deep units vary by rounding noise only (~1e-7), so
+    their activation correlations follow noise, not signal.
+
+    Not in ``ZOO``: at redrawn O(1) weights its output hardly depends on the early blocks (a broken tie there
+    moves it by ~1e-7, below the tolerance), so the zoo's mutation check cannot hold for it.
+    """
+    from transformers import EfficientNetConfig
+
+    cfg = EfficientNetConfig(image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320,
+                             num_labels=5, dropout_rate=0.0, drop_connect_rate=0.0)
+    return _hf("EfficientNetForImageClassification", cfg, seed, (_pixels(),))
+
+
 PLAIN = {"mlp": mlp, "cnn": cnn, "mha": mha, "encoder": encoder, "einsum_attention": einsum_attention, "mqa": mqa,
          "lstm": lstm, "gru": gru, "seq2seq": seq2seq, "head_bias": head_bias, "channel_shuffle": channel_shuffle,
-         "grouped_convs": grouped_convs, "no_grad_block": no_grad_block, "relative_bias": relative_bias}
+         "grouped_convs": grouped_convs, "no_grad_block": no_grad_block, "relative_bias": relative_bias,
+         "gqa": gqa}
 HF = {
     "bert": bert, "bert_mlm": bert_mlm, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
     "gpt_bigcode": gpt_bigcode,
     "llama": llama, "qwen2": qwen2, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext,
     "resnet": resnet, "mobilenet_v2": mobilenet_v2, "donut_swin": donut_swin, "mixtral": mixtral, "levit": levit,
     "squeezebert": squeezebert, "siglip": siglip, "beit": beit, "fnet": fnet, "phi3": phi3,
+    "jetmoe": jetmoe,
 }
 ZOO = {**PLAIN, **HF}
 TRANSFORMERS = ("mha", "encoder", "seq2seq", "head_bias", "bert", "bert_mlm", "roberta", "distilbert", "gpt2",
                 "gpt_bigcode", "llama", "qwen2", "t5", "vit", "swin", "einsum_attention", "mqa", "mixtral", "relative_bias",
-                "donut_swin", "levit", "squeezebert", "siglip", "beit", "fnet", "phi3")
+                "donut_swin", "levit", "squeezebert", "siglip", "beit", "fnet", "phi3", "gqa", "jetmoe")
