@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .device import host, to as to_device
 from .layout import pieces
 from .plan import ActivationCost, blocks
 from .progress import bar
@@ -53,9 +54,9 @@ VARIANCE_FLOOR = 1e-10
 class _Stats:
     """Running sums (float64) for the cross-correlation of two sets of units."""
 
-    def __init__(self, n_t: int, n_s: int):
+    def __init__(self, n_t: int, n_s: int, device: torch.device | None = None):
         self.n = 0
-        z = lambda *shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.st, self.ss, self.qt, self.qs = z(n_t), z(n_s), z(n_t), z(n_s)
         self.cross = z(n_t, n_s)
 
@@ -67,6 +68,11 @@ class _Stats:
         self.qt += (x * x).sum(0)
         self.qs += (y * y).sum(0)
         self.cross.addmm_(x.T, y)
+
+    def to_host(self) -> None:
+        """Move the sums to the CPU."""
+        self.st, self.ss, self.qt, self.qs, self.cross = (host(t) for t in (self.st, self.ss, self.qt, self.qs,
+                                                                            self.cross))
 
     def _centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(cov (n_t × n_s), var_t, var_s)``; a unit constant over the samples (``VARIANCE_FLOOR``) has
@@ -88,13 +94,13 @@ class _Stats:
         """
         cov, vt, vs = self._centred()
         scale = float((vt.mean() * vs.mean()).sqrt())
-        return (cov / scale).numpy() if scale > 0 else np.zeros(tuple(cov.shape))
+        return host(cov / scale).numpy() if scale > 0 else np.zeros(tuple(cov.shape))
 
     def correlation(self) -> np.ndarray:
         cov, vt, vs = self._centred()
         den = torch.sqrt(torch.outer(vt, vs))
         # scale-free: a constant unit (zero variance) correlates with nothing
-        return torch.where(den > 0, cov / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).numpy()
+        return host(torch.where(den > 0, cov / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0)).numpy()
 
 
 def _contains(exprs: tuple, space: int) -> bool:
@@ -199,8 +205,25 @@ def graph_ops(gm: torch.fx.GraphModule, prefix: str = "") -> dict[str, str]:
     return ops
 
 
-def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str]) -> dict[str, torch.Tensor]:
+def on_device(analysis: Analysis, device: torch.device | None):
+    """The analysis's exported program, moved to ``device`` (``torch.export.passes.move_to_device_pass``: its
+    weights, buffers and the devices named inside the graph) where one is set."""
     ep = analysis.traced.exported
+    if device is None:
+        return ep
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(ep, device)
+
+
+def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str], ep=None,
+         device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The values of the ``wanted`` nodes on one batch; ``ep``: the exported program to run (moved to
+    ``device``, where the batch goes too)."""
+    ep = analysis.traced.exported if ep is None else ep
+    if device is not None:
+        args = tuple(to_device(a, device) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     flat = ep._graph_module_flat_inputs(tuple(args), dict(kwargs))
     probes = {n: analysis.probes[n] for n in wanted if n in analysis.probes}
     cap = _Capture(ep.graph_module, set(wanted) | {i for p in probes.values() for i in p.inputs})
@@ -214,12 +237,15 @@ def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set
 def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[tuple, Mapping[str, Any]]],
                     fixed: set[int] = frozenset(), nodes_per_space: int = 16,
                     progress: Callable[[str], None] | None = None, levels=None,
-                    reduce: Callable[[dict], None] | None = None) -> ActivationCost:
+                    reduce: Callable[[dict], None] | None = None,
+                    device: torch.device | None = None) -> ActivationCost:
     """Correlation costs for every block of ``target`` from both models' activations on ``batches``.
 
     ``reduce``: applied to the accumulated sums before they become correlations
-    (``fxfuse.distributed.all_reduce_sums``: the sums of every worker's batches).
+    (``fxfuse.distributed.all_reduce_sums``: the sums of every worker's batches);
+    ``device``: where both graphs run and the sums accumulate (``None``: in place).
     """
+    programs = (on_device(target, device), on_device(source, device))
     plan_blocks = blocks(target, set(fixed))
     jobs: list[tuple[tuple[int, int | None], str]] = []
     for b in plan_blocks:
@@ -235,8 +261,8 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
     stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
     shown = bar(progress, "activations", len(batches))
     for i, (args, kwargs) in enumerate(batches):
-        vt = _run(target, args, kwargs, wanted)
-        vs = _run(source, args, kwargs, wanted)
+        vt = _run(target, args, kwargs, wanted, programs[0], device)
+        vs = _run(source, args, kwargs, wanted, programs[1], device)
         for key, node in jobs:
             space, child = key
             exprs, exprs_s = node_exprs(target, node), node_exprs(source, node)
@@ -247,10 +273,13 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
                                             _units(vs[node], exprs_s, space, child, others)):
                 st = stats.get((key, node, feature))
                 if st is None:
-                    st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1])
+                    st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1], device)
                 st.add(x, y)
         shown.update()
     shown.close()
+    if device is not None:  # the sums come back to the CPU: reduced over workers and turned into costs there
+        for st in stats.values():
+            st.to_host()
     if reduce is not None:
         reduce(stats)
     root_cost: dict[int, np.ndarray] = {}
@@ -266,4 +295,4 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             r4 = rho.reshape(n, m, n_s, m).transpose(0, 2, 1, 3)
             nested_cost[(space, child)] = nested_cost.get((space, child), 0) + r4
     sizes = {s.id: (s.size, source.spaces[s.id].size) for s in target.spaces}
-    return ActivationCost(root_cost, nested_cost, sizes)
+    return ActivationCost(root_cost, nested_cost, sizes, device)

@@ -397,6 +397,9 @@ def cmd_compile(args) -> int:
     from .distributed import in_launched_group, init_from_env, local_group, wait_workers
 
     recipe = compile_recipe(args)
+    from .device import resolve
+
+    resolve(recipe.device)  # before any loading: a GPU asked for and absent fails at once
     if recipe.workers > 1 and (recipe.cost != "activations" or recipe.method != "ot"):
         raise FxfuseError("--workers shares the collection of activation statistics: use it with --cost activations")
     if recipe.workers > 1 and in_launched_group():

@@ -33,6 +33,7 @@ import torch
 
 from .layout import apply_matrix, permute_piece, pieces
 from .progress import bar
+from .device import host, to as to_device
 from .solvers import assignment, solve
 from .spaces import Analysis
 
@@ -386,8 +387,11 @@ class WeightCost:
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
                  source_state: Mapping[str, torch.Tensor], movable: set[int] | None = None,
-                 source: Analysis | None = None, skip: frozenset[str] = frozenset()):
-        """``source``: the source's analysis where its sizes differ; ``skip``: parameters left out."""
+                 source: Analysis | None = None, skip: frozenset[str] = frozenset(),
+                 device: torch.device | None = None):
+        """``source``: the source's analysis where its sizes differ; ``skip``: parameters left out;
+        ``device``: where the products run (``None``: in place, on the CPU; ``fxfuse.device``)."""
+        self.device = device
         self.parents = target.parents
         self.sizes = {sp.id: (sp.size, (source or target).spaces[sp.id].size) for sp in target.spaces}
         self.movable = movable if movable is not None else {
@@ -441,7 +445,7 @@ class WeightCost:
         if m is None:
             pt = self._pieces(i)[0]
             lead = [pt.shape[d] for d in dims]
-            m = pt.movedim(dims, tuple(range(len(dims)))).reshape(*lead, -1).contiguous()
+            m = to_device(pt.movedim(dims, tuple(range(len(dims)))).reshape(*lead, -1).contiguous(), self.device)
             if self._cache_target:
                 self._target_cache[key] = m
         return m
@@ -455,7 +459,7 @@ class WeightCost:
         a = self._target(i, (d, cd)).reshape(n, m, -1)
         if not any(p is not None for _, _, p in others):
             b = moved.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
-            S4 = (a.reshape(n * m, -1) @ b.T).reshape(n, m, n_s, m)
+            S4 = self._mm(a.reshape(n * m, -1), b).reshape(n, m, n_s, m)
         else:
             S4 = torch.empty(n, m, n_s, m)
             for j in range(n):
@@ -464,8 +468,14 @@ class WeightCost:
                     if table is not None:
                         src = _inner_map_under(src, d, cd2, table[j])
                 b = src.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
-                S4[j] = (a[j] @ b.T).reshape(m, n_s, m)
+                S4[j] = self._mm(a[j], b).reshape(m, n_s, m)
         return S4.permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a bᵀ`` (rows of ``a`` against rows of ``b``) on the CPU, computed on ``self.device`` if one is set."""
+        if self.device is None:
+            return a @ b.T
+        return host(to_device(a, self.device) @ to_device(b, self.device).T)
 
     def _unknown(self, mask: list[int], perms: Mapping[int, torch.Tensor]) -> list[int]:
         """Dims of a piece whose space is movable but has no map yet (and dims nested under those)."""
@@ -487,7 +497,7 @@ class WeightCost:
             rows_s = math.prod(b.shape[e] for e in lead)
             a = a.movedim(lead, tuple(range(len(lead)))).reshape(rows_t, -1)
             b = b.movedim(lead, tuple(range(len(lead)))).reshape(rows_s, -1)
-            total = total + a @ b.T
+            total = total + self._mm(a, b)
         return total
 
     def _masks(self, root, children):
@@ -552,7 +562,7 @@ class WeightCost:
                     moved = permute_piece(ps, tuple(mask), perms, self.parents) if not static else ps
                     a = self._target(i, (d,))
                     b = moved.movedim(d, 0).reshape(n_s, -1)
-                    S += a @ b.T
+                    S += self._mm(a, b)
                     continue
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
                 if len(child_dims) > 1:
@@ -622,9 +632,9 @@ class ActivationCost:
     silent_reason = "constant on the calibration data, or read at no node"
 
     def __init__(self, stats: Mapping[int, np.ndarray], nested_stats: Mapping[tuple[int, int], np.ndarray],
-                 sizes: Mapping[int, tuple[int, int]]):
-        """``sizes``: ``{space: (target size, source size)}``."""
-        self.stats, self.nested_stats, self.sizes = stats, nested_stats, sizes
+                 sizes: Mapping[int, tuple[int, int]], device: torch.device | None = None):
+        """``sizes``: ``{space: (target size, source size)}``; ``device``: where Procrustes runs (``None``: CPU)."""
+        self.stats, self.nested_stats, self.sizes, self.device = stats, nested_stats, sizes, device
 
     def silent(self, planned: list[Block]) -> list[int]:
         """Spaces of ``planned`` without any correlation signal: no node exposes them, or their units are

@@ -51,14 +51,14 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
             say(f"weight matching model {i} -> {target}")
             # uniform scales stay where they are under group maps: they carry no signal
             cost_model = WeightCost(ref, states[target], state, source=analysis,
-                                    skip=skip | (ref.scales if analysed.levels else frozenset()))
+                                    skip=skip | (ref.scales if analysed.levels else frozenset()), device=options.on)
         else:
             rank, size = world()
             mine = shard(list(inputs.batches), rank, size) if size > 1 else list(inputs.batches)
             say(f"collecting activations of models {target} and {i} on {len(mine)} batches"
                 + (f" (worker {rank} of {size})" if size > 1 else ""))
             cost_model = activation_cost(ref, analysis, mine, keep, progress=progress, levels=analysed.levels,
-                                         reduce=all_reduce_sums if size > 1 else None)
+                                         reduce=all_reduce_sums if size > 1 else None, device=options.on)
             if rank != 0:  # rank 0 solves, checks and writes
                 continue
         silent = _weights_instead(ref, analysis, cost_model, keep, options, analysed.levels, state)
