@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import random
+import time
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Protocol
@@ -92,6 +94,9 @@ class Alignment:
     cost: str
     solver: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    seconds: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    """Per block (its root space): ``products_s`` (the cost model's similarities), ``assign_s`` (the
+    rest of its solves: assignments, Procrustes) and ``solves``, over every pass."""
 
     @property
     def hard(self) -> bool:
@@ -268,13 +273,16 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     todo = blocks(target, set(fixed))
     grouped = {i for i, b in enumerate(todo) if is_group_block(b, levels or {})}
 
+    clock = _Clock(cost)
+
     def solve_one(i: int, known_only: bool = False):
-        if i in grouped:
-            got = solve_group_block(todo[i], cost, perms, levels, known_only)
-            if got is not None:
-                return got
-            grouped.discard(i)  # sizes differ: permutations and matchings as usual
-        return solve_block(todo[i], cost, perms, known_only=known_only)
+        with clock.timing(todo[i].root):
+            if i in grouped:
+                got = solve_group_block(todo[i], clock, perms, levels, known_only)
+                if got is not None:
+                    return got
+                grouped.discard(i)  # sizes differ: permutations and matchings as usual
+            return solve_block(todo[i], clock, perms, known_only=known_only)
 
     perms: dict[int, torch.Tensor] = {}
     results: dict[int, dict[int, TransportMap]] = {}
@@ -338,11 +346,40 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     final: dict[int, TransportMap] = {}
     for i, block in enumerate(todo):
         if i not in grouped and (solver == "sinkhorn" or any(m.descent_value() is None for m in results[i].values())):
-            maps, _, _ = solve_block(block, cost, perms, solver, reg, soft=solver == "sinkhorn")
+            with clock.timing(block.root):
+                maps, _, _ = solve_block(block, clock, perms, solver, reg, soft=solver == "sinkhorn")
         else:
             maps = results[i]
         final.update(maps)
-    return Alignment(final, passes, cost_name, solver, tuple(notes))
+    return Alignment(final, passes, cost_name, solver, tuple(notes), clock.seconds)
+
+
+class _Clock:
+    """A cost model's stand-in that times its ``block`` calls inside each block's solves (``Alignment.seconds``)."""
+
+    def __init__(self, cost: CostModel):
+        self.cost, self.seconds, self._products = cost, {}, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.cost, name)
+
+    def block(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.cost.block(*args, **kwargs)
+        finally:
+            self._products += time.perf_counter() - start
+
+    @contextmanager
+    def timing(self, root: int):
+        start, self._products = time.perf_counter(), 0.0
+        try:
+            yield
+        finally:
+            entry = self.seconds.setdefault(root, {"products_s": 0.0, "assign_s": 0.0, "solves": 0})
+            entry["products_s"] += self._products
+            entry["assign_s"] += time.perf_counter() - start - self._products
+            entry["solves"] += 1
 
 
 def _complete(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]) -> bool:
@@ -373,6 +410,11 @@ def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
 # ---------------------------------------------------------------- weight cost
 
 
+# Room for the products of pieces with other movable dims (float32 ``n × n_s`` each), reused while those dims'
+# maps stay: a residual stream re-solved in every pass recomputes only the products whose other maps changed.
+PRODUCT_CACHE_BYTES = 1 << 30
+
+
 class WeightCost:
     """Git Re-Basin weight matching similarity between a target and a source state dict.
 
@@ -382,7 +424,10 @@ class WeightCost:
     ``d`` of a piece, the target slices ``T_d`` (``n × rest``) are cached when
     the target state is held in memory; when every other dim of the piece is
     fixed (pinned or outside all blocks, e.g. an embedding's vocabulary) the
-    product ``T_d S_dᵀ`` never changes and is computed once.
+    product ``T_d S_dᵀ`` never changes and is computed once. A piece with other
+    movable dims keeps its product (up to ``product_cache_bytes`` in all) with
+    the maps it was made with, and reuses it, without reading the piece, while
+    those maps are unchanged: the same bits in the same order of additions.
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
@@ -416,6 +461,9 @@ class WeightCost:
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
         self._last: tuple[str, list, list] | None = None
+        self._products: dict[tuple[int, int], tuple[tuple, tuple, torch.Tensor]] = {}
+        self._product_bytes = 0
+        self.product_cache_bytes = PRODUCT_CACHE_BYTES
         self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
 
     silent_reason = "no floating-point member tensor to compare"
@@ -470,6 +518,24 @@ class WeightCost:
                 b = src.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
                 S4[j] = self._mm(a[j], b).reshape(m, n_s, m)
         return S4.permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
+
+    def _moved_product(self, i: int, d: int, mask: list[int], perms: Mapping[int, torch.Tensor],
+                       n_s: int) -> torch.Tensor:
+        """``T_d S'_dᵀ`` (``n × n_s``) of piece ``i`` along dim ``d``, the source moved by the maps of its other
+        spaces (``mask``); kept while the cache has room and reused, unread, while those maps are the same."""
+        key = tuple(sorted({m for m in mask if m >= 0}))
+        maps = tuple(perms.get(sp) for sp in key)
+        hit = self._products.get((i, d))
+        if hit is not None and hit[0] == key and all(_same_map(x, y) for x, y in zip(hit[1], maps)):
+            return hit[2]
+        ps = self._pieces(i)[1]
+        moved = permute_piece(ps, tuple(mask), perms, self.parents)
+        product = self._mm(self._target(i, (d,)), moved.movedim(d, 0).reshape(n_s, -1))
+        size = product.numel() * product.element_size()
+        if hit is not None or self._product_bytes + size <= self.product_cache_bytes:
+            self._product_bytes += 0 if hit is not None else size
+            self._products[(i, d)] = (key, maps, product)
+        return product
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a bᵀ`` (rows of ``a`` against rows of ``b``) on the CPU, computed on ``self.device`` if one is set."""
@@ -547,8 +613,11 @@ class WeightCost:
                 unknown = self._unknown(mask, perms) if known_only else []
                 if unknown and not reduce_unknown:
                     continue
-                pt, ps, _ = self._pieces(i)
                 added += 1
+                if not unknown and not child_dims and not static:
+                    S += self._moved_product(i, d, mask, perms, n_s)
+                    continue
+                pt, ps, _ = self._pieces(i)
                 if unknown:
                     lead = (d,) + tuple(cd for _, cd in child_dims[:1])
                     prod = self._reduced(i, lead, unknown, mask, perms)
@@ -558,11 +627,8 @@ class WeightCost:
                         c, m = child_dims[0][0], pt.shape[child_dims[0][1]]
                         nested[c] = nested.get(c, 0) + prod.reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()
                     continue
-                if not child_dims:
-                    moved = permute_piece(ps, tuple(mask), perms, self.parents) if not static else ps
-                    a = self._target(i, (d,))
-                    b = moved.movedim(d, 0).reshape(n_s, -1)
-                    S += self._mm(a, b)
+                if not child_dims:  # static: no other movable dim
+                    S += self._mm(self._target(i, (d,)), ps.movedim(d, 0).reshape(n_s, -1))
                     continue
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
                 if len(child_dims) > 1:
@@ -597,6 +663,12 @@ class WeightCost:
         if S is None:  # no tensor to compare (yet): no preference, see ``silent``
             S = torch.zeros(self.sizes[root], dtype=torch.float32)
         return S.double().numpy(), nested
+
+
+def _same_map(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    if x is None or y is None:
+        return x is y
+    return x is y or (x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y))
 
 
 def _floating(state: Mapping[str, torch.Tensor], name: str) -> bool:

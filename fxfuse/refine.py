@@ -400,7 +400,7 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds) -> tuple[
                 moved = int((perm != old.perm).sum())
             maps[sid] = new
             changed.setdefault(i, {})[sid] = moved
-        refined.append(Alignment(maps, al.passes, al.cost, al.solver, al.notes))
+        refined.append(Alignment(maps, al.passes, al.cost, al.solver, al.notes, al.seconds))
     return refined, changed
 
 

@@ -105,4 +105,4 @@ def _matched_by_weights(ref: Analysis, source: Analysis, target_state, state, al
     warnings.warn(note)
     return Alignment({**alignment.maps, **{s: by_weights.maps[s] for s in silent if s in by_weights.maps}},
                      alignment.passes, alignment.cost, alignment.solver,
-                     alignment.notes + by_weights.notes + (note,))
+                     alignment.notes + by_weights.notes + (note,), alignment.seconds)
