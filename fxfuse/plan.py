@@ -427,7 +427,9 @@ class WeightCost:
     product ``T_d S_dᵀ`` never changes and is computed once. A piece with other
     movable dims keeps its product (up to ``product_cache_bytes`` in all) with
     the maps it was made with, and reuses it, without reading the piece, while
-    those maps are unchanged: the same bits in the same order of additions.
+    those maps are unchanged: the same bits in the same order of additions. A
+    product found stale is dropped, not replaced, so that the room goes to
+    the pieces whose maps settle first (it is kept again on its next use).
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
@@ -532,8 +534,11 @@ class WeightCost:
         moved = permute_piece(ps, tuple(mask), perms, self.parents)
         product = self._mm(self._target(i, (d,)), moved.movedim(d, 0).reshape(n_s, -1))
         size = product.numel() * product.element_size()
-        if hit is not None or self._product_bytes + size <= self.product_cache_bytes:
-            self._product_bytes += 0 if hit is not None else size
+        if hit is not None:  # its maps changed since: likely again, so the room goes to steadier pieces first
+            del self._products[(i, d)]
+            self._product_bytes -= size
+        elif self._product_bytes + size <= self.product_cache_bytes:
+            self._product_bytes += size
             self._products[(i, d)] = (key, maps, product)
         return product
 
