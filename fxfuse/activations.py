@@ -24,6 +24,7 @@ the same interpreter, naming its nodes ``submodule/node`` as the analysis does.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -205,28 +206,90 @@ def graph_ops(gm: torch.fx.GraphModule, prefix: str = "") -> dict[str, str]:
     return ops
 
 
-def on_device(analysis: Analysis, device: torch.device | None):
-    """The analysis's exported program, moved to ``device`` (``torch.export.passes.move_to_device_pass``: its
-    weights, buffers and the devices named inside the graph) where one is set."""
+def on_device(analysis: Analysis, device: torch.device | None, out_of_core: bool = False):
+    """``(exported program, graph module to run)``: the graph itself where it runs where it was traced, else
+    a copy whose devices named inside the graph (``device=`` arguments, ``aten.to``) say ``device`` (the CPU
+    if ``None``), ``meta`` too for a graph traced on ``meta`` weights (out of core). The program's own
+    tensors do not move: ``_run`` moves the inputs it gives the graph."""
     ep = analysis.traced.exported
-    if device is None:
-        return ep
-    from torch.export.passes import move_to_device_pass
+    if device is None and not out_of_core:
+        return ep, ep.graph_module
+    where = str(device or "cpu")
+    mapping = {"meta": where, "cpu": where}
+    gm = copy.deepcopy(ep.graph_module)
 
-    return move_to_device_pass(ep, device)
+    def moved(d):
+        return torch.device(mapping.get(str(d), str(d))) if isinstance(d, (torch.device, str)) else d
+
+    for m in gm.modules():
+        if not isinstance(m, torch.fx.GraphModule):
+            continue
+        for node in m.graph.nodes:
+            if "device" in node.kwargs:
+                node.kwargs = {**node.kwargs, "device": moved(node.kwargs["device"])}
+            if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+                node.args = (node.args[0], moved(node.args[1]), *node.args[2:])
+        m.recompile()
+    return ep, gm
 
 
-def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str], ep=None,
-         device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The values of the ``wanted`` nodes on one batch; ``ep``: the exported program to run (moved to
-    ``device``, where the batch goes too)."""
-    ep = analysis.traced.exported if ep is None else ep
-    if device is not None:
-        args = tuple(to_device(a, device) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+class _Stored:
+    """A weight placeholder of a graph run out of core: read from the state at each use, as ``dtype``."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+
+
+class _Streamed(_Capture):
+    """``_Capture`` whose weights (``_Stored`` placeholders) are read from ``state`` by each op that uses them
+    and dropped after it: peak memory is one op's weights plus the live activations."""
+
+    def __init__(self, gm, wanted: set[str], state: Mapping[str, torch.Tensor], device: torch.device | None):
+        super().__init__(gm, wanted)
+        self.state, self.device = state, device
+
+    def fetch_args_kwargs_from_env(self, n):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return torch.fx.node.map_aggregate(args, self._read), torch.fx.node.map_aggregate(kwargs, self._read)
+
+    def _read(self, value):
+        if not isinstance(value, _Stored):
+            return value
+        t = self.state[value.name]
+        return to_device(t.to(value.dtype) if t.is_floating_point() else t, self.device)
+
+
+def _stored_inputs(ep, flat: list) -> list:
+    """``flat`` with every parameter and persistent buffer on ``meta`` (a model fused out of core) as a
+    ``_Stored`` placeholder of its state-dict name."""
+    from torch.export.graph_signature import InputKind
+
+    out = []
+    for spec, value in zip(ep.graph_signature.input_specs, flat):
+        stored = spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent)
+        if stored and isinstance(value, torch.Tensor) and value.device.type == "meta":
+            value = _Stored(spec.target, value.dtype)
+        out.append(value)
+    return out
+
+
+def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str], program=None,
+         device: torch.device | None = None, state: Mapping[str, torch.Tensor] | None = None
+         ) -> dict[str, torch.Tensor]:
+    """The values of the ``wanted`` nodes on one batch; ``program``: ``on_device``'s ``(exported program,
+    graph module)``, run on ``device`` (where every input goes); ``state``: the weights, read on access, of a
+    model whose module holds ``meta`` tensors (fused out of core; ``None``: the module's own)."""
+    ep, gm = program if program is not None else on_device(analysis, device, state is not None)
     flat = ep._graph_module_flat_inputs(tuple(args), dict(kwargs))
+    if state is not None:
+        flat = _stored_inputs(ep, flat)
+    if device is not None:
+        flat = [to_device(x, device) if isinstance(x, torch.Tensor) else x for x in flat]
     probes = {n: analysis.probes[n] for n in wanted if n in analysis.probes}
-    cap = _Capture(ep.graph_module, set(wanted) | {i for p in probes.values() for i in p.inputs})
+    keep = set(wanted) | {i for p in probes.values() for i in p.inputs}
+    cap = _Streamed(gm, keep, state, device) if state is not None else _Capture(gm, keep)
     with torch.no_grad():
         cap.run(*flat)
         for name, probe in probes.items():
@@ -238,14 +301,17 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
                     fixed: set[int] = frozenset(), nodes_per_space: int = 16,
                     progress: Callable[[str], None] | None = None, levels=None,
                     reduce: Callable[[dict], None] | None = None,
-                    device: torch.device | None = None) -> ActivationCost:
+                    device: torch.device | None = None,
+                    states: Sequence[Mapping[str, torch.Tensor] | None] = (None, None)) -> ActivationCost:
     """Correlation costs for every block of ``target`` from both models' activations on ``batches``.
 
     ``reduce``: applied to the accumulated sums before they become correlations
     (``fxfuse.distributed.all_reduce_sums``: the sums of every worker's batches);
-    ``device``: where both graphs run and the sums accumulate (``None``: in place).
+    ``device``: where both graphs run and the sums accumulate (``None``: in place);
+    ``states``: the target's and the source's weights where their modules hold ``meta`` tensors (out of
+    core): each op reads the weights it uses from them (``None``: the modules' own).
     """
-    programs = (on_device(target, device), on_device(source, device))
+    programs = (on_device(target, device, states[0] is not None), on_device(source, device, states[1] is not None))
     plan_blocks = blocks(target, set(fixed))
     jobs: list[tuple[tuple[int, int | None], str]] = []
     for b in plan_blocks:
@@ -261,8 +327,8 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
     stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
     shown = bar(progress, "activations", len(batches))
     for i, (args, kwargs) in enumerate(batches):
-        vt = _run(target, args, kwargs, wanted, programs[0], device)
-        vs = _run(source, args, kwargs, wanted, programs[1], device)
+        vt = _run(target, args, kwargs, wanted, programs[0], device, states[0])
+        vs = _run(source, args, kwargs, wanted, programs[1], device, states[1])
         for key, node in jobs:
             space, child = key
             exprs, exprs_s = node_exprs(target, node), node_exprs(source, node)

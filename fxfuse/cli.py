@@ -484,9 +484,9 @@ def _compile_job(args, recipe, progress):
     rules = load_rules(recipe.rules)
     out_dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     loaded, states = [], None
-    plain = (recipe.cost == "weights" and recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair
-             and refine is None and labelled is None)
-    if plain:  # Hugging Face twins in safetensors: fused out of core
+    plain = (recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair and refine is None
+             and labelled is None)
+    if plain:  # Hugging Face twins in safetensors: fused out of core (activations streamed op by op)
         loaded, states = open_out_of_core(recipe.models, progress)
     if not loaded:
         for spec in recipe.models:

@@ -58,7 +58,8 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
             say(f"collecting activations of models {target} and {i} on {len(mine)} batches"
                 + (f" (worker {rank} of {size})" if size > 1 else ""))
             cost_model = activation_cost(ref, analysis, mine, keep, progress=progress, levels=analysed.levels,
-                                         reduce=all_reduce_sums if size > 1 else None, device=options.on)
+                                         reduce=all_reduce_sums if size > 1 else None, device=options.on,
+                                         states=tuple(None if in_memory(s) else s for s in (states[target], state)))
             if rank != 0:  # rank 0 solves, checks and writes
                 continue
         silent = _weights_instead(ref, analysis, cost_model, keep, options, analysed.levels, state)
@@ -78,8 +79,8 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
 def _weights_instead(ref: Analysis, source: Analysis, cost_model, keep: set[int], options: Options, levels,
                      state: Mapping[str, torch.Tensor]) -> set[int]:
     """Spaces the activations say nothing about (constant on the data, or read at no node) that weight matching
-    can align instead: top-level spaces without nested ones, of equal sizes, permutations only, weights held."""
-    if options.cost != "activations" or options.solver != "exact" or levels or not in_memory(state):
+    can align instead: top-level spaces without nested ones, of equal sizes, permutations only."""
+    if options.cost != "activations" or options.solver != "exact" or levels:
         return set()
     parents = set(ref.parents.values())
     return {s for s in cost_model.silent(blocks(ref, keep)) if ref.spaces[s].parent is None and s not in parents
