@@ -11,7 +11,8 @@ at a time; removed afterwards unless ``--keep``):
 * ``bert-base``: BertModel, hidden 768, 12 layers, 12 heads, MLP 3072 (109.5 M);
 * ``llama-1b``: LlamaForCausalLM, hidden 2048, 22 layers, 32 query / 4 key-value
   heads, MLP 5632, vocabulary 32000 (1.1 B), float32;
-* ``llama-1b-bf16``: the same weights in bfloat16 (converted shard by shard).
+* ``llama-1b-bf16``: the same weights in bfloat16 (converted shard by shard);
+* ``llama-1b-4l``: ``llama-1b``'s shapes with 4 layers (0.43 B), a quicker view of its solve.
 
 For each pair the script runs, each in a fresh process:
 
@@ -44,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache" / "scale"
-PAIRS = ("bert-base", "llama-1b", "llama-1b-bf16")
+PAIRS = ("bert-base", "llama-1b", "llama-1b-bf16", "llama-1b-4l")
 
 
 def _config(name: str):
@@ -52,7 +53,8 @@ def _config(name: str):
 
     if name == "bert-base":
         return transformers.BertModel, transformers.BertConfig()
-    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632,
+                                      num_hidden_layers=4 if name == "llama-1b-4l" else 22,
                                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                                       max_position_embeddings=2048, tie_word_embeddings=False)
     return transformers.LlamaForCausalLM, config
