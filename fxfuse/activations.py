@@ -21,6 +21,11 @@ its own (``x[…, j, a] → (mean_a x[…, j, a], mean_a x[…, j, a]²)``).
 Nodes inside higher-order subgraphs (``wrap_with_set_grad_enabled``,
 ``wrap_with_autocast``) are read too: the capture runs each submodule through
 the same interpreter, naming its nodes ``submodule/node`` as the analysis does.
+
+Out of core (a model traced on ``meta`` weights, its weights read on access,
+``fxfuse.lazy``) each op reads the weights it uses from the state and drops
+them after it; on a device (``fxfuse.device``) the graphs run there on copies
+whose device arguments say so, and the sums accumulate there.
 """
 from __future__ import annotations
 

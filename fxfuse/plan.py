@@ -25,17 +25,17 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Protocol
 
 import numpy as np
 import torch
 
+from .device import host, to as to_device
 from .layout import apply_matrix, permute_piece, pieces
 from .progress import bar
-from .device import host, to as to_device
 from .solvers import assignment, solve
 from .spaces import Analysis
 
