@@ -26,6 +26,7 @@ import math
 import random
 import time
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Protocol
@@ -429,7 +430,10 @@ class WeightCost:
     the maps it was made with, and reuses it, without reading the piece, while
     those maps are unchanged: the same bits in the same order of additions. A
     product found stale is dropped, not replaced, so that the room goes to
-    the pieces whose maps settle first (it is kept again on its next use).
+    the pieces whose maps settle first (it is kept again on its next use);
+    when the room is full the least recently used products go first (those
+    of blocks solved once, such as MLP spaces, give way to a residual stream
+    solved in every pass).
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
@@ -463,7 +467,7 @@ class WeightCost:
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
         self._last: tuple[str, list, list] | None = None
-        self._products: dict[tuple[int, int], tuple[tuple, tuple, torch.Tensor]] = {}
+        self._products: OrderedDict[tuple[int, int], tuple[tuple, tuple, torch.Tensor]] = OrderedDict()
         self._product_bytes = 0
         self.product_cache_bytes = PRODUCT_CACHE_BYTES
         self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
@@ -529,6 +533,7 @@ class WeightCost:
         maps = tuple(perms.get(sp) for sp in key)
         hit = self._products.get((i, d))
         if hit is not None and hit[0] == key and all(_same_map(x, y) for x, y in zip(hit[1], maps)):
+            self._products.move_to_end((i, d))
             return hit[2]
         ps = self._pieces(i)[1]
         moved = permute_piece(ps, tuple(mask), perms, self.parents)
@@ -537,7 +542,9 @@ class WeightCost:
         if hit is not None:  # its maps changed since: likely again, so the room goes to steadier pieces first
             del self._products[(i, d)]
             self._product_bytes -= size
-        elif self._product_bytes + size <= self.product_cache_bytes:
+        elif size <= self.product_cache_bytes:
+            while self._product_bytes + size > self.product_cache_bytes:  # the least recently used go first
+                self._product_bytes -= _nbytes(self._products.popitem(last=False)[1][2])
             self._product_bytes += size
             self._products[(i, d)] = (key, maps, product)
         return product
@@ -668,6 +675,10 @@ class WeightCost:
         if S is None:  # no tensor to compare (yet): no preference, see ``silent``
             S = torch.zeros(self.sizes[root], dtype=torch.float32)
         return S.double().numpy(), nested
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _same_map(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
