@@ -26,7 +26,6 @@ import math
 import random
 import time
 import warnings
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Protocol
@@ -431,9 +430,10 @@ class WeightCost:
     those maps are unchanged: the same bits in the same order of additions. A
     product found stale is dropped, not replaced, so that the room goes to
     the pieces whose maps settle first (it is kept again on its next use);
-    when the room is full the least recently used products go first (those
-    of blocks solved once, such as MLP spaces, give way to a residual stream
-    solved in every pass).
+    when the room is full, products never reused that an earlier block made
+    give way (those of blocks solved once, such as MLP spaces, to a residual
+    stream solved in every pass), and products that were reused stay: a
+    stream that does not fit keeps what fits instead of cycling through it.
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
@@ -467,7 +467,9 @@ class WeightCost:
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
         self._last: tuple[str, list, list] | None = None
-        self._products: OrderedDict[tuple[int, int], tuple[tuple, tuple, torch.Tensor]] = OrderedDict()
+        # (piece, dim) -> (spaces, their maps, product, [times reused], the block call that made it)
+        self._products: dict[tuple[int, int], tuple[tuple, tuple, torch.Tensor, list[int], int]] = {}
+        self._calls = 0
         self._product_bytes = 0
         self.product_cache_bytes = PRODUCT_CACHE_BYTES
         self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
@@ -533,21 +535,31 @@ class WeightCost:
         maps = tuple(perms.get(sp) for sp in key)
         hit = self._products.get((i, d))
         if hit is not None and hit[0] == key and all(_same_map(x, y) for x, y in zip(hit[1], maps)):
-            self._products.move_to_end((i, d))
+            hit[3][0] += 1
             return hit[2]
         ps = self._pieces(i)[1]
         moved = permute_piece(ps, tuple(mask), perms, self.parents)
         product = self._mm(self._target(i, (d,)), moved.movedim(d, 0).reshape(n_s, -1))
-        size = product.numel() * product.element_size()
+        size = _nbytes(product)
         if hit is not None:  # its maps changed since: likely again, so the room goes to steadier pieces first
             del self._products[(i, d)]
             self._product_bytes -= size
-        elif size <= self.product_cache_bytes:
-            while self._product_bytes + size > self.product_cache_bytes:  # the least recently used go first
-                self._product_bytes -= _nbytes(self._products.popitem(last=False)[1][2])
+        elif self._make_room(size):
             self._product_bytes += size
-            self._products[(i, d)] = (key, maps, product)
+            self._products[(i, d)] = (key, maps, product, [0], self._calls)
         return product
+
+    def _make_room(self, size: int) -> bool:
+        """Whether ``size`` bytes fit, after dropping (oldest first) products never reused that an earlier
+        ``block`` call made (a block solved once, such as an MLP space); products reused stay."""
+        if self._product_bytes + size <= self.product_cache_bytes:
+            return True
+        unused = [k for k, e in self._products.items() if e[3][0] == 0 and e[4] < self._calls]
+        for k in unused:
+            self._product_bytes -= _nbytes(self._products.pop(k)[2])
+            if self._product_bytes + size <= self.product_cache_bytes:
+                return True
+        return False
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a bᵀ`` (rows of ``a`` against rows of ``b``) on the CPU, computed on ``self.device`` if one is set."""
@@ -654,6 +666,7 @@ class WeightCost:
         return S, added
 
     def block(self, root, children, perms, known_only=False):
+        self._calls += 1
         S, nested = self._block(root, children, perms, known_only, reduce_unknown=False)
         if known_only and not np.any(S) and not nested:  # every tensor has an unsolved axis: read them anyway
             S, nested = self._block(root, children, perms, known_only, reduce_unknown=True)
