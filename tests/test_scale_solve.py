@@ -79,3 +79,24 @@ def test_kept_products_give_the_same_maps_bit_for_bit(name):
     assert counts[0].count <= counts[1].count
     if name == "llama":  # its residual stream is solved again in later passes, most of its pieces' maps unchanged
         assert kept.passes > 1 and counts[0].count < counts[1].count
+
+
+def test_products_that_do_not_all_fit_keep_what_fits():
+    """With room for half of the products a run keeps, the reused ones stay (no cycling through them)."""
+    a, args = zoo.llama(seed=0)
+    b, _ = zoo.llama(seed=1)
+    ta = fxfuse.analyze(a, args)
+    roomy = WeightCost(ta, a.state_dict(), b.state_dict())
+    full = align(ta, roomy, seed=3)
+    kept_bytes = roomy._product_bytes
+    counts = []
+    for room in (kept_bytes // 2, 0):
+        cost = WeightCost(ta, a.state_dict(), b.state_dict())
+        cost.product_cache_bytes = room
+        counted = _Products(cost)
+        got = align(ta, cost, seed=3)
+        assert got.passes == full.passes > 1
+        assert all(torch.equal(m.perm, got.maps[s].perm) for s, m in full.maps.items() if m.perm is not None)
+        assert cost._product_bytes <= room
+        counts.append(counted.count)
+    assert kept_bytes > 0 and counts[0] < counts[1]
