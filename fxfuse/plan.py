@@ -429,7 +429,8 @@ class WeightCost:
     the maps it was made with, and reuses it, without reading the piece, while
     those maps are unchanged: the same bits in the same order of additions. A
     product found stale is dropped, not replaced, so that the room goes to
-    the pieces whose maps settle first (it is kept again on its next use);
+    the pieces whose maps settle first (it is kept again on its next use,
+    unless it was found stale twice: its maps keep moving, as heads do);
     when the room is full, products never reused that an earlier block made
     give way (those of blocks solved once, such as MLP spaces, to a residual
     stream solved in every pass), and products that were reused stay: a
@@ -470,6 +471,7 @@ class WeightCost:
         # (piece, dim) -> (spaces, their maps, product, [times reused], the block call that made it)
         self._products: dict[tuple[int, int], tuple[tuple, tuple, torch.Tensor, list[int], int]] = {}
         self._calls = 0
+        self._stale: dict[tuple[int, int], int] = {}  # (piece, dim) -> times its kept product was found stale
         self._product_bytes = 0
         self.product_cache_bytes = PRODUCT_CACHE_BYTES
         self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
@@ -544,7 +546,8 @@ class WeightCost:
         if hit is not None:  # its maps changed since: likely again, so the room goes to steadier pieces first
             del self._products[(i, d)]
             self._product_bytes -= size
-        elif self._make_room(size):
+            self._stale[(i, d)] = self._stale.get((i, d), 0) + 1
+        elif self._stale.get((i, d), 0) < 2 and self._make_room(size):  # found stale twice: not kept again
             self._product_bytes += size
             self._products[(i, d)] = (key, maps, product, [0], self._calls)
         return product
