@@ -412,7 +412,7 @@ def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
 
 # Room for the products of pieces with other movable dims (float32 ``n × n_s`` each), reused while those dims'
 # maps stay: a residual stream re-solved in every pass recomputes only the products whose other maps changed.
-PRODUCT_CACHE_BYTES = 1 << 30
+PRODUCT_CACHE_BYTES = 3 << 29  # 1.5 GiB: a 1.1 B Llama's stream x MLP products (66 × 16 MiB) with room to spare
 
 
 class WeightCost:
