@@ -1,6 +1,7 @@
 """Scale: time and peak memory of ``fxfuse compile`` on large pairs, against the floor measured in the same run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/scale.py [--pairs bert-base,llama-1b,llama-1b-bf16] [--keep]
+                                                       [--device cpu|cuda|auto]
 
 Each pair is two independently initialised Hugging Face models built from a
 config with random weights (seeds 0 and 1), written as sharded safetensors
@@ -10,7 +11,8 @@ at a time; removed afterwards unless ``--keep``):
 * ``bert-base``: BertModel, hidden 768, 12 layers, 12 heads, MLP 3072 (109.5 M);
 * ``llama-1b``: LlamaForCausalLM, hidden 2048, 22 layers, 32 query / 4 key-value
   heads, MLP 5632, vocabulary 32000 (1.1 B), float32;
-* ``llama-1b-bf16``: the same weights in bfloat16 (converted shard by shard).
+* ``llama-1b-bf16``: the same weights in bfloat16 (converted shard by shard);
+* ``llama-1b-4l``: ``llama-1b``'s shapes with 4 layers (0.43 B), a quicker view of its solve.
 
 For each pair the script runs, each in a fresh process:
 
@@ -20,7 +22,15 @@ For each pair the script runs, each in a fresh process:
    every space's similarity products once (``Σ W_a W_bᵀ`` over its member
    axes, float32); any weight-matching fusion does at least this;
 3. the interpreter's start-up with ``import torch, transformers, fxfuse``,
-   which the compile wall time includes and the floor does not.
+   which the compile wall time includes and the floor does not (and, apart,
+   ``import fxfuse`` alone: transformers is imported only for a Hugging Face
+   model).
+
+The floor runs with as many threads as the compile (``torch.get_num_threads()``,
+which ``OMP_NUM_THREADS`` sets; ``THREADS=N`` overrides). The last lines give
+each pair's solve: passes, and the seconds of similarity products and of
+assignments summed over blocks (``report.json``'s ``solve_seconds``), the
+three slowest blocks named.
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache" / "scale"
-PAIRS = ("bert-base", "llama-1b", "llama-1b-bf16")
+PAIRS = ("bert-base", "llama-1b", "llama-1b-bf16", "llama-1b-4l")
 
 
 def _config(name: str):
@@ -43,7 +53,8 @@ def _config(name: str):
 
     if name == "bert-base":
         return transformers.BertModel, transformers.BertConfig()
-    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632,
+                                      num_hidden_layers=4 if name == "llama-1b-4l" else 22,
                                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                                       max_position_embeddings=2048, tie_word_embeddings=False)
     return transformers.LlamaForCausalLM, config
@@ -103,7 +114,7 @@ def floor(a: str, b: str) -> dict:
     """Read both checkpoints into memory, then one pass of every block's similarity products."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
     import fxfuse
     from fxfuse.lazy import CheckpointTensors, load_hf_out_of_core
     from fxfuse.plan import WeightCost, blocks
@@ -149,7 +160,7 @@ def _run_measured(argv: list[str], env: dict) -> tuple[float, float, str, float]
         return wall, usage.ru_maxrss / 2 ** 20, out.read(), usage.ru_utime + usage.ru_stime
 
 
-def measure(name: str) -> dict:
+def measure(name: str, device: str = "cpu") -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
@@ -159,15 +170,17 @@ def measure(name: str) -> dict:
     row = {"pair": name}
     try:
         wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.cli", "compile", str(a), str(b), "-o",
-                                              str(out), "--force", "-q"], env)
+                                              str(out), "--force", "-q"]
+                                             + (["--device", device] if device != "cpu" else []), env)
         report = json.loads((out / "report.json").read_text())
         row.update(wall_s=wall, cpu_s=cpu, peak_rss_gib=rss, timings=report["timings"], passes=report["passes"],
-                   self_check=report["self_check"], stdout=text.strip())
+                   self_check=report["self_check"], stdout=text.strip(), solve_seconds=report.get("solve_seconds"))
         print(f"{name}: compile {wall:.1f} s ({cpu:.1f} CPU s), {rss:.2f} GiB", file=sys.stderr, flush=True)
         _, frss, ftext, fcpu = _run_measured([sys.executable, __file__, "--floor", str(a), str(b)], env)
         row["floor"] = dict(json.loads(ftext.strip().splitlines()[-1]), peak_rss_gib=frss, process_cpu_s=fcpu)
         row["startup_s"] = _run_measured([sys.executable, "-c", "import torch, transformers, fxfuse.cli, fxfuse.fuse"],
                                          env)[0]
+        row["startup_fxfuse_s"] = _run_measured([sys.executable, "-c", "import fxfuse.cli, fxfuse.fuse"], env)[0]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return row
@@ -178,6 +191,7 @@ def main() -> None:
     parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}")
     parser.add_argument("--keep", action="store_true", help="keep the built checkpoints for the next run")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="fxfuse compile --device")
     parser.add_argument("--floor", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
@@ -189,7 +203,7 @@ def main() -> None:
         for name in names:
             if name not in PAIRS:
                 raise SystemExit(f"unknown pair {name!r} (one of {', '.join(PAIRS)})")
-            rows.append(measure(name))
+            rows.append(measure(name, args.device))
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     finally:
@@ -211,7 +225,15 @@ def main() -> None:
               f"{list(r['passes'].values())} | {check:.1e} |")
     for r in rows:
         t = r["timings"]
-        print(f"{r['pair']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+        print(f"{r['pair']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+              + f"; start-up of fxfuse alone {r['startup_fxfuse_s']:.1f} s")
+        for model, blocks in (r.get("solve_seconds") or {}).items():
+            products = sum(b["products_s"] for b in blocks.values())
+            assign = sum(b["assign_s"] for b in blocks.values())
+            slowest = sorted(blocks.items(), key=lambda kv: -(kv[1]["products_s"] + kv[1]["assign_s"]))[:3]
+            print(f"{r['pair']}: model {model}: {r['passes'][model]} passes, {len(blocks)} blocks, products "
+                  f"{products:.1f} s, assignments {assign:.1f} s; slowest " + ", ".join(
+                      f"{s} ({b['solves']} solves, {b['products_s']:.1f} + {b['assign_s']:.1f} s)" for s, b in slowest))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,21 @@ its own (``x[…, j, a] → (mean_a x[…, j, a], mean_a x[…, j, a]²)``).
 Nodes inside higher-order subgraphs (``wrap_with_set_grad_enabled``,
 ``wrap_with_autocast``) are read too: the capture runs each submodule through
 the same interpreter, naming its nodes ``submodule/node`` as the analysis does.
+
+Out of core (a model traced on ``meta`` weights, its weights read on access,
+``fxfuse.lazy``) each op reads the weights it uses from the state and drops
+them after it; on a device (``fxfuse.device``) the graphs run there on copies
+whose device arguments say so, and the sums accumulate there.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from .device import host, to as to_device
 from .layout import pieces
 from .plan import ActivationCost, blocks
 from .progress import bar
@@ -59,9 +66,9 @@ class _Stats:
     solutions should agree where the signal determines the assignment.
     """
 
-    def __init__(self, n_t: int, n_s: int, halves: bool = False):
+    def __init__(self, n_t: int, n_s: int, halves: bool = False, device: torch.device | None = None):
         self.n = 0
-        z = lambda *shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.st, self.ss, self.qt, self.qs = z(n_t), z(n_s), z(n_t), z(n_s)
         self.cross = z(n_t, n_s)
         if halves:
@@ -96,6 +103,14 @@ class _Stats:
             self.cross - self.hcross)
         return even, odd
 
+    def to_host(self) -> None:
+        """Move the sums to the CPU."""
+        self.st, self.ss, self.qt, self.qs, self.cross = (host(t) for t in (self.st, self.ss, self.qt, self.qs,
+                                                                            self.cross))
+        if hasattr(self, "hn"):
+            self.hst, self.hss, self.hqt, self.hqs, self.hcross = (
+                host(t) for t in (self.hst, self.hss, self.hqt, self.hqs, self.hcross))
+
     def _centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(cov (n_t × n_s), var_t, var_s)``; a unit constant over the samples (``VARIANCE_FLOOR``) has
         variance and covariances exactly 0."""
@@ -116,13 +131,13 @@ class _Stats:
         """
         cov, vt, vs = self._centred()
         scale = float((vt.mean() * vs.mean()).sqrt())
-        return (cov / scale).numpy() if scale > 0 else np.zeros(tuple(cov.shape))
+        return host(cov / scale).numpy() if scale > 0 else np.zeros(tuple(cov.shape))
 
     def correlation(self) -> np.ndarray:
         cov, vt, vs = self._centred()
         den = torch.sqrt(torch.outer(vt, vs))
         # scale-free: a constant unit (zero variance) correlates with nothing
-        return torch.where(den > 0, cov / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).numpy()
+        return host(torch.where(den > 0, cov / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0)).numpy()
 
 
 def _contains(exprs: tuple, space: int) -> bool:
@@ -275,11 +290,90 @@ def data_dependent_nodes(gm: torch.fx.GraphModule, prefix: str = "") -> set[str]
     return out
 
 
-def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str]) -> dict[str, torch.Tensor]:
+def on_device(analysis: Analysis, device: torch.device | None, out_of_core: bool = False):
+    """``(exported program, graph module to run)``: the graph itself where it runs where it was traced, else
+    a copy whose devices named inside the graph (``device=`` arguments, ``aten.to``) say ``device`` (the CPU
+    if ``None``), ``meta`` too for a graph traced on ``meta`` weights (out of core). The program's own
+    tensors do not move: ``_run`` moves the inputs it gives the graph."""
     ep = analysis.traced.exported
+    if device is None and not out_of_core:
+        return ep, ep.graph_module
+    where = str(device or "cpu")
+    mapping = {"meta": where, "cpu": where}
+    gm = copy.deepcopy(ep.graph_module)
+
+    def moved(d):
+        return torch.device(mapping.get(str(d), str(d))) if isinstance(d, (torch.device, str)) else d
+
+    for m in gm.modules():
+        if not isinstance(m, torch.fx.GraphModule):
+            continue
+        for node in m.graph.nodes:
+            if "device" in node.kwargs:
+                node.kwargs = {**node.kwargs, "device": moved(node.kwargs["device"])}
+            if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+                node.args = (node.args[0], moved(node.args[1]), *node.args[2:])
+        m.recompile()
+    return ep, gm
+
+
+class _Stored:
+    """A weight placeholder of a graph run out of core: read from the state at each use, as ``dtype``."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+
+
+class _Streamed(_Capture):
+    """``_Capture`` whose weights (``_Stored`` placeholders) are read from ``state`` by each op that uses them
+    and dropped after it: peak memory is one op's weights plus the live activations."""
+
+    def __init__(self, gm, wanted: set[str], state: Mapping[str, torch.Tensor], device: torch.device | None):
+        super().__init__(gm, wanted)
+        self.state, self.device = state, device
+
+    def fetch_args_kwargs_from_env(self, n):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return torch.fx.node.map_aggregate(args, self._read), torch.fx.node.map_aggregate(kwargs, self._read)
+
+    def _read(self, value):
+        if not isinstance(value, _Stored):
+            return value
+        t = self.state[value.name]
+        return to_device(t.to(value.dtype) if t.is_floating_point() else t, self.device)
+
+
+def _stored_inputs(ep, flat: list) -> list:
+    """``flat`` with every parameter and persistent buffer on ``meta`` (a model fused out of core) as a
+    ``_Stored`` placeholder of its state-dict name."""
+    from torch.export.graph_signature import InputKind
+
+    out = []
+    for spec, value in zip(ep.graph_signature.input_specs, flat):
+        stored = spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent)
+        if stored and isinstance(value, torch.Tensor) and value.device.type == "meta":
+            value = _Stored(spec.target, value.dtype)
+        out.append(value)
+    return out
+
+
+def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set[str], program=None,
+         device: torch.device | None = None, state: Mapping[str, torch.Tensor] | None = None
+         ) -> dict[str, torch.Tensor]:
+    """The values of the ``wanted`` nodes on one batch; ``program``: ``on_device``'s ``(exported program,
+    graph module)``, run on ``device`` (where every input goes); ``state``: the weights, read on access, of a
+    model whose module holds ``meta`` tensors (fused out of core; ``None``: the module's own)."""
+    ep, gm = program if program is not None else on_device(analysis, device, state is not None)
     flat = ep._graph_module_flat_inputs(tuple(args), dict(kwargs))
+    if state is not None:
+        flat = _stored_inputs(ep, flat)
+    if device is not None:
+        flat = [to_device(x, device) if isinstance(x, torch.Tensor) else x for x in flat]
     probes = {n: analysis.probes[n] for n in wanted if n in analysis.probes}
-    cap = _Capture(ep.graph_module, set(wanted) | {i for p in probes.values() for i in p.inputs})
+    keep = set(wanted) | {i for p in probes.values() for i in p.inputs}
+    cap = _Streamed(gm, keep, state, device) if state is not None else _Capture(gm, keep)
     with torch.no_grad():
         cap.run(*flat)
         for name, probe in probes.items():
@@ -290,13 +384,19 @@ def _run(analysis: Analysis, args: tuple, kwargs: Mapping[str, Any], wanted: set
 def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[tuple, Mapping[str, Any]]],
                     fixed: set[int] = frozenset(), nodes_per_space: int = 16,
                     progress: Callable[[str], None] | None = None, levels=None,
-                    reduce: Callable[[dict], None] | None = None, halves: bool = False) -> ActivationCost:
+                    reduce: Callable[[dict], None] | None = None, halves: bool = False,
+                    device: torch.device | None = None,
+                    states: Sequence[Mapping[str, torch.Tensor] | None] = (None, None)) -> ActivationCost:
     """Correlation costs for every block of ``target`` from both models' activations on ``batches``.
 
     ``reduce``: applied to the accumulated sums before they become correlations
-    (``fxfuse.distributed.all_reduce_sums``: the sums of every worker's batches).
-    ``halves``: also the costs of the even and of the odd samples alone (``ActivationCost.halves``).
+    (``fxfuse.distributed.all_reduce_sums``: the sums of every worker's batches);
+    ``halves``: also the costs of the even and of the odd samples alone (``ActivationCost.halves``);
+    ``device``: where both graphs run and the sums accumulate (``None``: in place);
+    ``states``: the target's and the source's weights where their modules hold ``meta`` tensors (out of
+    core): each op reads the weights it uses from them (``None``: the modules' own).
     """
+    programs = (on_device(target, device, states[0] is not None), on_device(source, device, states[1] is not None))
     plan_blocks = blocks(target, set(fixed))
     jobs: list[tuple[tuple[int, int | None], str]] = []
     for b in plan_blocks:
@@ -313,8 +413,8 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
     stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
     shown = bar(progress, "activations", len(batches))
     for i, (args, kwargs) in enumerate(batches):
-        vt = _run(target, args, kwargs, wanted)
-        vs = _run(source, args, kwargs, wanted)
+        vt = _run(target, args, kwargs, wanted, programs[0], device, states[0])
+        vs = _run(source, args, kwargs, wanted, programs[1], device, states[1])
         for key, node in jobs:
             space, child = key
             exprs, exprs_s = node_exprs(target, node), node_exprs(source, node)
@@ -327,17 +427,20 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
                                             _units(vs[node], exprs_s, space, child, others)):
                 st = stats.get((key, node, feature))
                 if st is None:
-                    st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1], halves)
+                    st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1], halves, device)
                 st.add(x, y)
         shown.update()
     shown.close()
+    if device is not None:  # the sums come back to the CPU: reduced over workers and turned into costs there
+        for st in stats.values():
+            st.to_host()
     if reduce is not None:
         reduce(stats)
     sizes = {s.id: (s.size, source.spaces[s.id].size) for s in target.spaces}
-    cost = ActivationCost(*_costs(target, source, stats, levels), sizes)
+    cost = ActivationCost(*_costs(target, source, stats, levels), sizes, device)
     if halves:
         parts = [{k: st.halves()[h] for k, st in stats.items()} for h in (0, 1)]
-        cost.halves = tuple(ActivationCost(*_costs(target, source, p, levels), sizes) for p in parts)
+        cost.halves = tuple(ActivationCost(*_costs(target, source, p, levels), sizes, device) for p in parts)
     return cost
 
 

@@ -107,14 +107,14 @@ def local_group(workers: int, argv: Sequence[str]) -> Iterator[list[subprocess.P
 
     port = str(_free_port())
     group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(workers)}
-    saved = {k: os.environ.get(k) for k in (*group, "RANK")}
+    saved = {k: os.environ.get(k) for k in (*group, "RANK", "LOCAL_RANK")}
     child_argv = _without_workers(argv)
     procs = []
     try:
         for rank in range(1, workers):
-            env = dict(os.environ, **group, RANK=str(rank))
+            env = dict(os.environ, **group, RANK=str(rank), LOCAL_RANK=str(rank))  # LOCAL_RANK: its GPU
             procs.append(start_worker([sys.executable, "-m", "fxfuse.cli", *child_argv, "--quiet"], env))
-        os.environ.update(group, RANK="0")
+        os.environ.update(group, RANK="0", LOCAL_RANK="0")
         init_from_env()
         yield procs
     finally:

@@ -54,7 +54,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka", groups: str = "perm",
             untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
             refine: Any = None, states: Sequence[Mapping[str, torch.Tensor]] | None = None,
-            out_dtype: torch.dtype | None = None) -> FusionResult:
+            out_dtype: torch.dtype | None = None, device: str = "cpu") -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
@@ -105,7 +105,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     options = passes.Options.of(len(models), target=target, weights=weights, calib=calib, cost=cost, solver=solver,
                                 reg=reg, pin=tuple(pin), method=method, seed=seed, max_passes=max_passes,
                                 strict=strict, heads=heads, depth_cost=depth_cost, groups=groups, untie=untie,
-                                repair=repair, refine=refine, out_dtype=out_dtype)
+                                repair=repair, refine=refine, out_dtype=out_dtype, device=device)
     inputs = passes.prepare(models, example_args, example_kwargs, options, calib, rules, states, progress)
     with _timed(timings, "depth_s"):
         same_depth = passes.relayer(inputs, options, progress)

@@ -69,6 +69,9 @@ class Alignment:
     cost: str
     solver: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    seconds: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    """Per block (its root space): ``products_s`` (the cost model's similarities), ``assign_s`` (the
+    rest of its solves: assignments, Procrustes) and ``solves``, over every pass."""
 
     @property
     def hard(self) -> bool:

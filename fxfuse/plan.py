@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import math
 import random
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Mapping, Protocol
 
 import numpy as np
 import torch
 
+from .device import host, to as to_device
 from .layout import apply_matrix, permute_piece, pieces
 from .maps import Alignment, Block, TransportMap, _pairwise  # noqa: F401  (also imported from here)
 from .progress import bar
@@ -185,13 +188,16 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     todo = blocks(target, set(fixed))
     grouped = {i for i, b in enumerate(todo) if is_group_block(b, levels or {})}
 
+    clock = _Clock(cost)
+
     def solve_one(i: int, known_only: bool = False):
-        if i in grouped:
-            got = solve_group_block(todo[i], cost, perms, levels, known_only)
-            if got is not None:
-                return got
-            grouped.discard(i)  # sizes differ: permutations and matchings as usual
-        return solve_block(todo[i], cost, perms, known_only=known_only)
+        with clock.timing(todo[i].root):
+            if i in grouped:
+                got = solve_group_block(todo[i], clock, perms, levels, known_only)
+                if got is not None:
+                    return got
+                grouped.discard(i)  # sizes differ: permutations and matchings as usual
+            return solve_block(todo[i], clock, perms, known_only=known_only)
 
     perms: dict[int, torch.Tensor] = {}
     results: dict[int, dict[int, TransportMap]] = {}
@@ -255,11 +261,40 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     final: dict[int, TransportMap] = {}
     for i, block in enumerate(todo):
         if i not in grouped and (solver == "sinkhorn" or any(m.descent_value() is None for m in results[i].values())):
-            maps, _, _ = solve_block(block, cost, perms, solver, reg, soft=solver == "sinkhorn")
+            with clock.timing(block.root):
+                maps, _, _ = solve_block(block, clock, perms, solver, reg, soft=solver == "sinkhorn")
         else:
             maps = results[i]
         final.update(maps)
-    return Alignment(final, passes, cost_name, solver, tuple(notes))
+    return Alignment(final, passes, cost_name, solver, tuple(notes), clock.seconds)
+
+
+class _Clock:
+    """A cost model's stand-in that times its ``block`` calls inside each block's solves (``Alignment.seconds``)."""
+
+    def __init__(self, cost: CostModel):
+        self.cost, self.seconds, self._products = cost, {}, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.cost, name)
+
+    def block(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.cost.block(*args, **kwargs)
+        finally:
+            self._products += time.perf_counter() - start
+
+    @contextmanager
+    def timing(self, root: int):
+        start, self._products = time.perf_counter(), 0.0
+        try:
+            yield
+        finally:
+            entry = self.seconds.setdefault(root, {"products_s": 0.0, "assign_s": 0.0, "solves": 0})
+            entry["products_s"] += self._products
+            entry["assign_s"] += time.perf_counter() - start - self._products
+            entry["solves"] += 1
 
 
 def _complete(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]) -> bool:
@@ -290,6 +325,11 @@ def _neighbours(todo: list[Block], cost: CostModel) -> dict[int, set[int]]:
 # ---------------------------------------------------------------- weight cost
 
 
+# Room for the products of pieces with other movable dims (float32 ``n × n_s`` each), reused while those dims'
+# maps stay: a residual stream re-solved in every pass recomputes only the products whose other maps changed.
+PRODUCT_CACHE_BYTES = 3 << 29  # 1.5 GiB: a 1.1 B Llama's stream x MLP products (66 × 16 MiB) with room to spare
+
+
 class WeightCost:
     """Git Re-Basin weight matching similarity between a target and a source state dict.
 
@@ -299,13 +339,26 @@ class WeightCost:
     ``d`` of a piece, the target slices ``T_d`` (``n × rest``) are cached when
     the target state is held in memory; when every other dim of the piece is
     fixed (pinned or outside all blocks, e.g. an embedding's vocabulary) the
-    product ``T_d S_dᵀ`` never changes and is computed once.
+    product ``T_d S_dᵀ`` never changes and is computed once. A piece with other
+    movable dims keeps its product (up to ``product_cache_bytes`` in all) with
+    the maps it was made with, and reuses it, without reading the piece, while
+    those maps are unchanged: the same bits in the same order of additions. A
+    product found stale is dropped, not replaced, so that the room goes to
+    the pieces whose maps settle first (it is kept again on its next use,
+    unless it was found stale twice: its maps keep moving, as heads do);
+    when the room is full, products never reused that an earlier block made
+    give way (those of blocks solved once, such as MLP spaces, to a residual
+    stream solved in every pass), and products that were reused stay: a
+    stream that does not fit keeps what fits instead of cycling through it.
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
                  source_state: Mapping[str, torch.Tensor], movable: set[int] | None = None,
-                 source: Analysis | None = None, skip: frozenset[str] = frozenset()):
-        """``source``: the source's analysis where its sizes differ; ``skip``: parameters left out."""
+                 source: Analysis | None = None, skip: frozenset[str] = frozenset(),
+                 device: torch.device | None = None):
+        """``source``: the source's analysis where its sizes differ; ``skip``: parameters left out;
+        ``device``: where the products run (``None``: in place, on the CPU; ``fxfuse.device``)."""
+        self.device = device
         self.parents = target.parents
         self.sizes = {sp.id: (sp.size, (source or target).spaces[sp.id].size) for sp in target.spaces}
         self.movable = movable if movable is not None else {
@@ -330,6 +383,12 @@ class WeightCost:
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
         self._last: tuple[str, list, list] | None = None
+        # (piece, dim) -> (spaces, their maps, product, [times reused], the block call that made it)
+        self._products: dict[tuple[int, int], tuple[tuple, tuple, torch.Tensor, list[int], int]] = {}
+        self._calls = 0
+        self._stale: dict[tuple[int, int], int] = {}  # (piece, dim) -> times its kept product was found stale
+        self._product_bytes = 0
+        self.product_cache_bytes = PRODUCT_CACHE_BYTES
         self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
 
     silent_reason = "no floating-point member tensor to compare"
@@ -359,7 +418,7 @@ class WeightCost:
         if m is None:
             pt = self._pieces(i)[0]
             lead = [pt.shape[d] for d in dims]
-            m = pt.movedim(dims, tuple(range(len(dims)))).reshape(*lead, -1).contiguous()
+            m = to_device(pt.movedim(dims, tuple(range(len(dims)))).reshape(*lead, -1).contiguous(), self.device)
             if self._cache_target:
                 self._target_cache[key] = m
         return m
@@ -373,7 +432,7 @@ class WeightCost:
         a = self._target(i, (d, cd)).reshape(n, m, -1)
         if not any(p is not None for _, _, p in others):
             b = moved.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
-            S4 = (a.reshape(n * m, -1) @ b.T).reshape(n, m, n_s, m)
+            S4 = self._mm(a.reshape(n * m, -1), b).reshape(n, m, n_s, m)
         else:
             S4 = torch.empty(n, m, n_s, m)
             for j in range(n):
@@ -382,8 +441,49 @@ class WeightCost:
                     if table is not None:
                         src = _inner_map_under(src, d, cd2, table[j])
                 b = src.movedim((d, cd), (0, 1)).reshape(n_s * m, -1)
-                S4[j] = (a[j] @ b.T).reshape(m, n_s, m)
+                S4[j] = self._mm(a[j], b).reshape(m, n_s, m)
         return S4.permute(0, 2, 1, 3).double().numpy()  # [j, k, a, b]
+
+    def _moved_product(self, i: int, d: int, mask: list[int], perms: Mapping[int, torch.Tensor],
+                       n_s: int) -> torch.Tensor:
+        """``T_d S'_dᵀ`` (``n × n_s``) of piece ``i`` along dim ``d``, the source moved by the maps of its other
+        spaces (``mask``); kept while the cache has room and reused, unread, while those maps are the same."""
+        key = tuple(sorted({m for m in mask if m >= 0}))
+        maps = tuple(perms.get(sp) for sp in key)
+        hit = self._products.get((i, d))
+        if hit is not None and hit[0] == key and all(_same_map(x, y) for x, y in zip(hit[1], maps)):
+            hit[3][0] += 1
+            return hit[2]
+        ps = self._pieces(i)[1]
+        moved = permute_piece(ps, tuple(mask), perms, self.parents)
+        product = self._mm(self._target(i, (d,)), moved.movedim(d, 0).reshape(n_s, -1))
+        size = _nbytes(product)
+        if hit is not None:  # its maps changed since: likely again, so the room goes to steadier pieces first
+            del self._products[(i, d)]
+            self._product_bytes -= size
+            self._stale[(i, d)] = self._stale.get((i, d), 0) + 1
+        elif self._stale.get((i, d), 0) < 2 and self._make_room(size):  # found stale twice: not kept again
+            self._product_bytes += size
+            self._products[(i, d)] = (key, maps, product, [0], self._calls)
+        return product
+
+    def _make_room(self, size: int) -> bool:
+        """Whether ``size`` bytes fit, after dropping (oldest first) products never reused that an earlier
+        ``block`` call made (a block solved once, such as an MLP space); products reused stay."""
+        if self._product_bytes + size <= self.product_cache_bytes:
+            return True
+        unused = [k for k, e in self._products.items() if e[3][0] == 0 and e[4] < self._calls]
+        for k in unused:
+            self._product_bytes -= _nbytes(self._products.pop(k)[2])
+            if self._product_bytes + size <= self.product_cache_bytes:
+                return True
+        return False
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a bᵀ`` (rows of ``a`` against rows of ``b``) on the CPU, computed on ``self.device`` if one is set."""
+        if self.device is None:
+            return a @ b.T
+        return host(to_device(a, self.device) @ to_device(b, self.device).T)
 
     def _unknown(self, mask: list[int], perms: Mapping[int, torch.Tensor]) -> list[int]:
         """Dims of a piece whose space is movable but has no map yet (and dims nested under those)."""
@@ -405,7 +505,7 @@ class WeightCost:
             rows_s = math.prod(b.shape[e] for e in lead)
             a = a.movedim(lead, tuple(range(len(lead)))).reshape(rows_t, -1)
             b = b.movedim(lead, tuple(range(len(lead)))).reshape(rows_s, -1)
-            total = total + a @ b.T
+            total = total + self._mm(a, b)
         return total
 
     def _masks(self, root, children):
@@ -455,8 +555,11 @@ class WeightCost:
                 unknown = self._unknown(mask, perms) if known_only else []
                 if unknown and not reduce_unknown:
                     continue
-                pt, ps, _ = self._pieces(i)
                 added += 1
+                if not unknown and not child_dims and not static:
+                    S += self._moved_product(i, d, mask, perms, n_s)
+                    continue
+                pt, ps, _ = self._pieces(i)
                 if unknown:
                     lead = (d,) + tuple(cd for _, cd in child_dims[:1])
                     prod = self._reduced(i, lead, unknown, mask, perms)
@@ -466,11 +569,8 @@ class WeightCost:
                         c, m = child_dims[0][0], pt.shape[child_dims[0][1]]
                         nested[c] = nested.get(c, 0) + prod.reshape(n, m, n_s, m).permute(0, 2, 1, 3).double().numpy()
                     continue
-                if not child_dims:
-                    moved = permute_piece(ps, tuple(mask), perms, self.parents) if not static else ps
-                    a = self._target(i, (d,))
-                    b = moved.movedim(d, 0).reshape(n_s, -1)
-                    S += a @ b.T
+                if not child_dims:  # static: no other movable dim
+                    S += self._mm(self._target(i, (d,)), ps.movedim(d, 0).reshape(n_s, -1))
                     continue
                 moved = permute_piece(ps, tuple(mask), perms, self.parents)
                 if len(child_dims) > 1:
@@ -484,6 +584,7 @@ class WeightCost:
         return S, added
 
     def block(self, root, children, perms, known_only=False):
+        self._calls += 1
         S, nested = self._block(root, children, perms, known_only, reduce_unknown=False)
         if known_only and not np.any(S) and not nested:  # every tensor has an unsolved axis: read them anyway
             S, nested = self._block(root, children, perms, known_only, reduce_unknown=True)
@@ -505,6 +606,16 @@ class WeightCost:
         if S is None:  # no tensor to compare (yet): no preference, see ``silent``
             S = torch.zeros(self.sizes[root], dtype=torch.float32)
         return S.double().numpy(), nested
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _same_map(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    if x is None or y is None:
+        return x is y
+    return x is y or (x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y))
 
 
 def _floating(state: Mapping[str, torch.Tensor], name: str) -> bool:
@@ -540,9 +651,9 @@ class ActivationCost:
     silent_reason = "constant on the calibration data, or read at no node"
 
     def __init__(self, stats: Mapping[int, np.ndarray], nested_stats: Mapping[tuple[int, int], np.ndarray],
-                 sizes: Mapping[int, tuple[int, int]]):
-        """``sizes``: ``{space: (target size, source size)}``."""
-        self.stats, self.nested_stats, self.sizes = stats, nested_stats, sizes
+                 sizes: Mapping[int, tuple[int, int]], device: torch.device | None = None):
+        """``sizes``: ``{space: (target size, source size)}``; ``device``: where Procrustes runs (``None``: CPU)."""
+        self.stats, self.nested_stats, self.sizes, self.device = stats, nested_stats, sizes, device
         self.halves: tuple["ActivationCost", "ActivationCost"] | None = None  # even and odd samples alone
 
     def undetermined(self, planned: list[Block]) -> dict[int, float]:

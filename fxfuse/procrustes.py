@@ -26,24 +26,32 @@ from .maps import Block, TransportMap, _pairwise
 from .solvers import assignment
 
 
-def procrustes(S: np.ndarray, fix_ones: bool = False) -> np.ndarray:
-    """The orthogonal ``Q`` maximising ``tr(Qᵀ S)`` (``Q·1 = 1`` with ``fix_ones``)."""
+def procrustes(S: np.ndarray, fix_ones: bool = False, device: torch.device | None = None) -> np.ndarray:
+    """The orthogonal ``Q`` maximising ``tr(Qᵀ S)`` (``Q·1 = 1`` with ``fix_ones``); the SVD on ``device`` if set."""
     n = S.shape[0]
     if fix_ones and n > 1:
         B = ones_complement(n).numpy()
-        return B @ procrustes(B.T @ S @ B) @ B.T + np.full((n, n), 1.0 / n)
-    U, _, Vt = np.linalg.svd(S)
-    return U @ Vt
+        return B @ procrustes(B.T @ S @ B, device=device) @ B.T + np.full((n, n), 1.0 / n)
+    return _polar(S, device)
 
 
-def _pairwise_procrustes(S4: np.ndarray, fix_ones: bool) -> tuple[np.ndarray, np.ndarray]:
+def _polar(S: np.ndarray, device: torch.device | None) -> np.ndarray:
+    """``U Vᵀ`` of ``S = U Σ Vᵀ`` (batched over leading dims): numpy in place, or torch on ``device``."""
+    if device is None:
+        U, _, Vt = np.linalg.svd(S)
+        return U @ Vt
+    U, _, Vt = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(S)).to(device))
+    return (U @ Vt).cpu().numpy()
+
+
+def _pairwise_procrustes(S4: np.ndarray, fix_ones: bool, device: torch.device | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Per head pair: value ``max_Q tr(Qᵀ S4[j,k])`` ``(n, n)`` and the maps ``(n, n, m, m)``."""
     n_t, n_s, m, _ = S4.shape
     if fix_ones:
-        Qs = np.stack([np.stack([procrustes(S4[j, k], True) for k in range(n_s)]) for j in range(n_t)])
+        Qs = np.stack([np.stack([procrustes(S4[j, k], True, device) for k in range(n_s)]) for j in range(n_t)])
     else:
-        U, _, Vt = np.linalg.svd(S4)
-        Qs = U @ Vt
+        Qs = _polar(S4, device)
     return np.einsum("jkab,jkab->jk", Qs, S4), Qs
 
 
@@ -70,8 +78,9 @@ def solve_group_block(block: Block, cost, perms, levels, known_only: bool = Fals
     if n_t != n_s or any(S4.shape[2] != S4.shape[3] for S4 in nested.values()):
         return None
     rows = np.arange(n_t)
+    device = getattr(cost, "device", None)
     if not block.children:
-        Q = procrustes(S, fix_ones=levels[block.root] == ORTHO_ONES)
+        Q = procrustes(S, fix_ones=levels[block.root] == ORTHO_ONES, device=device)
         aligned = float((Q * S).sum())
         m = TransportMap(block.root, q=torch.from_numpy(Q), similarity_identity=float(np.trace(S)),
                          similarity_aligned=aligned, solver="procrustes")
@@ -79,7 +88,7 @@ def solve_group_block(block: Block, cost, perms, levels, known_only: bool = Fals
     values, tables = {}, {}
     for c, S4 in nested.items():
         level = levels.get(c, PERM)
-        values[c], tables[c] = (_pairwise_procrustes(S4, level == ORTHO_ONES) if level > PERM else _pairwise(S4))
+        values[c], tables[c] = (_pairwise_procrustes(S4, level == ORTHO_ONES, device) if level > PERM else _pairwise(S4))
     total = S + sum(values.values(), np.zeros_like(S))
     p = assignment(-total) if block.root_free else rows
     aligned = float(total[rows, p].sum())

@@ -126,6 +126,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", "int", 1, "collect activation statistics in N local processes (torch.distributed, gloo); "
            "under torchrun the ranks torchrun starts are the workers", metavar="N",
            check=lambda v: None if v >= 1 else f"need at least one, got {v}", to_compile=False),
+    Option("device", "str", "cpu", "where activations, similarity products, Procrustes and refinement run: cpu, "
+           "cuda (an error where torch sees no GPU) or auto (cuda where there is one); assignments and the "
+           "self-check stay on the CPU", choices=("cpu", "cuda", "auto")),
     Option("seed", "int", 0, "seed of the descent order and random calibration"),
     Option("rules", "paths", (), "extra rule file (repeatable; later files override earlier and the shipped rules)",
            metavar="FILE", to_compile=False),

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .derived import forget_derived
+from .device import to as to_device
 from .errors import FxfuseError
 from .groupmaps import ones_complement
 from .groups import ORTHO_ONES
@@ -110,19 +111,19 @@ def project(latent: torch.Tensor, group: str) -> torch.Tensor:
         return U @ Vh
     if group == "orthogonal_ones":
         n = latent.shape[-1]
-        B = ones_complement(n).to(latent.dtype)
+        B = ones_complement(n).to(latent.device, latent.dtype)
         O = project(B.T @ latent.detach() @ B, "orthogonal")
-        return B @ O @ B.T + torch.full((n, n), 1.0 / n, dtype=latent.dtype)
+        return B @ O @ B.T + torch.full((n, n), 1.0 / n, dtype=latent.dtype, device=latent.device)
     if group not in ("permutation", "matching"):
         raise RefineError(f"unknown group {group!r} (one of {', '.join(GROUPS)})")
-    flat = latent.detach().reshape(-1, *latent.shape[-2:]).double().numpy()
+    flat = latent.detach().reshape(-1, *latent.shape[-2:]).double().cpu().numpy()
     out = np.zeros_like(flat)
     for i, L in enumerate(flat):
         if group == "matching":
             out[i] = matching(-L)
         else:
             out[i, np.arange(L.shape[0]), assignment(-L)] = 1.0
-    return torch.from_numpy(out).to(latent.dtype).reshape(latent.shape)
+    return torch.from_numpy(out).to(latent.device, latent.dtype).reshape(latent.shape)
 
 
 def straight_through(latent: torch.Tensor, group: str) -> torch.Tensor:
@@ -141,8 +142,8 @@ def rotation(generator: torch.Tensor, group: str) -> torch.Tensor:
     if group != "orthogonal_ones":
         return R
     n = generator.shape[-1] + 1
-    B = ones_complement(n).to(generator.dtype)
-    return B @ R @ B.T + torch.full((n, n), 1.0 / n, dtype=generator.dtype)
+    B = ones_complement(n).to(generator.device, generator.dtype)
+    return B @ R @ B.T + torch.full((n, n), 1.0 / n, dtype=generator.dtype, device=generator.device)
 
 
 # ---------------------------------------------------------------- latents of one alignment
@@ -194,7 +195,8 @@ def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None
 
 
 def _axis_matrix(expr: AxisExpr, mats: Mapping[int, torch.Tensor], pairs: Mapping[int, torch.Tensor],
-                 parents: Mapping[int, int], reads: bool, orthogonal: frozenset[int] = frozenset()) -> torch.Tensor:
+                 parents: Mapping[int, int], reads: bool, orthogonal: frozenset[int] = frozenset(),
+                 device: torch.device | None = None) -> torch.Tensor:
     """The ``n_t × n_s`` matrix one axis moves by, differentiable in ``mats`` (see ``fxfuse.emit.axis_matrix``).
 
     ``mats[s]``: ``(n_t, n_s)`` for a root space, ``(n_parent, m, m)`` for a space
@@ -205,27 +207,28 @@ def _axis_matrix(expr: AxisExpr, mats: Mapping[int, torch.Tensor], pairs: Mappin
     if isinstance(expr, Leaf):
         M = mats.get(expr.space)
         if M is None or M.dim() != 2:
-            return torch.eye(expr.size)
+            return torch.eye(expr.size, device=device)
         return consumer(M) if reads and expr.space not in orthogonal else M
     if isinstance(expr, Concat):
-        return torch.block_diag(*(_axis_matrix(p, mats, pairs, parents, reads, orthogonal) for p in expr.parts))
+        return torch.block_diag(*(_axis_matrix(p, mats, pairs, parents, reads, orthogonal, device)
+                                  for p in expr.parts))
     parts, out, i = list(expr.parts), [], 0
     while i < len(parts):
         part, nxt = parts[i], parts[i + 1] if i + 1 < len(parts) else None
         if (isinstance(part, Leaf) and isinstance(nxt, Leaf) and parents.get(nxt.space) == part.space
                 and (nxt.space in mats or nxt.space in pairs)):
-            A = _axis_matrix(part, mats, pairs, parents, reads, orthogonal)
+            A = _axis_matrix(part, mats, pairs, parents, reads, orthogonal, device)
             n_t, n_s = A.shape
             if nxt.space in pairs:
                 pp = pairs[nxt.space]
-                inner = torch.eye(nxt.size)[pp]  # (n_t, n_s, m, m): [j, k, a, b] = [b == π_jk(a)]
+                inner = torch.eye(nxt.size, device=device)[pp.to(device)]  # (n_t, n_s, m, m): [b == π_jk(a)]
                 block = A[:, :, None, None] * inner
             else:
                 block = A[:, :, None, None] * mats[nxt.space][:, None, :, :]
             out.append(block.permute(0, 2, 1, 3).reshape(n_t * nxt.size, n_s * nxt.size))
             i += 2
             continue
-        out.append(_axis_matrix(part, mats, pairs, parents, reads, orthogonal))
+        out.append(_axis_matrix(part, mats, pairs, parents, reads, orthogonal, device))
         i += 1
     M = out[0]
     for m in out[1:]:
@@ -237,8 +240,10 @@ class Mover:
     """Moves one source state into the target basis by given (differentiable) maps."""
 
     def __init__(self, analysis: Analysis, state: Mapping[str, torch.Tensor], pairs: Mapping[int, torch.Tensor],
-                 spaces: set[int], orthogonal: frozenset[int] = frozenset()):
+                 spaces: set[int], orthogonal: frozenset[int] = frozenset(), device: torch.device | None = None):
+        """``device``: where the state lies and the maps are built (``None``: the CPU)."""
         self.state, self.pairs, self.parents, self.orthogonal = state, pairs, analysis.parents, orthogonal
+        self.device = device
         self.moved: list[tuple[str, tuple[str, ...], list[tuple[int, AxisExpr, bool]]]] = []
         touched = set(spaces) | set(pairs)
         skip = analysis.scales if orthogonal else frozenset()  # c·1 commutes with every map (fxfuse.groupmaps)
@@ -255,7 +260,7 @@ class Mover:
         for name, aliases, axes in self.moved:
             t = self.state[name].float()
             for d, expr, reads in axes:
-                M = _axis_matrix(expr, mats, self.pairs, self.parents, reads, self.orthogonal)
+                M = _axis_matrix(expr, mats, self.pairs, self.parents, reads, self.orthogonal, self.device)
                 t = torch.tensordot(M.to(t.dtype), t, dims=([1], [d])).movedim(0, d)
             for key in (name,) + aliases:
                 if key in out:
@@ -303,7 +308,8 @@ def _mix(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
 def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Mapping[str, torch.Tensor]],
            alignments: Sequence[Alignment | None], target: int, weights: Sequence[float], config: RefineConfig,
            call: Callable[[nn.Module, dict, torch.Tensor], Any], frozen: Sequence[Mapping[str, torch.Tensor]] = (),
-           progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None) -> Refined:
+           progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None,
+           device: torch.device | None = None) -> Refined:
     """Refine every source's ``alignment`` into the target's basis (see the module doc).
 
     ``module``: a model of the target's class (its forward runs with the mixed
@@ -311,7 +317,10 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     ``call(module, state, x)``: runs ``module`` with ``state`` on inputs ``x``;
     ``frozen[m]``: entries of source ``m``'s aligned state that do not move
     (identity blocks that take the target's weights); ``levels``: each space's
-    group level (``fxfuse.groups``; which orthogonal maps keep the ones vector).
+    group level (``fxfuse.groups``; which orthogonal maps keep the ones vector);
+    ``device``: where the states, the latents and the forward and backward
+    passes live (``None``: in place, on the CPU); the projections' assignments
+    run on the CPU.
     """
     from .heads import head_loss
 
@@ -324,7 +333,11 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
         raise RefineError(f"unknown parametrisation {config.orthogonal!r} of orthogonal maps "
                           f"(one of {', '.join(PARAMETRISATIONS)})")
     head = config.head
-    movers, latents, kinds, bases = _latent_maps(analyses, states, alignments, target, levels, config.orthogonal)
+    if device is not None:
+        states = [{k: to_device(v, device) for k, v in st.items()} for st in states]
+        frozen = [{k: to_device(v, device) for k, v in fr.items()} for fr in frozen]
+    movers, latents, kinds, bases = _latent_maps(analyses, states, alignments, target, levels, config.orthogonal,
+                                                 device)
     perm_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group not in ORTHOGONAL]
     ortho_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group in ORTHOGONAL]
     if not perm_params and not ortho_params:
@@ -334,6 +347,8 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
     g = torch.Generator().manual_seed(config.seed)
     probe = copy.deepcopy(forget_derived(module)).eval()
+    if device is not None:
+        probe.to(device)
     for p in probe.parameters():
         p.requires_grad_(False)
     n = config.inputs.shape[0]
@@ -358,7 +373,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
             m = min(n, config.eval_samples)
             total = 0.0
             for s in range(0, m, config.batch_size):
-                x, y = config.inputs[s:min(m, s + config.batch_size)], config.labels[s:min(m, s + config.batch_size)]
+                x, y = (to_device(t[s:min(m, s + config.batch_size)], device) for t in (config.inputs, config.labels))
                 total += float(head_loss(call(probe, mixed, x), y, head)) * x.shape[0]
             return total / m
 
@@ -376,7 +391,8 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
         pos += config.batch_size
         mix = _mix_weights(weights, target, g)
         mixed = _mix(moved_states(straight_through), mix, states[target])
-        loss = head_loss(call(probe, mixed, config.inputs[idx]), config.labels[idx], head)
+        loss = head_loss(call(probe, mixed, to_device(config.inputs[idx], device)),
+                         to_device(config.labels[idx], device), head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -409,7 +425,8 @@ def _matrix(latent: torch.Tensor, group: str, base: torch.Tensor | None, project
 
 
 def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alignment | None], target: int,
-                 levels: Mapping[int, int] | None = None, orthogonal: str = "project"):
+                 levels: Mapping[int, int] | None = None, orthogonal: str = "project",
+                 device: torch.device | None = None):
     """Per source model ``i``: a ``Mover`` of its weights, its latents (leaf tensors with gradients, one per
     space, initialised at its alignment's maps; with ``orthogonal="exp"`` an orthogonal map's latent is a
     generator starting at zero about the initial map), their kinds and those initial maps;
@@ -420,22 +437,22 @@ def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alig
             continue
         k, init, pairs = latents_of(al, levels)
         movers[i] = Mover(analyses[i], states[i], pairs, set(k),
-                          frozenset(s for s, lat in k.items() if lat.group in ORTHOGONAL))
+                          frozenset(s for s, lat in k.items() if lat.group in ORTHOGONAL), device)
         kinds[i], latents[i], bases[i] = k, {}, {}
         for sid, lat in k.items():
             if lat.group in ORTHOGONAL and orthogonal == "exp":
                 n = init[sid].shape[-1] - (lat.group == "orthogonal_ones")
-                bases[i][sid] = init[sid]
-                latents[i][sid] = torch.zeros(*init[sid].shape[:-2], n, n, requires_grad=True)
+                bases[i][sid] = to_device(init[sid], device)
+                latents[i][sid] = torch.zeros(*init[sid].shape[:-2], n, n, device=device, requires_grad=True)
             else:
-                latents[i][sid] = init[sid].float().clone().requires_grad_(True)
+                latents[i][sid] = to_device(init[sid].float().clone(), device).requires_grad_(True)
     return movers, latents, kinds, bases
 
 
 def _final_orthogonal(latent: torch.Tensor, group: str, base: torch.Tensor | None) -> torch.Tensor:
     """The learnt orthogonal map in float64, projected once more so it is orthogonal to rounding."""
     M = latent.detach().double() if base is None else base.double() @ rotation(latent.detach().double(), group)
-    return project(M, group)
+    return project(M, group).cpu()
 
 
 def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=None) -> tuple[list, dict]:
@@ -456,7 +473,7 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=Non
                 maps[sid] = new
                 changed.setdefault(i, {})[sid] = moved
                 continue
-            P = project(L, kinds[i][sid].group)
+            P = project(L, kinds[i][sid].group).cpu()
             if kinds[i][sid].group == "matching":
                 new = replace(old, matrix=P.to(old.matrix.dtype), similarity_aligned=float("nan"))
                 moved = int((P.argmax(-1) != old.matrix.argmax(-1)).sum())
@@ -466,13 +483,14 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=Non
                 moved = int((perm != old.perm).sum())
             maps[sid] = new
             changed.setdefault(i, {})[sid] = moved
-        refined.append(Alignment(maps, al.passes, al.cost, al.solver, al.notes))
+        refined.append(Alignment(maps, al.passes, al.cost, al.solver, al.notes, al.seconds))
     return refined, changed
 
 
 def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], states, alignments, depth_plans,
                   target: int, weights: Sequence[float], config: RefineConfig, args: tuple, kwargs: Mapping[str, Any],
-                  progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None) -> Refined:
+                  progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None,
+                  device: torch.device | None = None) -> Refined:
     """``refine`` inside ``fxfuse.compile``: the target's class runs the mixed state on the main input."""
     from .heads import detect_head, HEADS
     from .calibration import with_input
@@ -490,6 +508,9 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
 
     def call(module: nn.Module, state: dict, x: torch.Tensor):
         a, kw = with_input(args, kwargs, key, x)
+        if device is not None:
+            a = tuple(to_device(v, device) if isinstance(v, torch.Tensor) else v for v in a)
+            kw = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         forget_derived(module)  # nothing cached from the weights of an earlier step
         return torch.func.functional_call(module, {k: v for k, v in state.items() if k not in tied}, a, kw)
 
@@ -503,4 +524,4 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
                              if k.startswith(block + ".") and k not in zeroed and v.is_floating_point()})
         frozen.append(keep)
     return refine(models[target], analyses, states, alignments, target, weights, replace(config, head=head), call,
-                  frozen, progress, levels)
+                  frozen, progress, levels, device)

@@ -104,3 +104,40 @@ def test_a_failing_worker_is_named_with_its_last_error_line():
     fine = start_worker([sys.executable, "-c", "pass"], dict(os.environ))
     assert wait_workers([fine, broken], ok=True) == "worker 2 failed (exit 3): ValueError: worker broke"
     assert wait_workers([start_worker([sys.executable, "-c", "pass"], dict(os.environ))], ok=True) is None
+
+
+def test_torchrun_over_two_nodes_writes_what_one_process_writes(tmp_path, capsys, monkeypatch):
+    """Two ``torchrun`` node ranks (``--nnodes 2 --node-rank 0|1``, one process each, static rendezvous), here on
+    one host as on two machines: node 0's process is rank 0 and writes; node 1's reduces its share and exits 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fxfuse.lazy import CheckpointTensors
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    models = tmp_path / "models.py"
+    models.write_text("import zoo\n\ndef a():\n    return zoo.mha(seed=0)\n\n"
+                      "def b():\n    return zoo.mha(seed=1)\n")
+    a, b = f"{models}:a", f"{models}:b"
+    common = ["--cost", "activations", "--calib-random", "64", "-q"]
+    assert main(["compile", a, b, "-o", str(tmp_path / "one"), *common]) == 0
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                               "--master-addr", "127.0.0.1", "--master-port", port, "-m", "fxfuse.cli", "compile",
+                               a, b, "-o", str(tmp_path / "two"), *common],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    done = [p.communicate(timeout=600) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [err[-2000:] for _, err in done]
+    one, two = CheckpointTensors.from_dir(tmp_path / "one"), CheckpointTensors.from_dir(tmp_path / "two")
+    assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    moved = [m["units_moved"] for s in r1["spaces"] for m in s["models"]]
+    assert any(moved) and moved == [m["units_moved"] for s in r2["spaces"] for m in s["models"]]
+    assert done[1][0] == "" and done[0][0].startswith(f"wrote {tmp_path / 'two'} ")  # only node 0 writes

@@ -213,3 +213,36 @@ def test_tied_embeddings_out_of_core_equal_in_memory(tmp_path):
     expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs).module.state_dict()
     written = _tensors(out)
     assert written and all(torch.equal(t, expected[k]) for k, t in written.items())
+
+
+def test_activations_out_of_core_equal_in_memory_fusion(tmp_path, pair):
+    """``--cost activations`` on Hugging Face twins runs both graphs op by op with each weight read from its file
+    by the op that uses it: the statistics, maps and written weights are the in-memory fusion's."""
+    import fxfuse.activations as activations
+
+    a, _, b = pair
+    streamed = []
+    original = activations._Streamed._read
+
+    def counted(self, value):
+        if isinstance(value, activations._Stored):
+            streamed.append(value.name)
+        return original(self, value)
+
+    activations._Streamed._read = counted
+    try:
+        out = _compile(tmp_path / "out", a, b, extra=["--cost", "activations", "--calib-random", "32"])
+    finally:
+        activations._Streamed._read = original
+    assert streamed  # the weights were read op by op, not held
+    la, lb = load_model(str(a)), load_model(str(b))
+    expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, cost="activations",
+                              calib=32)
+    assert any(m["units_moved"] for s in expected.report["spaces"] for m in s["models"])
+    written = _tensors(out)
+    assert written.keys() <= expected.module.state_dict().keys() and written
+    for k, t in written.items():
+        assert torch.equal(t, expected.module.state_dict()[k]), k
+    report = json.loads((out / "report.json").read_text())
+    assert [s["models"] for s in report["spaces"]] == json.loads(json.dumps([s["models"] for s in
+                                                                           expected.report["spaces"]]))

@@ -47,3 +47,18 @@ def test_package_names_are_imported_on_first_use():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"
+
+
+def test_compiling_plain_torch_models_does_not_import_transformers(tmp_path):
+    """transformers (seconds of start-up) is imported only when a Hugging Face model is given."""
+    models = tmp_path / "models.py"
+    models.write_text("import torch\n\n"
+                      "def mlp():\n"
+                      "    torch.manual_seed(0)\n"
+                      "    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)), "
+                      "(torch.randn(3, 4),)\n")
+    done = subprocess.run([sys.executable, "-c", PROBE, "compile", f"{models}:mlp", f"{models}:mlp", "-o",
+                           str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert "transformers" not in done.stdout.splitlines()[-1].removeprefix("imported: ").split(",")

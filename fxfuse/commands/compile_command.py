@@ -98,9 +98,11 @@ def _is_recipe(arg: str) -> bool:
 
 
 def run(args) -> int:
+    from ..device import resolve
     from ..distributed import in_launched_group, init_from_env, local_group, wait_workers
 
     recipe = compile_recipe(args)
+    resolve(recipe.device)  # before any loading: a GPU asked for and absent fails at once
     check_paths([("-o", args.output), ("--report", args.report)], list(recipe.models),
                  [("recipe", [m for m in args.models if _is_recipe(m)]), ("--calib", recipe.calib),
                   ("--eval", args.eval), ("--data", recipe.refine_data), ("--rules", recipe.rules)])
@@ -189,9 +191,9 @@ def _compile_job(args, recipe, progress):
     rules = load_rules(recipe.rules)
     out_dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     loaded, states = [], None
-    plain = (recipe.cost == "weights" and recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair
-             and refine is None and labelled is None)
-    if plain:  # Hugging Face twins in safetensors: fused out of core
+    plain = (recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair and refine is None
+             and labelled is None)
+    if plain:  # Hugging Face twins in safetensors: fused out of core (activations streamed op by op)
         loaded, states = open_out_of_core(recipe.models, progress)
     if not loaded:
         for spec in recipe.models:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..calibration import Calibration, CalibrationError, main_input, samples
 from ..calibration import calibration_batches as batches_of
+from ..device import compute as compute_device
 from ..errors import FxfuseError
 from ..groups import MODES as GROUP_MODES
 from ..lazy import in_memory
@@ -62,6 +63,7 @@ class Options:
     repair: bool = False
     refine: Any = None  # a fxfuse.refine.RefineConfig
     out_dtype: torch.dtype | None = None
+    device: str = "cpu"
 
     @classmethod
     def of(cls, n_models: int, *, target: int = 0, weights: Sequence[float] | None = None, calib: Any = None,
@@ -79,6 +81,7 @@ class Options:
             if value not in allowed:
                 extra = "" if name == "heads" else "one of "
                 raise FusionError(f"unknown {what} {value!r} ({extra}{', '.join(allowed)})")
+        compute_device(opts.device)  # a device that cannot be used fails here, in one line
         if opts.reg is not None and not (opts.reg > 0 and math.isfinite(opts.reg)):
             raise FusionError(f"--reg must be a positive number, got {opts.reg}")
         if opts.repair and calib is None:
@@ -87,6 +90,11 @@ class Options:
             raise FusionError("--refine needs exact maps (the ot method with the exact solver): soft maps and plain "
                               "averaging are no group elements")
         return opts
+
+    @property
+    def on(self) -> torch.device | None:
+        """The device the arithmetic moves to, ``None`` for the CPU (``fxfuse.device.compute``)."""
+        return compute_device(self.device)
 
     @property
     def full_groups(self) -> bool:
@@ -151,10 +159,10 @@ def prepare(models: Sequence[nn.Module], example_args: tuple, example_kwargs: Ma
     held = states is None or all(in_memory(s) for s in states)
     if states is not None and len(states) != len(models):
         raise FusionError(f"{len(states)} weight mappings for {len(models)} models")
-    if not held and (options.cost != "weights" or options.method != "ot" or options.groups != "perm"
-                     or options.repair or options.refine is not None):
-        raise FusionError("out-of-core fusion supports the weights cost with the ot method and permutations "
-                          "(no repair or refinement); load the models in memory")
+    if not held and (options.method != "ot" or options.groups != "perm" or options.repair
+                     or options.refine is not None):
+        raise FusionError("out-of-core fusion supports the ot method with permutations (no repair or "
+                          "refinement); load the models in memory")
     check_finite(states or [m.state_dict() for m in models], progress)
     args, kwargs = tuple(example_args), dict(example_kwargs or {})
     batches, notes = None, ()

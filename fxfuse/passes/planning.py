@@ -51,7 +51,7 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
             say(f"weight matching model {i} -> {target}")
             # uniform scales stay where they are under group maps: they carry no signal
             cost_model = WeightCost(ref, states[target], state, source=analysis,
-                                    skip=skip | (ref.scales if analysed.levels else frozenset()))
+                                    skip=skip | (ref.scales if analysed.levels else frozenset()), device=options.on)
         else:
             rank, size = world()
             mine = shard(list(inputs.batches), rank, size) if size > 1 else list(inputs.batches)
@@ -59,7 +59,8 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
                 + (f" (worker {rank} of {size})" if size > 1 else ""))
             cost_model = activation_cost(ref, analysis, mine, keep, progress=progress, levels=analysed.levels,
                                          reduce=all_reduce_sums if size > 1 else None,
-                                         halves=_checks_halves(options, analysed.levels))
+                                         halves=_checks_halves(options, analysed.levels), device=options.on,
+                                         states=tuple(None if in_memory(s) else s for s in (states[target], state)))
             if rank != 0:  # rank 0 solves, checks and writes
                 continue
         silent = _weights_instead(ref, analysis, cost_model, keep, options, analysed.levels, state)
@@ -91,8 +92,8 @@ def _checks_halves(options: Options, levels) -> bool:
 def _weights_instead(ref: Analysis, source: Analysis, cost_model, keep: set[int], options: Options, levels,
                      state: Mapping[str, torch.Tensor]) -> set[int]:
     """Spaces the activations say nothing about (constant on the data, or read at no node) that weight matching
-    can align instead: top-level spaces without nested ones, of equal sizes, permutations only, weights held."""
-    if options.cost != "activations" or options.solver != "exact" or levels or not in_memory(state):
+    can align instead: top-level spaces without nested ones, of equal sizes, permutations only."""
+    if options.cost != "activations" or options.solver != "exact" or levels:
         return set()
     return {s for s in cost_model.silent(blocks(ref, keep)) if _weights_can_match(ref, source, s)}
 
@@ -121,7 +122,7 @@ def _undetermined(ref: Analysis, source: Analysis, cost_model, keep: set[int], o
         return {}, {}
     found = cost_model.undetermined(blocks(ref, keep))
     noisy = {s: v for s, v in found.items()
-             if v < NOISY_SHARE and in_memory(state) and _weights_can_match(ref, source, s)}
+             if v < NOISY_SHARE and _weights_can_match(ref, source, s)}
     return noisy, {s: v for s, v in found.items() if s not in noisy}
 
 
@@ -159,4 +160,4 @@ def _matched_by_weights(ref: Analysis, source: Analysis, target_state, state, al
     done = silent | set(noisy)
     return Alignment({**alignment.maps, **{s: by_weights.maps[s] for s in done if s in by_weights.maps}},
                      alignment.passes, alignment.cost, alignment.solver,
-                     alignment.notes + by_weights.notes + tuple(notes))
+                     alignment.notes + by_weights.notes + tuple(notes), alignment.seconds)

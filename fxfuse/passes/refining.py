@@ -20,5 +20,5 @@ def refine(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, planned: P
     say(f"refining the alignment for {config.steps} steps")
     refined = refine_fusion(analysed.models, analysed.analyses, analysed.states, planned.alignments,
                             same_depth.plans, options.target, options.weights, config, inputs.args, inputs.kwargs, say,
-                            analysed.levels)
+                            analysed.levels, options.on)
     return Planned(tuple(refined.alignments)), refined.report

@@ -29,6 +29,8 @@ def report(options: Options, inputs: Inputs, same_depth: SameDepth, analysed: An
         "method": options.method, "cost": options.cost, "solver": options.solver, "reg": options.reg,
         "target": options.target, "weights": list(options.weights), "coverage": ref.coverage,
         "passes": {i: al.passes for i, al in enumerate(alignments) if al is not None},
+        "solve_seconds": {i: {f"s{root}": dict(t) for root, t in al.seconds.items()}
+                          for i, al in enumerate(alignments) if al is not None},
         "notes": list(ref.notes) + sorted({n for al in alignments if al is not None for n in al.notes}),
         "self_check": list(checked.entries), "spaces": spaces, "timings": dict(timings),
         "unruled_ops": [{"op": u.op, "node": u.node, "module": u.module} for u in ref.unruled],
