@@ -303,7 +303,8 @@ def _warn_unused_options(args, same_depths: bool) -> None:
     if getattr(args, "method", "ot") == "vanilla":
         if args.cost != "weights" or data:
             warn("--method vanilla averages the weights as they are: --cost and calibration inputs are ignored")
-    elif args.cost == "weights" and data and same_depths and not getattr(args, "repair", False):
+    elif (args.cost == "weights" and data and same_depths and not getattr(args, "repair", False)
+          and getattr(args, "quality", None) != "best"):
         warn(f"{data} is ignored with --cost weights (weight matching reads no data; only models of different "
              "depths and --repair use calibration inputs)")
     elif args.cost == "activations" and data is None:
@@ -378,7 +379,7 @@ def _permute_groups(args, progress: Progress, out) -> int:
 def compile_recipe(args):
     """The recipe of a ``compile`` command: a recipe file's (the one MODEL given) or the models', with the
     flags given overriding it."""
-    from .recipe import Recipe, RecipeError, given, is_recipe_file
+    from .recipe import Recipe, RecipeError, given, is_recipe_file, settled
 
     flags = given(args)
     recipes = [m for m in args.models if is_recipe_file(m)]
@@ -390,7 +391,7 @@ def compile_recipe(args):
             raise RecipeError(f"{recipes[0]}: key 'models': need at least two model specs, got {len(recipe.models)}")
     else:
         recipe, flags = Recipe(), dict(flags, models=args.models)
-    return recipe.override(flags)
+    return settled(recipe.override(flags))
 
 
 def cmd_compile(args) -> int:
@@ -449,6 +450,7 @@ def _compile(args, recipe) -> int:
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
     _print_refinement(report, recipe)
+    _print_quality(report)
     if args.show_depth_map:
         from .render import render_depth_maps
 
@@ -482,7 +484,7 @@ def _compile_job(args, recipe, progress):
     out_dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     loaded, states = [], None
     plain = (recipe.cost == "weights" and recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair
-             and refine is None and labelled is None)
+             and refine is None and labelled is None and recipe.quality != "best")
     if plain:  # Hugging Face twins in safetensors: fused out of core
         loaded, states = open_out_of_core(recipe.models, progress)
     if not loaded:
@@ -555,6 +557,15 @@ def _print_refinement(report: dict, recipe) -> None:
               f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {recipe.refine_data})")
 
 
+def _print_quality(report: dict) -> None:
+    """What quality best tried and kept, one line."""
+    q = report.get("quality")
+    if q:
+        tried = ", ".join(f"{c['name']} " + ("skipped" if c["score"] is None else f"{c['score']:.4g}")
+                          for c in q["candidates"])
+        print(f"quality best: kept {q['chosen']} ({q['score']}; tried {tried})")
+
+
 def _evaluate_fused(job: _CompileJob, tgt, recipe, fused, rows: list, eval_file: str, progress) -> dict:
     """The ``--eval`` table: the parents (``rows``), the vanilla average where defined, the fused model; printed
     and returned for the report."""
@@ -601,6 +612,9 @@ def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, p
     seconds = f"{report['timings']['total_s']:.1f}s"
     if recipe.method == "vanilla":
         print(f"wrote {job.out} (vanilla average, no alignment); {seconds}")
+    elif "quality" in report:
+        print(f"wrote {job.out} (quality best: {report['quality']['chosen']}); "
+              f"{_self_check_text(report['self_check'])}; {seconds}")
     else:
         print(f"wrote {job.out} (ot, cost {recipe.cost}, solver {recipe.solver}); "
               f"{_self_check_text(report['self_check'])}; {seconds}")
