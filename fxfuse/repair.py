@@ -54,6 +54,7 @@ PASSTHROUGH = frozenset({"view", "reshape", "_unsafe_view", "permute", "transpos
                          "getitem", "chunk", "unbind"})
 CONVOLUTIONS = frozenset({"conv1d", "conv2d", "conv3d"})
 EPS = 1e-12
+SKIP_STREAM_WRITERS = False
 
 
 class RepairError(FxfuseError):
@@ -77,6 +78,7 @@ class RepairPoint:
     weight_dim: int
     bias: str | None
     running: tuple[str, str] | None = None
+    writes_stream: bool = False
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -107,6 +109,28 @@ def _reaches_nonlinearity(node: torch.fx.Node, limit: int = 64) -> bool:
             if name in PASSTHROUGH:
                 stack.append(user)
     return False
+
+
+def _writes_normalised_stream(node: torch.fx.Node, limit: int = 64) -> bool:
+    """Does ``node`` write a residual stream that only norms read: its output reaches no nonlinearity, and
+    reaches a LayerNorm or RMSNorm through a residual add (attention output projections and MLP outputs of
+    pre- and post-norm transformers)?"""
+    seen, stack, crossed_add, normed = set(), [(node, False)], False, False
+    while stack and len(seen) < limit:
+        n, added = stack.pop()
+        for user in n.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            name = _op_name(user)
+            if name in NONLINEAR or name in BATCH_NORMS or name in ("group_norm", "instance_norm"):
+                return False
+            if name in NORMS:
+                normed = normed or added
+                crossed_add = crossed_add or added
+            elif name in PASSTHROUGH:
+                stack.append((user, added or name == "add"))
+    return normed
 
 
 def _only_batch_norm_reads(node: torch.fx.Node) -> bool:
@@ -153,6 +177,8 @@ def repair_points(traced: TracedModel) -> list[RepairPoint]:
                                 _param_of(args[2], ph) if len(args) > 2 else None)
         else:
             continue
+        if name in CONVOLUTIONS or name in ("linear", "addmm"):
+            point = replace(point, writes_stream=_writes_normalised_stream(n))
         if point.running is None and (point.weight is None or _only_batch_norm_reads(n)):
             continue
         shared = [p for p in (point.weight, point.bias) if p is not None and (uses.get(p, 0) > 1 or p in tied)]
@@ -281,6 +307,10 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
             _reset_running(state, point, traced, batches)
         if point.weight is None:
             entries.append({"node": point.node, "op": point.op, "units": None, "reset_running_stats": True})
+            continue
+        if point.writes_stream and SKIP_STREAM_WRITERS:
+            entries.append({"node": point.node, "op": point.op, "weight": point.weight, "units": None,
+                            "skipped": "writes a residual stream that only norms read"})
             continue
         (mu, sd), = unit_stats(traced, state, batches, [point]).values()
         mu_t, sd_t = targets[point.node]

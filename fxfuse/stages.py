@@ -70,7 +70,8 @@ class Trial:
 def split(n: int, share: float = HELD_OUT) -> tuple[slice, slice]:
     """``(fit, held_out)`` slices of ``n`` samples: the last ``max(1, round(share·n))`` are held out."""
     if n < 2:
-        raise StageError(f"quality best holds out some of the samples to score the stages: need at least 2, got {n}")
+        raise StageError(f"--quality best holds out some of the samples to score the stages: need at least 2, "
+                         f"got {n}")
     k = min(n - 1, max(1, round(share * n)))
     return slice(0, n - k), slice(n - k, n)
 
@@ -128,9 +129,10 @@ def agreement_scorer(parents, weights, batches) -> Scorer:
 
 def _chosen(keywords: Mapping[str, Any]) -> list[str]:
     """Options that "best" chooses itself but the caller set."""
-    out = [f"{k}={keywords[k]!r}" for k, v in CHOSEN_BY_BEST.items() if keywords.get(k, v) != v]
+    out = [f"--{k}" + ("" if keywords[k] is True else f" {keywords[k]}") for k, v in CHOSEN_BY_BEST.items()
+           if keywords.get(k, v) != v]
     if keywords.get("method", "ot") != "ot":
-        out.append(f"method={keywords['method']!r}")
+        out.append(f"--method {keywords['method']}")
     return out
 
 
@@ -144,14 +146,14 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
     say = keywords.get("progress") or (lambda _m: None)
     set_by_caller = _chosen(keywords)
     if set_by_caller:
-        raise StageError(f"quality best chooses cost, groups and repair itself: drop {', '.join(set_by_caller)} "
-                         "or use quality fast")
+        raise StageError(f"--quality best chooses --cost, --groups and --repair itself (with the ot method): drop "
+                         f"{', '.join(set_by_caller)}, or use --quality fast")
     if keywords.get("states") is not None:
-        raise StageError("quality best fuses several candidates: it needs the models in memory, not out of core")
+        raise StageError("--quality best fuses several candidates: it needs the models in memory, not out of core")
     calib, refine = keywords.get("calib"), keywords.get("refine")
     if isinstance(calib, int) or (calib is None and refine is None):
-        raise StageError("quality best scores every stage on held-out inputs: give calibration inputs (--calib FILE) "
-                         "or labelled data (--data FILE); random inputs score nothing")
+        raise StageError("--quality best scores every stage on held-out inputs: give calibration inputs (--calib "
+                         "FILE) or labelled data (--data FILE); random inputs score nothing")
     base = dict(keywords, quality="fast")
     weights = keywords.get("weights") or [1.0] * len(models)
     target = models[keywords.get("target", 0)]
