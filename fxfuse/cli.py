@@ -482,6 +482,13 @@ def _compile_job(args, recipe, progress):
     refine = refine_config(recipe, "--data", on_step=_progress_bar(args.quiet))
     rules = load_rules(recipe.rules)
     out_dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+    if recipe.quality == "best":
+        from .stages import refusal
+
+        problem = refusal({"cost": recipe.cost, "groups": recipe.groups, "repair": recipe.repair,
+                           "method": recipe.method, "calib": calib, "refine": refine})
+        if problem:
+            raise FxfuseError(problem)
     loaded, states = [], None
     plain = (recipe.cost == "weights" and recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair
              and refine is None and labelled is None and recipe.quality != "best")

@@ -54,7 +54,6 @@ PASSTHROUGH = frozenset({"view", "reshape", "_unsafe_view", "permute", "transpos
                          "getitem", "chunk", "unbind"})
 CONVOLUTIONS = frozenset({"conv1d", "conv2d", "conv3d"})
 EPS = 1e-12
-SKIP_STREAM_WRITERS = False
 
 
 class RepairError(FxfuseError):
@@ -78,7 +77,7 @@ class RepairPoint:
     weight_dim: int
     bias: str | None
     running: tuple[str, str] | None = None
-    writes_stream: bool = False
+    writes_stream: bool = False  # a linear or convolution whose output only reaches norms, through a residual add
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -115,7 +114,7 @@ def _writes_normalised_stream(node: torch.fx.Node, limit: int = 64) -> bool:
     """Does ``node`` write a residual stream that only norms read: its output reaches no nonlinearity, and
     reaches a LayerNorm or RMSNorm through a residual add (attention output projections and MLP outputs of
     pre- and post-norm transformers)?"""
-    seen, stack, crossed_add, normed = set(), [(node, False)], False, False
+    seen, stack, normed = set(), [(node, False)], False
     while stack and len(seen) < limit:
         n, added = stack.pop()
         for user in n.users:
@@ -127,7 +126,6 @@ def _writes_normalised_stream(node: torch.fx.Node, limit: int = 64) -> bool:
                 return False
             if name in NORMS:
                 normed = normed or added
-                crossed_add = crossed_add or added
             elif name in PASSTHROUGH:
                 stack.append((user, added or name == "add"))
     return normed
@@ -308,10 +306,6 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
         if point.weight is None:
             entries.append({"node": point.node, "op": point.op, "units": None, "reset_running_stats": True})
             continue
-        if point.writes_stream and SKIP_STREAM_WRITERS:
-            entries.append({"node": point.node, "op": point.op, "weight": point.weight, "units": None,
-                            "skipped": "writes a residual stream that only norms read"})
-            continue
         (mu, sd), = unit_stats(traced, state, batches, [point]).values()
         mu_t, sd_t = targets[point.node]
         live = sd > EPS
@@ -321,7 +315,7 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
         collapse = float((1 - sd[live] / sd_t[live].clamp(min=EPS)).mean()) if bool(live.any()) else 0.0
         entries.append({"node": point.node, "op": point.op, "weight": point.weight, "units": int(sd.numel()),
                         "std_collapse_before": collapse, "scale_mean": float(scale.mean()),
-                        "shift_folded": point.bias is not None,
+                        "shift_folded": point.bias is not None, "writes_stream": point.writes_stream,
                         "reset_running_stats": point.running is not None})
     notes = [f"repair: {e['node']} ({e['weight']}) has no bias: only its scale was corrected"
              for e in entries if e.get("units") and not e["shift_folded"]]

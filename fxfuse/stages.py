@@ -136,6 +136,21 @@ def _chosen(keywords: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def refusal(keywords: Mapping[str, Any]) -> str | None:
+    """Why ``quality="best"`` cannot run with ``compile``'s ``keywords``, or ``None``."""
+    set_by_caller = _chosen(keywords)
+    if set_by_caller:
+        return (f"--quality best chooses --cost, --groups and --repair itself (with the ot method): drop "
+                f"{', '.join(set_by_caller)}, or use --quality fast")
+    if keywords.get("states") is not None:
+        return "--quality best fuses several candidates: it needs the models in memory, not out of core"
+    calib = keywords.get("calib")
+    if isinstance(calib, int) or (calib is None and keywords.get("refine") is None):
+        return ("--quality best scores every stage on held-out inputs: give calibration inputs (--calib FILE) or "
+                "labelled data (--data FILE); random inputs score nothing")
+    return None
+
+
 def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, Any]):
     """``compile_fn`` (``fxfuse.compile``) run on the candidates above; the kept result, its report under
     ``quality``. ``keywords``: ``compile``'s options; ``calib`` (unlabelled inputs) and ``refine`` (a
@@ -144,16 +159,10 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
     from .calibration import calibration_batches, main_input, samples
 
     say = keywords.get("progress") or (lambda _m: None)
-    set_by_caller = _chosen(keywords)
-    if set_by_caller:
-        raise StageError(f"--quality best chooses --cost, --groups and --repair itself (with the ot method): drop "
-                         f"{', '.join(set_by_caller)}, or use --quality fast")
-    if keywords.get("states") is not None:
-        raise StageError("--quality best fuses several candidates: it needs the models in memory, not out of core")
+    problem = refusal(keywords)
+    if problem:
+        raise StageError(problem)
     calib, refine = keywords.get("calib"), keywords.get("refine")
-    if isinstance(calib, int) or (calib is None and refine is None):
-        raise StageError("--quality best scores every stage on held-out inputs: give calibration inputs (--calib "
-                         "FILE) or labelled data (--data FILE); random inputs score nothing")
     base = dict(keywords, quality="fast")
     weights = keywords.get("weights") or [1.0] * len(models)
     target = models[keywords.get("target", 0)]
