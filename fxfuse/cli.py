@@ -379,7 +379,7 @@ def _permute_groups(args, progress: Progress, out) -> int:
 def compile_recipe(args):
     """The recipe of a ``compile`` command: a recipe file's (the one MODEL given) or the models', with the
     flags given overriding it."""
-    from .recipe import Recipe, RecipeError, given, is_recipe_file, settled
+    from .recipe import Recipe, RecipeError, given, is_recipe_file
 
     flags = given(args)
     recipes = [m for m in args.models if is_recipe_file(m)]
@@ -391,7 +391,7 @@ def compile_recipe(args):
             raise RecipeError(f"{recipes[0]}: key 'models': need at least two model specs, got {len(recipe.models)}")
     else:
         recipe, flags = Recipe(), dict(flags, models=args.models)
-    return settled(recipe.override(flags))
+    return recipe.override(flags)
 
 
 def cmd_compile(args) -> int:
@@ -432,10 +432,13 @@ class _CompileJob:
     out_dtype: Any
 
 
-def _compile(args, recipe) -> int:
+def _compile(args, given) -> int:
+    """``given``: the recipe as written (and saved); it runs with its quality settled (``recipe.settled``)."""
     from .distributed import WorkerDone, world
+    from .recipe import settled
 
     progress = Progress(args.quiet)
+    recipe = settled(given)
     job, tgt = _compile_job(args, recipe, progress)
     rows = _evaluate_parents(job, tgt, args.eval, progress)
     try:
@@ -458,7 +461,7 @@ def _compile(args, recipe) -> int:
         sys.stdout.write(text or "all models have the target's depth and widths\n")
     if job.labelled is not None:
         report["eval"] = _evaluate_fused(job, tgt, recipe, result.module, rows, args.eval, progress)
-    _write_compiled(job, tgt, recipe, result, report, args, progress)
+    _write_compiled(job, tgt, given, result, report, args, progress)
     return 0
 
 

@@ -79,10 +79,6 @@ def _at_least_one(value) -> str | None:
 OPTIONS: tuple[Option, ...] = (
     Option("models", "specs", (), "two or more model specs of one architecture (widths and depths may differ)",
            flag=None, to_compile=False),
-    Option("quality", "str", None, "fast: the options as given; best: try groups perm and full, activation matching, "
-           "refinement (with --data) and repair (with calibration inputs), each scored on held-out samples, and keep "
-           "what helps (default: best when --calib or --data is given and no mode option is set, else fast)",
-           choices=("fast", "best")),
     Option("target", "int", 0, "index of the model whose basis and class the result takes"),
     Option("cost", "str", "weights", "weight matching (no data) or activation correlation (on --calib, else on "
            "random inputs)", choices=("weights", "activations")),
@@ -120,6 +116,10 @@ OPTIONS: tuple[Option, ...] = (
            check=lambda v: None if v >= 1 else f"must be at least 1, got {v}", to_compile=False),
     Option("head", "str", None, "how --refine reads the loss (default: from the model class)",
            choices=("classification", "mlm", "causal"), to_compile=False),
+    Option("quality", "str", None, "fast: the options as given; best: try groups perm and full, activation matching, "
+           "refinement (with --data) and repair (with calibration inputs), each scored on held-out samples, and keep "
+           "what helps (default: best when --calib or --data is given and no mode option is set, else fast)",
+           choices=("fast", "best")),
     Option("dtype", "str", None, "dtype of the fused model (default: the target's); costs and checks run in float32",
            choices=("float32", "bfloat16", "float16"), to_compile=False),
     Option("workers", "int", 1, "collect activation statistics in N local processes (torch.distributed, gloo); "
