@@ -314,6 +314,13 @@ def _warn_unused_options(args, same_depths: bool) -> None:
              "(pass --calib FILE with real inputs)")
 
 
+def _warn_repair_after_refine(recipe) -> None:
+    if recipe.repair and recipe.refine is not None:
+        warn("--repair runs after --refine and rescales units that the refinement fitted unrepaired: on the "
+             "digits ViTs it lowered the refined accuracy (docs/quality.md); --quality best keeps it only where it "
+             "helps on held-out data")
+
+
 def _check_calibration(args, calib) -> None:
     from .calibration import samples
     from .checks import check_calibration_size
@@ -505,6 +512,7 @@ def _compile_job(args, recipe, progress):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
     tgt = loaded[recipe.target]
     _check_untie(recipe, tgt)
+    _warn_repair_after_refine(recipe)
     _warn_unused_options(recipe, all(set(m.module.state_dict()) == set(tgt.module.state_dict()) for m in loaded))
     named = calib.items() if isinstance(calib, Mapping) else [(None, calib)] if isinstance(calib, torch.Tensor) else []
     for key, x in named:

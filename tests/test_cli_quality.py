@@ -109,3 +109,15 @@ def test_best_with_labelled_data_scores_refinement_by_held_out_loss(tmp_path, ca
 ])
 def test_best_refuses_what_it_cannot_do(tmp_path, capsys, extra, line):
     assert refused(capsys, tmp_path, "compile", A, B, "--quality", "best", *extra, "-o", tmp_path / "out") == line
+
+
+def test_repair_after_refinement_is_warned(tmp_path, capsys, files):
+    calib, data = files
+    code, _, err = run(capsys, "compile", A, B, "--calib", calib, "--data", data, "--refine", "1", "--repair",
+                       "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    assert err.splitlines()[0] == (
+        "fxfuse: warning: --repair runs after --refine and rescales units that the refinement fitted unrepaired: on "
+        "the digits ViTs it lowered the refined accuracy (docs/quality.md); --quality best keeps it only where it "
+        "helps on held-out data")
+    assert "quality" not in json.loads((tmp_path / "out" / "report.json").read_text())
