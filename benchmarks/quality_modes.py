@@ -39,6 +39,7 @@ MODES = [  # (row, compile keywords; "refine" True: a RefineConfig on the traini
     ("weights, groups full", {"groups": "full"}),
     ("activations, perm", {"cost": "activations", "calib": True}),
     ("weights, perm + repair", {"repair": True, "calib": True}),
+    ("weights, groups full + repair", {"groups": "full", "repair": True, "calib": True}),
     (f"weights, perm + refine {STEPS}", {"refine": True}),
     (f"weights, perm + repair + refine {STEPS}", {"repair": True, "refine": True, "calib": True}),
     (f"weights, groups full + refine {STEPS}", {"groups": "full", "refine": True}),
