@@ -151,38 +151,39 @@ def refusal(keywords: Mapping[str, Any]) -> str | None:
     return None
 
 
-def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, Any]):
-    """``compile_fn`` (``fxfuse.compile``) run on the candidates above; the kept result, its report under
-    ``quality``. ``keywords``: ``compile``'s options; ``calib`` (unlabelled inputs) and ``refine`` (a
-    ``RefineConfig``: the labelled data and the refinement budget) give the held-out data."""
+def held_out(models, example_args: tuple, keywords: Mapping[str, Any]) -> tuple[Scorer, Any, Any]:
+    """``(scorer, calibration inputs, refinement config)``: the scorer reads the held-out samples, the stages
+    the rest. Labelled data (``refine``'s) is scored by loss, else ``calib`` by agreement with the parents."""
     from .barrier import detect_head
     from .calibration import calibration_batches, main_input, samples
 
-    say = keywords.get("progress") or (lambda _m: None)
-    problem = refusal(keywords)
-    if problem:
-        raise StageError(problem)
     calib, refine = keywords.get("calib"), keywords.get("refine")
-    base = dict(keywords, quality="fast")
-    weights = keywords.get("weights") or [1.0] * len(models)
     target = models[keywords.get("target", 0)]
     args, kwargs = tuple(example_args), dict(keywords.get("example_kwargs") or {})
     if refine is not None:
         fit, held = split(refine.inputs.shape[0])
-        refine = replace(refine, inputs=refine.inputs[fit], labels=refine.labels[fit])
         key, _ = main_input(args, kwargs)
-        scorer = loss_scorer(keywords["refine"].inputs[held], keywords["refine"].labels[held],
-                             refine.head or detect_head(target), key if isinstance(key, str) else None)
-        if calib is None:
-            calib = refine.inputs
-        else:
-            calib = take(calib, split(samples(calib))[0])
-    else:
-        fit, held = split(samples(calib))
-        batches = calibration_batches(take(calib, held), args, kwargs, forward=target)
-        scorer = agreement_scorer(models, weights, batches)
-        calib = take(calib, fit)
-    base.update(calib=calib, refine=None)
+        scorer = loss_scorer(refine.inputs[held], refine.labels[held], refine.head or detect_head(target),
+                             key if isinstance(key, str) else None)
+        refine = replace(refine, inputs=refine.inputs[fit], labels=refine.labels[fit])
+        calib = refine.inputs if calib is None else take(calib, split(samples(calib))[0])
+        return scorer, calib, refine
+    fit, held = split(samples(calib))
+    batches = calibration_batches(take(calib, held), args, kwargs, forward=target)
+    weights = keywords.get("weights") or [1.0] * len(models)
+    return agreement_scorer(models, weights, batches), take(calib, fit), None
+
+
+def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, Any]):
+    """``compile_fn`` (``fxfuse.compile``) run on the candidates above; the kept result, its report under
+    ``quality``. ``keywords``: ``compile``'s options; ``calib`` (unlabelled inputs) and ``refine`` (a
+    ``RefineConfig``: the labelled data and the refinement budget) give the held-out data."""
+    say = keywords.get("progress") or (lambda _m: None)
+    problem = refusal(keywords)
+    if problem:
+        raise StageError(problem)
+    scorer, calib, refine = held_out(models, example_args, keywords)
+    base = dict(keywords, quality="fast", calib=calib, refine=None)
 
     trials: list[Trial] = []
 
