@@ -154,6 +154,32 @@ def print_tables(families, pairs, modes) -> None:
             print(f"\nrefused: {e}")
 
 
+def print_summary(families, pairs, modes) -> None:
+    """One table: the mean over the measured pairs of every mode, one column per family."""
+    found = {}
+    for family in families:
+        cells = [json.loads((CACHE / f"{family}-p{p}.json").read_text())
+                 for p in pairs if (CACHE / f"{family}-p{p}.json").exists()]
+        if cells:
+            found[family] = cells
+    if not found:
+        return
+
+    def mean(cells, name):
+        accs = [c[name]["accuracy"] for c in cells if "accuracy" in c.get(name, {})]
+        if any("error" in c.get(name, {}) for c in cells):
+            return "refused"
+        return f"{100 * statistics.fmean(accs):.1f}" if accs and len(accs) == len(cells) else "–"
+
+    print("\n### Summary: mean test accuracy % over the measured pairs\n")
+    print("| mode | " + " | ".join(f"{f} ({len(c)} pair{'s' * (len(c) > 1)})" for f, c in found.items()) + " |")
+    print("|---|" + "---:|" * len(found))
+    print("| parents (mean) | " + " | ".join(f"{100 * statistics.fmean(statistics.fmean(c['parents']) for c in cells):.1f}"
+                                           for cells in found.values()) + " |")
+    for name, _ in modes:
+        print(f"| {name} | " + " | ".join(mean(cells, name) for cells in found.values()) + " |")
+
+
 def main(args) -> None:
     families = [f for f in args.families.split(",") if f]
     pairs = [int(p) for p in str(args.pairs).split(",")]
@@ -165,3 +191,4 @@ def main(args) -> None:
             for pair in pairs:
                 measure(family, pair, modes, data)
     print_tables(families, pairs, modes)
+    print_summary(families, pairs, modes)
