@@ -178,6 +178,7 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
     """``compile_fn`` (``fxfuse.compile``) run on the candidates above; the kept result, its report under
     ``quality``. ``keywords``: ``compile``'s options; ``calib`` (unlabelled inputs) and ``refine`` (a
     ``RefineConfig``: the labelled data and the refinement budget) give the held-out data."""
+    start = time.perf_counter()
     say = keywords.get("progress") or (lambda _m: None)
     problem = refusal(keywords)
     if problem:
@@ -240,5 +241,7 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
                          "options": trials[[t.name for t in trials].index(chosen_name)].as_dict()["options"],
                          "candidates": [t.as_dict() for t in trials]}
     report["notes"] = list(report["notes"]) + notes
+    report["timings"] = dict(report["timings"], kept_candidate_s=report["timings"]["total_s"],
+                             total_s=time.perf_counter() - start)  # the whole search
     say(f"quality best: kept {chosen_name} ({scorer.short} {score:.4g})")
     return replace(result, report=report)

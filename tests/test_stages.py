@@ -61,7 +61,7 @@ class _Fake:
         if self.refuse_when(kw):
             raise FxfuseError("refinement of those maps is not built yet")
         module = self.bad if self.bad_when(kw) else self.good
-        return FusionResult(module, (), {"notes": [], "marker": id(module)})
+        return FusionResult(module, (), {"notes": [], "timings": {"total_s": 0.0}})
 
 
 def test_a_stage_that_makes_the_result_worse_is_dropped_and_said():
@@ -132,5 +132,7 @@ def test_best_is_deterministic_and_keeps_the_lowest_score():
     kept = [c for c in scored if c["kept"]]
     assert len(kept) == 1 and kept[0]["name"] == q["chosen"]
     assert kept[0]["score"] == min(c["score"] for c in scored)
+    # the whole search is timed (candidate seconds are rounded to 1 ms each)
+    assert one.report["timings"]["total_s"] >= sum(c["seconds"] for c in q["candidates"]) - 0.001 * len(scored)
     assert [c["name"] for c in q["candidates"]][:3] == ["weights, groups perm", "weights, groups full",
                                                         "activations, groups perm"]
