@@ -72,8 +72,8 @@ def _stages(report: Mapping[str, Any]) -> list[str]:
         return []
     rows = [[c["name"], "skipped" if c["score"] is None else f"{c['score']:.4g}", f"{c['seconds']:.1f}",
              "kept" if c["kept"] else (c.get("reason") or "not kept")] for c in q["candidates"]]
-    return ["## Stages", "", f"Chosen by `quality: best`: **{q['chosen']}**. Every candidate was scored by its "
-            f"{q['score']} (lower is better); a stage that did not lower the score was dropped.", "",
+    return ["## Stages", "", f"Chosen by the `best` quality preset: **{q['chosen']}**. Every candidate was scored "
+            f"by its {q['score']} (lower is better); a stage that did not lower the score was dropped.", "",
             *_table(["candidate", "score", "seconds", "outcome"], rows)]
 
 

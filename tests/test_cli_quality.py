@@ -65,7 +65,7 @@ def test_calibration_inputs_alone_give_the_best_fusion_and_say_what_was_kept(tmp
         if note.startswith("quality best: "):
             assert f"fxfuse: warning: {note}" in err
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "## Stages" in card and f"Chosen by `quality: best`: **{q['chosen']}**" in card
+    assert "## Stages" in card and f"Chosen by the `best` quality preset: **{q['chosen']}**" in card
     saved = Recipe.load(tmp_path / "out" / "fxfuse-recipe.yaml")
     assert saved.quality is None and settled(saved).quality == "best"  # saved as given: it settles the same way
     # the saved recipe reproduces the weights bit for bit
