@@ -440,7 +440,7 @@ class _CompileJob:
 
 
 def _compile(args, given) -> int:
-    """``given``: the recipe as written (and saved); it runs with its quality settled (``recipe.settled``)."""
+    """``given``: the recipe as written (and saved); it runs with its quality settled (``fxfuse.recipe.settled``)."""
     from .distributed import WorkerDone, world
     from .recipe import settled
 
