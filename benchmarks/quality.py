@@ -1,6 +1,10 @@
 """Fusion quality on scikit-learn ``digits``: parents vs vanilla averaging vs fxfuse, one-shot and after 1 epoch.
 
     python benchmarks/quality.py [--pairs 3] [--families mlp,vit] [--json FILE] [--threads 2]
+    python benchmarks/quality.py --modes [--families vit,hf64-short,hf128-long] [--pairs 0,1] [--print-only]
+
+``--modes``: every fusion mode side by side per pair, with time, and the digits
+ViT width/training sweep (``benchmarks/quality_modes.py``).
 
 For each family (``digits.mlp``, ``digits.vit`` of ``examples/digits.py``) it trains
 ``--pairs`` pairs of models from different seeds (pair i = seeds 2i+1, 2i+2)
@@ -542,8 +546,23 @@ def print_sweep(family: str, sweep: list[dict]) -> None:
           "reference: so strong a regularisation that every source unit is spread evenly over the target units.)")
 
 
+def modes_main(argv) -> None:
+    import quality_modes
+
+    ap = argparse.ArgumentParser(description=quality_modes.__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", action="store_true")
+    ap.add_argument("--families", default="vit,hf64-short,hf64-long,hf128-short,hf128-long")
+    ap.add_argument("--pairs", default="0", help="comma-separated pair indices (pair i: seeds 2i+1, 2i+2)")
+    ap.add_argument("--rows", help="semicolon-separated mode names (default: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--print-only", action="store_true", help="print the cached cells, measure nothing")
+    quality_modes.main(ap.parse_args(argv))
+
+
 def main(argv=None) -> None:
     global FT_LR_FACTOR
+    if "--modes" in (sys.argv[1:] if argv is None else argv):
+        return modes_main(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--families", default="mlp,vit,mlp-width,vit-depth",

@@ -26,7 +26,7 @@ from .checks import check_inputs, check_labels, guarded
 from .derived import forget_derived
 from .errors import FxfuseError
 from .evaluate import logits_of
-from .heads import HEADS, detect_head, head_loss, scored  # noqa: F401  (also imported from here)
+from .heads import HEADS, call_on, detect_head, evaluate, head_loss, scored  # noqa: F401  (also imported from here)
 
 @dataclass(frozen=True)
 class Curve:
@@ -57,31 +57,6 @@ class BarrierResult:
             if c.accuracy is not None:
                 out[name]["accuracy"] = list(c.accuracy)
         return out
-
-
-def _call(model: nn.Module, x: torch.Tensor, input_key: str | None) -> Any:
-    return model(**{input_key: x}) if input_key else model(x)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, head: str,
-             input_key: str | None = None, batch_size: int = 32) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` of ``model`` over the labelled tokens or samples, in batches."""
-    model.eval()
-    total_loss, total_right, total_n = 0.0, 0.0, 0
-    for i in range(0, inputs.shape[0], batch_size):
-        x, y = inputs[i:i + batch_size], labels[i:i + batch_size]
-        flat, target = scored(logits_of(_call(model, x, input_key)), y, head)
-        mask = target != -100
-        n = int(mask.sum())
-        if n == 0:
-            continue
-        total_loss += float(F.cross_entropy(flat, target, ignore_index=-100, reduction="sum"))
-        total_right += float(((flat.argmax(-1) == target) & mask).sum())
-        total_n += n
-    if total_n == 0:
-        raise FxfuseError("the data has no labelled token or sample (all labels are -100)")
-    return total_loss / total_n, total_right / total_n
 
 
 def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
@@ -140,7 +115,7 @@ def _check_fit(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, lab
     for name, model in (("model A", model_a), ("model B", model_b)):
         check_inputs(model, inputs, f"the data for {name}")
         with torch.no_grad():
-            logits = guarded(f"{name} cannot run on the data", lambda: logits_of(_call(model, inputs[:2], input_key)))
+            logits = guarded(f"{name} cannot run on the data", lambda: logits_of(call_on(model, inputs[:2], input_key)))
         check_labels(logits, labels, f"the labels for {name}", shift=head == "causal")
     guarded("model A cannot run on the data", lambda: evaluate(model_a, inputs, labels, head, input_key))
 
@@ -159,7 +134,7 @@ def check_refine_data(refine, models, example_args: tuple, example_kwargs: Mappi
         check_inputs(model, refine.inputs, f"{where}: model {i}")
         with torch.no_grad():
             logits = guarded(f"{where}: model {i} cannot run on the inputs",
-                             lambda: logits_of(_call(model, refine.inputs[:2], input_key)))
+                             lambda: logits_of(call_on(model, refine.inputs[:2], input_key)))
         check_labels(logits, refine.labels, f"{where}: model {i}", shift=head == "causal")
 
 

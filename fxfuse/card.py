@@ -95,6 +95,17 @@ def _barrier(report: Mapping[str, Any]) -> list[str]:
                                             ["fxfuse", _figure(b.get("aligned"), ".4f")]])]
 
 
+def _stages(report: Mapping[str, Any]) -> list[str]:
+    q = report.get("quality")
+    if not q:
+        return []
+    rows = [[c["name"], "skipped" if c["score"] is None else f"{c['score']:.4g}", f"{c['seconds']:.1f}",
+             "kept" if c["kept"] else (c.get("reason") or "not kept")] for c in q["candidates"]]
+    return ["## Stages", "", f"Chosen by the `best` quality preset: **{q['chosen']}**. Every candidate was scored "
+            f"by its {q['score']} (lower is better); a stage that did not lower the score was dropped.", "",
+            *_table(["candidate", "score", "seconds", "outcome"], rows)]
+
+
 def model_card(report: Mapping[str, Any], recipe) -> str:
     """Markdown for the output of ``compile``: ``report`` as in its ``report.json``, ``recipe`` as saved."""
     prov = report.get("fxfuse", {})
@@ -115,7 +126,7 @@ def model_card(report: Mapping[str, Any], recipe) -> str:
     coverage = report.get("coverage")
     lines += ["## Coverage", "", f"{_figure(coverage, '.1%')} of the target's parameters lie on axes that can "
               "move (the rest is pinned: averaged as it is).", ""]
-    lines += _checks(report) + _evaluation(report) + _barrier(report)
+    lines += _stages(report) + _checks(report) + _evaluation(report) + _barrier(report)
     notes = report.get("notes") or []
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]

@@ -54,7 +54,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka", groups: str = "perm",
             untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
             refine: Any = None, states: Sequence[Mapping[str, torch.Tensor]] | None = None,
-            out_dtype: torch.dtype | None = None, device: str = "cpu") -> FusionResult:
+            out_dtype: torch.dtype | None = None, device: str = "cpu", quality: str | None = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
@@ -98,7 +98,23 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     written shard by shard (``FusionResult.module`` is then the target's
     skeleton and ``aligned`` is empty). Half-precision weights are checked in
     float32.
+
+    ``quality="best"``: ``cost``, ``groups`` and ``repair`` are chosen here, and
+    refinement (``refine``'s data and budget) kept only where it helps: each
+    candidate is scored on held-out samples of ``refine``'s labelled data, else
+    of ``calib`` (``fxfuse.stages``; the choice is under ``quality`` in the
+    report). ``"fast"`` or ``None``: the options as given.
     """
+    if quality == "best":
+        from .stages import fuse_best
+
+        return fuse_best(compile, models, example_args, dict(
+            example_kwargs=example_kwargs, target=target, cost=cost, calib=calib, solver=solver, reg=reg,
+            weights=weights, pin=pin, method=method, rules=rules, seed=seed, max_passes=max_passes, strict=strict,
+            heads=heads, depth_cost=depth_cost, groups=groups, untie=untie, progress=progress, repair=repair,
+            refine=refine, states=states, out_dtype=out_dtype, device=device))
+    if quality not in (None, "fast"):
+        raise FusionError(f"unknown quality {quality!r} (fast, best)")
     start, timings = time.perf_counter(), {}
     say = progress or passes.inputs.quiet
     models = list(models)

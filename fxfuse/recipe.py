@@ -29,6 +29,7 @@ import yaml
 from .errors import FxfuseError
 from .rules import read_yaml
 
+BEST_REFINE_STEPS = 300  # refinement budget of quality best when labelled data is given without --refine
 KINDS = ("str", "path", "paths", "int", "float", "bool", "floats", "strs", "specs")
 RECIPE_FILE = "fxfuse-recipe.yaml"
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -121,6 +122,10 @@ OPTIONS: tuple[Option, ...] = (
            choices=("exp", "project"), to_compile=False),
     Option("head", "str", None, "how --refine reads the loss (default: from the model class)",
            choices=("classification", "mlm", "causal"), to_compile=False),
+    Option("quality", "str", None, "fast: the options as given; best: try groups perm and full, activation matching, "
+           "refinement (with --data) and repair (with calibration inputs), each scored on held-out samples, and keep "
+           "what helps (default: best when --calib or --data is given and no mode option is set, else fast)",
+           choices=("fast", "best")),
     Option("dtype", "str", None, "dtype of the fused model (default: the target's); costs and checks run in float32",
            choices=("float32", "bfloat16", "float16"), to_compile=False),
     Option("workers", "int", 1, "collect activation statistics in N local processes (torch.distributed, gloo); "
@@ -314,6 +319,19 @@ def resolve_spec(spec: str) -> str:
     return target + (at + _absolute(weights) if at else "")
 
 
+MODE_OPTIONS = ("cost", "groups", "repair", "refine", "method", "solver")  # options whose choice rules out "best"
+
+
+def settled(recipe: "Recipe") -> "Recipe":
+    """``recipe`` with its ``quality`` decided: as given, else ``best`` where calibration inputs (a file) or
+    labelled data are given and every mode option is at its default, else ``fast``."""
+    if recipe.quality is not None:
+        return recipe
+    data = bool(recipe.calib or recipe.refine_data)
+    plain = all(getattr(recipe, name) == BY_NAME[name].default for name in MODE_OPTIONS)
+    return dataclasses.replace(recipe, quality="best" if data and plain else "fast")
+
+
 Recipe = dataclasses.make_dataclass(
     "Recipe", [(o.name, Any, dataclasses.field(default=o.default)) for o in OPTIONS],
     bases=(_RecipeMethods,), frozen=True)
@@ -384,6 +402,7 @@ def accepts_recipe(compile_fn: Callable) -> Callable:
             return compile_fn(models, example_args, **keywords)
         if not isinstance(recipe, Recipe):
             raise RecipeError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+        recipe = settled(recipe)
         options = recipe.compile_options()
         both = sorted(set(keywords) & set(options))
         if both:
@@ -416,14 +435,17 @@ def accepts_recipe(compile_fn: Callable) -> Callable:
 def refine_config(values, flag: str = "--data", on_step=None):
     """A ``fxfuse.refine.RefineConfig`` from a recipe's (or a namespace's) ``refine``, ``refine_data``,
     ``refine_lr``, ``refine_batch``, ``refine_lr_orthogonal``, ``refine_orthogonal``, ``head`` and ``seed``;
-    ``None`` without ``refine``.
+    ``None`` without ``refine`` (with quality best and ``refine_data``: ``BEST_REFINE_STEPS`` steps).
     ``flag``: how the labelled data is given, for the messages."""
-    if values.refine is None:
+    steps = values.refine
+    if steps is None and values.refine_data and getattr(values, "quality", None) == "best":
+        steps = BEST_REFINE_STEPS
+    if steps is None:
         if values.refine_data:
-            raise RecipeError(f"{flag} is only used with --refine STEPS")
+            raise RecipeError(f"{flag} is only used with --refine STEPS (or --quality best)")
         return None
-    if values.refine < 1:
-        raise RecipeError(f"--refine {values.refine}: need at least one step")
+    if steps < 1:
+        raise RecipeError(f"--refine {steps}: need at least one step")
     if not values.refine_data:
         raise RecipeError(f"--refine needs labelled data: pass {flag} FILE")
     if values.refine_batch < 1 or not values.refine_lr > 0:
@@ -432,7 +454,7 @@ def refine_config(values, flag: str = "--data", on_step=None):
     from .refine import RefineConfig
 
     x, y = load_labelled(values.refine_data)
-    return RefineConfig(values.refine, x, y, head=getattr(values, "head", None), lr=values.refine_lr,
+    return RefineConfig(steps, x, y, head=getattr(values, "head", None), lr=values.refine_lr,
                         batch_size=values.refine_batch, seed=getattr(values, "seed", 0), on_step=on_step,
                         lr_orthogonal=getattr(values, "refine_lr_orthogonal", 0.03),
                         orthogonal=getattr(values, "refine_orthogonal", "exp"))

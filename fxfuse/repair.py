@@ -77,6 +77,7 @@ class RepairPoint:
     weight_dim: int
     bias: str | None
     running: tuple[str, str] | None = None
+    writes_stream: bool = False  # a linear or convolution whose output only reaches norms, through a residual add
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -107,6 +108,27 @@ def _reaches_nonlinearity(node: torch.fx.Node, limit: int = 64) -> bool:
             if name in PASSTHROUGH:
                 stack.append(user)
     return False
+
+
+def _writes_normalised_stream(node: torch.fx.Node, limit: int = 64) -> bool:
+    """Does ``node`` write a residual stream that only norms read: its output reaches no nonlinearity, and
+    reaches a LayerNorm or RMSNorm through a residual add (attention output projections and MLP outputs of
+    pre- and post-norm transformers)?"""
+    seen, stack, normed = set(), [(node, False)], False
+    while stack and len(seen) < limit:
+        n, added = stack.pop()
+        for user in n.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            name = _op_name(user)
+            if name in NONLINEAR or name in BATCH_NORMS or name in ("group_norm", "instance_norm"):
+                return False
+            if name in NORMS:
+                normed = normed or added
+            elif name in PASSTHROUGH:
+                stack.append((user, added or name == "add"))
+    return normed
 
 
 def _only_batch_norm_reads(node: torch.fx.Node) -> bool:
@@ -153,6 +175,8 @@ def repair_points(traced: TracedModel) -> list[RepairPoint]:
                                 _param_of(args[2], ph) if len(args) > 2 else None)
         else:
             continue
+        if name in CONVOLUTIONS or name in ("linear", "addmm"):
+            point = replace(point, writes_stream=_writes_normalised_stream(n))
         if point.running is None and (point.weight is None or _only_batch_norm_reads(n)):
             continue
         shared = [p for p in (point.weight, point.bias) if p is not None and (uses.get(p, 0) > 1 or p in tied)]
@@ -291,7 +315,7 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
         collapse = float((1 - sd[live] / sd_t[live].clamp(min=EPS)).mean()) if bool(live.any()) else 0.0
         entries.append({"node": point.node, "op": point.op, "weight": point.weight, "units": int(sd.numel()),
                         "std_collapse_before": collapse, "scale_mean": float(scale.mean()),
-                        "shift_folded": point.bias is not None,
+                        "shift_folded": point.bias is not None, "writes_stream": point.writes_stream,
                         "reset_running_stats": point.running is not None})
     notes = [f"repair: {e['node']} ({e['weight']}) has no bias: only its scale was corrected"
              for e in entries if e.get("units") and not e["shift_folded"]]

@@ -231,7 +231,7 @@ def test_unexportable_model_fails_with_one_line_and_no_torch_logging(tmp_path, c
 def test_options_without_effect_warn(tmp_path, capsys):
     torch.save(torch.randn(32, 64), tmp_path / "calib.pt")
     code, _, err = run(capsys, "compile", SPEC, SPEC, "-o", tmp_path / "out", "-q", "--reg", "0.1",
-                       "--calib", tmp_path / "calib.pt")
+                       "--calib", tmp_path / "calib.pt", "--quality", "fast")
     assert code == 0
     assert err.splitlines()[:2] == [
         "fxfuse: warning: --reg is ignored with --solver exact (it regularises sinkhorn)",

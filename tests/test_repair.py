@@ -34,6 +34,19 @@ def test_points_are_the_producers_before_nonlinearities_and_norms():
     assert "transformer.wte.weight" not in points          # tied with the LM head
 
 
+def test_points_that_write_a_normalised_residual_stream_are_marked():
+    model, args = digits.vit(seed=1)
+    points = {p.weight: p.writes_stream for p in repair_points(trace_for(model, calibration_batches(_calib(), args, {})))
+              if p.weight is not None}
+    assert points["blocks.0.attn.out_proj.weight"] and points["blocks.1.mlp.2.weight"]  # -> add -> LayerNorm
+    assert points["patch.weight"]                      # the stream's first writer (-> + pos -> LayerNorm)
+    assert not points["blocks.0.mlp.0.weight"]         # -> GELU
+    assert not points["blocks.0.ln1.weight"]           # a norm, not a writer
+    cnn, cnn_args = zoo.cnn(seed=0)
+    traced = trace_for(cnn, [(cnn_args, {})])
+    assert not any(p.writes_stream for p in repair_points(traced))  # convolutions -> batch norm / ReLU
+
+
 def test_repair_of_a_model_fused_with_itself_changes_nothing():
     model, args = digits.vit(seed=1)
     result = fxfuse.compile([model, model], args, repair=True, calib=_calib())

@@ -142,10 +142,13 @@ class _CompileJob:
     out_dtype: Any
 
 
-def _compile(args, recipe) -> int:
+def _compile(args, given) -> int:
+    """``given``: the recipe as written (and saved); it runs with its quality settled (``fxfuse.recipe.settled``)."""
     from ..distributed import WorkerDone, world
+    from ..recipe import settled
 
     progress = Progress(args.quiet)
+    recipe = settled(given)
     job, tgt = _compile_job(args, recipe, progress)
     rows = _evaluate_parents(job, tgt, args.eval, progress)
     try:
@@ -160,13 +163,14 @@ def _compile(args, recipe) -> int:
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
     _print_refinement(report, recipe)
+    _print_quality(report)
     if args.show_depth_map:
         from ..render import render_depth_maps
 
         sys.stdout.write(render_depth_maps(report["depth_maps"], report["width_maps"]))
     if job.labelled is not None:
         report["eval"] = _evaluate_fused(job, tgt, recipe, result.module, rows, args.eval, progress)
-    _write_compiled(job, tgt, recipe, result, report, args, progress)
+    _write_compiled(job, tgt, given, result, report, args, progress)
     return 0
 
 
@@ -190,9 +194,16 @@ def _compile_job(args, recipe, progress):
     refine = refine_config(recipe, "--data", on_step=progress_bar(args.quiet))
     rules = load_rules(recipe.rules)
     out_dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
+    if recipe.quality == "best":
+        from ..stages import refusal
+
+        problem = refusal({"cost": recipe.cost, "groups": recipe.groups, "repair": recipe.repair,
+                           "method": recipe.method, "calib": calib, "refine": refine})
+        if problem:
+            raise FxfuseError(problem)
     loaded, states = [], None
     plain = (recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair and refine is None
-             and labelled is None)
+             and labelled is None and recipe.quality != "best")
     if plain:  # Hugging Face twins in safetensors: fused out of core (activations streamed op by op)
         loaded, states = open_out_of_core(recipe.models, progress)
     if not loaded:
@@ -203,6 +214,7 @@ def _compile_job(args, recipe, progress):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
     tgt = loaded[recipe.target]
     check_untie(recipe, tgt)
+    _warn_repair_after_refine(recipe)
     if refine is not None:
         from ..barrier import check_refine_data
 
@@ -273,6 +285,22 @@ def _print_refinement(report: dict, recipe) -> None:
               f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {recipe.refine_data})")
 
 
+def _warn_repair_after_refine(recipe) -> None:
+    if recipe.repair and recipe.refine is not None:
+        warn("--repair runs after --refine and rescales units that the refinement fitted unrepaired: on the "
+             "digits ViTs it lowered the refined accuracy (docs/quality.md); --quality best keeps it only where it "
+             "helps on held-out data")
+
+
+def _print_quality(report: dict) -> None:
+    """What quality best tried and kept, one line."""
+    q = report.get("quality")
+    if q:
+        tried = ", ".join(f"{c['name']} " + ("skipped" if c["score"] is None else f"{c['score']:.4g}")
+                          for c in q["candidates"])
+        print(f"quality best: kept {q['chosen']} ({q['score']}; tried {tried})")
+
+
 def _evaluate_fused(job: _CompileJob, tgt, recipe, fused, rows: list, eval_file: str, progress) -> dict:
     """The ``--eval`` table: the parents (``rows``), the vanilla average where defined, the fused model; printed
     and returned for the report."""
@@ -319,6 +347,9 @@ def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, p
     seconds = f"{time.time() - args.started:.1f}s in all ({report['timings']['total_s']:.1f}s fusing)"
     if recipe.method == "vanilla":
         print(f"wrote {job.out} (vanilla average, no alignment); {seconds}")
+    elif "quality" in report:
+        print(f"wrote {job.out} (quality best: {report['quality']['chosen']}); "
+              f"{_self_check_text(report['self_check'])}; {seconds}")
     else:
         print(f"wrote {job.out} (ot, cost {recipe.cost}, solver {recipe.solver}); "
               f"{_self_check_text(report['self_check'])}; {seconds}")
