@@ -225,7 +225,8 @@ def _compile_job(args, recipe, progress):
     named = calib.items() if isinstance(calib, Mapping) else [(None, calib)] if isinstance(calib, torch.Tensor) else []
     for key, x in named:
         check_inputs(tgt.module, x, f"--calib {recipe.calib}" + (f" ({key})" if key else ""))
-    if recipe.method == "ot" and (recipe.cost == "activations" or recipe.repair or not same_depths):
+    if recipe.method == "ot" and (recipe.cost == "activations" or recipe.repair or not same_depths
+                                  or recipe.quality == "best"):
         check_calib_file(recipe.calib, calib, tgt)  # the data is read: a mismatch names the file now
     job = _CompileJob(out, tuple(loaded), None if states is None else tuple(states), calib, labelled, refine, rules,
                       out_dtype)
