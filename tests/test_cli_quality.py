@@ -121,3 +121,12 @@ def test_repair_after_refinement_is_warned(tmp_path, capsys, files):
         "the digits ViTs it lowered the refined accuracy (docs/quality.md); --quality best keeps it only where it "
         "helps on held-out data")
     assert "quality" not in json.loads((tmp_path / "out" / "report.json").read_text())
+
+
+def test_a_calibration_file_that_fits_no_input_is_named_before_the_search(tmp_path, capsys):
+    x, y, _, _ = digits.load_split()
+    bad = tmp_path / "labels-as-inputs.safetensors"
+    save_file({"inputs": y[:40].contiguous()}, bad)
+    line = refused(capsys, tmp_path, "compile", A, B, "--calib", bad, "-o", tmp_path / "out", "-q")
+    assert line.startswith(f"--calib {bad}: ") and "the models take (N, 1, 8, 8)" in line
+    assert not (tmp_path / "out").exists()
