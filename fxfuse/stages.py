@@ -2,7 +2,7 @@
 
     data ─split─▶ (fit part, held-out part)
     align:  weights/perm ▸ weights/full ▸ activations/perm      the lowest score wins
-    refine: the winner + refine (a full winner that cannot be refined: the best perm one)   kept if it scores lower
+    refine: the best perm and the best full alignment + refine; the lower one kept if it scores lower
     repair: the result + repair                                  kept if it scores lower
 
 A *score* is measured on held-out samples that no stage saw:
@@ -215,18 +215,29 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
             notes.append(f"quality best: alignment '{name}' not kept ({scorer.short} {s:.4g} against {score:.4g} "
                          f"for '{align}')")
     if refine is not None:
-        refinable = [align] + sorted((n for n in results if n != align and results[n][0]["groups"] == "perm"),
-                                     key=lambda n: results[n][2])
-        for name in refinable:
+        # the best alignment of each group level is refined: refinement reorders them (a permutation alignment
+        # that scores better unrefined can end below the refined orthogonal maps, and the other way round)
+        best_of: dict[str, str] = {}
+        for name in sorted(results, key=lambda n: results[n][2]):
+            best_of.setdefault(results[name][0]["groups"], name)
+        refined = []
+        for name in best_of.values():
             got = run(f"{name} + refine {refine.steps}", dict(results[name][0], refine=refine))
-            if got is not None:
-                break
-            notes.append(f"quality best: {trials[-1].name} {trials[-1].reason}")
-        if got is not None and got[1] < score:
-            chosen_name, changes, result, score = trials[-1].name, trials[-1].options, *got
-        elif got is not None:
-            notes.append(f"quality best: stage refine dropped: it made the result worse ({scorer.short} "
-                         f"{got[1]:.4g} against {score:.4g} without it)")
+            if got is None:
+                notes.append(f"quality best: {trials[-1].name} {trials[-1].reason}")
+                continue
+            refined.append((trials[-1].name, trials[-1].options, *got))
+        if refined:
+            name, options, got_result, got_score = min(refined, key=lambda r: r[3])  # ties: the better aligned
+            for other, _o, _r, other_score in refined:
+                if other != name:
+                    notes.append(f"quality best: '{other}' not kept ({scorer.short} {other_score:.4g} against "
+                                 f"{got_score:.4g} for '{name}')")
+            if got_score < score:
+                chosen_name, changes, result, score = name, options, got_result, got_score
+            else:
+                notes.append(f"quality best: stage refine dropped: it made the result worse ({scorer.short} "
+                             f"{got_score:.4g} against {score:.4g} without it)")
     got = run(f"{chosen_name} + repair", dict(changes, repair=True))
     if got is not None and got[1] < score:
         chosen_name, changes, result, score = trials[-1].name, trials[-1].options, *got

@@ -136,3 +136,21 @@ def test_best_is_deterministic_and_keeps_the_lowest_score():
     assert one.report["timings"]["total_s"] >= sum(c["seconds"] for c in q["candidates"]) - 0.001 * len(scored)
     assert [c["name"] for c in q["candidates"]][:3] == ["weights, groups perm", "weights, groups full",
                                                         "activations, groups perm"]
+
+
+def test_the_best_alignment_of_each_group_is_refined_and_the_lower_kept():
+    """A permutation alignment that scores as well unrefined can end above the refined orthogonal maps."""
+    a, args = digits.vit(seed=1)
+    b, _ = digits.vit(seed=2)
+    vanilla = fxfuse.compile([a, b], args, method="vanilla").module
+    x, y = _labelled(a)
+    fake = _Fake(good=a, bad=vanilla,
+                 bad_when=lambda kw: not (kw.get("groups") == "full" and kw.get("refine") is not None)
+                 or kw.get("repair"))
+    result = fuse_best(fake, [a, b], args, {"refine": RefineConfig(7, x, y)})
+    q = result.report["quality"]
+    refined = [kw for kw in fake.calls if kw.get("refine") is not None and not kw.get("repair")]
+    assert [(kw.get("cost"), kw.get("groups")) for kw in refined] == [("weights", "perm"), ("weights", "full")]
+    assert result.module is a and q["chosen"] == "weights, groups full + refine 7"
+    assert any(n.startswith("quality best: 'weights, groups perm + refine 7' not kept (held-out loss ")
+               for n in result.report["notes"])
