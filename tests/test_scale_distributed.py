@@ -61,10 +61,10 @@ def test_two_workers_give_the_single_process_statistics(tmp_path):
     assert any(not np.allclose(half.stats[k], v, atol=1e-6) for k, v in single.stats.items())
 
 
-def test_workers_on_the_command_line_write_what_one_process_writes(tmp_path, capsys, monkeypatch):
-    from fxfuse.lazy import CheckpointTensors
-
-    tests = os.path.dirname(os.path.abspath(__file__))  # the worker processes import the zoo from here too
+def _mha_pair_fused_once(tmp_path, monkeypatch) -> tuple[str, str, list[str]]:
+    """Two zoo MHA models as file specs that worker processes can import (the zoo on their PYTHONPATH), fused
+    once by activations in this process into ``tmp_path / "one"``; ``(spec a, spec b, the common flags)``."""
+    tests = os.path.dirname(os.path.abspath(__file__))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
     models = tmp_path / "models.py"
     models.write_text("import zoo\n\ndef a():\n    return zoo.mha(seed=0)\n\n"
@@ -72,6 +72,13 @@ def test_workers_on_the_command_line_write_what_one_process_writes(tmp_path, cap
     a, b = f"{models}:a", f"{models}:b"
     common = ["--cost", "activations", "--calib-random", "64", "-q"]
     assert main(["compile", a, b, "-o", str(tmp_path / "one"), *common]) == 0
+    return a, b, common
+
+
+def test_workers_on_the_command_line_write_what_one_process_writes(tmp_path, capsys, monkeypatch):
+    from fxfuse.lazy import CheckpointTensors
+
+    a, b, common = _mha_pair_fused_once(tmp_path, monkeypatch)
     assert main(["compile", a, b, "-o", str(tmp_path / "two"), "--workers", "2", *common]) == 0
     one, two = CheckpointTensors.from_dir(tmp_path / "one"), CheckpointTensors.from_dir(tmp_path / "two")
     assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
@@ -116,14 +123,7 @@ def test_torchrun_over_two_nodes_writes_what_one_process_writes(tmp_path, capsys
     from fxfuse.lazy import CheckpointTensors
 
     torchrun = Path(sys.executable).with_name("torchrun")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
-    models = tmp_path / "models.py"
-    models.write_text("import zoo\n\ndef a():\n    return zoo.mha(seed=0)\n\n"
-                      "def b():\n    return zoo.mha(seed=1)\n")
-    a, b = f"{models}:a", f"{models}:b"
-    common = ["--cost", "activations", "--calib-random", "64", "-q"]
-    assert main(["compile", a, b, "-o", str(tmp_path / "one"), *common]) == 0
+    a, b, common = _mha_pair_fused_once(tmp_path, monkeypatch)
     port = str(_free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
