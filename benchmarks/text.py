@@ -102,6 +102,8 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
     ("fxfuse activations + refine", {"cost": "activations", "refine": True}),
     ("fxfuse weights, groups full", {"cost": "weights", "groups": "full", "untie": True}),
     ("fxfuse activations, groups full", {"cost": "activations", "groups": "full", "untie": True}),
+    # learned refinement over the whole groups (orthogonal streams and in-head maps), from weight matching
+    ("fxfuse weights, groups full + refine", {"cost": "weights", "groups": "full", "untie": True, "refine": True}),
 ]
 REFINE = {"steps": 1000, "lr": 0.2, "batch": 32, "windows": 8192}  # --refine-steps; windows drawn from the train split
 REFINE_SEED = 777                                                    # starts of the refinement windows and their masks
