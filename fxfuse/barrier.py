@@ -180,7 +180,7 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
             progress(f"refining the alignment ({refine.steps} steps)")
         options = dict(fuse_options, refine=replace(refine, head=refine.head or head))
         ref = fuse([model_a, model_b], example_args, example_kwargs=kwargs, target=0, progress=progress, **options)
-        refined = curve(model_a, ref.aligned[1].state_dict(), inputs, labels, head, points, input_key, progress,
+        refined = curve(ref.aligned[0], ref.aligned[1].state_dict(), inputs, labels, head, points, input_key, progress,
                         "refined", fix)
         report["refine"] = ref.report["refine"]
         report["refined_self_check"] = ref.report["self_check"]

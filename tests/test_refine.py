@@ -342,3 +342,18 @@ def test_refinement_over_whole_groups_of_language_models(factory, untie):
     assert compare_outputs(b, r.aligned[1], args) <= 1e-4
     rep = r.report["refine"]
     assert rep["loss_at_weights_after"] < rep["loss_at_weights_before"]
+
+
+def test_the_refined_barrier_curve_ends_at_b_with_an_untied_head():
+    """``--groups full --untie``: A's aligned copy carries an untied LM head; the refined curve runs B's refined
+    state in that copy, so at λ = 1 it scores B itself (read in A's tied class, the untied head would be lost)."""
+    import zoo
+
+    a, args = zoo.gpt2(seed=0)
+    b, _ = zoo.gpt2(seed=1)
+    ids = torch.randint(0, zoo.VOCAB, (16, zoo.SEQ), generator=torch.Generator().manual_seed(0))
+    res = fxfuse.barrier(a, b, ids, ids.clone(), args, points=3, head="causal", groups="full", untie=True,
+                         refine=RefineConfig(4, ids, ids.clone(), batch_size=8, eval_samples=16))
+    for c in (res.aligned, res.refined):
+        assert c.loss[0] == pytest.approx(res.vanilla.loss[0], rel=1e-4)
+        assert c.loss[-1] == pytest.approx(res.vanilla.loss[-1], rel=1e-4)
