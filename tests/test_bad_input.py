@@ -172,16 +172,21 @@ def test_workers_beyond_the_processors_are_refused(tmp_path, capsys):
 # ---------------------------------------------------------------- a full disk, a file-size limit
 
 
+def _under_file_size_limit(argv: list[str], limit: int, cwd) -> subprocess.CompletedProcess:
+    """``fxfuse argv`` in a fresh process whose files may grow to ``limit`` bytes at most (``RLIMIT_FSIZE``)."""
+    code = ("import resource, sys\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
+            "from fxfuse.cli import main\n"
+            f"sys.exit(main({argv!r}))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-B", "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=cwd)
+
+
 def test_file_size_limit_during_the_save_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
-    code = ("import resource, sys\n"
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
-            "from fxfuse.cli import main\n"
-            f"sys.exit(main(['permute', {SPEC!r}, '-o', {str(out)!r}, '-q']))\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     before = sha256s(tmp_path)
-    proc = subprocess.run([sys.executable, "-B", "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=tmp_path)
+    proc = _under_file_size_limit(["permute", SPEC, "-o", str(out), "-q"], 4096, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"fxfuse: error: {out}: cannot write it: File too large; nothing was written\n"
     assert sha256s(tmp_path) == before and list(tmp_path.iterdir()) == []
@@ -190,14 +195,8 @@ def test_file_size_limit_during_the_save_is_one_line_and_leaves_nothing(tmp_path
 def test_file_size_limit_while_writing_hugging_face_shards_out_of_core(tmp_path, hf_dirs):
     out = tmp_path / "out"
     bert = str(hf_dirs / "bert")
-    code = ("import resource, sys\n"
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))\n"
-            "from fxfuse.cli import main\n"
-            f"sys.exit(main(['compile', {bert!r}, {bert!r}, '-o', {str(out)!r}]))\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     before = sha256s(hf_dirs)
-    proc = subprocess.run([sys.executable, "-B", "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=tmp_path)
+    proc = _under_file_size_limit(["compile", bert, bert, "-o", str(out)], 65536, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "writing" in proc.stderr  # fused out of core, shard by shard
     assert proc.stderr.endswith(f"fxfuse: error: {out}: cannot write it: File too large; nothing was written\n")
