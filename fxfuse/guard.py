@@ -48,13 +48,16 @@ def loop_in(path: str | Path) -> Path | None:
     return None
 
 
+def loop_text(path: str | Path, loop: Path) -> str:
+    """What to say of ``path`` whose prefix ``loop`` (``loop_in``) is a symlink loop."""
+    return ("" if loop == Path(path) else f"{loop} ") + "is a symlink loop (it points back to itself)"
+
+
 def check_no_loop(path: str | Path, name: str | None = None) -> None:
     """Refuse ``path`` (one line, named ``name``) when it or one of its parents is a symlink loop."""
     loop = loop_in(path)
     if loop is not None:
-        shown = name or str(path)
-        where = "is a symlink loop" if loop == Path(path) else f"{loop} is a symlink loop"
-        raise FxfuseError(f"{shown}: {where} (it points back to itself)")
+        raise FxfuseError(f"{name or path}: {loop_text(path, loop)}")
 
 
 def real(path: str | Path, name: str | None = None) -> Path:
@@ -63,7 +66,7 @@ def real(path: str | Path, name: str | None = None) -> Path:
     try:
         return Path(path).resolve()
     except (RuntimeError, OSError):  # a loop reached through '..' or made meanwhile
-        raise FxfuseError(f"{name or path}: is a symlink loop (it points back to itself)") from None
+        raise FxfuseError(f"{name or path}: {loop_text(path, Path(path))}") from None
 
 
 def model_paths(spec: str) -> list[Path]:

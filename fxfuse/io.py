@@ -74,12 +74,12 @@ def load_model(spec: str, trust_pickle: bool = False, seed: int = 0) -> LoadedMo
 
 def _check_loops(path: Path, spec: str) -> None:
     """A spec, or a file of its directory, that is a symlink loop: one line saying so (not "no such file")."""
-    from .guard import loop_in
+    from .guard import loop_in, loop_text
 
     for p in (path, *(path / n for n in (MANIFEST, WEIGHTS, "config.json", "model.safetensors.index.json"))):
         loop = loop_in(p)
         if loop is not None:
-            raise SpecError(f"{spec}: {'' if loop == path else f'{loop} '}is a symlink loop (it points back to itself)")
+            raise SpecError(f"{spec}: {loop_text(path, loop)}")
         if p == path and not path.is_dir():
             return
 
