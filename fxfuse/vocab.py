@@ -295,8 +295,7 @@ def union_tokenizer(found: VocabMatch, folders: Sequence[str | Path]) -> str:
     data = json.loads(target_path.read_text(encoding="utf-8"))
     model = data.get("model") or {}
     kind = model.get("type")
-    added = {a["content"] for a in data.get("added_tokens") or ()}
-    ids = {t: j for j, t in enumerate(found.tokens) if t is not None and t not in added}
+    ids = {t: j for j, t in enumerate(found.tokens) if t is not None}  # added tokens too, as the target's file
     if kind in ("WordLevel", "WordPiece", "BPE"):
         model["vocab"] = ids
         if kind == "BPE":

@@ -193,3 +193,37 @@ def test_cli_errors_name_the_model_directory(tmp_path, capsys):
     _save(_gpt2(5, seed=2), [f"y{i}" for i in range(5)], tmp_path / "c")
     line = refused(capsys, tmp_path, "compile", spec_a, str(tmp_path / "c"), "-o", out, "--vocab", "target")
     assert line == f"{tmp_path / 'c'}: shares no token with the target ({spec_a})"
+
+
+def _bpe(texts, size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=size, special_tokens=["[UNK]"]))
+    return tok
+
+
+def test_cli_union_of_bpe_tokenizers_keeps_both_models_merges(tmp_path, capsys):
+    """Two BPE tokenizers learnt on different text: the union tokenizer holds every token at its union id and
+    splits each model's words as its own tokenizer did (the target's merges first, then the source's)."""
+    from fxfuse.vocab import read_vocab
+
+    tok_a = _bpe(["the quick brown fox jumps over the lazy dog " * 5, "hello world foo bar"], 60)
+    tok_b = _bpe(["a stitch in time saves nine the fox " * 5, "hello there world"], 60)
+    for name, tok, seed in (("a", tok_a, 0), ("b", tok_b, 1)):
+        _gpt2(tok.get_vocab_size(), seed=seed).save_pretrained(tmp_path / name)
+        tok.save(str(tmp_path / name / "tokenizer.json"))
+    out = tmp_path / "fused"
+    code, _, err = run(capsys, "compile", tmp_path / "a", tmp_path / "b", "-o", out, "--vocab", "union", "--quiet")
+    assert code == 0, err
+    words_a, words_b = read_vocab(tmp_path / "a"), read_vocab(tmp_path / "b")
+    union = read_vocab(out)
+    assert union == words_a + tuple(t for t in words_b if t not in words_a)
+    from tokenizers import Tokenizer
+
+    fused = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for tok, text in ((tok_a, "the quick brown fox"), (tok_b, "a stitch in time saves nine")):
+        assert fused.encode(text).tokens == tok.encode(text).tokens
+    report = json.loads((out / "report.json").read_text())
+    assert report["vocab"]["shared"] == len(set(words_a) & set(words_b))

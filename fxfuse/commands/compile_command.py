@@ -216,6 +216,10 @@ def _compile_job(args, recipe, progress):
     if not -len(loaded) <= recipe.target < len(loaded):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
     tgt = loaded[recipe.target]
+    if recipe.vocab is not None:  # the output's tokenizer files can be written: checked before the work
+        from ..vocab import output_files
+
+        output_files(recipe.models, [m.module for m in loaded], recipe.target, recipe.vocab)
     check_untie(recipe, tgt)
     _warn_repair_after_refine(recipe)
     if refine is not None:
