@@ -227,3 +227,22 @@ def test_cli_union_of_bpe_tokenizers_keeps_both_models_merges(tmp_path, capsys):
         assert fused.encode(text).tokens == tok.encode(text).tokens
     report = json.loads((out / "report.json").read_text())
     assert report["vocab"]["shared"] == len(set(words_a) & set(words_b))
+
+
+def test_a_recipe_of_model_directories_reads_their_tokenizers(tmp_path):
+    from fxfuse import Recipe
+
+    spec_a, spec_b, words_b = _pair(tmp_path)
+    result = fuse(Recipe(models=(spec_a, spec_b), vocab="union"))
+    assert result.report["vocab"]["size"] == len(WORDS) + len(set(words_b) - set(WORDS))
+    assert result.module.config.vocab_size == result.report["vocab"]["size"]
+
+
+def test_quality_best_scores_candidates_on_the_matched_models(tmp_path):
+    spec_a, spec_b, words_b = _pair(tmp_path)
+    a, b = _gpt2(len(WORDS)), _gpt2(len(words_b), seed=1)
+    calib = torch.randint(2, len(WORDS), (10, 8), generator=torch.Generator().manual_seed(0))
+    result = fuse([a, b], (), example_kwargs=hf_example_inputs(a), vocab="target", vocabularies=[spec_a, spec_b],
+                  quality="best", calib=calib)
+    assert result.report["quality"]["chosen"] and result.report["vocab"]["shared"] == len(WORDS) - 10
+    assert all(c.get("error", 0.0) <= 1e-4 for c in result.report["self_check"])
