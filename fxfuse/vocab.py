@@ -262,7 +262,7 @@ def per_row_average(state: dict[str, torch.Tensor], found: VocabMatch, keys: Seq
     the models that have its token, ``Σ_m w_m h_mj``: the per-row weighted average."""
     cover = (torch.tensor([float(w) for w in weights], dtype=torch.float64)[:, None] * found.has).sum(0)
     out = dict(state)
-    for key in keys:
+    for key in (k for k in keys if k in state):
         t = state[key]
         scale = (1.0 / cover.clamp(min=1e-300)).to(torch.promote_types(t.dtype, torch.float32))
         out[key] = (t.to(scale.dtype) * scale.reshape(-1, *([1] * (t.dim() - 1)))).to(t.dtype)
