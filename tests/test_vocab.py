@@ -184,13 +184,20 @@ def test_cli_target_copies_the_targets_tokenizer_and_is_deterministic(tmp_path, 
 def test_cli_errors_name_the_model_directory(tmp_path, capsys):
     spec_a, spec_b, _ = _pair(tmp_path)
     out = str(tmp_path / "o")
+    capsys.readouterr()  # what saving the models printed
     line = refused(capsys, tmp_path, "compile", spec_a, spec_b, "-o", out)
     assert line.startswith(f"{spec_a}: the vocabularies differ in size") and "pass --vocab target or --vocab union" in line
     (tmp_path / "b" / "tokenizer.json").unlink()
     for extra in ([], ["--vocab", "union"]):
         assert refused(capsys, tmp_path, "compile", spec_a, spec_b, "-o", out, *extra).startswith(
             f"{spec_b}: no tokenizer.json")
+    (tmp_path / "b" / "tokenizer.json").write_text((tmp_path / "a" / "tokenizer.json").read_text())
+    torch.save((torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)), tmp_path / "eval.pt")
+    line = refused(capsys, tmp_path, "compile", spec_a, spec_b, "-o", out, "--vocab", "union", "--eval",
+                   tmp_path / "eval.pt")
+    assert line.startswith(f"--eval {tmp_path / 'eval.pt'}: with --vocab the parents do not share")
     _save(_gpt2(5, seed=2), [f"y{i}" for i in range(5)], tmp_path / "c")
+    capsys.readouterr()
     line = refused(capsys, tmp_path, "compile", spec_a, str(tmp_path / "c"), "-o", out, "--vocab", "target")
     assert line == f"{tmp_path / 'c'}: shares no token with the target ({spec_a})"
 

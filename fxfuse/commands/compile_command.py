@@ -204,6 +204,9 @@ def _compile_job(args, recipe, progress):
     from ..vocab import check_specs
 
     check_specs(recipe.models, recipe.vocab, recipe.target)  # vocabularies that differ: matched by token string, or refused
+    if recipe.vocab is not None and args.eval:
+        raise FxfuseError(f"--eval {args.eval}: with --vocab the parents do not share one token space to score "
+                          "the labelled data in; evaluate the output model on its own")
     loaded, states = [], None
     plain = (recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair and refine is None
              and labelled is None and recipe.quality != "best" and recipe.vocab is None)
