@@ -24,7 +24,7 @@ byte), with the whole output vocabulary in the softmax:
 * ``vocab union, fxfuse``: the same into the union vocabulary (``vocab="union"``; B's other tokens added);
 * ``vocab target, fxfuse groups full``: orthogonal residual streams (``groups="full", untie=True``);
 * ``vocab target, fxfuse + refine``: the maps refined for ``REFINE_STEPS`` steps on training windows in A's
-  tokens (``fxfuse.refine``; the interpolation it trains on holds B's missing rows as zero).
+  tokens (``fxfuse.refine``; the interpolation it trains on mixes vocabulary rows per row).
 
 fxfuse: weight matching, exact solver, ``seed=0``, uniform weights. The self-check of every fusion must pass
 (each moved model computes what it did on shared tokens), and the union model with its softmax cut to A's

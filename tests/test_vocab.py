@@ -253,3 +253,18 @@ def test_quality_best_scores_candidates_on_the_matched_models(tmp_path):
                   quality="best", calib=calib)
     assert result.report["quality"]["chosen"] and result.report["vocab"]["shared"] == len(WORDS) - 10
     assert all(c.get("error", 0.0) <= 1e-4 for c in result.report["self_check"])
+
+
+def test_refinement_mixes_vocabulary_rows_per_row_and_stays_exact():
+    from fxfuse.refine import RefineConfig, _mix
+
+    has = torch.tensor([[True, True, False], [True, False, True]])
+    states = [{"e": torch.tensor([[1.0], [2.0], [0.0]])}, {"e": torch.tensor([[3.0], [0.0], [5.0]])}]
+    mixed = _mix(states, [0.25, 0.75], states[0], (("e",), has))["e"]
+    assert mixed.flatten().tolist() == [2.5, 2.0, 5.0]
+    a, b = _gpt2(len(WORDS)), _gpt2(len(WORDS), seed=1)
+    words_b = _overlapping(WORDS, drop=10, extra=10, seed=6)
+    x = torch.randint(2, len(WORDS), (16, 8), generator=torch.Generator().manual_seed(1))
+    result = fuse([a, b], (), example_kwargs=hf_example_inputs(a), vocab="target", vocabularies=[WORDS, words_b],
+                  refine=RefineConfig(5, x, x.clone(), head="causal"))
+    assert "refine" in result.report and all(c["error"] <= 1e-4 for c in result.report["self_check"])
