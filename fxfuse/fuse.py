@@ -116,7 +116,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if isinstance(vocab, str):
         from .vocab import prepare_models
 
-        vocab = prepare_models(models, vocabularies, target, vocab, example_args, example_kwargs)
+        vocab = prepare_models(models, vocabularies, target, vocab, example_args, example_kwargs, calib)
         models, example_args, example_kwargs = vocab.models, vocab.args, vocab.kwargs
     if quality == "best":
         from .stages import fuse_best

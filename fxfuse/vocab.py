@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -232,6 +232,7 @@ class Matched:
     kwargs: dict
     match: VocabMatch
     keys: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
 
 def prepare(models: Sequence[nn.Module], vocabs: Sequence[Sequence[str]] | None, target: int, mode: str,
@@ -345,9 +346,10 @@ def config_text(folder: str | Path, vocab_size: int) -> str:
 
 
 def prepare_models(models: Sequence[nn.Module], vocabularies: Sequence | None, target: int, mode: str,
-                   args: tuple, kwargs: Mapping | None) -> Matched:
+                   args: tuple, kwargs: Mapping | None, calib=None) -> Matched:
     """``prepare`` for ``fxfuse.compile``: ``vocabularies`` holds token lists or model directories (their
-    ``tokenizer.json`` is read, and errors name the directory)."""
+    ``tokenizer.json`` is read, and errors name the directory); a note where the calibration inputs
+    ``calib`` hold tokens that some model lacks (it reads a zero row for them)."""
     models = list(models)
     if not -len(models) <= target < len(models):
         raise VocabError(f"--target {target} is out of range for {len(models)} models")
@@ -361,7 +363,25 @@ def prepare_models(models: Sequence[nn.Module], vocabularies: Sequence | None, t
                 vocabs.append(read_vocab(v))
             else:
                 vocabs.append(tuple(v))
-    return prepare(models, vocabs, target % len(models), mode, args, kwargs, where)
+    matched = prepare(models, vocabs, target % len(models), mode, args, kwargs, where)
+    note = calibration_note(matched.match, calib)
+    return replace(matched, notes=(note,)) if note else matched
+
+
+def calibration_note(found: VocabMatch, calib) -> str | None:
+    """A note when calibration token ids (a tensor, or ``input_ids`` of named inputs) hold tokens some model
+    lacks: that model reads a zero embedding row there, which is not what it computes on its own tokens."""
+    ids = calib.get("input_ids") if isinstance(calib, Mapping) else calib
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.numel() == 0:
+        return None
+    inside = (ids >= 0) & (ids < len(found.tokens))
+    shared = torch.zeros(len(found.tokens), dtype=torch.bool)
+    shared[found.shared_ids] = True
+    lacking = int((~shared[ids[inside]]).sum())
+    if not lacking:
+        return None
+    return (f"{lacking / ids.numel():.1%} of the calibration tokens are missing from some model's vocabulary (it "
+            "reads a zero embedding row there): calibrate on text made of shared tokens")
 
 
 # ---------------------------------------------------------------- the command line

@@ -252,6 +252,9 @@ def test_quality_best_scores_candidates_on_the_matched_models(tmp_path):
     result = fuse([a, b], (), example_kwargs=hf_example_inputs(a), vocab="target", vocabularies=[spec_a, spec_b],
                   quality="best", calib=calib)
     assert result.report["quality"]["chosen"] and result.report["vocab"]["shared"] == len(WORDS) - 10
+    missing = sum(t not in words_b for t in WORDS[2:])  # calibration ids are drawn from 2 on
+    assert any(n.endswith("are missing from some model's vocabulary (it reads a zero embedding row there): "
+                          "calibrate on text made of shared tokens") for n in result.report["notes"]) == (missing > 0)
     assert all(c.get("error", 0.0) <= 1e-4 for c in result.report["self_check"])
 
 

@@ -49,6 +49,7 @@ def report(options: Options, inputs: Inputs, same_depth: SameDepth, analysed: An
     out["notes"] += _depth_notes(same_depth)
     if options.vocab is not None:
         out["vocab"] = options.vocab.match.report()
+        out["notes"] += list(options.vocab.notes)
     return out
 
 
