@@ -1,19 +1,19 @@
 """GPT-2 pairs whose vocabularies overlap partly: rows matched by token string against rows matched by id.
 
-    python benchmarks/vocab.py [--overlaps 50,70,90] [--eval 256] [--json FILE] [--retrain]
+    python benchmarks/vocab.py [--overlaps 50,70,90,100] [--eval 256] [--json FILE] [--retrain]
 
 Corpus, model size, training and the target model A come from ``benchmarks/text.py`` (GPT-2 seed 1, its
 byte-level vocabulary of 260 tokens: bytes 0–255, then [PAD], [MASK], [CLS], [SEP]; cached under
 ``benchmarks/.cache/text/``). For an overlap ``p`` model B (seed 2) gets a vocabulary of the same size:
-``round(p · 260)`` of A's tokens (at 100 %: all of them), drawn at random (seed ``VOCAB_SEED``), then ``[UNK]`` and the most frequent
-byte pairs of the training text that A's tokens do not hold, so ``|A ∩ B| / |A| = p``; B's token ids are a
-random order of them. B encodes text greedily from the left: a byte pair of its vocabulary is one token, else
+``round(p · 260)`` of A's tokens (at 100 %: all of them), drawn at random (seed ``VOCAB_SEED``), then
+``[UNK]`` and the most frequent byte pairs of the training text, so ``|A ∩ B| / |A| = p``; B's token ids are
+a random order of them. B encodes text greedily from the left: a byte pair of its vocabulary is one token, else
 a byte it has, else ``[UNK]``. B is trained from scratch on the training text in its own tokens with the
 same recipe as A (cached under ``benchmarks/.cache/vocab/``).
 
 ``B alone`` is B's held-out loss in its own tokens, in nats per byte (the summed loss over the bytes its
-predicted tokens stand for). Every fused model is scored on ``--eval`` held-out windows in A's tokens (bytes: the loss is in nats per
-byte), with the whole output vocabulary in the softmax:
+predicted tokens stand for). Every fused model is scored on ``--eval`` held-out windows in A's tokens
+(bytes: the loss is in nats per byte), with the whole output vocabulary in the softmax:
 
 * ``target A``: the target alone;
 * ``rows by id, vanilla``: the plain average, rows paired by id (what a merge that ignores the tokenizers
@@ -55,7 +55,8 @@ CACHE = HERE / ".cache" / "vocab"
 VOCAB_SEED = 2024
 SEED_A, SEED_B = 1, 2
 SPECIALS = {text.PAD: "[PAD]", text.MASK: "[MASK]", text.CLS: "[CLS]", text.SEP: "[SEP]"}
-ROWS = ("B alone (own tokens)", "target A", "rows by id, vanilla", "rows by id, fxfuse", "vocab target, vanilla", "vocab target, fxfuse",
+ROWS = ("B alone (own tokens)", "target A", "rows by id, vanilla", "rows by id, fxfuse", "vocab target, vanilla",
+        "vocab target, fxfuse",
         "vocab union, fxfuse", "vocab target, fxfuse groups full", "vocab target, fxfuse + refine")
 
 
@@ -145,7 +146,8 @@ def refine_config(corpus: dict):
 
     g = torch.Generator().manual_seed(text.REFINE_SEED)
     x = text.windows(corpus["train"], torch.randint(0, len(corpus["train"]) - text.SEQ, (REFINE_WINDOWS,), generator=g))
-    return RefineConfig(REFINE_STEPS, x, x.clone(), head="causal", lr=text.REFINE["lr"], batch_size=text.REFINE["batch"])
+    return RefineConfig(REFINE_STEPS, x, x.clone(), head="causal", lr=text.REFINE["lr"],
+                        batch_size=text.REFINE["batch"])
 
 
 def run_overlap(overlap: float, a: torch.nn.Module, corpus: dict, x: torch.Tensor, args) -> dict:

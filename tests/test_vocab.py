@@ -186,7 +186,8 @@ def test_cli_errors_name_the_model_directory(tmp_path, capsys):
     out = str(tmp_path / "o")
     capsys.readouterr()  # what saving the models printed
     line = refused(capsys, tmp_path, "compile", spec_a, spec_b, "-o", out)
-    assert line.startswith(f"{spec_a}: the vocabularies differ in size") and "pass --vocab target or --vocab union" in line
+    assert line.startswith(f"{spec_a}: the vocabularies differ in size")
+    assert "pass --vocab target or --vocab union" in line
     (tmp_path / "b" / "tokenizer.json").unlink()
     for extra in ([], ["--vocab", "union"]):
         assert refused(capsys, tmp_path, "compile", spec_a, spec_b, "-o", out, *extra).startswith(

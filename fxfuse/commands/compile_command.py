@@ -203,7 +203,7 @@ def _compile_job(args, recipe, progress):
             raise FxfuseError(problem)
     from ..vocab import check_specs
 
-    check_specs(recipe.models, recipe.vocab, recipe.target)  # vocabularies that differ: matched by token string, or refused
+    check_specs(recipe.models, recipe.vocab, recipe.target)  # vocabularies that differ: matched by string, or refused
     if recipe.vocab is not None and args.eval:
         raise FxfuseError(f"--eval {args.eval}: with --vocab the parents do not share one token space to score "
                           "the labelled data in; evaluate the output model on its own")
@@ -326,8 +326,7 @@ def _evaluate_fused(job: _CompileJob, tgt, recipe, fused, rows: list, eval_file:
         try:
             vanilla = fuse_models([m.module for m in job.loaded], tgt.args, example_kwargs=tgt.kwargs,
                                   target=recipe.target, weights=recipe.weights, method="vanilla",
-                                  rules=job.rules, vocab=recipe.vocab,
-                                  vocabularies=list(recipe.models) if recipe.vocab else None).module
+                                  rules=job.rules).module
             rows.append(("vanilla average", accuracy(vanilla, x, y, tgt)))
         except FusionError:  # undefined across widths or depths: the target alone is the baseline
             rows.append(("vanilla average", None))
