@@ -95,6 +95,18 @@ def _barrier(report: Mapping[str, Any]) -> list[str]:
                                             ["fxfuse", _figure(b.get("aligned"), ".4f")]])]
 
 
+def _vocabulary(report: Mapping[str, Any]) -> list[str]:
+    """How many tokens the parents shared, where their vocabularies were matched by token string."""
+    v = report.get("vocab")
+    if not v:
+        return []
+    rows = [[str(m["model"]), str(m["rows"]), str(m["kept"]), str(m["shared_with_target"])] for m in v["models"]]
+    return ["## Vocabulary", "", f"Rows matched by token string into the {v['mode']} vocabulary of {v['size']} "
+            f"tokens; {v['shared']} tokens are shared by every parent (averaged), the other rows come from the "
+            "parents that have them, moved into the target's basis.", "",
+            *_table(["model", "vocabulary rows", "rows kept", "tokens shared with the target"], rows)]
+
+
 def _stages(report: Mapping[str, Any]) -> list[str]:
     q = report.get("quality")
     if not q:
@@ -126,7 +138,7 @@ def model_card(report: Mapping[str, Any], recipe) -> str:
     coverage = report.get("coverage")
     lines += ["## Coverage", "", f"{_figure(coverage, '.1%')} of the target's parameters lie on axes that can "
               "move (the rest is pinned: averaged as it is).", ""]
-    lines += _stages(report) + _checks(report) + _evaluation(report) + _barrier(report)
+    lines += _vocabulary(report) + _stages(report) + _checks(report) + _evaluation(report) + _barrier(report)
     notes = report.get("notes") or []
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]

@@ -54,7 +54,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka", groups: str = "perm",
             untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
             refine: Any = None, states: Sequence[Mapping[str, torch.Tensor]] | None = None,
-            out_dtype: torch.dtype | None = None, device: str = "cpu", quality: str | None = None) -> FusionResult:
+            out_dtype: torch.dtype | None = None, device: str = "cpu", quality: str | None = None,
+            vocab: Any = None, vocabularies: Sequence[Any] | None = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
@@ -104,7 +105,19 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     candidate is scored on held-out samples of ``refine``'s labelled data, else
     of ``calib`` (``fxfuse.stages``; the choice is under ``quality`` in the
     report). ``"fast"`` or ``None``: the options as given.
+
+    ``vocab="target"`` or ``"union"``: language models with different
+    vocabularies (``vocabularies``: each model's token strings by id, or its
+    directory holding ``tokenizer.json``) are re-indexed into the target's or
+    the union vocabulary first; shared rows are averaged, a row one model has
+    is taken from it, moved into the target's basis (``fxfuse.vocab``; the
+    counts under ``vocab`` in the report).
     """
+    if isinstance(vocab, str):
+        from .vocab import prepare_models
+
+        vocab = prepare_models(models, vocabularies, target, vocab, example_args, example_kwargs, calib)
+        models, example_args, example_kwargs = vocab.models, vocab.args, vocab.kwargs
     if quality == "best":
         from .stages import fuse_best
 
@@ -112,7 +125,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             example_kwargs=example_kwargs, target=target, cost=cost, calib=calib, solver=solver, reg=reg,
             weights=weights, pin=pin, method=method, rules=rules, seed=seed, max_passes=max_passes, strict=strict,
             heads=heads, depth_cost=depth_cost, groups=groups, untie=untie, progress=progress, repair=repair,
-            refine=refine, states=states, out_dtype=out_dtype, device=device))
+            refine=refine, states=states, out_dtype=out_dtype, device=device, vocab=vocab))
     if quality not in (None, "fast"):
         raise FusionError(f"unknown quality {quality!r} (fast, best)")
     start, timings = time.perf_counter(), {}
@@ -121,7 +134,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     options = passes.Options.of(len(models), target=target, weights=weights, calib=calib, cost=cost, solver=solver,
                                 reg=reg, pin=tuple(pin), method=method, seed=seed, max_passes=max_passes,
                                 strict=strict, heads=heads, depth_cost=depth_cost, groups=groups, untie=untie,
-                                repair=repair, refine=refine, out_dtype=out_dtype, device=device)
+                                repair=repair, refine=refine, out_dtype=out_dtype, device=device, vocab=vocab)
     inputs = passes.prepare(models, example_args, example_kwargs, options, calib, rules, states, progress)
     with _timed(timings, "depth_s"):
         same_depth = passes.relayer(inputs, options, progress)

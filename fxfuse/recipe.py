@@ -126,6 +126,9 @@ OPTIONS: tuple[Option, ...] = (
            "refinement (with --data) and repair (with calibration inputs), each scored on held-out samples, and keep "
            "what helps (default: best when --calib or --data is given and no mode option is set, else fast)",
            choices=("fast", "best")),
+    Option("vocab", "str", None, "language models with different tokenizers: match embedding and LM-head rows by "
+           "token string (tokenizer.json) into the target's vocabulary or the union of all; the output's tokenizer "
+           "follows", choices=("target", "union")),
     Option("dtype", "str", None, "dtype of the fused model (default: the target's); costs and checks run in float32",
            choices=("float32", "bfloat16", "float16"), to_compile=False),
     Option("workers", "int", 1, "collect activation statistics in N local processes (torch.distributed, gloo); "
@@ -417,6 +420,8 @@ def accepts_recipe(compile_fn: Callable) -> Callable:
             target = loaded[recipe.target % len(loaded)] if -len(loaded) <= recipe.target < len(loaded) else loaded[0]
             keywords.setdefault("example_kwargs", target.kwargs)
             example_args = target.args
+            if recipe.vocab is not None:
+                keywords.setdefault("vocabularies", recipe.models)  # read from each directory's tokenizer.json
         if "rules" not in keywords:
             from .rules import load_rules
 

@@ -295,11 +295,17 @@ def _mix_weights(weights: Sequence[float], target: int, g: torch.Generator) -> l
     return [w / sum(jitter) for w in jitter]
 
 
-def _mix(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], like: Mapping[str, torch.Tensor]):
+def _mix(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], like: Mapping[str, torch.Tensor],
+         rows: tuple[tuple[str, ...], torch.Tensor] | None = None):
+    """``Σ_m w_m · state_m``; ``rows = (keys, has)``: those keys' rows divided by ``Σ_m w_m has[m]`` (a row
+    averaged over the models that have it, ``fxfuse.vocab``)."""
     out = {}
     for key, ref in like.items():
         if ref.is_floating_point():
             out[key] = sum(w * s[key].to(ref.dtype) for w, s in zip(weights, states) if w)
+            if rows is not None and key in rows[0]:
+                cover = sum(w * rows[1][m].to(ref.dtype) for m, w in enumerate(weights)).to(ref.device)
+                out[key] = out[key] / cover.clamp(min=1e-12).reshape(-1, *([1] * (ref.dim() - 1)))
         else:
             out[key] = ref
     return out
@@ -309,7 +315,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
            alignments: Sequence[Alignment | None], target: int, weights: Sequence[float], config: RefineConfig,
            call: Callable[[nn.Module, dict, torch.Tensor], Any], frozen: Sequence[Mapping[str, torch.Tensor]] = (),
            progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None,
-           device: torch.device | None = None) -> Refined:
+           device: torch.device | None = None, rows: tuple[tuple[str, ...], torch.Tensor] | None = None) -> Refined:
     """Refine every source's ``alignment`` into the target's basis (see the module doc).
 
     ``module``: a model of the target's class (its forward runs with the mixed
@@ -320,7 +326,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     group level (``fxfuse.groups``; which orthogonal maps keep the ones vector);
     ``device``: where the states, the latents and the forward and backward
     passes live (``None``: in place, on the CPU); the projections' assignments
-    run on the CPU.
+    run on the CPU; ``rows``: vocabulary rows mixed per row (``_mix``).
     """
     from .heads import head_loss
 
@@ -369,7 +375,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
 
     def eval_loss(mix: Sequence[float]) -> float:
         with torch.no_grad():
-            mixed = _mix(moved_states(project), mix, states[target])
+            mixed = _mix(moved_states(project), mix, states[target], rows)
             m = min(n, config.eval_samples)
             total = 0.0
             for s in range(0, m, config.batch_size):
@@ -390,7 +396,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
         idx = order[pos:pos + config.batch_size]
         pos += config.batch_size
         mix = _mix_weights(weights, target, g)
-        mixed = _mix(moved_states(straight_through), mix, states[target])
+        mixed = _mix(moved_states(straight_through), mix, states[target], rows)
         loss = head_loss(call(probe, mixed, to_device(config.inputs[idx], device)),
                          to_device(config.labels[idx], device), head)
         opt.zero_grad(set_to_none=True)
@@ -490,7 +496,8 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=Non
 def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], states, alignments, depth_plans,
                   target: int, weights: Sequence[float], config: RefineConfig, args: tuple, kwargs: Mapping[str, Any],
                   progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None,
-                  device: torch.device | None = None) -> Refined:
+                  device: torch.device | None = None, rows: tuple[tuple[str, ...], torch.Tensor] | None = None
+                  ) -> Refined:
     """``refine`` inside ``fxfuse.compile``: the target's class runs the mixed state on the main input."""
     from .heads import detect_head, HEADS
     from .calibration import with_input
@@ -524,4 +531,4 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
                              if k.startswith(block + ".") and k not in zeroed and v.is_floating_point()})
         frozen.append(keep)
     return refine(models[target], analyses, states, alignments, target, weights, replace(config, head=head), call,
-                  frozen, progress, levels, device)
+                  frozen, progress, levels, device, rows)

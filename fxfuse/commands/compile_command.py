@@ -201,9 +201,15 @@ def _compile_job(args, recipe, progress):
                            "method": recipe.method, "calib": calib, "refine": refine})
         if problem:
             raise FxfuseError(problem)
+    from ..vocab import check_specs
+
+    check_specs(recipe.models, recipe.vocab, recipe.target)  # vocabularies that differ: matched by string, or refused
+    if recipe.vocab is not None and args.eval:
+        raise FxfuseError(f"--eval {args.eval}: with --vocab the parents do not share one token space to score "
+                          "the labelled data in; evaluate the output model on its own")
     loaded, states = [], None
     plain = (recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair and refine is None
-             and labelled is None and recipe.quality != "best")
+             and labelled is None and recipe.quality != "best" and recipe.vocab is None)
     if plain:  # Hugging Face twins in safetensors: fused out of core (activations streamed op by op)
         loaded, states = open_out_of_core(recipe.models, progress)
     if not loaded:
@@ -213,6 +219,10 @@ def _compile_job(args, recipe, progress):
     if not -len(loaded) <= recipe.target < len(loaded):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
     tgt = loaded[recipe.target]
+    if recipe.vocab is not None:  # the output's tokenizer files can be written: checked before the work
+        from ..vocab import output_files
+
+        output_files(recipe.models, [m.module for m in loaded], recipe.target, recipe.vocab)
     check_untie(recipe, tgt)
     _warn_repair_after_refine(recipe)
     if refine is not None:
@@ -263,7 +273,8 @@ def _fuse_job(job: _CompileJob, tgt, recipe, args, progress):
     def fuse(job, tgt):
         return fuse_models([m.module for m in job.loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=recipe,
                            calib=job.calib, rules=job.rules, progress=progress, refine=job.refine,
-                           states=job.states, out_dtype=job.out_dtype)
+                           states=job.states, out_dtype=job.out_dtype,
+                           vocabularies=list(recipe.models) if recipe.vocab else None)
 
     try:
         return fuse(job, tgt), job, tgt
@@ -337,6 +348,10 @@ def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, p
     text = json.dumps(report, indent=1, default=float) + "\n"
     saved = recipe.resolved()
     extra = {"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)}
+    if recipe.vocab is not None:  # the chosen vocabulary's tokenizer files (and vocab_size)
+        from ..vocab import output_files
+
+        extra.update(output_files(recipe.models, [m.module for m in job.loaded], recipe.target, recipe.vocab))
     if result.state is not None:
         progress(f"writing {job.out}")
         save_hf_out_of_core(tgt, result.state, job.out, force=args.force, extra=extra, dtype=job.out_dtype,

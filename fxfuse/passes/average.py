@@ -37,6 +37,10 @@ def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Optio
     if not inputs.held:  # the fused weights are made tensor by tensor as they are written
         return Fused(skeleton, averaged_tensors(checked.aligned, options.weights, target, options.out_dtype))
     state = average_states(checked.aligned, options.weights, analysed.states[target])
+    if options.vocab is not None:  # vocabulary rows: averaged over the models that have the token
+        from ..vocab import per_row_average
+
+        state = per_row_average(state, options.vocab.match, options.vocab.keys, options.weights)
     if not options.repair:
         return Fused(build_module(skeleton, state))
     from ..repair import repair_state, trace_for

@@ -64,6 +64,7 @@ class Options:
     refine: Any = None  # a fxfuse.refine.RefineConfig
     out_dtype: torch.dtype | None = None
     device: str = "cpu"
+    vocab: Any = None  # a fxfuse.vocab.Matched: models re-indexed into one vocabulary, rows averaged per row
 
     @classmethod
     def of(cls, n_models: int, *, target: int = 0, weights: Sequence[float] | None = None, calib: Any = None,
@@ -160,7 +161,7 @@ def prepare(models: Sequence[nn.Module], example_args: tuple, example_kwargs: Ma
     if states is not None and len(states) != len(models):
         raise FusionError(f"{len(states)} weight mappings for {len(models)} models")
     if not held and (options.method != "ot" or options.groups != "perm" or options.repair
-                     or options.refine is not None):
+                     or options.refine is not None or options.vocab is not None):
         raise FusionError("out-of-core fusion supports the ot method with permutations (no repair or "
                           "refinement); load the models in memory")
     check_finite(states or [m.state_dict() for m in models], progress)

@@ -20,5 +20,6 @@ def refine(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, planned: P
     say(f"refining the alignment for {config.steps} steps")
     refined = refine_fusion(analysed.models, analysed.analyses, analysed.states, planned.alignments,
                             same_depth.plans, options.target, options.weights, config, inputs.args, inputs.kwargs, say,
-                            analysed.levels, options.on)
+                            analysed.levels, options.on,
+                            None if options.vocab is None else (options.vocab.keys, options.vocab.match.has))
     return Planned(tuple(refined.alignments)), refined.report

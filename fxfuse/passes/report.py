@@ -47,6 +47,9 @@ def report(options: Options, inputs: Inputs, same_depth: SameDepth, analysed: An
     out["canonicalize"] = [dict(c.report(), model=i) for i, c in enumerate(analysed.canonical)]
     out["depth_maps"] = [e for i, p in enumerate(same_depth.plans) if p is not None for e in p.as_dict(i)]
     out["notes"] += _depth_notes(same_depth)
+    if options.vocab is not None:
+        out["vocab"] = options.vocab.match.report()
+        out["notes"] += list(options.vocab.notes)
     return out
 
 
