@@ -105,7 +105,7 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
     # learned refinement over the whole groups (orthogonal streams and in-head maps), from weight matching
     ("fxfuse weights, groups full + refine", {"cost": "weights", "groups": "full", "untie": True, "refine": True}),
 ]
-REFINE = {"steps": 1000, "lr": 0.2, "batch": 32, "windows": 8192}  # --refine-steps; windows drawn from the train split
+REFINE = {"steps": 1000, "lr": 0.2, "lr_orthogonal": 0.03, "batch": 32, "windows": 8192}  # --refine-steps; windows drawn from the train split
 REFINE_SEED = 777                                                    # starts of the refinement windows and their masks
 TARGET_REFINE_CUT = 0.95    # with refinement the barrier must fall by at least 95 %
 GROUP_PAIRS = [("fxfuse weights", "fxfuse weights, groups full"),
@@ -342,7 +342,7 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
             from fxfuse.refine import RefineConfig
 
             kw["refine"] = RefineConfig(REFINE["steps"], *data["refine"], head=HEAD[kind], lr=REFINE["lr"],
-                                        batch_size=REFINE["batch"])
+                                        batch_size=REFINE["batch"], lr_orthogonal=REFINE["lr_orthogonal"])
         t0 = time.perf_counter()
         res = fxfuse.barrier(a, b, data["inputs"], data["labels"], data["example"], points=args.points,
                              head=HEAD[kind], seed=0, **kw)
@@ -529,9 +529,11 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default=None, help="where trained models are cached (default benchmarks/.cache/text)")
     ap.add_argument("--png-dir", default=str(HERE), help="where text_barrier_<model>.png go")
     ap.add_argument("--refine-steps", type=int, default=REFINE["steps"], help="steps of the + refine rows")
+    ap.add_argument("--refine-lr-orthogonal", type=float, default=REFINE["lr_orthogonal"],
+                    help="learning rate of the orthogonal maps in the + refine rows")
     ap.add_argument("--rows", default="", help="semicolon-separated subset of the settings (default: all)")
     args = ap.parse_args(argv)
-    REFINE["steps"] = args.refine_steps
+    REFINE["steps"], REFINE["lr_orthogonal"] = args.refine_steps, args.refine_lr_orthogonal
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--models: choose from {', '.join(KINDS)}")

@@ -107,6 +107,14 @@ def _vocabulary(report: Mapping[str, Any]) -> list[str]:
             *_table(["model", "vocabulary rows", "rows kept", "tokens shared with the target"], rows)]
 
 
+def _refit(refit: Mapping[str, int] | None) -> str:
+    if not refit:
+        return ""
+    data = ", ".join(f"{n} {what}" for what, n in (("calibration inputs", refit.get("calib_samples")),
+                                                     ("labelled samples", refit.get("refine_samples"))) if n)
+    return f" The kept options were then fitted again on all the samples ({data}), the held-out ones included."
+
+
 def _stages(report: Mapping[str, Any]) -> list[str]:
     q = report.get("quality")
     if not q:
@@ -114,7 +122,8 @@ def _stages(report: Mapping[str, Any]) -> list[str]:
     rows = [[c["name"], "skipped" if c["score"] is None else f"{c['score']:.4g}", f"{c['seconds']:.1f}",
              "kept" if c["kept"] else (c.get("reason") or "not kept")] for c in q["candidates"]]
     return ["## Stages", "", f"Chosen by the `best` quality preset: **{q['chosen']}**. Every candidate was scored "
-            f"by its {q['score']} (lower is better); a stage that did not lower the score was dropped.", "",
+            f"by its {q['score']} (lower is better); a stage that did not lower the score was dropped."
+            + _refit(q.get("refit")), "",
             *_table(["candidate", "score", "seconds", "outcome"], rows)]
 
 

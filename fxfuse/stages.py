@@ -3,7 +3,9 @@
     data ─split─▶ (fit part, held-out part)
     align:  weights/perm ▸ weights/full ▸ activations/perm      the lowest score wins
     refine: the best perm and the best full alignment + refine; the lower one kept if it scores lower
-    repair: the result + repair                                  kept if it scores lower
+    repair: the refined result + repair, else the best perm and the best full alignment + repair;
+            the lowest kept if it scores lower
+    refit:  the kept options fused again on all the samples (the held-out part included)
 
 A *score* is measured on held-out samples that no stage saw:
 
@@ -16,7 +18,8 @@ A *score* is measured on held-out samples that no stage saw:
 
 The held-out part is the last ``HELD_OUT`` of the samples (at least one); the
 stages fit on the rest (calibration statistics of repair and activation
-costs; the refinement's batches). Candidates that cannot run (a group whose
+costs; the refinement's batches); once the held-out scores have chosen, the
+kept options are fitted again on all the samples and those weights returned. Candidates that cannot run (a group whose
 maps cannot be refined yet, say) are skipped and said so; a stage that scores
 worse than the result without it is dropped, said in the notes (printed as
 warnings by the command line) and under ``quality`` in the report. Every
@@ -174,6 +177,25 @@ def held_out(models, example_args: tuple, keywords: Mapping[str, Any]) -> tuple[
     return agreement_scorer(models, weights, batches), take(calib, fit), None
 
 
+def _refit(compile_fn, models, example_args: tuple, keywords: Mapping[str, Any], changes: Mapping[str, Any], say):
+    """The kept candidate's options (``changes``) fitted again on all the samples, held-out part included:
+    ``(result, what)``. The choice was made on held-out data; the refit only gives the chosen stages
+    (repair's statistics, activation costs, the refinement's batches) the samples the scoring kept from them."""
+    calib, refine = keywords.get("calib"), keywords.get("refine")
+    if changes.get("refine") is not None:
+        changes = dict(changes, refine=replace(refine, steps=changes["refine"].steps))
+    if calib is None and refine is not None:
+        calib = refine.inputs
+    say("quality best: refitting the kept candidate on all the samples")
+    result = compile_fn(models, example_args, **(dict(keywords, quality="fast", calib=calib, refine=None) | changes))
+    from .calibration import samples
+
+    what = {"calib_samples": samples(calib)}
+    if changes.get("refine") is not None:
+        what["refine_samples"] = int(refine.inputs.shape[0])
+    return result, what
+
+
 def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, Any]):
     """``compile_fn`` (``fxfuse.compile``) run on the candidates above; the kept result, its report under
     ``quality``. ``keywords``: ``compile``'s options; ``calib`` (unlabelled inputs) and ``refine`` (a
@@ -214,12 +236,14 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
         if name != align:
             notes.append(f"quality best: alignment '{name}' not kept ({scorer.short} {s:.4g} against {score:.4g} "
                          f"for '{align}')")
+    # the best alignment of each group level goes on to the next stage: refinement and repair reorder them (a
+    # permutation alignment that scores better unrefined or unrepaired can end below the orthogonal maps, and
+    # the other way round)
+    best_of: dict[str, str] = {}
+    for name in sorted(results, key=lambda n: results[n][2]):
+        best_of.setdefault(results[name][0]["groups"], name)
+    refined_kept = False
     if refine is not None:
-        # the best alignment of each group level is refined: refinement reorders them (a permutation alignment
-        # that scores better unrefined can end below the refined orthogonal maps, and the other way round)
-        best_of: dict[str, str] = {}
-        for name in sorted(results, key=lambda n: results[n][2]):
-            best_of.setdefault(results[name][0]["groups"], name)
         refined = []
         for name in best_of.values():
             got = run(f"{name} + refine {refine.steps}", dict(results[name][0], refine=refine))
@@ -235,24 +259,38 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
                                  f"{got_score:.4g} for '{name}')")
             if got_score < score:
                 chosen_name, changes, result, score = name, options, got_result, got_score
+                refined_kept = True
             else:
                 notes.append(f"quality best: stage refine dropped: it made the result worse ({scorer.short} "
                              f"{got_score:.4g} against {score:.4g} without it)")
-    got = run(f"{chosen_name} + repair", dict(changes, repair=True))
-    if got is not None and got[1] < score:
-        chosen_name, changes, result, score = trials[-1].name, trials[-1].options, *got
-    elif got is not None:
-        notes.append(f"quality best: stage repair dropped: it made the result worse ({scorer.short} "
-                     f"{got[1]:.4g} against {score:.4g} without it)")
-    else:
-        notes.append(f"quality best: {trials[-1].name} {trials[-1].reason}")
+    # repair: of the refined result, else of the best alignment of each group level (the chosen one first)
+    bases = [(chosen_name, changes)] if refined_kept else [(n, results[n][0]) for n in best_of.values()]
+    repaired = []
+    for name, options in bases:
+        got = run(f"{name} + repair", dict(options, repair=True))
+        if got is None:
+            notes.append(f"quality best: {trials[-1].name} {trials[-1].reason}")
+            continue
+        repaired.append((trials[-1].name, trials[-1].options, *got))
+    if repaired:
+        name, options, got_result, got_score = min(repaired, key=lambda r: r[3])  # ties: the better aligned
+        for other, _o, _r, other_score in repaired:
+            if other != name:
+                notes.append(f"quality best: '{other}' not kept ({scorer.short} {other_score:.4g} against "
+                             f"{got_score:.4g} for '{name}')")
+        if got_score < score:
+            chosen_name, changes, result, score = name, options, got_result, got_score
+        else:
+            notes.append(f"quality best: stage repair dropped: it made the result worse ({scorer.short} "
+                         f"{got_score:.4g} against {score:.4g} without it)")
     trials = [replace(t, kept=t.name == chosen_name) for t in trials]
+    result, refit = _refit(compile_fn, models, example_args, keywords, changes, say)
     report = dict(result.report)
     report["quality"] = {"preset": "best", "score": scorer.what, "chosen": chosen_name,
                          "options": trials[[t.name for t in trials].index(chosen_name)].as_dict()["options"],
-                         "candidates": [t.as_dict() for t in trials]}
+                         "candidates": [t.as_dict() for t in trials], "refit": refit}
     report["notes"] = list(report["notes"]) + notes
     report["timings"] = dict(report["timings"], kept_candidate_s=report["timings"]["total_s"],
                              total_s=time.perf_counter() - start)  # the whole search
-    say(f"quality best: kept {chosen_name} ({scorer.short} {score:.4g})")
+    say(f"quality best: kept {chosen_name} ({scorer.short} {score:.4g}), refit on all the samples")
     return replace(result, report=report)

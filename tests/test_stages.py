@@ -73,11 +73,15 @@ def test_a_stage_that_makes_the_result_worse_is_dropped_and_said():
     q = result.report["quality"]
     assert result.module is a and q["chosen"] == "weights, groups perm"
     repair = [c for c in q["candidates"] if c["options"].get("repair")]
-    assert len(repair) == 1 and not repair[0]["kept"] and repair[0]["score"] > q["candidates"][0]["score"]
+    # the best alignment of each group level is repaired: perm (the chosen one) and full
+    assert [c["name"] for c in repair] == ["weights, groups perm + repair", "weights, groups full + repair"]
+    assert all(not c["kept"] and c["score"] > q["candidates"][0]["score"] for c in repair)
     assert any(n.startswith("quality best: stage repair dropped: it made the result worse (held-out KL ")
                for n in result.report["notes"])
-    # every candidate fitted on the first 32 samples, none on the 8 held out
-    assert all(kw["calib"].shape[0] == 32 and kw["quality"] == "fast" for kw in fake.calls)
+    # every candidate fitted on the first 32 samples, none on the 8 held out; the kept one refitted on all 40
+    assert all(kw["calib"].shape[0] == 32 and kw["quality"] == "fast" for kw in fake.calls[:-1])
+    assert fake.calls[-1]["calib"].shape[0] == 40 and not fake.calls[-1].get("repair")
+    assert fake.calls[-1]["quality"] == "fast" and q["refit"] == {"calib_samples": 40}
 
 
 def test_a_stage_that_helps_is_kept():
@@ -103,7 +107,7 @@ def test_full_groups_that_cannot_be_refined_fall_back_to_the_best_refinable_alig
     assert q["score"] == "loss on 8 held-out labelled samples"
     assert any("weights, groups full + refine 7 skipped: refinement of those maps is not built yet" in n
                for n in result.report["notes"])
-    refined = [kw for kw in fake.calls if kw.get("refine") is not None]
+    refined = [kw for kw in fake.calls[:-1] if kw.get("refine") is not None]
     assert [kw.get("groups") for kw in refined] == ["full", "perm"]
     assert all(kw.get("refine").inputs.shape[0] == 32 and kw.get("refine").steps == 7 for kw in refined)
     assert q["chosen"] in ("weights, groups full", "weights, groups perm + refine 7")
@@ -149,8 +153,52 @@ def test_the_best_alignment_of_each_group_is_refined_and_the_lower_kept():
                  or kw.get("repair"))
     result = fuse_best(fake, [a, b], args, {"refine": RefineConfig(7, x, y)})
     q = result.report["quality"]
-    refined = [kw for kw in fake.calls if kw.get("refine") is not None and not kw.get("repair")]
+    refined = [kw for kw in fake.calls[:-1] if kw.get("refine") is not None and not kw.get("repair")]
     assert [(kw.get("cost"), kw.get("groups")) for kw in refined] == [("weights", "perm"), ("weights", "full")]
     assert result.module is a and q["chosen"] == "weights, groups full + refine 7"
+    # the kept candidate refitted on all 40 labelled samples, with the same options and budget
+    refit = fake.calls[-1]
+    assert (refit["cost"], refit["groups"], refit.get("repair")) == ("weights", "full", None)
+    assert refit["refine"].inputs.shape[0] == 40 and refit["refine"].steps == 7 and refit["calib"].shape[0] == 40
+    assert q["refit"] == {"calib_samples": 40, "refine_samples": 40}
     assert any(n.startswith("quality best: 'weights, groups perm + refine 7' not kept (held-out loss ")
                for n in result.report["notes"])
+
+
+def test_best_gives_the_kept_options_fitted_on_all_the_samples_bit_for_bit():
+    """The held-out samples choose the stages; the weights are the chosen options' on every sample."""
+    a, args = digits.vit(seed=1)
+    b, _ = digits.vit(seed=2)
+    calib = _images(40, 0)
+    best = fxfuse.compile([a, b], args, quality="best", calib=calib)
+    options = best.report["quality"]["options"]
+    again = fxfuse.compile([a, b], args, calib=calib, **options)
+    for key, value in best.module.state_dict().items():
+        assert torch.equal(value, again.module.state_dict()[key]), key
+
+
+def test_repair_can_reorder_the_alignments():
+    """An alignment that scores worse unrepaired is kept where its repaired result scores lowest."""
+    a, args = digits.vit(seed=1)
+    b, _ = digits.vit(seed=2)
+    vanilla = fxfuse.compile([a, b], args, method="vanilla").module
+    half = fxfuse.compile([a, b], args).module  # perm, data-free: between the parent and the average
+    calib = _images(40, 0)
+    scorer = agreement_scorer([a, b], [1.0, 1.0], [((calib[32:],), {})])
+    assert scorer.score(a) < scorer.score(half) < scorer.score(vanilla)
+
+    def fused(models, args, **kw):
+        fake.calls.append(kw)
+        full, repair = kw.get("groups") == "full", kw.get("repair")
+        module = a if full and repair else half if not full and not repair else vanilla
+        return FusionResult(module, (), {"notes": [], "timings": {"total_s": 0.0}})
+
+    fake = _Fake(None, None, None)
+    result = fuse_best(fused, [a, b], args, {"calib": calib})
+    q = result.report["quality"]
+    assert [c["name"] for c in q["candidates"]][3:] == ["weights, groups perm + repair", "weights, groups full + repair"]
+    assert q["chosen"] == "weights, groups full + repair" and result.module is a
+    assert any(n.startswith("quality best: 'weights, groups perm + repair' not kept (held-out KL ")
+               for n in result.report["notes"])
+    refit = fake.calls[-1]
+    assert (refit["groups"], refit["repair"], refit["calib"].shape[0]) == ("full", True, 40)
