@@ -529,11 +529,12 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-dir", default=None, help="where trained models are cached (default benchmarks/.cache/text)")
     ap.add_argument("--png-dir", default=str(HERE), help="where text_barrier_<model>.png go")
     ap.add_argument("--refine-steps", type=int, default=REFINE["steps"], help="steps of the + refine rows")
+    ap.add_argument("--refine-lr", type=float, default=REFINE["lr"], help="learning rate of the + refine rows")
     ap.add_argument("--refine-lr-orthogonal", type=float, default=REFINE["lr_orthogonal"],
                     help="learning rate of the orthogonal maps in the + refine rows")
     ap.add_argument("--rows", default="", help="semicolon-separated subset of the settings (default: all)")
     args = ap.parse_args(argv)
-    REFINE["steps"], REFINE["lr_orthogonal"] = args.refine_steps, args.refine_lr_orthogonal
+    REFINE["steps"], REFINE["lr"], REFINE["lr_orthogonal"] = args.refine_steps, args.refine_lr, args.refine_lr_orthogonal
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--models: choose from {', '.join(KINDS)}")

@@ -112,6 +112,9 @@ def _refit(refit: Mapping[str, int] | None) -> str:
         return ""
     data = ", ".join(f"{n} {what}" for what, n in (("calibration inputs", refit.get("calib_samples")),
                                                      ("labelled samples", refit.get("refine_samples"))) if n)
+    if not refit.get("kept", True):
+        return (f" Fitting them again on all the samples ({data}) was tried and dropped: it scored worse on the "
+                "held-out samples, which it saw.")
     return f" The kept options were then fitted again on all the samples ({data}), the held-out ones included."
 
 

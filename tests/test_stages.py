@@ -81,7 +81,8 @@ def test_a_stage_that_makes_the_result_worse_is_dropped_and_said():
     # every candidate fitted on the first 32 samples, none on the 8 held out; the kept one refitted on all 40
     assert all(kw["calib"].shape[0] == 32 and kw["quality"] == "fast" for kw in fake.calls[:-1])
     assert fake.calls[-1]["calib"].shape[0] == 40 and not fake.calls[-1].get("repair")
-    assert fake.calls[-1]["quality"] == "fast" and q["refit"] == {"calib_samples": 40}
+    assert fake.calls[-1]["quality"] == "fast"
+    assert q["refit"] == {"calib_samples": 40, "score": q["candidates"][0]["score"], "kept": True}
 
 
 def test_a_stage_that_helps_is_kept():
@@ -160,7 +161,8 @@ def test_the_best_alignment_of_each_group_is_refined_and_the_lower_kept():
     refit = fake.calls[-1]
     assert (refit["cost"], refit["groups"], refit.get("repair")) == ("weights", "full", None)
     assert refit["refine"].inputs.shape[0] == 40 and refit["refine"].steps == 7 and refit["calib"].shape[0] == 40
-    assert q["refit"] == {"calib_samples": 40, "refine_samples": 40}
+    assert {k: q["refit"][k] for k in ("calib_samples", "refine_samples", "kept")} == \
+        {"calib_samples": 40, "refine_samples": 40, "kept": True}
     assert any(n.startswith("quality best: 'weights, groups perm + refine 7' not kept (held-out loss ")
                for n in result.report["notes"])
 
@@ -172,6 +174,7 @@ def test_best_gives_the_kept_options_fitted_on_all_the_samples_bit_for_bit():
     calib = _images(40, 0)
     best = fxfuse.compile([a, b], args, quality="best", calib=calib)
     options = best.report["quality"]["options"]
+    assert best.report["quality"]["refit"]["kept"]
     again = fxfuse.compile([a, b], args, calib=calib, **options)
     for key, value in best.module.state_dict().items():
         assert torch.equal(value, again.module.state_dict()[key]), key
@@ -202,3 +205,17 @@ def test_repair_can_reorder_the_alignments():
                for n in result.report["notes"])
     refit = fake.calls[-1]
     assert (refit["groups"], refit["repair"], refit["calib"].shape[0]) == ("full", True, 40)
+
+
+def test_a_refit_that_scores_worse_on_the_held_out_samples_is_dropped_and_said():
+    a, args = digits.vit(seed=1)
+    b, _ = digits.vit(seed=2)
+    vanilla = fxfuse.compile([a, b], args, method="vanilla").module
+    fake = _Fake(good=a, bad=vanilla, bad_when=lambda kw: kw["calib"].shape[0] == 40)  # only the refit is bad
+    result = fuse_best(fake, [a, b], args, {"calib": _images(40, 0)})
+    q = result.report["quality"]
+    assert fake.calls[-1]["calib"].shape[0] == 40 and result.module is a
+    assert not q["refit"]["kept"] and q["refit"]["score"] > min(c["score"] for c in q["candidates"])
+    assert any(n.startswith("quality best: the refit on all the samples dropped: it scored worse on the held-out "
+                            "samples, which it saw (held-out KL ") and n.endswith("kept the fit on the first 80%")
+               for n in result.report["notes"])
