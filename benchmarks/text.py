@@ -105,7 +105,8 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
     # learned refinement over the whole groups (orthogonal streams and in-head maps), from weight matching
     ("fxfuse weights, groups full + refine", {"cost": "weights", "groups": "full", "untie": True, "refine": True}),
 ]
-REFINE = {"steps": 1000, "lr": 0.2, "lr_orthogonal": 0.03, "batch": 32, "windows": 8192}  # --refine-steps; windows drawn from the train split
+# --refine-steps, --refine-lr, --refine-lr-orthogonal; windows drawn from the train split
+REFINE = {"steps": 1000, "lr": 0.2, "lr_orthogonal": 0.03, "batch": 32, "windows": 8192}
 REFINE_SEED = 777                                                    # starts of the refinement windows and their masks
 TARGET_REFINE_CUT = 0.95    # with refinement the barrier must fall by at least 95 %
 GROUP_PAIRS = [("fxfuse weights", "fxfuse weights, groups full"),
@@ -534,7 +535,7 @@ def main(argv=None) -> None:
                     help="learning rate of the orthogonal maps in the + refine rows")
     ap.add_argument("--rows", default="", help="semicolon-separated subset of the settings (default: all)")
     args = ap.parse_args(argv)
-    REFINE["steps"], REFINE["lr"], REFINE["lr_orthogonal"] = args.refine_steps, args.refine_lr, args.refine_lr_orthogonal
+    REFINE.update(steps=args.refine_steps, lr=args.refine_lr, lr_orthogonal=args.refine_lr_orthogonal)
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--models: choose from {', '.join(KINDS)}")

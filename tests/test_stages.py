@@ -199,7 +199,8 @@ def test_repair_can_reorder_the_alignments():
     fake = _Fake(None, None, None)
     result = fuse_best(fused, [a, b], args, {"calib": calib})
     q = result.report["quality"]
-    assert [c["name"] for c in q["candidates"]][3:] == ["weights, groups perm + repair", "weights, groups full + repair"]
+    assert [c["name"] for c in q["candidates"]][3:] == ["weights, groups perm + repair",
+                                                        "weights, groups full + repair"]
     assert q["chosen"] == "weights, groups full + repair" and result.module is a
     assert any(n.startswith("quality best: 'weights, groups perm + repair' not kept (held-out KL ")
                for n in result.report["notes"])
