@@ -110,11 +110,11 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     vocabularies (``vocabularies``: each model's token strings by id, or its
     directory holding ``tokenizer.json``) are re-indexed into the target's or
     the union vocabulary first; shared rows are averaged, a row one model has
-    is taken from it, moved into the target's basis (``fxfuse.vocab``; the
+    is taken from it, moved into the target's basis (``fxfuse.models.vocab``; the
     counts under ``vocab`` in the report).
     """
     if isinstance(vocab, str):
-        from .vocab import prepare_models
+        from ..models.vocab import prepare_models
 
         vocab = prepare_models(models, vocabularies, target, vocab, example_args, example_kwargs, calib)
         models, example_args, example_kwargs = vocab.models, vocab.args, vocab.kwargs

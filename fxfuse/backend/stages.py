@@ -189,7 +189,7 @@ def _refit(compile_fn, models, example_args: tuple, keywords: Mapping[str, Any],
         calib = refine.inputs
     say("quality best: refitting the kept candidate on all the samples")
     result = compile_fn(models, example_args, **(dict(keywords, quality="fast", calib=calib, refine=None) | changes))
-    from .calibration import samples
+    from ..models.calibration import samples
 
     what = {"calib_samples": samples(calib)}
     if changes.get("refine") is not None:

@@ -201,7 +201,7 @@ def _compile_job(args, recipe, progress):
                            "method": recipe.method, "calib": calib, "refine": refine})
         if problem:
             raise FxfuseError(problem)
-    from ..vocab import check_specs
+    from ..models.vocab import check_specs
 
     check_specs(recipe.models, recipe.vocab, recipe.target)  # vocabularies that differ: matched by string, or refused
     if recipe.vocab is not None and args.eval:
@@ -220,7 +220,7 @@ def _compile_job(args, recipe, progress):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
     tgt = loaded[recipe.target]
     if recipe.vocab is not None:  # the output's tokenizer files can be written: checked before the work
-        from ..vocab import output_files
+        from ..models.vocab import output_files
 
         output_files(recipe.models, [m.module for m in loaded], recipe.target, recipe.vocab)
     check_untie(recipe, tgt)
@@ -349,7 +349,7 @@ def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, p
     saved = recipe.resolved()
     extra = {"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)}
     if recipe.vocab is not None:  # the chosen vocabulary's tokenizer files (and vocab_size)
-        from ..vocab import output_files
+        from ..models.vocab import output_files
 
         extra.update(output_files(recipe.models, [m.module for m in job.loaded], recipe.target, recipe.vocab))
     if result.state is not None:

@@ -38,7 +38,7 @@ def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Optio
         return Fused(skeleton, averaged_tensors(checked.aligned, options.weights, target, options.out_dtype))
     state = average_states(checked.aligned, options.weights, analysed.states[target])
     if options.vocab is not None:  # vocabulary rows: averaged over the models that have the token
-        from ..vocab import per_row_average
+        from ..models.vocab import per_row_average
 
         state = per_row_average(state, options.vocab.match, options.vocab.keys, options.weights)
     if not options.repair:
