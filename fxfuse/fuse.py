@@ -54,7 +54,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka", groups: str = "perm",
             untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
             refine: Any = None, states: Sequence[Mapping[str, torch.Tensor]] | None = None,
-            out_dtype: torch.dtype | None = None, device: str = "cpu", quality: str | None = None) -> FusionResult:
+            out_dtype: torch.dtype | None = None, device: str = "cpu", quality: str | None = None,
+            match: str = "auto", model_inputs: Sequence[tuple] | None = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
@@ -104,7 +105,27 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     candidate is scored on held-out samples of ``refine``'s labelled data, else
     of ``calib`` (``fxfuse.stages``; the choice is under ``quality`` in the
     report). ``"fast"`` or ``None``: the options as given.
+
+    ``match``: how a source's weights find the target's (``fxfuse.convert``):
+    ``"names"`` as they are named, ``"graph"`` by matching the two exported
+    graphs (other names, layouts, fused projections; the source is moved into
+    the target's class first and checked), ``"auto"`` by graph for a source of
+    another class than the target. ``model_inputs``: each model's example
+    ``(args, kwargs)`` where the classes take different inputs (default: the
+    target's for all).
     """
+    from .convert import noted, to_target
+
+    inputs = list(model_inputs or [(tuple(example_args), dict(example_kwargs or {}))] * len(models))
+    models, matched = to_target(models, inputs, target if -len(models) <= target < len(models) else 0, match,
+                                progress=progress)
+    if matched:
+        return noted(compile(models, example_args, example_kwargs=example_kwargs, target=target, cost=cost,
+                             calib=calib, solver=solver, reg=reg, weights=weights, pin=pin, method=method,
+                             rules=rules, seed=seed, max_passes=max_passes, strict=strict, heads=heads,
+                             depth_cost=depth_cost, groups=groups, untie=untie, progress=progress, repair=repair,
+                             refine=refine, states=states, out_dtype=out_dtype, device=device, quality=quality,
+                             match="names"), matched)
     if quality == "best":
         from .stages import fuse_best
 

@@ -81,6 +81,10 @@ OPTIONS: tuple[Option, ...] = (
            flag=None, to_compile=False),
     Option("target", "int", 0, "index of the model whose basis and class the result takes (0 for the first)",
            check=lambda v: None if v >= 0 else f"must be a model's index, 0 or more, got {v}"),
+    Option("match", "str", "auto", "how a source's weights find the target's: by their names, or by matching "
+           "the two exported graphs (other names, layouts, fused projections: the source is moved into the "
+           "target's class and names first, and checked); auto: by graph for a model of another class than the "
+           "target, by names otherwise", choices=("auto", "names", "graph")),
     Option("cost", "str", "weights", "weight matching (no data) or activation correlation (on --calib, else on "
            "random inputs)", choices=("weights", "activations")),
     Option("calib", "path", None, "calibration inputs: a .pt/.safetensors tensor (N, ...)", metavar="FILE",
@@ -416,6 +420,7 @@ def accepts_recipe(compile_fn: Callable) -> Callable:
             models = [m.module for m in loaded]
             target = loaded[recipe.target % len(loaded)] if -len(loaded) <= recipe.target < len(loaded) else loaded[0]
             keywords.setdefault("example_kwargs", target.kwargs)
+            keywords.setdefault("model_inputs", [(m.args, m.kwargs) for m in loaded])
             example_args = target.args
         if "rules" not in keywords:
             from .rules import load_rules
