@@ -116,3 +116,20 @@ class Renamed(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.body(*args, **kwargs)
+
+
+def gpt2_b():
+    """The zoo's GPT-2 of seed 1 (the other parent), as a Hugging Face model."""
+    import zoo
+
+    return zoo.gpt2(1)
+
+
+def mini_gpt_b():
+    """The zoo's GPT-2 of seed 1 written as a ``MiniGPT``."""
+    return mini_gpt(1)
+
+
+def mini_gpt_relu():
+    """A ``MiniGPT`` whose MLP takes ReLU: GPT-2 but for one op."""
+    return mini_gpt(1, act="relu")
