@@ -127,7 +127,7 @@ def to_target(models: Sequence[nn.Module], inputs: Sequence[Inputs], target: int
     """``(models, {source index: Converted})``: every source moved into the target's class and names where
     ``match`` asks for it (the target itself as it is); ``inputs``: each model's ``(args, kwargs)``."""
     models = list(models)
-    if not needs_graph(models, target % len(models), match):
+    if len(models) < 2 or not needs_graph(models, target % len(models), match):
         return models, {}
     target %= len(models)
     labels = list(labels or [f"model {i}" for i in range(len(models))])

@@ -81,10 +81,6 @@ OPTIONS: tuple[Option, ...] = (
            flag=None, to_compile=False),
     Option("target", "int", 0, "index of the model whose basis and class the result takes (0 for the first)",
            check=lambda v: None if v >= 0 else f"must be a model's index, 0 or more, got {v}"),
-    Option("match", "str", "auto", "how a source's weights find the target's: by their names, or by matching "
-           "the two exported graphs (other names, layouts, fused projections: the source is moved into the "
-           "target's class and names first, and checked); auto: by graph for a model of another class than the "
-           "target, by names otherwise", choices=("auto", "names", "graph")),
     Option("cost", "str", "weights", "weight matching (no data) or activation correlation (on --calib, else on "
            "random inputs)", choices=("weights", "activations")),
     Option("calib", "path", None, "calibration inputs: a .pt/.safetensors tensor (N, ...)", metavar="FILE",
@@ -138,6 +134,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "str", "cpu", "where activations, similarity products, Procrustes and refinement run: cpu, "
            "cuda (an error where torch sees no GPU) or auto (cuda where there is one); assignments and the "
            "self-check stay on the CPU", choices=("cpu", "cuda", "auto")),
+    Option("match", "str", "auto", "how a source's weights find the target's: by their names, or by matching "
+           "the two exported graphs (other names, layouts, fused projections: the source is moved into the "
+           "target's class and names first, and checked); auto: by graph for a model of another class than the "
+           "target, by names otherwise", choices=("auto", "names", "graph")),
     Option("seed", "int", 0, "seed of the descent order and random calibration"),
     Option("rules", "paths", (), "extra rule file (repeatable; later files override earlier and the shipped rules)",
            metavar="FILE", to_compile=False),
