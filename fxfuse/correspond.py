@@ -104,21 +104,16 @@ def _val(node) -> object:
 
 
 def _state_names(traced: TracedModel) -> dict[str, str]:
-    """``{placeholder: state-dict name}`` of parameters and persistent floating-point buffers."""
+    """``{placeholder: state-dict name}`` of parameters and persistent floating-point buffers (buffers of
+    integers or booleans, such as position ids and masks, are read like inputs)."""
+    vals = {n.name: _val(n) for n in traced.graph.nodes if n.op == "placeholder"}
     out = {}
     for name, ph in traced.placeholders.items():
-        if ph.kind == PARAMETER or (ph.kind == BUFFER and ph.persistent and isinstance(_val_of(traced, name),
-                                                                                   torch.Tensor)
-                                    and _val_of(traced, name).is_floating_point()):
+        val = vals.get(name)
+        floating = isinstance(val, torch.Tensor) and val.is_floating_point()
+        if ph.kind == PARAMETER or (ph.kind == BUFFER and ph.persistent and floating):
             out[name] = ph.target
     return out
-
-
-def _val_of(traced: TracedModel, placeholder: str):
-    for n in traced.graph.nodes:
-        if n.op == "placeholder" and n.name == placeholder:
-            return _val(n)
-    return None
 
 
 def canonical(traced: TracedModel, label: str) -> Canonical:
@@ -141,6 +136,12 @@ def canonical(traced: TracedModel, label: str) -> Canonical:
         if n.op == "output":
             outputs = tuple(values[a] for a in torch.utils._pytree.tree_leaves(n.args)
                             if isinstance(a, torch.fx.Node) and isinstance(values.get(a), Operand))
+            continue
+        if n.op == "get_attr":  # the body of a higher-order op: a leaf named by its ops
+            body = getattr(traced.graph_module, n.target, None)
+            ops = tuple(op_name(m.target) for m in body.graph.nodes if m.op == "call_function") \
+                if isinstance(body, torch.fx.GraphModule) else (str(n.target),)
+            values[n] = Operand("aux", ("body",) + ops)
             continue
         if n.op != "call_function":
             raise CorrespondenceError(f"{label}: node {n.name} ({n.op}) cannot be matched: only calls are")
@@ -174,7 +175,7 @@ def _canonical_call(n, values: dict, nodes: list, made: dict, shapes: dict, labe
     if any(not isinstance(v, Operand) for v in tensors):
         return None  # reads a value that is no tensor (an assertion's result): nothing to match
     if all(v.kind == "aux" for v in tensors):  # reads no weight: a leaf named by the inputs it reads
-        return Operand("aux", tuple(sorted({i for v in tensors for i in v.ref})))
+        return Operand("aux", tuple(sorted({i for v in tensors for i in v.ref}, key=repr)))
     first = values.get(n.args[0]) if n.args and isinstance(n.args[0], torch.fx.Node) else None
     if op in TRANSPARENT and first is not None:
         if first.kind == "act":

@@ -87,6 +87,18 @@ def test_bert_against_a_renamed_copy():
     assert all(s == "body." + t and k == "identity" for s, t, k in rows)
 
 
+@pytest.mark.parametrize("name", ["cnn", "seq2seq", "lstm", "no_grad_block", "t5", "llama", "mixtral", "swin"])
+def test_zoo_models_against_renamed_copies(name):
+    """BatchNorm statistics, two inputs, recurrent weights, a higher-order op, relative attention biases,
+    rotary embeddings, experts, windows: each renamed copy moves back onto the original's names exactly."""
+    made = zoo.ZOO[name](seed=0)
+    model, inputs = made[0], (made[1], made[2] if len(made) > 2 else {})
+    other = zoo.ZOO[name](seed=1)[0]
+    done = convert(hw.Renamed(other).eval(), inputs, model, inputs)
+    assert done.error == 0.0 and type(done.module) is type(model)
+    _same(done.module, other)
+
+
 def test_a_pair_that_differs_in_one_op_is_refused(parents):
     a, _, args = parents
     relu, _ = hw.mini_gpt(1, act="relu")
