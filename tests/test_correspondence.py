@@ -177,8 +177,10 @@ def test_explain_correspondence_cli(capsys, tmp_path):
     line = refused(capsys, tmp_path, "explain", "handwritten:mini_gpt_relu", "zoo:gpt2", "--correspondence", "-q")
     assert line == ("the graphs differ: handwritten:mini_gpt_relu node relu (aten.relu.default) against zoo:gpt2 "
                     "node mul (aten.mul.Tensor)")
-    assert refused(capsys, tmp_path, "explain", "zoo:gpt2", "zoo:gpt2", "-q") == \
-        "a second model is read only with --correspondence, which needs two: MODEL TARGET"
+    assert refused(capsys, tmp_path, "explain", "zoo:gpt2", "zoo:mlp", "-q") == \
+        "a second model (zoo:mlp) is read only with --correspondence"
+    assert refused(capsys, tmp_path, "explain", "zoo:gpt2", "--correspondence", "-q") == \
+        "--correspondence needs two models: MODEL TARGET"
 
 
 def test_compile_cli_writes_the_target_class_and_says_so(capsys, tmp_path, parents):

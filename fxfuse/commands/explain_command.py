@@ -83,8 +83,10 @@ def _correspondence(args, progress) -> int:
     from ..errors import FxfuseError
     from ..io import load_model
 
-    if not (args.correspondence and args.target):
-        raise FxfuseError("a second model is read only with --correspondence, which needs two: MODEL TARGET")
+    if not args.target:
+        raise FxfuseError("--correspondence needs two models: MODEL TARGET")
+    if not args.correspondence:
+        raise FxfuseError(f"a second model ({args.target}) is read only with --correspondence")
     if args.dot or args.graph or args.groups != "perm" or args.all:
         raise FxfuseError("--correspondence prints a table: --dot, --graph, --groups full and --all do not apply")
     loaded = []
