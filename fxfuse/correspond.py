@@ -50,7 +50,8 @@ TRANSPARENT = {
     "aten._to_copy.default", "aten.type_as.default", "aten.dropout.default", "aten.lift_fresh_copy.default",
 }
 TRANSPOSES = {"aten.t.default", "aten.transpose.int", "aten.permute.default"}
-SPLITS = {"aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.tensor_split.sections"}
+SPLITS = {"aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.tensor_split.sections",
+          "aten.unbind.int", "aten.select.int"}
 COMMUTATIVE = {"aten.add.Tensor", "aten.mul.Tensor", "aten.maximum.default", "aten.minimum.default"}
 LINEAR = "linear"
 
@@ -125,6 +126,7 @@ def canonical(traced: TracedModel, label: str) -> Canonical:
     values: dict = {}
     shapes: dict[str, tuple[int, ...]] = {}
     outputs: tuple = ()
+    pending: dict = {}  # the end of a linear's output chain whose selects are pieces: those pieces
     for n in traced.graph.nodes:
         if n.op == "placeholder":
             if n.name in states:
@@ -145,7 +147,7 @@ def canonical(traced: TracedModel, label: str) -> Canonical:
             continue
         if n.op != "call_function":
             raise CorrespondenceError(f"{label}: node {n.name} ({n.op}) cannot be matched: only calls are")
-        value = _canonical_call(n, values, nodes, made, shapes, label)
+        value = _canonical_call(n, values, nodes, made, shapes, pending)
         if value is not None:
             values[n] = value
     return Canonical(tuple(nodes), outputs, shapes, _read_states(traced, states), label)
@@ -164,7 +166,7 @@ def _read_states(traced: TracedModel, states: dict[str, str]) -> tuple[str, ...]
     return tuple(sorted(set(keep)))
 
 
-def _canonical_call(n, values: dict, nodes: list, made: dict, shapes: dict, label: str):
+def _canonical_call(n, values: dict, nodes: list, made: dict, shapes: dict, pending: dict):
     op = op_name(n.target)
     leaves = torch.utils._pytree.tree_leaves((n.args, n.kwargs))
     tensors = [values.get(a) for a in leaves if isinstance(a, torch.fx.Node)]
@@ -190,7 +192,7 @@ def _canonical_call(n, values: dict, nodes: list, made: dict, shapes: dict, labe
     if linear is not None:
         return _add(nodes, made, Node(LINEAR, (), linear, n.name), n)
     if op in SPLITS and first is not None and first.kind == "act":
-        pieces = _split_linear(n, first, nodes, made, shapes)
+        pieces = _split_linear(n, first, nodes, made, shapes, pending)
         if pieces is not None:
             return pieces
     attrs = tuple(_attr(a) for a in leaves if not isinstance(a, torch.fx.Node))
@@ -233,35 +235,98 @@ def _as_linear(op: str, n, values: dict) -> tuple[Operand, ...] | None:
     return None
 
 
-def _split_linear(n, first: Operand, nodes: list, made: dict, shapes: dict):
-    """The pieces of a linear's output split along its last dim, as one linear per piece, else ``None``."""
+def _split_linear(n, first: Operand, nodes: list, made: dict, shapes: dict, pending: dict):
+    """The pieces of a linear's output split along its output features, as one linear per piece, else ``None``.
+
+    The split (``split``/``chunk``/``unbind``, or ``select`` of every index) may come after views, reshapes
+    and permutes of the output, so long as it cuts the outermost factor of the feature dim: ``chunk(3, -1)``
+    of ``(…, 3d)``, or ``unbind(0)`` of ``reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)``.
+    """
+    op = op_name(n.target)
+    end = n.args[0]
+    if op == "aten.select.int" and end in pending:
+        return pending[end][n.args[2]]
     if not isinstance(first.ref, int) or nodes[first.ref].op != LINEAR:
         return None
-    fx = n.args[0]
-    while op_name(getattr(fx, "target", None)) in TRANSPARENT - TRANSPOSES:
-        if len(fx.users) != 1:
-            return None
+    chain, fx = [], end
+    while op_name(getattr(fx, "target", None)) in TRANSPARENT:
+        chain.append(fx)
         fx = fx.args[0]
-    if fx is not made[first.ref] or len(fx.users) != 1:
+    if fx is not made[first.ref] or any(len(c.users) != 1 for c in [fx] + chain[1:]):
         return None
-    val, pieces = _val(n.args[0]), _val(n)
-    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
-    if not isinstance(dim, int) or val is None or dim % val.dim() != val.dim() - 1:
+    if op == "aten.select.int":
+        users = list(end.users)
+        if any(op_name(u.target) != "aten.select.int" or u.args[1] != n.args[1] for u in users):
+            return None
+    elif len(end.users) != 1:
         return None
+    feat = _feature_dims(fx, reversed(chain))
+    val = _val(end)
+    at = 1 if op in ("aten.unbind.int", "aten.select.int") else 2
+    dim = n.args[at] if len(n.args) > at else n.kwargs.get("dim", 0)
+    if feat is None or not isinstance(dim, int) or val is None or dim % val.dim() != feat[0]:
+        return None
+    inner = 1
+    for d in feat[1:]:
+        inner *= int(val.shape[d])
+    if op in ("aten.unbind.int", "aten.select.int"):
+        sizes = [1] * int(val.shape[dim])
+    else:
+        sizes = [int(p.shape[dim]) for p in _val(n)]
     linear = nodes[first.ref]
     weight = linear.operands[1]
-    if shape_of(shapes[weight.ref], weight.view)[0] != val.shape[-1]:
+    if shape_of(shapes[weight.ref], weight.view)[0] != sum(sizes) * inner:
         return None
     nodes[first.ref] = None
     out, start = [], 0
-    for piece in pieces:
-        size = piece.shape[-1]
-        narrow = ("narrow", 0, start, size)
+    for size in sizes:
+        narrow = ("narrow", 0, start * inner, size * inner)
         states = tuple(Operand("state", o.ref, compose(o.view, narrow)) for o in linear.operands[1:])
         out.append(_add(nodes, made, Node(LINEAR, (), (linear.operands[0],) + states,
-                                          f"{linear.fx}[{start}:{start + size}]"), made[first.ref]))
+                                          f"{linear.fx}[{start * inner}:{(start + size) * inner}]"), made[first.ref]))
         start += size
+    if op == "aten.select.int":
+        pending[end] = out
+        return out[n.args[2]]
     return tuple(out)
+
+
+def _feature_dims(linear, chain) -> list[int] | None:
+    """The dims of the last of ``chain``'s values that tile a linear's output features, outermost first; ``None``
+    where an op of the chain mixes them with other dims."""
+    shape = list(_val(linear).shape)
+    feat = [len(shape) - 1]
+    for c in chain:
+        op, new = op_name(c.target), list(_val(c).shape)
+        if op in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints",
+                  "aten.unflatten.int", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.default"):
+            if feat != list(range(feat[0], len(shape))):
+                return None
+            features = _prod(shape[feat[0]:])
+            j = next((j for j in range(len(new), -1, -1) if _prod(new[j:]) == features
+                      and _prod(new[:j]) == _prod(shape[:feat[0]])), None)
+            if j is None or j == len(new):
+                return None
+            feat = list(range(j, len(new)))
+        elif op == "aten.permute.default":
+            perm = [d % len(shape) for d in c.args[1]]
+            feat = [perm.index(d) for d in feat]
+        elif op == "aten.transpose.int":
+            a, b = c.args[1] % len(shape), c.args[2] % len(shape)
+            feat = [b if d == a else a if d == b else d for d in feat]
+        elif op == "aten.t.default":
+            feat = [1 - d for d in feat]
+        elif new != shape:
+            return None
+        shape = new
+    return feat
+
+
+def _prod(sizes) -> int:
+    out = 1
+    for x in sizes:
+        out *= int(x)
+    return out
 
 
 # ---------------------------------------------------------------- colours

@@ -3,8 +3,10 @@
 ``MiniGPT`` computes what the zoo's ``GPT2LMHeadModel`` computes, written as
 plain torch modules: a ``ModuleList`` of blocks, ``nn.Linear`` layout
 (``(out, in)``, where HF's ``Conv1D`` holds ``(in, out)``), one fused ``qkv``
-projection split by ``chunk`` (``separate=True``: separate q, k and v
-projections) and an untied head weight equal to the embedding. ``from_hf``
+projection split by ``chunk`` (``qkv="separate"``: separate q, k and v
+projections; ``"unbind"``/``"index"``: reshaped to ``(B, T, 3, H, D)``,
+permuted and unbound or indexed, as timm does) and an untied head weight
+equal to the embedding. ``from_hf``
 copies an HF GPT-2's weights into one, permuted or not. ``renamed`` wraps any
 module under other names (a BERT against a renamed copy).
 """
@@ -18,11 +20,11 @@ from torch.nn import functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, separate: bool):
+    def __init__(self, dim: int, heads: int, qkv: str):
         super().__init__()
-        self.heads, self.separate = heads, separate
+        self.heads, self.style = heads, qkv
         self.norm_a = nn.LayerNorm(dim)
-        if separate:
+        if qkv == "separate":
             self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
@@ -34,11 +36,14 @@ class Block(nn.Module):
     def forward(self, x, mask, gelu: str = "tanh"):
         b, t, d = x.shape
         h = self.norm_a(x)
-        if self.separate:
-            q, k, v = self.q(h), self.k(h), self.v(h)
+        heads = lambda z: z.reshape(b, t, self.heads, d // self.heads).permute(0, 2, 1, 3)  # noqa: E731
+        if self.style == "separate":
+            q, k, v = heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
+        elif self.style == "chunk":
+            q, k, v = (heads(z) for z in self.qkv(h).chunk(3, dim=-1))
         else:
-            q, k, v = self.qkv(h).chunk(3, dim=-1)
-        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).permute(0, 2, 1, 3) for z in (q, k, v))
+            qkv = self.qkv(h).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0) if self.style == "unbind" else (qkv[0], qkv[1], qkv[2])
         a = F.scaled_dot_product_attention(q, k, v, mask, scale=1 / math.sqrt(d // self.heads))
         x = x + self.out(a.permute(0, 2, 1, 3).reshape(b, t, d))
         u = self.up(self.norm_b(x))
@@ -53,12 +58,12 @@ class MiniGPT(nn.Module):
     """GPT-2 as plain modules (see module doc); ``act="relu"`` differs from GPT-2 in one op."""
 
     def __init__(self, vocab: int = 97, dim: int = 32, layers: int = 2, heads: int = 4, positions: int = 64,
-                 separate: bool = False, act: str = "tanh"):
+                 qkv: str = "chunk", act: str = "tanh"):
         super().__init__()
         self.act = act
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(positions, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, separate) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, qkv) for _ in range(layers))
         self.final_norm = nn.LayerNorm(dim)
         self.unembed = nn.Linear(dim, vocab, bias=False)
 
@@ -73,10 +78,10 @@ class MiniGPT(nn.Module):
 
 
 @torch.no_grad()
-def from_hf(hf, separate: bool = False, act: str = "tanh") -> MiniGPT:
+def from_hf(hf, qkv: str = "chunk", act: str = "tanh") -> MiniGPT:
     """A ``MiniGPT`` holding the weights of the HF ``GPT2LMHeadModel`` ``hf``."""
     cfg = hf.config
-    m = MiniGPT(cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_positions, separate, act).eval()
+    m = MiniGPT(cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_positions, qkv, act).eval()
     tr = hf.transformer
     m.tokens.weight.copy_(tr.wte.weight)
     m.positions.weight.copy_(tr.wpe.weight)
@@ -86,7 +91,7 @@ def from_hf(hf, separate: bool = False, act: str = "tanh") -> MiniGPT:
         blk.norm_a.load_state_dict(h.ln_1.state_dict())
         blk.norm_b.load_state_dict(h.ln_2.state_dict())
         w, b = h.attn.c_attn.weight.t(), h.attn.c_attn.bias
-        if separate:
+        if qkv == "separate":
             for i, lin in enumerate((blk.q, blk.k, blk.v)):
                 lin.weight.copy_(w[i * cfg.n_embd:(i + 1) * cfg.n_embd])
                 lin.bias.copy_(b[i * cfg.n_embd:(i + 1) * cfg.n_embd])
@@ -99,12 +104,12 @@ def from_hf(hf, separate: bool = False, act: str = "tanh") -> MiniGPT:
     return m
 
 
-def mini_gpt(seed: int = 0, separate: bool = False, act: str = "tanh"):
+def mini_gpt(seed: int = 0, qkv: str = "chunk", act: str = "tanh"):
     """A ``MiniGPT`` with the weights of the zoo's GPT-2 of ``seed``: ``(module, (ids,))``."""
     import zoo
 
     hf, args = zoo.gpt2(seed)
-    return from_hf(hf, separate, act), args
+    return from_hf(hf, qkv, act), args
 
 
 class Renamed(nn.Module):

@@ -42,17 +42,17 @@ def by_names(parents):
     return fuse([a, b], args)
 
 
-@pytest.mark.parametrize("separate", [False, True], ids=["fused-qkv", "separate-qkv"])
-def test_hf_gpt2_fuses_with_a_handwritten_copy_of_another_model(parents, by_names, separate):
+@pytest.mark.parametrize("qkv", ["chunk", "separate", "unbind", "index"])
+def test_hf_gpt2_fuses_with_a_handwritten_copy_of_another_model(parents, by_names, qkv):
     a, b, args = parents
-    mini_b = hw.from_hf(b, separate=separate)
+    mini_b = hw.from_hf(b, qkv)
     result = fuse([a, mini_b], args)
     assert type(result.module) is type(a)
     _same(result.module, by_names.module)  # bit for bit what the two HF models give
     entry = result.report["correspondence"]["1"]
     assert entry["error"] <= 1e-6
     kinds = {row[2] for row in entry["rows"]}
-    assert "transpose" in kinds and ("transpose+concat" in kinds) == separate
+    assert "transpose" in kinds and ("transpose+concat" in kinds) == (qkv == "separate")
 
 
 def test_handwritten_target_takes_hf_source(parents):
@@ -70,7 +70,7 @@ def test_handwritten_target_takes_hf_source(parents):
 
 def test_permuted_renamed_relaid_copy_gives_back_the_original(parents):
     a, _, args = parents
-    moved = hw.from_hf(permute(a, args, seed=3), separate=True)  # permuted, renamed, Linear layout, q/k/v apart
+    moved = hw.from_hf(permute(a, args, seed=3), "separate")  # permuted, renamed, Linear layout, q/k/v apart
     assert not torch.equal(moved.blocks[0].up.weight, a.transformer.h[0].mlp.c_fc.weight.t())
     result = fuse([a, moved], args)
     _same(result.module, a)
@@ -161,6 +161,22 @@ def test_match_option(parents):
     forced = fuse([a, b], args, match="graph")  # one class: the identity correspondence, the same weights
     _same(forced.module, fuse([a, b], args).module)
     assert all(s == t for s, t, _ in forced.report["correspondence"]["1"]["rows"])
+
+
+def test_recipe_of_specs_of_two_classes(by_names):
+    """``fxfuse.compile(recipe)`` loads each model with its own example inputs and matches by graph."""
+    from fxfuse import Recipe, compile as fuse_recipe
+
+    result = fuse_recipe(Recipe(models=("zoo:gpt2", "handwritten:mini_gpt_b")))
+    assert type(result.module).__name__ == "GPT2LMHeadModel" and "correspondence" in result.report
+    _same(result.module, by_names.module)
+
+
+def test_the_correspondence_is_deterministic(parents):
+    a, b, args = parents
+    runs = [convert(hw.from_hf(b, "separate"), (args, {}), a, (args, {})) for _ in range(2)]
+    assert runs[0].correspondence == runs[1].correspondence
+    assert runs[0].correspondence.rows() == runs[1].correspondence.rows()
 
 
 def test_explain_correspondence_cli(capsys, tmp_path):
