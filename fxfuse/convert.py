@@ -1,6 +1,6 @@
 """Move a source model into the target's class and names through the correspondence of their graphs.
 
-    source, target ──trace──▶ graphs ──correspond──▶ pieces ──assemble──▶ target-class copy of the source
+    source, target ──trace──▶ graphs ──correspond──▶ pieces ──assemble──▶ the source in the target's class
 
 The copy is checked before any alignment: on the example inputs and on random
 inputs of their shapes (integers drawn in the example's range) it must compute
@@ -40,7 +40,8 @@ class Converted:
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer under each of its names (tied ones under all)."""
-    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
 
 
 def convert(source: nn.Module, source_inputs: Inputs, target: nn.Module, target_inputs: Inputs,

@@ -195,7 +195,7 @@ def _canonical_call(n, values: dict, nodes: list, made: dict, shapes: dict, pend
         pieces = _split_linear(n, first, nodes, made, shapes, pending)
         if pieces is not None:
             return pieces
-    attrs = tuple(_attr(a) for a in leaves if not isinstance(a, torch.fx.Node))
+    attrs = _scalars(n)
     operands = tuple(values[a] for a in leaves if isinstance(a, torch.fx.Node))
     value = _add(nodes, made, Node(op, attrs, operands, n.name), n)
     val = _val(n)
@@ -204,13 +204,29 @@ def _canonical_call(n, values: dict, nodes: list, made: dict, shapes: dict, pend
     return value
 
 
-def _attr(a) -> object:
-    """A scalar argument as it enters a node's colour: ints (dims, sizes) are left out, as views change them."""
-    if isinstance(a, bool) or isinstance(a, str) or a is None:
-        return a
-    if isinstance(a, float):
-        return round(a, 6)
-    return "·"
+def _scalars(n) -> tuple:
+    """The scalar arguments of a call as they enter its colour: floats (to 6 digits), flags and strings, by name,
+    with the schema's defaults filled in (an argument given as its default equals one left out). Integers
+    (dims, sizes) are left out, as views change them."""
+    schema = getattr(n.target, "_schema", None)
+    if schema is None:
+        named = list(enumerate(torch.utils._pytree.tree_leaves((n.args, n.kwargs))))
+    else:
+        named = []
+        for i, arg in enumerate(schema.arguments):
+            if i < len(n.args):
+                named.append((arg.name, n.args[i]))
+            elif arg.name in n.kwargs:
+                named.append((arg.name, n.kwargs[arg.name]))
+            elif arg.has_default_value():
+                named.append((arg.name, arg.default_value))
+    out = []
+    for name, v in named:
+        if isinstance(v, (bool, str)):
+            out.append((name, v))
+        elif isinstance(v, float):
+            out.append((name, f"{v:.6g}"))
+    return tuple(out)
 
 
 def _add(nodes: list, made: dict, node: Node, fx) -> Operand:
