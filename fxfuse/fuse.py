@@ -116,6 +116,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     """
     from .convert import noted, to_target
 
+    models = list(models)
     inputs = list(model_inputs or [(tuple(example_args), dict(example_kwargs or {}))] * len(models))
     models, matched = to_target(models, inputs, target if -len(models) <= target < len(models) else 0, match,
                                 progress=progress)
