@@ -117,24 +117,17 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     from .convert import noted, to_target
 
     models = list(models)
-    inputs = list(model_inputs or [(tuple(example_args), dict(example_kwargs or {}))] * len(models))
-    models, matched = to_target(models, inputs, target if -len(models) <= target < len(models) else 0, match,
+    each = list(model_inputs or [(tuple(example_args), dict(example_kwargs or {}))] * len(models))
+    models, matched = to_target(models, each, target if -len(models) <= target < len(models) else 0, match,
                                 progress=progress)
-    if matched:
-        return noted(compile(models, example_args, example_kwargs=example_kwargs, target=target, cost=cost,
-                             calib=calib, solver=solver, reg=reg, weights=weights, pin=pin, method=method,
-                             rules=rules, seed=seed, max_passes=max_passes, strict=strict, heads=heads,
-                             depth_cost=depth_cost, groups=groups, untie=untie, progress=progress, repair=repair,
-                             refine=refine, states=states, out_dtype=out_dtype, device=device, quality=quality,
-                             match="names"), matched)
     if quality == "best":
         from .stages import fuse_best
 
-        return fuse_best(compile, models, example_args, dict(
+        return noted(fuse_best(compile, models, example_args, dict(
             example_kwargs=example_kwargs, target=target, cost=cost, calib=calib, solver=solver, reg=reg,
             weights=weights, pin=pin, method=method, rules=rules, seed=seed, max_passes=max_passes, strict=strict,
             heads=heads, depth_cost=depth_cost, groups=groups, untie=untie, progress=progress, repair=repair,
-            refine=refine, states=states, out_dtype=out_dtype, device=device))
+            refine=refine, states=states, out_dtype=out_dtype, device=device)), matched)
     if quality not in (None, "fast"):
         raise FusionError(f"unknown quality {quality!r} (fast, best)")
     start, timings = time.perf_counter(), {}
@@ -164,4 +157,5 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     timings["total_s"] = time.perf_counter() - start
     report = passes.report(options, inputs, same_depth, analysed, planned, checked, fused, timings, refined)
     say(f"fused {len(models)} models in {timings['total_s']:.1f}s")
-    return FusionResult(fused.module, checked.modules, report, planned.alignments, analysed.ref, fused.state)
+    return noted(FusionResult(fused.module, checked.modules, report, planned.alignments, analysed.ref, fused.state),
+                 matched)
