@@ -239,7 +239,7 @@ def _as_linear(op: str, n, values: dict) -> tuple[Operand, ...] | None:
     """``(x, V, b)`` (or ``(x, V)``) of a node computing ``x Vᵀ + b`` with weight ``V``, else ``None``."""
     v = [values.get(a) if isinstance(a, torch.fx.Node) else a for a in n.args]
     is_state = lambda o: isinstance(o, Operand) and o.kind == "state"  # noqa: E731
-    is_act = lambda o: isinstance(o, Operand) and o.kind == "act"  # noqa: E731
+    is_act = lambda o: isinstance(o, Operand) and o.kind in ("act", "aux")  # noqa: E731  (x: any non-weight)
     if op == "aten.linear.default" and is_act(v[0]) and is_state(v[1]) and (len(v) < 3 or v[2] is None
                                                                           or is_state(v[2])):
         return tuple(o for o in v[:3] if o is not None)

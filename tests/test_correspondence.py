@@ -108,6 +108,42 @@ def test_a_pair_that_differs_in_one_op_is_refused(parents):
                               "(aten.mul.Tensor)")
 
 
+class _Head(nn.Module):
+    """``Linear → ReLU → Linear`` on float features, the first linear with or without a bias, as ``nn.Linear``
+    or as HF's ``addmm`` on a ``(in, out)`` weight (``conv1d``)."""
+
+    def __init__(self, bias: bool = True, conv1d: bool = False):
+        super().__init__()
+        self.conv1d = conv1d
+        self.w = nn.Parameter(torch.randn(4, 6) if conv1d else torch.randn(6, 4))
+        self.b = nn.Parameter(torch.randn(6)) if bias else None
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        if self.conv1d:
+            h = torch.addmm(self.b, x, self.w)
+        else:
+            h = nn.functional.linear(x, self.w, self.b)
+        return self.out(torch.relu(h))
+
+
+def test_a_linear_on_the_inputs_in_either_layout():
+    x = torch.randn(3, 4)
+    torch.manual_seed(0)
+    source, target = _Head(conv1d=True).eval(), _Head().eval()
+    done = convert(source, ((x,), {}), target, ((x,), {}))
+    assert done.correspondence.rows()[:2] == [("wᵀ", "w", "transpose"), ("b", "b", "identity")]
+    assert torch.equal(done.module.w, source.w.t())
+
+
+def test_a_bias_without_counterpart_is_refused():
+    x = torch.randn(3, 4)
+    with pytest.raises(CorrespondenceError) as err:
+        convert(_Head(bias=False), ((x,), {}), _Head(), ((x,), {}))
+    assert str(err.value) == ("the graphs differ: source node linear (linear, reading w) against target node "
+                              "linear (linear, reading b, w)")
+
+
 def test_a_weight_without_counterpart_is_refused(parents):
     a, _, args = parents
     extra, _ = hw.mini_gpt(1)
