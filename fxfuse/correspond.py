@@ -191,6 +191,9 @@ def _canonical_call(n, values: dict, nodes: list, made: dict, shapes: dict, pend
     linear = _as_linear(op, n, values)
     if linear is not None:
         return _add(nodes, made, Node(LINEAR, (), linear, n.name), n)
+    folded = _bias_add(op, n, values, nodes, made, shapes)
+    if folded is not None:
+        return folded
     if op in SPLITS and first is not None and first.kind == "act":
         pieces = _split_linear(n, first, nodes, made, shapes, pending)
         if pieces is not None:
@@ -248,6 +251,30 @@ def _as_linear(op: str, n, values: dict) -> tuple[Operand, ...] | None:
         return v[1], Operand("state", v[2].ref, compose(v[2].view, ("t",))), v[0]
     if op in ("aten.mm.default", "aten.matmul.default") and is_act(v[0]) and is_state(v[1]):
         return v[0], Operand("state", v[1].ref, compose(v[1].view, ("t",)))
+    return None
+
+
+def _bias_add(op: str, n, values: dict, nodes: list, made: dict, shapes: dict) -> Operand | None:
+    """``linear(x, V) + b`` (``x @ W + b``) as ``linear(x, V, b)``, when the sum is the product's only use and
+    ``b`` a weight of its output features; else ``None``."""
+    if op != "aten.add.Tensor" or len(n.args) != 2 or n.kwargs:
+        return None
+    for a, b in (n.args, n.args[::-1]):
+        y, bias = values.get(a), values.get(b)
+        if not (isinstance(y, Operand) and y.kind == "act" and isinstance(y.ref, int) and isinstance(bias, Operand)
+                and bias.kind == "state"):
+            continue
+        linear = nodes[y.ref]
+        if linear is None or linear.op != LINEAR or len(linear.operands) != 2:
+            continue
+        fx = a
+        while fx is not made[y.ref] and op_name(getattr(fx, "target", None)) in TRANSPARENT - TRANSPOSES:
+            fx = fx.args[0] if len(fx.users) == 1 else None
+        features = shape_of(shapes[linear.operands[1].ref], linear.operands[1].view)[0]
+        if fx is made[y.ref] and len(fx.users) == 1 and shape_of(shapes[bias.ref], bias.view) == (features,) \
+                and tuple(_val(n).shape) == tuple(_val(a).shape):
+            nodes[y.ref] = Node(LINEAR, (), linear.operands + (bias,), linear.fx)
+            return y
     return None
 
 

@@ -112,28 +112,32 @@ class _Head(nn.Module):
     """``Linear → ReLU → Linear`` on float features, the first linear with or without a bias, as ``nn.Linear``
     or as HF's ``addmm`` on a ``(in, out)`` weight (``conv1d``)."""
 
-    def __init__(self, bias: bool = True, conv1d: bool = False):
+    def __init__(self, bias: bool = True, conv1d: bool = False, plus: bool = False):
         super().__init__()
-        self.conv1d = conv1d
+        self.conv1d, self.plus = conv1d, plus
         self.w = nn.Parameter(torch.randn(4, 6) if conv1d else torch.randn(6, 4))
         self.b = nn.Parameter(torch.randn(6)) if bias else None
         self.out = nn.Linear(6, 2)
 
     def forward(self, x):
-        if self.conv1d:
+        if self.plus:  # x @ W + b, written out
+            h = x @ (self.w if self.conv1d else self.w.t()) + self.b
+        elif self.conv1d:
             h = torch.addmm(self.b, x, self.w)
         else:
             h = nn.functional.linear(x, self.w, self.b)
         return self.out(torch.relu(h))
 
 
-def test_a_linear_on_the_inputs_in_either_layout():
+@pytest.mark.parametrize("plus", [False, True], ids=["addmm", "matmul-plus-bias"])
+def test_a_linear_on_the_inputs_in_either_layout(plus):
     x = torch.randn(3, 4)
     torch.manual_seed(0)
-    source, target = _Head(conv1d=True).eval(), _Head().eval()
+    source, target = _Head(conv1d=True, plus=plus).eval(), _Head().eval()
     done = convert(source, ((x,), {}), target, ((x,), {}))
     assert done.correspondence.rows()[:2] == [("wᵀ", "w", "transpose"), ("b", "b", "identity")]
     assert torch.equal(done.module.w, source.w.t())
+    assert convert(_Head(plus=True), ((x,), {}), target, ((x,), {})).correspondence.identity
 
 
 def test_a_bias_without_counterpart_is_refused():
