@@ -6,12 +6,14 @@ exported graph is first canonicalised (``canonical``):
 
 * views, reshapes, transposes and copies of activations, and dropout in eval,
   are transparent (the same value);
-* ``addmm(b, x, W)``, ``mm(x, W)``, ``matmul(x, W)`` and ``linear(x, W, b)``
-  are one ``linear(x, V, b)`` with ``V`` in ``(out, in)`` layout, a view of the
-  parameter (``Wᵀ`` for HF GPT-2's ``Conv1D``; ``fxfuse.relayout``);
-* a linear whose output is only split along its last dim (``split``,
-  ``chunk``) is one linear per piece, each reading a slice of the fused weight
-  and bias, the same as separate projections;
+* ``addmm(b, x, W)``, ``mm(x, W)``, ``matmul(x, W)``, ``linear(x, W, b)`` and
+  ``x @ W + b`` are one ``linear(x, V, b)`` with ``V`` in ``(out, in)`` layout,
+  a view of the parameter (``Wᵀ`` for HF GPT-2's ``Conv1D``; ``fxfuse.relayout``);
+* a linear whose output is only split along its output features (``split``,
+  ``chunk``, ``unbind`` or an index of every piece, after reshapes and permutes
+  that keep the features' outermost factor apart) is one linear per piece,
+  each reading a slice of the fused weight and bias, the same as separate
+  projections;
 * ops that read no weight (masks, positions) are one leaf, named by the model
   inputs they read.
 
