@@ -135,7 +135,7 @@ def to_target(models: Sequence[nn.Module], inputs: Sequence[Inputs], target: int
     say = progress or (lambda _msg: None)
     done = {}
     for i, m in enumerate(models):
-        if i == target:
+        if i == target or (match == "auto" and type(m) is type(models[target])):
             continue
         say(f"matching {labels[i]} to {labels[target]} by graph")
         done[i] = convert(m, inputs[i], models[target], inputs[target], (labels[i], labels[target]))

@@ -157,6 +157,24 @@ def test_a_weight_without_counterpart_is_refused(parents):
         fuse([a, extra], args)
 
 
+def test_a_tied_target_filled_from_two_different_source_tensors_is_refused(parents):
+    a, _, args = parents
+    untied, _ = hw.mini_gpt(1)
+    with torch.no_grad():
+        untied.unembed.weight.mul_(2.0)  # no longer the embedding: GPT-2's tied head cannot hold both
+    with pytest.raises(CorrespondenceError, match=r"^model 0 lm_head.weight is read in several places that model 1 "
+                                                  r"fills from different values \(one of them (unembed|tokens).weight"
+                                                  r"\): the models do not tie the same weights$"):
+        fuse([a, untied], args)
+
+
+def test_three_models_only_the_other_class_is_moved(parents, by_names):
+    a, b, args = parents
+    result = fuse([a, hw.from_hf(b), b], args)
+    assert list(result.report["correspondence"]) == ["1"]
+    _same(result.module, fuse([a, b, b], args).module)
+
+
 def test_an_op_without_weights_that_differs_fails_the_check(parents):
     a, _, args = parents
     mini, _ = hw.mini_gpt(1)
