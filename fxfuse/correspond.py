@@ -503,7 +503,8 @@ def _whole(group: list[Piece], s_shapes: dict, t_shape: tuple) -> Piece | None:
     s_head, t_head = heads.pop()
     if shape_of(s_shapes[first.source], s_head) != shape_of(t_shape, t_head):
         return None
-    narrows = sorted(p.target_view[-1][2:] for p in group if p.target_view and p.target_view[-1][0] == "narrow")
+    narrows = sorted(p.target_view[-1][2:] for p in group
+                     if p.target_view and p.target_view[-1][0] == "narrow" and p.target_view[-1][1] == 0)
     size = shape_of(t_shape, t_head)[0] if t_shape else 0
     if narrows and (len(narrows) != len(group) or any(a != b for (a, _), b in
                                                       zip(narrows, [0] + [x + n for x, n in narrows[:-1]]))
@@ -511,7 +512,6 @@ def _whole(group: list[Piece], s_shapes: dict, t_shape: tuple) -> Piece | None:
         return None
     if not narrows and len(group) != 1:
         return None
-    s_head, t_head = (s_head, t_head) if len(s_head) <= len(t_head) else (s_head, t_head)
     return Piece(first.target, t_head, first.source, s_head)
 
 
