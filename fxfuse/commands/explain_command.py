@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     """``fxfuse explain``: its sub-command and flags."""
     from ..recipe import add_options
 
-    p = sub.add_parser("explain", help="show a model's permutation spaces, pinned axes and rule coverage",
+    p = sub.add_parser("explain", help="show a model's permutation spaces, pinned axes and rule coverage (or, "
+                       "with TARGET --correspondence, which weight of MODEL is which of TARGET)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("model", help="model spec (see below)")
     p.add_argument("target", nargs="?", metavar="TARGET", help="with --correspondence: the model whose class and "
