@@ -55,7 +55,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
             refine: Any = None, states: Sequence[Mapping[str, torch.Tensor]] | None = None,
             out_dtype: torch.dtype | None = None, device: str = "cpu", quality: str | None = None,
-            vocab: Any = None, vocabularies: Sequence[Any] | None = None) -> FusionResult:
+            vocab: Any = None, vocabularies: Sequence[Any] | None = None,
+            match: str = "auto", model_inputs: Sequence[tuple] | None = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
@@ -112,7 +113,21 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     the union vocabulary first; shared rows are averaged, a row one model has
     is taken from it, moved into the target's basis (``fxfuse.vocab``; the
     counts under ``vocab`` in the report).
+
+    ``match``: how a source's weights find the target's (``fxfuse.convert``):
+    ``"names"`` as they are named, ``"graph"`` by matching the two exported
+    graphs (other names, layouts, fused projections; the source is moved into
+    the target's class first and checked), ``"auto"`` by graph for a source of
+    another class than the target. ``model_inputs``: each model's example
+    ``(args, kwargs)`` where the classes take different inputs (default: the
+    target's for all).
     """
+    from .convert import noted, to_target
+
+    models = list(models)
+    each = list(model_inputs or [(tuple(example_args), dict(example_kwargs or {}))] * len(models))
+    models, matched = to_target(models, each, target if -len(models) <= target < len(models) else 0, match,
+                                progress=progress)
     if isinstance(vocab, str):
         from .vocab import prepare_models
 
@@ -121,11 +136,11 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if quality == "best":
         from .stages import fuse_best
 
-        return fuse_best(compile, models, example_args, dict(
+        return noted(fuse_best(compile, models, example_args, dict(
             example_kwargs=example_kwargs, target=target, cost=cost, calib=calib, solver=solver, reg=reg,
             weights=weights, pin=pin, method=method, rules=rules, seed=seed, max_passes=max_passes, strict=strict,
             heads=heads, depth_cost=depth_cost, groups=groups, untie=untie, progress=progress, repair=repair,
-            refine=refine, states=states, out_dtype=out_dtype, device=device, vocab=vocab))
+            refine=refine, states=states, out_dtype=out_dtype, device=device, vocab=vocab)), matched)
     if quality not in (None, "fast"):
         raise FusionError(f"unknown quality {quality!r} (fast, best)")
     start, timings = time.perf_counter(), {}
@@ -155,4 +170,5 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     timings["total_s"] = time.perf_counter() - start
     report = passes.report(options, inputs, same_depth, analysed, planned, checked, fused, timings, refined)
     say(f"fused {len(models)} models in {timings['total_s']:.1f}s")
-    return FusionResult(fused.module, checked.modules, report, planned.alignments, analysed.ref, fused.state)
+    return noted(FusionResult(fused.module, checked.modules, report, planned.alignments, analysed.ref, fused.state),
+                 matched)
