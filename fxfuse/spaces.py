@@ -202,10 +202,11 @@ def analyze(model: torch.nn.Module, example_args: tuple, rules: RuleSet | None =
 
 
 def analyze_traced(traced: TracedModel, rules: RuleSet | None = None, strict: bool = False,
-                   pins: Mapping[str, str] | None = None) -> Analysis:
-    """Run the rules over ``traced``'s graph. ``pins`` maps a param axis ``"name:axis"`` to a reason."""
+                   pins: Mapping[str, str] | None = None, values: Mapping[str, Any] | None = None) -> Analysis:
+    """Run the rules over ``traced``'s graph. ``pins`` maps a param axis ``"name:axis"`` to a reason;
+    ``values``: the weights, read on access, where the module holds ``meta`` tensors (uniform scales)."""
     rules = rules if rules is not None else load_rules()
-    walker = _Walker(traced, rules)
+    walker = _Walker(traced, rules, values)
     walker.run()
     if strict and walker.unruled:
         u = walker.unruled[0]
@@ -251,7 +252,7 @@ VIEW_KINDS = ("reshape", "transpose", "permute", "split", "slice", "select", "ex
 class _Walker:
     """Walks one graph (and nested subgraphs) tying atoms; produces an ``Analysis``."""
 
-    def __init__(self, traced: TracedModel, rules: RuleSet):
+    def __init__(self, traced: TracedModel, rules: RuleSet, values: Mapping[str, Any] | None = None):
         self.traced, self.rules = traced, rules
         self.store = AxisStore()
         self.env: dict[torch.fx.Node, Any] = {}
@@ -267,7 +268,7 @@ class _Walker:
         self.fits: dict[int, list] = {}  # id(rule) -> [rule, ops seen, nodes fitted, first misfit reason]
         self.limits: list[tuple[int, int, str]] = []  # (atom, group level, why): see fxfuse.groups
         self.scales: set[str] = set()
-        self._values = dict(traced.module.state_dict(keep_vars=False))
+        self._values = dict(traced.module.state_dict(keep_vars=False)) if values is None else values
         self._uniform: dict[str, bool] = {}
         self.prefix = ""  # where the walk is: "" at top level, "submodule/" inside a higher-order op's body
         self.names: dict[torch.fx.Node, str] = {}  # node -> its name in ``Analysis.node_axes``
