@@ -276,8 +276,18 @@ def _twins(root: Path, kind: str) -> tuple[str, str]:
     return str(root / f"{kind}0"), str(root / f"{kind}1")
 
 
-@pytest.mark.parametrize("kind, extra", [("llama", ()), ("gpt2", ()), ("bert", ()),
-                                         ("llama", ("--cost", "activations", "--calib-random", "16"))])
+ACTIVATIONS = ("--cost", "activations", "--calib-random", "16")
+REPAIR = ("--repair", "--calib-random", "16")
+
+
+def _options(extra) -> dict:
+    """``fxfuse.compile`` keywords of the CLI options ``extra``."""
+    return {**(dict(cost="activations", calib=16) if "activations" in extra else {}),
+            **(dict(repair=True, calib=16) if "--repair" in extra else {})}
+
+
+@pytest.mark.parametrize("kind, extra", [("llama", ()), ("gpt2", ()), ("bert", ()), ("llama", ACTIVATIONS),
+                                         ("llama", REPAIR), ("bert", REPAIR)])
 def test_groups_full_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, kind, extra):
     """``--groups full`` on Hugging Face twins: norm scales folded per tensor as it is read
     (``fxfuse.streamfold``), Procrustes solved on streamed products, dense maps applied per tensor as it is
@@ -297,8 +307,7 @@ def test_groups_full_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, 
         m.setattr(fxfuse.io, "load_model", refuse)
         out = _compile(tmp_path / "out", a, b, extra=("--groups", "full", *extra))
     la, lb = load_model(a), load_model(b)
-    kwargs = dict(cost="activations", calib=16) if extra else {}
-    expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, groups="full", **kwargs)
+    expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, groups="full", **_options(extra))
     report = json.loads((out / "report.json").read_text())
     folded = [f for c in report["canonicalize"] for f in c["folded"]]
     assert bool(folded) == (kind != "bert") and bool(made) == (kind != "bert")  # BERT's norms feed residual adds
@@ -310,6 +319,37 @@ def test_groups_full_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, 
     for k, t in written.items():
         assert torch.equal(t, state[k]), k
     assert report["self_check"][1]["error"] <= 1e-4
+    if "--repair" in extra:
+        assert report["repair"] == json.loads(json.dumps(expected.report["repair"]))
+        assert any(p["units"] for p in report["repair"]["points"])
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_repair_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, dtype):
+    """``--repair`` (permutations) on Hugging Face twins: the graph runs op by op on fused weights made per
+    tensor, the corrections are kept as vectors and applied as each tensor is written; ``--dtype`` rounds the
+    repaired weights once, as converting the in-memory result does."""
+    import fxfuse.io
+    import fxfuse.streamrepair as streamrepair
+
+    a, b = _twins(tmp_path, "gpt2")
+    folds = []
+    original = streamrepair.RepairedTensors.fold
+    monkeypatch.setattr(streamrepair.RepairedTensors, "fold",
+                        lambda self, *a: folds.append(a[0].weight) or original(self, *a))
+    with monkeypatch.context() as m:
+        m.setattr(fxfuse.io, "load_model", lambda *_a, **_k: pytest.fail("loaded in memory"))
+        out = _compile(tmp_path / "out", a, b, extra=REPAIR + (("--dtype", dtype) if dtype else ()))
+    assert folds  # repaired out of core, the folds kept as vectors
+    la, lb = load_model(a), load_model(b)
+    expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, repair=True, calib=16)
+    state = expected.module.to(getattr(torch, dtype)).state_dict() if dtype else expected.module.state_dict()
+    written = _tensors(out)
+    assert written and written.keys() <= state.keys()
+    for k, t in written.items():
+        assert torch.equal(t, state[k]), k
+    report = json.loads((out / "report.json").read_text())
+    assert report["repair"] == json.loads(json.dumps(expected.report["repair"]))
 
 
 def test_groups_full_with_untie_is_fused_in_memory(tmp_path, capsys):

@@ -214,7 +214,7 @@ def _compile_job(args, recipe, progress):
                           "the labelled data in; evaluate the output model on its own")
     loaded, states = [], None
     plain = (recipe.method == "ot" and (recipe.groups == "perm" or (recipe.groups == "full" and not recipe.untie))
-             and not recipe.repair and refine is None
+             and refine is None
              and labelled is None and recipe.quality != "best" and recipe.vocab is None
              and recipe.match != "graph")
     if plain:  # Hugging Face twins in safetensors: fused out of core (activations streamed op by op)

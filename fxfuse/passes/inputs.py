@@ -160,10 +160,10 @@ def prepare(models: Sequence[nn.Module], example_args: tuple, example_kwargs: Ma
     held = states is None or all(in_memory(s) for s in states)
     if states is not None and len(states) != len(models):
         raise FusionError(f"{len(states)} weight mappings for {len(models)} models")
-    if not held and (options.method != "ot" or options.groups not in ("perm", "full") or options.repair
+    if not held and (options.method != "ot" or options.groups not in ("perm", "full")
                      or options.refine is not None or options.vocab is not None
                      or (options.groups == "full" and options.untie)):
-        raise FusionError("out-of-core fusion supports the ot method with permutations or full groups (no repair, "
+        raise FusionError("out-of-core fusion supports the ot method with permutations or full groups (no "
                           "refinement or untying); load the models in memory")
     check_finite(states or [m.state_dict() for m in models], progress)
     args, kwargs = tuple(example_args), dict(example_kwargs or {})
