@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/scale.py [--pairs bert-base,llama-1b,llama-1b-bf16] [--keep]
                                                        [--device cpu|cuda|auto] [--groups perm|full]
+                                                       [--max-passes N]
 
 Each pair is two independently initialised Hugging Face models built from a
 config with random weights (seeds 0 and 1), written as sharded safetensors
@@ -28,7 +29,10 @@ For each pair the script runs, each in a fresh process:
 
 ``--groups full`` compiles with ``--groups full`` (norm scales folded,
 orthogonal maps by Procrustes); the floor is the same (the products of a
-Procrustes solve are those of weight matching).
+Procrustes solve are those of weight matching). ``--max-passes N`` caps the
+coordinate descent (the recipe key ``max_passes``, given in a recipe file): orthogonal maps of
+random-weight pairs rarely reach a fixed point, so a capped run measures the
+cost per pass.
 
 The floor runs with as many threads as the compile (``torch.get_num_threads()``,
 which ``OMP_NUM_THREADS`` sets; ``THREADS=N`` overrides). The last lines give
@@ -164,7 +168,7 @@ def _run_measured(argv: list[str], env: dict) -> tuple[float, float, str, float]
         return wall, usage.ru_maxrss / 2 ** 20, out.read(), usage.ru_utime + usage.ru_stime
 
 
-def measure(name: str, device: str = "cpu", groups: str = "perm") -> dict:
+def measure(name: str, device: str = "cpu", groups: str = "perm", max_passes: int | None = None) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
@@ -173,7 +177,12 @@ def measure(name: str, device: str = "cpu", groups: str = "perm") -> dict:
     out = CACHE / f"{name}-fused"
     row = {"pair": name if groups == "perm" else f"{name} (groups {groups})"}
     try:
-        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.cli", "compile", str(a), str(b), "-o",
+        given = [str(a), str(b)]
+        if max_passes:  # a recipe key without a flag
+            recipe = CACHE / f"{name}-recipe.yaml"
+            recipe.write_text(f"models: [{a}, {b}]\nmax_passes: {max_passes}\n")
+            given = [str(recipe)]
+        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.cli", "compile", *given, "-o",
                                               str(out), "--force", "-q"]
                                              + (["--device", device] if device != "cpu" else [])
                                              + (["--groups", groups] if groups != "perm" else []), env)
@@ -198,6 +207,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="fxfuse compile --device")
     parser.add_argument("--groups", default="perm", choices=("perm", "full"), help="fxfuse compile --groups")
+    parser.add_argument("--max-passes", type=int, help="the recipe key max_passes of the compile")
     parser.add_argument("--floor", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
@@ -209,7 +219,7 @@ def main() -> None:
         for name in names:
             if name not in PAIRS:
                 raise SystemExit(f"unknown pair {name!r} (one of {', '.join(PAIRS)})")
-            rows.append(measure(name, args.device, args.groups))
+            rows.append(measure(name, args.device, args.groups, args.max_passes))
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     finally:

@@ -35,19 +35,22 @@ class FoldedTensors(TensorMap):
 
     def __init__(self, state: Mapping[str, torch.Tensor], steps: list[FoldStep]):
         self.state = state
-        self.role: dict[str, tuple[str, FoldStep, Any]] = {}
-        for step in steps:
-            self.role[step.fold.scale] = ("scale", step, None)
-            if step.beta is not None:
-                self.role[step.beta] = ("shift", step, None)
-            for kind, w, b in step.readers:
-                self.role[w] = ("weight", step, kind)
-                if step.fold_shift:
-                    self.role[b] = ("bias", step, (kind, w))
         super().__init__(state.keys(), self._make, getattr(state, "aliases", {}))
+        self.role: dict[str, tuple[str, FoldStep, Any]] = {}  # stored name -> what the fold makes of it
+        for step in steps:
+            self.role[self._stored(step.fold.scale)] = ("scale", step, None)
+            if step.beta is not None:
+                self.role[self._stored(step.beta)] = ("shift", step, None)
+            for kind, w, b in step.readers:
+                self.role[self._stored(w)] = ("weight", step, kind)
+                if step.fold_shift:
+                    self.role[self._stored(b)] = ("bias", step, (kind, w))
         for attr in ("dtype_of", "shape_of"):
             if hasattr(state, attr):
                 setattr(self, attr, getattr(state, attr))
+
+    def _stored(self, name: str) -> str:
+        return self.aliases.get(name, name)
 
     def _make(self, key: str) -> torch.Tensor:
         t = self.state[key]
