@@ -301,9 +301,9 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
     ``batches``: calibration batches ``[(args, kwargs), …]`` of the shape ``traced``
     was exported at. Returns the corrected state and a report per point: the
     largest relative change of a unit's std before repair (``collapse``: mean of
-    ``1 − σ_j / σ*_j``) and whether the shift could be folded. ``fused``: a dict
-    (copied), or a mapping that takes the changes itself (``fold`` and item
-    assignment; ``fxfuse.streamrepair``) and is returned as the state.
+    ``1 − σ_j / σ*_j``) and whether the shift could be folded. ``fused`` is copied,
+    unless it takes the changes itself (``fold`` and item assignment;
+    ``fxfuse.streamrepair``): then it is changed and returned as the state.
     """
     if not batches:
         raise RepairError("repair needs calibration inputs (--calib FILE): none were given")
@@ -319,7 +319,7 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
         for key, (mu, sd) in unit_stats(traced, st, batches, repaired).items():
             tm, ts = targets.get(key, (0.0, 0.0))
             targets[key] = (tm + (w / wanted) * mu, ts + (w / wanted) * sd)
-    state = {k: v.clone() for k, v in fused.items()} if isinstance(fused, dict) else fused  # else made to change
+    state = fused if hasattr(fused, "fold") else {k: v.clone() for k, v in fused.items()}
     entries = []
     for point in points:
         if point.running is not None:
