@@ -124,8 +124,8 @@ def floor(a: str, b: str) -> dict:
 
     torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
     import fxfuse
-    from fxfuse.lazy import CheckpointTensors, load_hf_out_of_core
-    from fxfuse.plan import WeightCost, blocks
+    from fxfuse.backend.lazy import CheckpointTensors, load_hf_out_of_core
+    from fxfuse.planner.plan import WeightCost, blocks
 
     loaded, _ = load_hf_out_of_core(a)
     analysis = fxfuse.analyze(loaded.module, (), example_kwargs=loaded.kwargs)  # shapes only; not counted
@@ -182,7 +182,7 @@ def measure(name: str, device: str = "cpu", groups: str = "perm", max_passes: in
             recipe = CACHE / f"{name}-recipe.yaml"
             recipe.write_text(f"models: [{a}, {b}]\nmax_passes: {max_passes}\n")
             given = [str(recipe)]
-        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.cli", "compile", *given, "-o",
+        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.commands.cli", "compile", *given, "-o",
                                               str(out), "--force", "-q"]
                                              + (["--device", device] if device != "cpu" else [])
                                              + (["--groups", groups] if groups != "perm" else []), env)
@@ -192,9 +192,9 @@ def measure(name: str, device: str = "cpu", groups: str = "perm", max_passes: in
         print(f"{name}: compile {wall:.1f} s ({cpu:.1f} CPU s), {rss:.2f} GiB", file=sys.stderr, flush=True)
         _, frss, ftext, fcpu = _run_measured([sys.executable, __file__, "--floor", str(a), str(b)], env)
         row["floor"] = dict(json.loads(ftext.strip().splitlines()[-1]), peak_rss_gib=frss, process_cpu_s=fcpu)
-        row["startup_s"] = _run_measured([sys.executable, "-c", "import torch, transformers, fxfuse.cli, fxfuse.fuse"],
+        row["startup_s"] = _run_measured([sys.executable, "-c", "import torch, transformers, fxfuse.commands.cli, fxfuse.api.fuse"],
                                          env)[0]
-        row["startup_fxfuse_s"] = _run_measured([sys.executable, "-c", "import fxfuse.cli, fxfuse.fuse"], env)[0]
+        row["startup_fxfuse_s"] = _run_measured([sys.executable, "-c", "import fxfuse.commands.cli, fxfuse.api.fuse"], env)[0]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return row
