@@ -290,10 +290,10 @@ def _options(extra) -> dict:
                                          ("llama", REPAIR), ("bert", REPAIR)])
 def test_groups_full_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, kind, extra):
     """``--groups full`` on Hugging Face twins: norm scales folded per tensor as it is read
-    (``fxfuse.streamfold``), Procrustes solved on streamed products, dense maps applied per tensor as it is
+    (``fxfuse.backend.streamfold``), Procrustes solved on streamed products, dense maps applied per tensor as it is
     written: the written weights are the in-memory fusion's, bit for bit, and no model is loaded in memory."""
-    import fxfuse.io
-    import fxfuse.streamfold as streamfold
+    import fxfuse.models.io
+    import fxfuse.backend.streamfold as streamfold
 
     a, b = _twins(tmp_path, kind)
     made = []
@@ -304,7 +304,7 @@ def test_groups_full_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, 
         raise AssertionError("loaded in memory")
 
     with monkeypatch.context() as m:
-        m.setattr(fxfuse.io, "load_model", refuse)
+        m.setattr(fxfuse.models.io, "load_model", refuse)
         out = _compile(tmp_path / "out", a, b, extra=("--groups", "full", *extra))
     la, lb = load_model(a), load_model(b)
     expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, groups="full", **_options(extra))
@@ -329,8 +329,8 @@ def test_repair_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, dtype
     """``--repair`` (permutations) on Hugging Face twins: the graph runs op by op on fused weights made per
     tensor, the corrections are kept as vectors and applied as each tensor is written; ``--dtype`` rounds the
     repaired weights once, as converting the in-memory result does."""
-    import fxfuse.io
-    import fxfuse.streamrepair as streamrepair
+    import fxfuse.models.io
+    import fxfuse.backend.streamrepair as streamrepair
 
     a, b = _twins(tmp_path, "gpt2")
     folds = []
@@ -338,7 +338,7 @@ def test_repair_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, dtype
     monkeypatch.setattr(streamrepair.RepairedTensors, "fold",
                         lambda self, *a: folds.append(a[0].weight) or original(self, *a))
     with monkeypatch.context() as m:
-        m.setattr(fxfuse.io, "load_model", lambda *_a, **_k: pytest.fail("loaded in memory"))
+        m.setattr(fxfuse.models.io, "load_model", lambda *_a, **_k: pytest.fail("loaded in memory"))
         out = _compile(tmp_path / "out", a, b, extra=REPAIR + (("--dtype", dtype) if dtype else ()))
     assert folds  # repaired out of core, the folds kept as vectors
     la, lb = load_model(a), load_model(b)

@@ -111,10 +111,10 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     vocabularies (``vocabularies``: each model's token strings by id, or its
     directory holding ``tokenizer.json``) are re-indexed into the target's or
     the union vocabulary first; shared rows are averaged, a row one model has
-    is taken from it, moved into the target's basis (``fxfuse.vocab``; the
+    is taken from it, moved into the target's basis (``fxfuse.models.vocab``; the
     counts under ``vocab`` in the report).
 
-    ``match``: how a source's weights find the target's (``fxfuse.convert``):
+    ``match``: how a source's weights find the target's (``fxfuse.frontend.convert``):
     ``"names"`` as they are named, ``"graph"`` by matching the two exported
     graphs (other names, layouts, fused projections; the source is moved into
     the target's class first and checked), ``"auto"`` by graph for a source of
@@ -122,14 +122,14 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     ``(args, kwargs)`` where the classes take different inputs (default: the
     target's for all).
     """
-    from .convert import noted, to_target
+    from ..frontend.convert import noted, to_target
 
     models = list(models)
     each = list(model_inputs or [(tuple(example_args), dict(example_kwargs or {}))] * len(models))
     models, matched = to_target(models, each, target if -len(models) <= target < len(models) else 0, match,
                                 progress=progress)
     if isinstance(vocab, str):
-        from .vocab import prepare_models
+        from ..models.vocab import prepare_models
 
         vocab = prepare_models(models, vocabularies, target, vocab, example_args, example_kwargs, calib)
         models, example_args, example_kwargs = vocab.models, vocab.args, vocab.kwargs

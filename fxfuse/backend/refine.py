@@ -298,7 +298,7 @@ def _mix_weights(weights: Sequence[float], target: int, g: torch.Generator) -> l
 def _mix(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], like: Mapping[str, torch.Tensor],
          rows: tuple[tuple[str, ...], torch.Tensor] | None = None):
     """``Σ_m w_m · state_m``; ``rows = (keys, has)``: those keys' rows divided by ``Σ_m w_m has[m]`` (a row
-    averaged over the models that have it, ``fxfuse.vocab``)."""
+    averaged over the models that have it, ``fxfuse.models.vocab``)."""
     out = {}
     for key, ref in like.items():
         if ref.is_floating_point():

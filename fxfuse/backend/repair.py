@@ -214,7 +214,7 @@ _LAST_MOVED: list = [None, None]  # (exported program, its graph module run on t
 
 
 def _on_cpu(traced: TracedModel):
-    """The graph of a model traced on ``meta`` weights, its devices made the CPU (``fxfuse.activations.on_device``)."""
+    """The graph of a model traced on ``meta`` weights, its devices made the CPU (``fxfuse.planner.activations.on_device``)."""
     from types import SimpleNamespace
 
     if _LAST_MOVED[0] is not traced.exported:
@@ -303,7 +303,7 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
     largest relative change of a unit's std before repair (``collapse``: mean of
     ``1 − σ_j / σ*_j``) and whether the shift could be folded. ``fused`` is copied,
     unless it takes the changes itself (``fold`` and item assignment;
-    ``fxfuse.streamrepair``): then it is changed and returned as the state.
+    ``fxfuse.backend.streamrepair``): then it is changed and returned as the state.
     """
     if not batches:
         raise RepairError("repair needs calibration inputs (--calib FILE): none were given")

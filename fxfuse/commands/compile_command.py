@@ -140,7 +140,7 @@ class _CompileJob:
     refine: Any
     rules: Any
     out_dtype: Any
-    matched: Any = None  # {source index: fxfuse.convert.Converted} of sources matched by graph
+    matched: Any = None  # {source index: fxfuse.frontend.convert.Converted} of sources matched by graph
 
 
 def _compile(args, given) -> int:
@@ -162,7 +162,7 @@ def _compile(args, given) -> int:
         result.module.to(job.out_dtype)
     report = dict(result.report, models=[m.spec for m in job.loaded], fxfuse=provenance(args.argv))
     if job.matched:
-        from ..convert import report_entry
+        from ..frontend.convert import report_entry
 
         report["correspondence"] = report_entry(job.matched, report["models"])
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
@@ -206,7 +206,7 @@ def _compile_job(args, recipe, progress):
                            "method": recipe.method, "calib": calib, "refine": refine})
         if problem:
             raise FxfuseError(problem)
-    from ..vocab import check_specs
+    from ..models.vocab import check_specs
 
     check_specs(recipe.models, recipe.vocab, recipe.target)  # vocabularies that differ: matched by string, or refused
     if recipe.vocab is not None and args.eval:
@@ -225,12 +225,12 @@ def _compile_job(args, recipe, progress):
             loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
     if not -len(loaded) <= recipe.target < len(loaded):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
-    from ..convert import loaded_to_target
+    from ..frontend.convert import loaded_to_target
 
     loaded, matched = loaded_to_target(loaded, recipe.target % len(loaded), recipe.match, progress)
     tgt = loaded[recipe.target]
     if recipe.vocab is not None:  # the output's tokenizer files can be written: checked before the work
-        from ..vocab import output_files
+        from ..models.vocab import output_files
 
         output_files(recipe.models, [m.module for m in loaded], recipe.target, recipe.vocab)
     check_untie(recipe, tgt)
@@ -360,7 +360,7 @@ def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, p
     saved = recipe.resolved()
     extra = {"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)}
     if recipe.vocab is not None:  # the chosen vocabulary's tokenizer files (and vocab_size)
-        from ..vocab import output_files
+        from ..models.vocab import output_files
 
         extra.update(output_files(recipe.models, [m.module for m in job.loaded], recipe.target, recipe.vocab))
     if result.state is not None:

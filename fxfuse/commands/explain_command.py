@@ -79,10 +79,10 @@ def run(args) -> int:
 
 
 def _correspondence(args, progress) -> int:
-    """``explain MODEL TARGET --correspondence``: the table of ``fxfuse.convert.convert``, text or JSON."""
-    from ..convert import convert, table
-    from ..errors import FxfuseError
-    from ..io import load_model
+    """``explain MODEL TARGET --correspondence``: the table of ``fxfuse.frontend.convert.convert``, text or JSON."""
+    from ..frontend.convert import convert, table
+    from ..core.errors import FxfuseError
+    from ..models.io import load_model
 
     if not args.target:
         raise FxfuseError("--correspondence needs two models: MODEL TARGET")

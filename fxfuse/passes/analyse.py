@@ -65,7 +65,7 @@ def analyse(inputs: Inputs, same_depth: SameDepth, options: Options, progress: P
             continue
         say(f"tracing model {i} ({type(m).__name__})")
         if options.full_groups and not inputs.held:  # out of core: the folded weights are made on access
-            from ..streamfold import canonical_analysis_streamed
+            from ..backend.streamfold import canonical_analysis_streamed
 
             a, c, states[i] = canonical_analysis_streamed(m, states[i], inputs.args, inputs.kwargs, inputs.rules,
                                                           options.strict, options.untie)

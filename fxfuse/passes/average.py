@@ -35,7 +35,7 @@ def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Optio
     """Average the aligned weights of ``checked`` with ``options.weights`` (see the module's docstring)."""
     target, skeleton = options.target, analysed.models[options.target]
     if not inputs.held and options.repair:  # repaired on the streamed graph; folds kept as vectors
-        from ..streamrepair import repair_streamed
+        from ..backend.streamrepair import repair_streamed
 
         state, report = repair_streamed(skeleton, averaged_tensors(checked.aligned, options.weights, target),
                                         checked.aligned, options.weights, inputs.calibration(options.seed),
@@ -45,7 +45,7 @@ def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Optio
         return Fused(skeleton, averaged_tensors(checked.aligned, options.weights, target, options.out_dtype))
     state = average_states(checked.aligned, options.weights, analysed.states[target])
     if options.vocab is not None:  # vocabulary rows: averaged over the models that have the token
-        from ..vocab import per_row_average
+        from ..models.vocab import per_row_average
 
         state = per_row_average(state, options.vocab.match, options.vocab.keys, options.weights)
     if not options.repair:

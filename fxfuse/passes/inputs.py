@@ -64,7 +64,7 @@ class Options:
     refine: Any = None  # a fxfuse.backend.refine.RefineConfig
     out_dtype: torch.dtype | None = None
     device: str = "cpu"
-    vocab: Any = None  # a fxfuse.vocab.Matched: models re-indexed into one vocabulary, rows averaged per row
+    vocab: Any = None  # a fxfuse.models.vocab.Matched: models re-indexed into one vocabulary, rows averaged per row
 
     @classmethod
     def of(cls, n_models: int, *, target: int = 0, weights: Sequence[float] | None = None, calib: Any = None,

@@ -119,7 +119,7 @@ def _stages(report: Mapping[str, Any]) -> list[str]:
 
 
 def _correspondence(report: Mapping[str, Any]) -> list[str]:
-    """Sources matched by graph (``fxfuse.convert``), with what their weights went through."""
+    """Sources matched by graph (``fxfuse.frontend.convert``), with what their weights went through."""
     entry = report.get("correspondence")
     if not entry:
         return []

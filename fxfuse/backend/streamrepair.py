@@ -1,7 +1,7 @@
-"""Statistics repair out of core: ``fxfuse.repair`` on fused weights that are made per tensor on access.
+"""Statistics repair out of core: ``fxfuse.backend.repair`` on fused weights that are made per tensor on access.
 
 The graph runs op by op with each weight read by the op that uses it
-(``fxfuse.repair.run_graph`` on a state that is no dict), so peak memory is
+(``fxfuse.backend.repair.run_graph`` on a state that is no dict), so peak memory is
 one op's weights plus the activations. The corrections are kept as vectors,
 not as weights: ``RepairedTensors`` holds, per repaired weight and bias, the
 ``(scale, shift)`` of each fold and applies them when the tensor is made,
@@ -36,7 +36,7 @@ class RepairedTensors(TensorMap):
         self.set[self.aliases.get(key, key)] = value
 
     def fold(self, point: RepairPoint, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        """``fxfuse.repair._fold``: the point's weight rows times ``scale``, its bias ``scale·b + shift``."""
+        """``fxfuse.backend.repair._fold``: the point's weight rows times ``scale``, its bias ``scale·b + shift``."""
         self.folds.setdefault(self.aliases.get(point.weight, point.weight), []).append(
             ("weight", point.weight_dim, scale, shift))
         if point.bias is not None:
@@ -58,7 +58,7 @@ def repair_streamed(skeleton: nn.Module, fused: Mapping[str, torch.Tensor],
                     aligned: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], batches,
                     dtype: torch.dtype | None = None, say: Callable[[str], None] | None = None
                     ) -> tuple[RepairedTensors, dict]:
-    """``fxfuse.repair.repair_state`` of ``fused`` (the average, in the target's dtype) against ``aligned``, the
+    """``fxfuse.backend.repair.repair_state`` of ``fused`` (the average, in the target's dtype) against ``aligned``, the
     ``meta`` ``skeleton`` traced at the calibration batch shape; ``(repaired weights in dtype, report)``."""
     if say is not None:
         say("repairing unit statistics on the calibration inputs (weights streamed)")

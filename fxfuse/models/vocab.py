@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import FxfuseError
+from ..core.errors import FxfuseError
 
 MODES = ("target", "union")
 TOKENIZER = "tokenizer.json"

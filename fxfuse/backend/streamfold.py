@@ -1,6 +1,6 @@
-"""Norm scales folded out of core: ``fxfuse.canonicalize`` on weights that stay in their files.
+"""Norm scales folded out of core: ``fxfuse.frontend.canonicalize`` on weights that stay in their files.
 
-The folds are decided on the traced graph (``fxfuse.canonicalize.plan_folds``;
+The folds are decided on the traced graph (``fxfuse.frontend.canonicalize.plan_folds``;
 a scale is read only where a shift without biases to take it must be divided
 by it). The folded weights are a mapping that makes each tensor on access
 from the checkpoint's, with the arithmetic of the in-memory fold, so they are
@@ -23,11 +23,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .canonicalize import Canonical, FoldStep, plan_folds
-from .errors import FxfuseError
+from ..frontend.canonicalize import Canonical, FoldStep, plan_folds
+from ..core.errors import FxfuseError
 from .lazy import TensorMap, compute_dtype, run_streamed
-from .rules import RuleSet
-from .verify import CHECK_TOL, output_tensors, relative_error
+from ..frontend.rules import RuleSet
+from ..frontend.verify import CHECK_TOL, output_tensors, relative_error
 
 
 class FoldedTensors(TensorMap):
@@ -77,8 +77,8 @@ def canonical_analysis_streamed(model: nn.Module, state: Mapping[str, torch.Tens
                                 kwargs: Mapping[str, Any], rules: RuleSet, strict: bool, untie: bool = False):
     """``fxfuse.passes.analyse.canonical_analysis`` for a ``meta`` skeleton whose weights are ``state``:
     ``(analysis, Canonical with the skeleton itself, the folded weights)``."""
-    from .spaces import analyze_traced
-    from .trace import trace
+    from ..frontend.spaces import analyze_traced
+    from ..frontend.trace import trace
 
     traced = trace(model, args, kwargs)
     steps, refused, untie_done = plan_folds(traced, untie, lambda name: state[name])

@@ -145,7 +145,7 @@ def to_target(models: Sequence[nn.Module], inputs: Sequence[Inputs], target: int
 
 def loaded_to_target(loaded: Sequence, target: int, match: str, progress: Callable[[str], None] | None = None
                      ) -> tuple[list, dict[int, Converted]]:
-    """``to_target`` on ``fxfuse.io.LoadedModel`` s, each source with its own example inputs; a moved source takes
+    """``to_target`` on ``fxfuse.models.io.LoadedModel`` s, each source with its own example inputs; a moved source takes
     the target's module class and inputs (and keeps its spec)."""
     loaded = list(loaded)
     tgt = loaded[target]

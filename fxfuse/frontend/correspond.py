@@ -8,7 +8,7 @@ exported graph is first canonicalised (``canonical``):
   are transparent (the same value);
 * ``addmm(b, x, W)``, ``mm(x, W)``, ``matmul(x, W)``, ``linear(x, W, b)`` and
   ``x @ W + b`` are one ``linear(x, V, b)`` with ``V`` in ``(out, in)`` layout,
-  a view of the parameter (``Wᵀ`` for HF GPT-2's ``Conv1D``; ``fxfuse.relayout``);
+  a view of the parameter (``Wᵀ`` for HF GPT-2's ``Conv1D``; ``fxfuse.frontend.relayout``);
 * a linear whose output is only split along its output features (``split``,
   ``chunk``, ``unbind`` or an index of every piece, after reshapes and permutes
   that keep the features' outermost factor apart) is one linear per piece,
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FxfuseError
+from ..core.errors import FxfuseError
 from .relayout import Piece, View, compose, shape_of, text, transform_name
 from .trace import BUFFER, PARAMETER, USER_INPUT, TracedModel, op_name
 

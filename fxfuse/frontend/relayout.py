@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import FxfuseError
+from ..core.errors import FxfuseError
 
 View = tuple
 
