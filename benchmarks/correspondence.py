@@ -30,9 +30,9 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import handwritten as hw
-    from fxfuse.correspond import correspond
-    from fxfuse.fuse import compile as fuse
-    from fxfuse.trace import trace
+    from fxfuse.frontend.correspond import correspond
+    from fxfuse.api.fuse import compile as fuse
+    from fxfuse.frontend.trace import trace
 
     cfg = GPT2Config(vocab_size=args.vocab, n_embd=args.dim, n_layer=args.layers, n_head=args.heads,
                      n_positions=max(64, args.seq), use_cache=False, bos_token_id=0, eos_token_id=0)

@@ -8,7 +8,7 @@ random seed and reports the largest output difference relative to the output
 scale, next to the share of weights that moved. Coverage is the share of
 parameter elements on at least one free space; full coverage the share whose
 every axis is free (the interface, kernel taps, spatial positions and
-vocabularies aside, see ``fxfuse.coverage``). The pinned inner spaces follow
+vocabularies aside, see ``fxfuse.frontend.coverage``). The pinned inner spaces follow
 the table, with their reasons. The table in docs/coverage.md is this script's output.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 import _paths  # noqa: F401  (tests/ on sys.path, for the zoo)
 import zoo
 from fxfuse import analyze, apply_permutations, random_permutations
-from fxfuse.coverage import full_coverage, pinned_inner
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.coverage import full_coverage, pinned_inner
+from fxfuse.frontend.verify import compare_outputs
 
 # the class column: what each model is, where its class name alone does not say
 DESCRIPTIONS = {

@@ -102,7 +102,7 @@ def trained(hidden: int, recipe: str, seed: int, data=None, log=None) -> torch.n
 
 
 def main(argv=None) -> None:
-    from fxfuse.evaluate import accuracy
+    from fxfuse.models.evaluate import accuracy
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", default="64,128,256")

@@ -71,7 +71,7 @@ N_CALIB = 512
 FT_EPOCHS = 1
 FT_LR_FACTOR = 0.5          # finetuning lr = this x the family's training lr (HYPERPARAMS)
 FT_SEED = 1000              # finetuning shuffle seed for pair i: FT_SEED + i (shared by all models of the pair)
-DEFAULT_REG = 0.06          # fxfuse.solvers.solve's default when reg=None
+DEFAULT_REG = 0.06          # fxfuse.core.solvers.solve's default when reg=None
 SWEEP_REGS = (0.01, 0.03, 0.06, 0.1)
 UNIFORM_REG = 10.0          # extra sweep column: a near-uniform soft map, i.e. no alignment at all (reference)
 
@@ -102,7 +102,7 @@ REPAIR_TARGET, REFINE_TARGET = 0.88, 0.92              # ViT one-shot targets wi
 
 def compile_kwargs(kw: dict, calib: torch.Tensor) -> dict:
     """``fxfuse.compile`` options of a row: calibration for activations and repair, a ``RefineConfig``."""
-    from fxfuse.refine import RefineConfig
+    from fxfuse.backend.refine import RefineConfig
 
     kw = dict(kw)
     if kw.get("cost") == "activations" or kw.get("repair"):
@@ -275,7 +275,7 @@ def pair_barriers(parents, example_args, calib, test) -> dict:
 
 def plot_barriers(family: str, barriers: dict, seeds) -> None:
     """``benchmarks/quality_barrier_<family>.png``: the curves of the first pair."""
-    from fxfuse.barrier import Curve, plot
+    from fxfuse.api.barrier import Curve, plot
 
     lambdas = tuple(i / (BARRIER_POINTS - 1) for i in range(BARRIER_POINTS))
     curves = [(name, Curve(lambdas, tuple(b["loss"]))) for name, b in barriers.items()]

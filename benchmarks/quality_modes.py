@@ -28,7 +28,7 @@ import _paths  # noqa: F401
 import digits
 import digits_vit
 import fxfuse
-from fxfuse.evaluate import accuracy
+from fxfuse.models.evaluate import accuracy
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "modes"
 N_CALIB = 512
@@ -78,7 +78,7 @@ def parents(family: str, pair: int, data):
 
 
 def _keywords(kw: dict, x_tr, y_tr) -> dict:
-    from fxfuse.refine import RefineConfig
+    from fxfuse.backend.refine import RefineConfig
 
     kw = dict(kw)
     kw["calib"] = x_tr[:N_CALIB] if kw.pop("calib", False) else None

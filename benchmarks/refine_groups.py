@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import _paths  # noqa: E402,F401
 import digits  # noqa: E402
 import fxfuse  # noqa: E402
-from fxfuse.refine import RefineConfig  # noqa: E402
+from fxfuse.backend.refine import RefineConfig  # noqa: E402
 
 CACHE = _paths.ROOT / "benchmarks" / ".cache"
 N_CALIB = 512

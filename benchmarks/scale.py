@@ -116,8 +116,8 @@ def floor(a: str, b: str) -> dict:
 
     torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
     import fxfuse
-    from fxfuse.lazy import CheckpointTensors, load_hf_out_of_core
-    from fxfuse.plan import WeightCost, blocks
+    from fxfuse.backend.lazy import CheckpointTensors, load_hf_out_of_core
+    from fxfuse.planner.plan import WeightCost, blocks
 
     loaded, _ = load_hf_out_of_core(a)
     analysis = fxfuse.analyze(loaded.module, (), example_kwargs=loaded.kwargs)  # shapes only; not counted
@@ -169,7 +169,7 @@ def measure(name: str, device: str = "cpu") -> dict:
     out = CACHE / f"{name}-fused"
     row = {"pair": name}
     try:
-        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.cli", "compile", str(a), str(b), "-o",
+        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.commands.cli", "compile", str(a), str(b), "-o",
                                               str(out), "--force", "-q"]
                                              + (["--device", device] if device != "cpu" else []), env)
         report = json.loads((out / "report.json").read_text())
@@ -178,9 +178,9 @@ def measure(name: str, device: str = "cpu") -> dict:
         print(f"{name}: compile {wall:.1f} s ({cpu:.1f} CPU s), {rss:.2f} GiB", file=sys.stderr, flush=True)
         _, frss, ftext, fcpu = _run_measured([sys.executable, __file__, "--floor", str(a), str(b)], env)
         row["floor"] = dict(json.loads(ftext.strip().splitlines()[-1]), peak_rss_gib=frss, process_cpu_s=fcpu)
-        row["startup_s"] = _run_measured([sys.executable, "-c", "import torch, transformers, fxfuse.cli, fxfuse.fuse"],
+        row["startup_s"] = _run_measured([sys.executable, "-c", "import torch, transformers, fxfuse.commands.cli, fxfuse.api.fuse"],
                                          env)[0]
-        row["startup_fxfuse_s"] = _run_measured([sys.executable, "-c", "import fxfuse.cli, fxfuse.fuse"], env)[0]
+        row["startup_fxfuse_s"] = _run_measured([sys.executable, "-c", "import fxfuse.commands.cli, fxfuse.api.fuse"], env)[0]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return row

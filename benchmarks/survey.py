@@ -27,7 +27,7 @@ import torch
 
 import _paths  # noqa: F401  (tests/ on sys.path, for the zoo)
 import fxfuse
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.verify import compare_outputs
 
 TOL = 1e-4
 VOCAB, BATCH, SEQ, IMAGE = 97, 2, 8, 32

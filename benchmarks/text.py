@@ -339,7 +339,7 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
         if kw.get("pin") == "residual":
             kw["pin"] = [pin_pattern]
         if kw.pop("refine", False):
-            from fxfuse.refine import RefineConfig
+            from fxfuse.backend.refine import RefineConfig
 
             kw["refine"] = RefineConfig(REFINE["steps"], *data["refine"], head=HEAD[kind], lr=REFINE["lr"],
                                         batch_size=REFINE["batch"])

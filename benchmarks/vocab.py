@@ -24,7 +24,7 @@ predicted tokens stand for). Every fused model is scored on ``--eval`` held-out 
 * ``vocab union, fxfuse``: the same into the union vocabulary (``vocab="union"``; B's other tokens added);
 * ``vocab target, fxfuse groups full``: orthogonal residual streams (``groups="full", untie=True``);
 * ``vocab target, fxfuse + refine``: the maps refined for ``REFINE_STEPS`` steps on training windows in A's
-  tokens (``fxfuse.refine``; the interpolation it trains on mixes vocabulary rows per row).
+  tokens (``fxfuse.backend.refine``; the interpolation it trains on mixes vocabulary rows per row).
 
 fxfuse: weight matching, exact solver, ``seed=0``, uniform weights. The self-check of every fusion must pass
 (each moved model computes what it did on shared tokens), and the union model with its softmax cut to A's
@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 import text  # noqa: E402  (the text benchmark: corpus, GPT-2 config, training, cache)
 
 import fxfuse  # noqa: E402
-from fxfuse.heads import evaluate  # noqa: E402
+from fxfuse.models.heads import evaluate  # noqa: E402
 
 CACHE = HERE / ".cache" / "vocab"
 VOCAB_SEED = 2024
@@ -142,7 +142,7 @@ REFINE_STEPS, REFINE_WINDOWS = 300, 4096
 
 def refine_config(corpus: dict):
     """Refinement of the maps on training windows in A's tokens (``text.REFINE_SEED``), ``REFINE_STEPS`` steps."""
-    from fxfuse.refine import RefineConfig
+    from fxfuse.backend.refine import RefineConfig
 
     g = torch.Generator().manual_seed(text.REFINE_SEED)
     x = text.windows(corpus["train"], torch.randint(0, len(corpus["train"]) - text.SEQ, (REFINE_WINDOWS,), generator=g))

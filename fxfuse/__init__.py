@@ -12,25 +12,29 @@ import importlib
 import sys
 import types
 
-from .errors import FxfuseError, RuleError, SpecError, StrictError, TraceError, UnsoundError
+from .core import old_paths
+from .core.errors import FxfuseError, RuleError, SpecError, StrictError, TraceError, UnsoundError
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "apply_permutations": "permute", "permute": "permute", "random_permutations": "permute",
-    "move_by_group_elements": "permute",
-    "RuleSet": "rules", "load_rules": "rules",
-    "Analysis": "spaces", "Space": "spaces", "analyze": "spaces", "analyze_traced": "spaces",
-    "TracedModel": "trace", "trace": "trace",
-    "FusionError": "fuse", "FusionResult": "fuse", "compile": "fuse",
-    "Recipe": "recipe", "RecipeError": "recipe",
-    "BarrierResult": "barrier", "barrier": "barrier",
+    "apply_permutations": "api.permute", "permute": "api.permute", "random_permutations": "api.permute",
+    "move_by_group_elements": "api.permute",
+    "RuleSet": "frontend.rules", "load_rules": "frontend.rules",
+    "Analysis": "frontend.spaces", "Space": "frontend.spaces", "analyze": "frontend.spaces",
+    "analyze_traced": "frontend.spaces",
+    "TracedModel": "frontend.trace", "trace": "frontend.trace",
+    "FusionError": "api.fuse", "FusionResult": "api.fuse", "compile": "api.fuse",
+    "Recipe": "recipes.recipe", "RecipeError": "recipes.recipe",
+    "BarrierResult": "api.barrier", "barrier": "api.barrier",
 }
 __all__ = ["FxfuseError", "RuleError", "SpecError", "StrictError", "TraceError", "UnsoundError", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
+    if module is None and old_paths.new_path(__name__, name):  # an old module path: warns, gives the new one
+        return importlib.import_module(f"{__name__}.{name}")
     if module is None:
         raise AttributeError(f"module 'fxfuse' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
@@ -44,13 +48,14 @@ def __dir__() -> list[str]:
 
 class _Package(types.ModuleType):
     """``fxfuse.permute``, ``fxfuse.trace`` and ``fxfuse.barrier`` stay the functions of those names when
-    their modules are imported (the import system would bind the modules to the package's attributes)."""
+    a module is bound under those names (an old module path imported through the alias finder)."""
 
     def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, "").rpartition(".")[2] == name:
             self.__dict__.pop(name, None)
             return
         super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package
+old_paths.install(__name__)

@@ -1,4 +1,4 @@
-"""Running ``fxfuse.cli.main`` in-process in tests, and snapshots of what it may have written."""
+"""Running ``fxfuse.commands.cli.main`` in-process in tests, and snapshots of what it may have written."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 
 def run(capsys, *argv) -> tuple[int, str, str]:
     """``(exit code, stdout, stderr)`` of one command."""
-    from fxfuse.cli import main
+    from fxfuse.commands.cli import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

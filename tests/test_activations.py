@@ -24,13 +24,13 @@ from torch import nn
 
 import fxfuse
 import zoo
-from fxfuse.activations import _Stats, _units, graph_ops
-from fxfuse.calibration import calibration_batches
-from fxfuse.cli import main
-from fxfuse.data import load_calibration
-from fxfuse.io import load_model
-from fxfuse.spaces import Leaf, Product, expr_leaves
-from fxfuse.verify import compare_outputs
+from fxfuse.planner.activations import _Stats, _units, graph_ops
+from fxfuse.models.calibration import calibration_batches
+from fxfuse.commands.cli import main
+from fxfuse.models.data import load_calibration
+from fxfuse.models.io import load_model
+from fxfuse.frontend.spaces import Leaf, Product, expr_leaves
+from fxfuse.frontend.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 TOL = 1e-4
@@ -314,7 +314,7 @@ def test_cli_hf_encoder_decoder_with_named_inputs(tmp_path, capsys):
 
 def test_weight_matching_notes_a_space_without_compared_tensors():
     """A planned space that no floating-point tensor carries (an integer index buffer, or all left out)."""
-    from fxfuse.plan import WeightCost, align
+    from fxfuse.planner.plan import WeightCost, align
 
     model, args = zoo.mlp()
     a = fxfuse.analyze(model, args)
@@ -331,7 +331,7 @@ def test_heads_without_a_tensor_of_their_own_are_solved_in_the_first_pass():
     """head_bias: heads and head dims are separate spaces and every tensor with heads also has a head
     dim. The first pass must still see those tensors (their unsolved axes reduced, not left out), or it
     fixes heads at the identity and the descent settles on a wrong basis."""
-    from fxfuse.plan import WeightCost, align
+    from fxfuse.planner.plan import WeightCost, align
 
     model, args = zoo.head_bias()
     a = fxfuse.analyze(model, args)

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxfuse
-from fxfuse.permute import apply_permutations, random_permutations
-from fxfuse.verify import compare_outputs
+from fxfuse.api.permute import apply_permutations, random_permutations
+from fxfuse.frontend.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -176,7 +176,7 @@ def _under_file_size_limit(argv: list[str], limit: int, cwd) -> subprocess.Compl
     """``fxfuse argv`` in a fresh process whose files may grow to ``limit`` bytes at most (``RLIMIT_FSIZE``)."""
     code = ("import resource, sys\n"
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
-            "from fxfuse.cli import main\n"
+            "from fxfuse.commands.cli import main\n"
             f"sys.exit(main({argv!r}))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-B", "-c", code], capture_output=True, text=True, env=env, timeout=300,
@@ -203,14 +203,14 @@ def test_file_size_limit_while_writing_hugging_face_shards_out_of_core(tmp_path,
     assert sha256s(hf_dirs) == before and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("writer", ["fxfuse.io.save_state", "fxfuse.io.write_text_atomic"])
+@pytest.mark.parametrize("writer", ["fxfuse.models.io.save_state", "fxfuse.models.io.write_text_atomic"])
 def test_disk_full_during_the_save_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, models, writer):
     def full(*_args, **_kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     report = models / "r.json"
     if writer.endswith("save_state"):
-        monkeypatch.setattr("fxfuse.io.save_state", full)
+        monkeypatch.setattr("fxfuse.models.io.save_state", full)
         line = bad(capsys, models, "compile", models / "a", models / "b", "-o", models / "out", "-q")
         assert line == f"{models / 'out'}: cannot write it: No space left on device; nothing was written"
     else:  # the report beside the output: written with os.fdopen, which runs out of space
@@ -221,7 +221,7 @@ def test_disk_full_during_the_save_is_one_line_and_leaves_nothing(tmp_path, caps
             f.write = full
             return f
 
-        monkeypatch.setattr("fxfuse.io.os.fdopen", fdopen)
+        monkeypatch.setattr("fxfuse.models.io.os.fdopen", fdopen)
         line = bad(capsys, models, "explain", models / "a", "--dot", models / "g.dot", "-q")
         assert line == f"{models / 'g.dot'}: cannot write it: No space left on device; nothing was written"
     assert not report.exists() and not (models / "out").exists()
@@ -466,7 +466,7 @@ def test_outputs_record_no_absolute_local_path(tmp_path, capsys, models, monkeyp
 
 
 def test_model_card_names_hub_ids_only():
-    from fxfuse.card import hub_id
+    from fxfuse.recipes.card import hub_id
 
     assert hub_id("bert-base-uncased") == "bert-base-uncased" and hub_id("org/name-1.5") == "org/name-1.5"
     assert hub_id("zoo:mlp") is None and hub_id("/abs/dir") is None and hub_id("pkg/file.py:make@w.pt") is None
@@ -476,7 +476,7 @@ def test_model_card_names_hub_ids_only():
 def test_last_line_time_counts_from_the_process_start(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "fxfuse.cli", "compile", SPEC, SPEC, "-o", str(tmp_path / "o"),
+    proc = subprocess.run([sys.executable, "-m", "fxfuse.commands.cli", "compile", SPEC, SPEC, "-o", str(tmp_path / "o"),
                            "-q"], capture_output=True, text=True, env=env, timeout=300)
     wall = time.time() - started
     assert proc.returncode == 0, proc.stderr
@@ -484,7 +484,7 @@ def test_last_line_time_counts_from_the_process_start(tmp_path):
     assert fusing <= total <= wall + 0.1
     # start-up (imports) is counted: a fresh interpreter importing torch takes a good part of the run
     probe = time.time()
-    subprocess.run([sys.executable, "-c", "import torch, fxfuse.cli"], env=env, timeout=300, check=True)
+    subprocess.run([sys.executable, "-c", "import torch, fxfuse.commands.cli"], env=env, timeout=300, check=True)
     assert total - fusing >= 0.5 * (time.time() - probe)
 
 

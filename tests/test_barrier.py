@@ -9,9 +9,9 @@ import torch
 
 import fxfuse
 import zoo
-from fxfuse.barrier import Curve, check_data, detect_head
-from fxfuse.cli import main
-from fxfuse.errors import FxfuseError
+from fxfuse.api.barrier import Curve, check_data, detect_head
+from fxfuse.commands.cli import main
+from fxfuse.core.errors import FxfuseError
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -20,8 +20,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @pytest.fixture(scope="module")
 def mlp_case():
     """The shipped digits MLP (trained) and the real digits test set."""
-    from fxfuse.data import load_labelled
-    from fxfuse.io import load_model
+    from fxfuse.models.data import load_labelled
+    from fxfuse.models.io import load_model
 
     loaded = load_model(str(EXAMPLES / "digits-mlp-a"))
     x, y = load_labelled(EXAMPLES / "digits-test.safetensors")

@@ -67,7 +67,7 @@ def test_hf_checkpoint_missing_a_tensor_is_refused(tmp_path, capsys, hf_dirs, mi
     assert line == (f"{bad}: the checkpoint lacks {missing} (BertForSequenceClassification would fill them with "
                     "random values)")
     if missing == "classifier.weight":  # a fresh process without -q: progress, not transformers' load report
-        proc = subprocess.run([sys.executable, "-m", "fxfuse.cli", "explain", str(bad)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "fxfuse.commands.cli", "explain", str(bad)], capture_output=True,
                               text=True, timeout=120, env=_fresh_env())
         assert proc.returncode == 2 and "LOAD REPORT" not in proc.stderr
         assert proc.stderr.endswith(f"fxfuse: error: {line}\n")

@@ -1,4 +1,4 @@
-"""``fxfuse compile`` end to end through ``fxfuse.cli.main``: outputs, refusals, --eval, --calib, --report."""
+"""``fxfuse compile`` end to end through ``fxfuse.commands.cli.main``: outputs, refusals, --eval, --calib, --report."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import zoo
-from fxfuse.cli import main
-from fxfuse.io import load_model
-from fxfuse.verify import compare_outputs
+from fxfuse.commands.cli import main
+from fxfuse.models.io import load_model
+from fxfuse.frontend.verify import compare_outputs
 
 from clirun import run, snapshot
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from clirun import refused, run, snapshot
-from fxfuse.io import load_model
-from fxfuse.verify import compare_outputs
+from fxfuse.models.io import load_model
+from fxfuse.frontend.verify import compare_outputs
 
 SPEC = "zoo:mlp"
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,14 +94,14 @@ def test_output_directory_has_plain_mkdir_permissions(tmp_path, capsys):
 
 _SLOW_SAVE = """
 import os, signal, sys
-import fxfuse.io
-from fxfuse.cli import main
+import fxfuse.models.io
+from fxfuse.commands.cli import main
 
-save = fxfuse.io.save_state
+save = fxfuse.models.io.save_state
 def save_then_signal(module, path):
     save(module, path)  # the weights file is written, the rename has not happened
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-fxfuse.io.save_state = save_then_signal
+fxfuse.models.io.save_state = save_then_signal
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -174,7 +174,7 @@ def build(seed=0, hidden=8):
 
 def _model_dir(folder: Path, factory: str, seed: int) -> dict[str, torch.Tensor]:
     """A model directory as the shipped examples are: a manifest naming ``factory`` and the weights of ``seed``."""
-    from fxfuse.io import save_state
+    from fxfuse.models.io import save_state
 
     net = folder.parent / "net.py"
     scope: dict = {}

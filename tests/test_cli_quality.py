@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import digits
 from clirun import refused, run
-from fxfuse.recipe import BEST_REFINE_STEPS, Recipe, refine_config, settled
+from fxfuse.recipes.recipe import BEST_REFINE_STEPS, Recipe, refine_config, settled
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 

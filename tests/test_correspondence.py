@@ -1,4 +1,4 @@
-"""Matching by graph (``fxfuse.correspond``, ``fxfuse.convert``): two implementations of one architecture fuse.
+"""Matching by graph (``fxfuse.frontend.correspond``, ``fxfuse.frontend.convert``): two implementations of one architecture fuse.
 
 The zoo's Hugging Face GPT-2 against ``handwritten.MiniGPT``, the same function
 with other names, a ``ModuleList``, ``nn.Linear`` layout and a fused ``qkv``
@@ -16,10 +16,10 @@ from torch import nn
 import handwritten as hw
 import zoo
 from clirun import refused, run
-from fxfuse.convert import convert, needs_graph
-from fxfuse.correspond import CorrespondenceError
-from fxfuse.fuse import FusionError, compile as fuse
-from fxfuse.permute import permute
+from fxfuse.frontend.convert import convert, needs_graph
+from fxfuse.frontend.correspond import CorrespondenceError
+from fxfuse.api.fuse import FusionError, compile as fuse
+from fxfuse.api.permute import permute
 
 
 def _same(a: nn.Module, b: nn.Module) -> None:

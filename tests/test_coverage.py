@@ -7,8 +7,8 @@ import pytest
 
 import fxfuse
 import zoo
-from fxfuse.cli import main
-from fxfuse.coverage import full_coverage, natural_pin, pinned_inner
+from fxfuse.commands.cli import main
+from fxfuse.frontend.coverage import full_coverage, natural_pin, pinned_inner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse.spaces import Leaf
+from fxfuse.frontend.spaces import Leaf
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "custom_op"
@@ -95,7 +95,7 @@ def rules():
 
 
 def test_rule_file_is_valid_and_overrides_nothing_shipped(rules):
-    parsed = fxfuse.rules.parse_rule_file(RULES)
+    parsed = fxfuse.frontend.rules.parse_rule_file(RULES)
     assert [r.ops for r in parsed] == [(OP,)]
     assert rules.lookup(OP) == parsed[0]
     assert rules.files[-1] == str(RULES)

@@ -1,4 +1,4 @@
-"""Cross-layer alignment (``fxfuse.depth``): block lists, block costs, the DP, residual writers, relayering."""
+"""Cross-layer alignment (``fxfuse.planner.depth``): block lists, block costs, the DP, residual writers, relayering."""
 from __future__ import annotations
 
 import itertools
@@ -10,11 +10,11 @@ from torch import nn
 
 import digits
 import zoo
-from fxfuse.depth import (
+from fxfuse.planner.depth import (
     BlockList, DepthMap, FusionDepthError, block_cost_matrix, block_outputs, cross_layer_dp, depth_map,
     find_block_lists, linear_cka, ot_block_cost, relayer, writer_params,
 )
-from fxfuse.errors import FxfuseError
+from fxfuse.core.errors import FxfuseError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 
 import fxfuse
 import zoo
-from fxfuse.cli import main
-from fxfuse.depth import relayer, writer_params
+from fxfuse.commands.cli import main
+from fxfuse.planner.depth import relayer, writer_params
 from digits import DigitsViT
-from fxfuse.fuse import FusionError
-from fxfuse.verify import compare_outputs
+from fxfuse.api.fuse import FusionError
+from fxfuse.frontend.verify import compare_outputs
 
 from test_depth import hand_map
 
@@ -186,5 +186,5 @@ def test_cli_show_depth_map(tmp_path, capsys, deep_pair):
     assert report["depth_maps"][0]["source_of"] == [0, 2, 4]
     manifest = json.loads((out / "fxfuse.json").read_text())
     assert manifest["kwargs"]["depth"] == 3
-    loaded = fxfuse.io.load_model(str(out))
+    loaded = fxfuse.models.io.load_model(str(out))
     assert compare_outputs(shallow, loaded.module, args) < TOL

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse.verify import compare_outputs, run
+from fxfuse.frontend.verify import compare_outputs, run
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
@@ -86,7 +86,7 @@ def test_trace_reads_the_weights_not_a_cache():
     a = fxfuse.analyze(model, args)
     heads = a.layout_of("table").axes[0]
     qkv = a.layout_of("qkv.weight").axes[0]  # 3 × heads × head_dim
-    assert heads.space in {leaf.space for leaf in fxfuse.spaces.expr_leaves(qkv)}
+    assert heads.space in {leaf.space for leaf in fxfuse.frontend.spaces.expr_leaves(qkv)}
     assert a.space(heads.space).free
     assert not any("constant tensor" in (s.reason or "") for s in a.spaces)
 

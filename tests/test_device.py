@@ -11,9 +11,9 @@ import fxfuse
 import fxfuse.passes.inputs as inputs_pass
 import zoo
 from clirun import refused
-from fxfuse.device import DeviceError, compute, resolve
-from fxfuse.recipe import Recipe, RecipeError
-from fxfuse.refine import RefineConfig
+from fxfuse.core.device import DeviceError, compute, resolve
+from fxfuse.recipes.recipe import Recipe, RecipeError
+from fxfuse.backend.refine import RefineConfig
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 GPU = torch.cuda.is_available()

@@ -1,7 +1,7 @@
 """The ``digits`` data split, models and the shipped example model directories.
 
 Fast: no full training. The shipped directories are read directly (safetensors
-+ the factory named in ``fxfuse.json``), independent of ``fxfuse.io``.
++ the factory named in ``fxfuse.json``), independent of ``fxfuse.models.io``.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def test_the_readme_is_short_and_links_every_doc():
 @pytest.mark.parametrize("command", ["compile", "barrier", "explain", "permute"])
 def test_the_command_summary_names_every_flag(command):
     """docs/commands.md's summary lists every flag each command takes (bar the ones every command has)."""
-    from fxfuse.cli import build_parser
+    from fxfuse.commands.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._subparsers._group_actions if a.choices).choices[command]

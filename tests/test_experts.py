@@ -14,7 +14,7 @@ from torch import nn
 
 import fxfuse
 import zoo
-from fxfuse.permute import checked_permutation, random_permutations
+from fxfuse.api.permute import checked_permutation, random_permutations
 from outputs import run, tolerance
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
@@ -102,7 +102,7 @@ def test_experts_are_a_space_and_units_nest_under_them(gated):
     assert a.parents[units] == experts
     assert a.group(experts).name == "perm" and a.group(units).name == "perm"
     up_units = a.layout_of("up").axes[1]
-    leaves = [leaf.space for leaf in fxfuse.spaces.expr_leaves(up_units)]
+    leaves = [leaf.space for leaf in fxfuse.frontend.spaces.expr_leaves(up_units)]
     assert leaves == ([units, units] if gated else [units]), "gate and up halves share the expert's units"
     (probe,) = a.probes.values()  # every expert's units on every token: the activation cost's signal
     assert [e.space for e in probe.axes[1:]] == [experts, units]
@@ -249,8 +249,8 @@ def test_cli_permute_moves_the_zoo_mixtral_experts(tmp_path, capsys):
 
 def test_a_signature_that_does_not_fit_pins_the_whole_layer(monkeypatch):
     """The safety net: if the pattern's kind fails on a matched subgraph, nothing it owns stays free."""
-    from fxfuse.all_kinds import KINDS
-    from fxfuse.kinds import Kind, RuleMismatch
+    from fxfuse.frontend.all_kinds import KINDS
+    from fxfuse.frontend.kinds import Kind, RuleMismatch
 
     def broken(ctx):
         raise RuleMismatch("broken on purpose")
@@ -260,7 +260,7 @@ def test_a_signature_that_does_not_fit_pins_the_whole_layer(monkeypatch):
     a = fxfuse.analyze(model, args)
     assert [u.op for u in a.unruled] == ["pattern.routed_experts"] and "broken on purpose" in a.unruled[0].reason
     for name, axis in (("up", 0), ("up", 1), ("down", 0), ("down", 2), ("router.weight", 0)):
-        for leaf in fxfuse.spaces.expr_leaves(a.layout_of(name).axes[axis]):
+        for leaf in fxfuse.frontend.spaces.expr_leaves(a.layout_of(name).axes[axis]):
             assert not a.spaces[leaf.space].free, (name, axis)
     moved = fxfuse.permute(model, args, seed=1)
     ref = run(model, args)

@@ -10,9 +10,9 @@ from torch import nn
 
 import fxfuse
 import zoo
-from fxfuse.permute import permute_state_dict
-from fxfuse.rules import load_rules
-from fxfuse.spaces import Leaf, Product, expr_leaves
+from fxfuse.api.permute import permute_state_dict
+from fxfuse.frontend.rules import load_rules
+from fxfuse.frontend.spaces import Leaf, Product, expr_leaves
 from outputs import run, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

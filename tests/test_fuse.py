@@ -25,7 +25,7 @@ from torch import nn
 
 import fxfuse
 import zoo
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.verify import compare_outputs
 
 MODELS = list(zoo.ZOO)
 ACTIVATION_SUBSET = ("mlp", "cnn", "bert", "gpt2", "llama", "vit", "swin", "mobilenet_v2")

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import networkx as nx
 import pytest
 
-from fxfuse.graph import space_blocks, space_graph
-from fxfuse.io import load_model
-from fxfuse.render import render_dot
-from fxfuse.spaces import analyze
+from fxfuse.frontend.graph import space_blocks, space_graph
+from fxfuse.models.io import load_model
+from fxfuse.frontend.render import render_dot
+from fxfuse.frontend.spaces import analyze
 
 from clirun import refused, run
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
@@ -50,12 +50,12 @@ def test_a_parent_held_twice_by_a_tensor_of_the_child_does_not_nest_it():
     model, args = grouped_ffn()
     a = fxfuse.analyze(model, args)
     down = a.layout_of("down.weight").axes
-    leaves = [leaf.space for axis in down for leaf in fxfuse.spaces.expr_leaves(axis)]
+    leaves = [leaf.space for axis in down for leaf in fxfuse.frontend.spaces.expr_leaves(axis)]
     twice = {s for s in leaves if leaves.count(s) > 1}
     assert twice, "the down convolution holds one space on its rows and its columns"
     for child, parent in a.parents.items():
         assert not (parent in twice and child in leaves), f"s{child} nested under s{parent}, held twice by down.weight"
-    assert any(a.space(leaf.space).free and leaf.size > 1 for leaf in fxfuse.spaces.expr_leaves(down[1]))
+    assert any(a.space(leaf.space).free and leaf.size > 1 for leaf in fxfuse.frontend.spaces.expr_leaves(down[1]))
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -8,9 +8,9 @@ import fxfuse
 import digits
 import zoo
 from fxfuse.passes import canonical_analysis
-from fxfuse.groups import ORTHO
-from fxfuse.permute import move_by_group_elements
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.groups import ORTHO
+from fxfuse.api.permute import move_by_group_elements
+from fxfuse.frontend.verify import compare_outputs
 
 TRANSFORMERS = ["bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5", "vit", "encoder", "mha"]
 
@@ -116,8 +116,8 @@ def test_moved_copy_fuses_back_exactly(name, untie, cost):
 
 
 def test_cli_permute_and_explain_with_groups(tmp_path, capsys):
-    from fxfuse.cli import main
-    from fxfuse.io import load_model
+    from fxfuse.commands.cli import main
+    from fxfuse.models.io import load_model
 
     out = tmp_path / "moved"
     assert main(["permute", "zoo:vit", "-o", str(out), "--groups", "full", "--seed", "2", "-q"]) == 0
@@ -141,7 +141,7 @@ def test_too_large_group_is_caught_naming_the_rule(tmp_path):
 
 
 def test_untie_is_refused_where_the_output_cannot_record_it(tmp_path, capsys):
-    from fxfuse.cli import main
+    from fxfuse.commands.cli import main
 
     code = main(["compile", "zoo:gpt2", "zoo:gpt2", "-o", str(tmp_path / "out"), "--groups", "full",
                  "--untie", "-q"])

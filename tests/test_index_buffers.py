@@ -12,7 +12,7 @@ from torch import nn
 
 import fxfuse
 import zoo
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
@@ -41,7 +41,7 @@ def test_axes_of_an_index_buffer_are_pinned(case):
     a = fxfuse.analyze(model, args)
     for name in names:
         for axis, expr in enumerate(a.layout_of(name).axes):
-            for leaf in fxfuse.spaces.expr_leaves(expr):
+            for leaf in fxfuse.frontend.spaces.expr_leaves(expr):
                 space = a.space(leaf.space)
                 assert not space.free, f"{name}:{axis} lies on free space s{space.id}"
                 assert space.reason

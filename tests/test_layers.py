@@ -14,14 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_imports_keep_the_layers_of_the_contract():
-    """``lint-imports`` (import-linter, in the ``dev`` extra) keeps the three layers contracts of pyproject.toml:
-    the package, the passes in their order, the commands apart."""
+    """``lint-imports`` (import-linter, in the ``dev`` extra) keeps the contracts of pyproject.toml: the stages
+    top to bottom, the planner apart from the models in and out, and the layers inside each sub-package."""
     beside = Path(sys.executable).with_name("lint-imports")
     exe = str(beside) if beside.exists() else shutil.which("lint-imports")
     assert exe, "lint-imports is not installed: pip install -c constraints.txt -e '.[dev]'"
     done = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert "3 kept, 0 broken" in done.stdout
+    assert "11 kept, 0 broken" in done.stdout
 
 
 def test_no_import_circle():
@@ -46,4 +46,12 @@ def test_no_module_name_twice():
         elif path.name != "__main__.py":
             where[path.stem].append(str(path.relative_to(ROOT)))
     assert len(where) > 50
+    assert {"core", "frontend", "planner", "backend", "models", "plan", "planning"} <= set(where)
     assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
+
+
+def test_the_package_reads_as_the_pipeline():
+    """The package's top level holds only the sub-packages by stage (and the package's own two files)."""
+    top = sorted(p.name for p in (ROOT / "fxfuse").iterdir() if p.name != "__pycache__")
+    assert top == ["__init__.py", "__main__.py", "api", "backend", "commands", "core", "frontend", "models",
+                   "passes", "planner", "recipes"]

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
-from fxfuse.spaces import Leaf, Product  # noqa: E402
+from fxfuse.frontend.spaces import Leaf, Product  # noqa: E402
 from outputs import RTOL, run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

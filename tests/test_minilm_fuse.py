@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fxfuse  # noqa: E402
-from fxfuse.verify import compare_outputs  # noqa: E402
+from fxfuse.frontend.verify import compare_outputs  # noqa: E402
 
 TOL = 1e-4
 SEQ = 16

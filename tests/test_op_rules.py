@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxfuse
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.verify import compare_outputs
 from zoo import _informative
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -333,13 +333,13 @@ def test_rule_permutes_soundly_and_fuses_back(name):
 
 
 def _spaces_of(analysis, param: str, axis: int) -> list:
-    from fxfuse.spaces import expr_leaves
+    from fxfuse.frontend.spaces import expr_leaves
 
     return [leaf.space for leaf in expr_leaves(analysis.layout_of(param).axes[axis])]
 
 
 def test_parse_equation():
-    from fxfuse.layer_kinds import parse_equation
+    from fxfuse.frontend.layer_kinds import parse_equation
 
     assert parse_equation("bhqd, bhkd -> bhqk", 2) == ([list("bhqd"), list("bhkd")], list("bhqk"))
     assert parse_equation("ij,jk", 2) == ([list("ij"), list("jk")], list("ik"))  # implicit: letters seen once

@@ -6,8 +6,8 @@ from torch import nn
 
 import fxfuse
 import zoo
-from fxfuse.spaces import Concat, Leaf, Product
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.spaces import Concat, Leaf, Product
+from fxfuse.frontend.verify import compare_outputs
 
 
 def test_packed_in_proj_gives_q_k_and_v_their_own_segments():

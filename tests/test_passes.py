@@ -16,8 +16,8 @@ from torch import nn
 import fxfuse
 from fxfuse import passes
 import zoo
-from fxfuse.permute import apply_permutations, random_permutations
-from fxfuse.spaces import analyze
+from fxfuse.api.permute import apply_permutations, random_permutations
+from fxfuse.frontend.spaces import analyze
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 import fxfuse
-from fxfuse import recipe as recipe_mod
-from fxfuse.card import model_card
-from fxfuse.cli import build_parser, compile_recipe
-from fxfuse.io import load_model
-from fxfuse.recipe import OPTIONS, RECIPE_FILE, Recipe, RecipeError
+from fxfuse.recipes import recipe as recipe_mod
+from fxfuse.recipes.card import model_card
+from fxfuse.commands.cli import build_parser, compile_recipe
+from fxfuse.models.io import load_model
+from fxfuse.recipes.recipe import OPTIONS, RECIPE_FILE, Recipe, RecipeError
 
 from clirun import refused, run
 

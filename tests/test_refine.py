@@ -10,10 +10,10 @@ import torch
 
 import fxfuse
 import digits
-from fxfuse.cli import main
-from fxfuse.fuse import FusionError
-from fxfuse.refine import RefineConfig, RefineError, project, straight_through
-from fxfuse.verify import compare_outputs
+from fxfuse.commands.cli import main
+from fxfuse.api.fuse import FusionError
+from fxfuse.backend.refine import RefineConfig, RefineError, project, straight_through
+from fxfuse.frontend.verify import compare_outputs
 from dataclasses import replace
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
@@ -166,7 +166,7 @@ def test_refinement_of_language_models_with_tied_embeddings(factory):
 
 
 def test_an_orthogonal_map_moves_writers_by_o_and_readers_by_its_inverse_transpose():
-    from fxfuse.refine import Mover
+    from fxfuse.backend.refine import Mover
 
     model, args = digits.mlp(seed=0, h1=8, h2=6)
     analysis = fxfuse.analyze(model, args)
@@ -182,7 +182,7 @@ def test_an_orthogonal_map_moves_writers_by_o_and_readers_by_its_inverse_transpo
 
 
 def test_orthogonal_projections_and_rotations_are_group_elements():
-    from fxfuse.refine import rotation
+    from fxfuse.backend.refine import rotation
 
     g = torch.Generator().manual_seed(0)
     eye, ones = torch.eye(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
@@ -204,7 +204,7 @@ def test_orthogonal_projections_and_rotations_are_group_elements():
 
 def _assert_group_maps(alignment, levels):
     """Every map of ``alignment`` is an exact group element: a permutation, or orthogonal (fixing ``1``)."""
-    from fxfuse.groups import ORTHO_ONES
+    from fxfuse.frontend.groups import ORTHO_ONES
 
     kinds = set()
     for sid, m in alignment.maps.items():
@@ -233,8 +233,8 @@ def test_refinement_over_whole_groups_of_a_moved_copy_stays_exact(orthogonal):
     never loses the exact solution: the loss at the fusion weights ends no higher than the model's own. (The maps
     do move: the labels are the model's own predictions, whose loss an interpolation of the two can lower.)"""
     import zoo
-    from fxfuse.groups import ORTHO
-    from fxfuse.permute import move_by_group_elements
+    from fxfuse.frontend.groups import ORTHO
+    from fxfuse.api.permute import move_by_group_elements
 
     model, args = zoo.vit(seed=0)
     moved, info = move_by_group_elements(model, args, seed=4, largest=ORTHO)
@@ -258,7 +258,7 @@ def test_refinement_over_whole_groups_of_a_moved_copy_stays_exact(orthogonal):
 
 
 def _level(name: str) -> int:
-    from fxfuse.groups import LEVELS
+    from fxfuse.frontend.groups import LEVELS
 
     return LEVELS[name]
 
@@ -290,8 +290,8 @@ def test_refinement_over_whole_groups_of_two_models(orthogonal, vit_pair, data):
 
 
 def test_refinement_refuses_group_maps_that_are_not_orthogonal():
-    from fxfuse.plan import Alignment, TransportMap
-    from fxfuse.refine import latents_of
+    from fxfuse.planner.plan import Alignment, TransportMap
+    from fxfuse.backend.refine import latents_of
 
     q = torch.diag(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
     with pytest.raises(RefineError, match="not orthogonal"):

@@ -7,10 +7,10 @@ import torch
 import fxfuse
 import digits
 import zoo
-from fxfuse.cli import main
-from fxfuse.fuse import FusionError, calibration_batches
-from fxfuse.repair import RepairError, repair, repair_points, repair_state, run_graph, trace_for, unit_stats
-from fxfuse.verify import compare_outputs
+from fxfuse.commands.cli import main
+from fxfuse.api.fuse import FusionError, calibration_batches
+from fxfuse.backend.repair import RepairError, repair, repair_points, repair_state, run_graph, trace_for, unit_stats
+from fxfuse.frontend.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse.cli import main
-from fxfuse.render import render_text
-from fxfuse.rules import parse_rule_file
-from fxfuse.schema import op_schema, unresolved_ops
+from fxfuse.commands.cli import main
+from fxfuse.frontend.render import render_text
+from fxfuse.frontend.rules import parse_rule_file
+from fxfuse.core.schema import op_schema, unresolved_ops
 
 
 def _write(tmp_path, name: str, text: str):
@@ -88,10 +88,10 @@ def test_ops_torch_does_not_know_are_not_checked(tmp_path):
 def test_every_shipped_rule_passes_the_schema_check():
     import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
 
-    for path in fxfuse.rules.shipped_rule_files():
+    for path in fxfuse.frontend.rules.shipped_rule_files():
         for rule in parse_rule_file(path):  # raises on the first bad rule
             assert rule.origin == (str(path), int(rule.source.rsplit(":", 1)[1]))
-    assert unresolved_ops(op for path in fxfuse.rules.shipped_rule_files()
+    assert unresolved_ops(op for path in fxfuse.frontend.rules.shipped_rule_files()
                           for rule in parse_rule_file(path) for op in rule.ops) == []
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse.rules import Dim, parse_rule_file, parse_signature
+from fxfuse.frontend.rules import Dim, parse_rule_file, parse_signature
 
 GOOD = '- op: aten.relu.default\n  kind: broadcast\n'  # rule 0 of every bad file below: errors are in rule 1
 
@@ -178,7 +178,7 @@ def test_parsed_rule_fields(tmp_path):
 
 
 def test_every_kind_accepts_its_own_options(tmp_path):
-    from fxfuse.all_kinds import KINDS
+    from fxfuse.frontend.all_kinds import KINDS
     text = ""
     for name, kind in sorted(KINDS.items()):
         text += f"- op: test.{name}\n  kind: {name}\n"
@@ -210,7 +210,7 @@ def test_shipped_rules_load():
 
 
 def test_shipped_rule_files_each_parse():
-    from fxfuse.rules import shipped_rule_files
+    from fxfuse.frontend.rules import shipped_rule_files
     files = shipped_rule_files()
     assert {f.name for f in files} >= {"elementwise.yaml", "nn.yaml", "shape.yaml", "higher_order.yaml"}
     for f in files:

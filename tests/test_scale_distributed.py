@@ -10,10 +10,10 @@ import torch.multiprocessing as mp
 
 import fxfuse
 import zoo
-from fxfuse.activations import activation_cost
-from fxfuse.cli import main
-from fxfuse.distributed import _free_port, all_reduce_sums, shard
-from fxfuse.fuse import calibration_batches
+from fxfuse.planner.activations import activation_cost
+from fxfuse.commands.cli import main
+from fxfuse.models.distributed import _free_port, all_reduce_sums, shard
+from fxfuse.api.fuse import calibration_batches
 
 MODEL, SAMPLES = "mha", 64  # heads nested in the residual stream; 4 batches of 16
 
@@ -76,7 +76,7 @@ def _mha_pair_fused_once(tmp_path, monkeypatch) -> tuple[str, str, list[str]]:
 
 
 def test_workers_on_the_command_line_write_what_one_process_writes(tmp_path, capsys, monkeypatch):
-    from fxfuse.lazy import CheckpointTensors
+    from fxfuse.backend.lazy import CheckpointTensors
 
     a, b, common = _mha_pair_fused_once(tmp_path, monkeypatch)
     assert main(["compile", a, b, "-o", str(tmp_path / "two"), "--workers", "2", *common]) == 0
@@ -104,7 +104,7 @@ def test_workers_need_a_batch_each_and_activations(tmp_path, capsys):
 def test_a_failing_worker_is_named_with_its_last_error_line():
     import sys
 
-    from fxfuse.distributed import start_worker, wait_workers
+    from fxfuse.models.distributed import start_worker, wait_workers
 
     script = "import sys; sys.stderr.write('Traceback ...\\nValueError: worker broke\\n'); sys.exit(3)"
     broken = start_worker([sys.executable, "-c", script], dict(os.environ))
@@ -120,7 +120,7 @@ def test_torchrun_over_two_nodes_writes_what_one_process_writes(tmp_path, capsys
     import sys
     from pathlib import Path
 
-    from fxfuse.lazy import CheckpointTensors
+    from fxfuse.backend.lazy import CheckpointTensors
 
     torchrun = Path(sys.executable).with_name("torchrun")
     a, b, common = _mha_pair_fused_once(tmp_path, monkeypatch)
@@ -129,7 +129,7 @@ def test_torchrun_over_two_nodes_writes_what_one_process_writes(tmp_path, capsys
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-                               "--master-addr", "127.0.0.1", "--master-port", port, "-m", "fxfuse.cli", "compile",
+                               "--master-addr", "127.0.0.1", "--master-port", port, "-m", "fxfuse.commands.cli", "compile",
                                a, b, "-o", str(tmp_path / "two"), *common],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for node in (0, 1)]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse.cli import main
-from fxfuse.io import load_model
-from fxfuse.lazy import CheckpointTensors, offload, run_streamed, save_hf_out_of_core
-from fxfuse.verify import output_tensors, relative_error
+from fxfuse.commands.cli import main
+from fxfuse.models.io import load_model
+from fxfuse.backend.lazy import CheckpointTensors, offload, run_streamed, save_hf_out_of_core
+from fxfuse.frontend.verify import output_tensors, relative_error
 
 transformers = pytest.importorskip("transformers")
 
@@ -218,7 +218,7 @@ def test_tied_embeddings_out_of_core_equal_in_memory(tmp_path):
 def test_activations_out_of_core_equal_in_memory_fusion(tmp_path, pair):
     """``--cost activations`` on Hugging Face twins runs both graphs op by op with each weight read from its file
     by the op that uses it: the statistics, maps and written weights are the in-memory fusion's."""
-    import fxfuse.activations as activations
+    import fxfuse.planner.activations as activations
 
     a, _, b = pair
     streamed = []

@@ -6,7 +6,7 @@ import torch
 
 import fxfuse
 import zoo
-from fxfuse.plan import WeightCost, align
+from fxfuse.planner.plan import WeightCost, align
 
 
 class _Counted:

@@ -6,7 +6,7 @@ import torch
 
 import fxfuse
 import zoo
-from fxfuse.verify import compare_outputs
+from fxfuse.frontend.verify import compare_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +29,7 @@ def test_channel_shuffle_pins_both_views_of_the_shuffled_axis():
     model, args = shuffle_case()
     a = fxfuse.analyze(model, args)
     for param, axis in (("a.weight", 0), ("b.weight", 0), ("head.weight", 1)):
-        for leaf in fxfuse.spaces.expr_leaves(a.layouts[param].axes[axis]):
+        for leaf in fxfuse.frontend.spaces.expr_leaves(a.layouts[param].axes[axis]):
             s = a.spaces[leaf.space]
             assert not s.free and "conflicting structure" in s.reason, (param, s)
 
@@ -106,7 +106,7 @@ def test_permute_refuses_to_return_an_unsound_copy(cumsum):
 
 
 def test_cli_permute_gives_the_same_message_and_writes_nothing(cumsum, tmp_path, capsys):
-    from fxfuse.cli import main
+    from fxfuse.commands.cli import main
 
     _, _, rule_file, model_file = cumsum
     out = tmp_path / "out"
@@ -133,8 +133,8 @@ def test_compile_names_ops_inside_a_subgraph(cumsum):
 @pytest.mark.parametrize("name", ["mlp", "cnn", "mha", "bert"])
 def test_every_space_is_blamed_on_some_op(name):
     import zoo
-    from fxfuse.rules import load_rules
-    from fxfuse.verify import ops_through
+    from fxfuse.frontend.rules import load_rules
+    from fxfuse.frontend.verify import ops_through
 
     model, args = zoo.ZOO[name]()
     analysis, rules = fxfuse.analyze(model, args), load_rules()
@@ -151,7 +151,7 @@ def grouped_case(groups):
 
 
 def planned(analysis) -> set[int]:
-    from fxfuse.plan import blocks
+    from fxfuse.planner.plan import blocks
 
     return {s for b in blocks(analysis, set()) for s in ((b.root,) if b.root_free else ()) + b.children}
 
@@ -168,7 +168,7 @@ def test_nesting_is_cut_to_one_level_and_reported():
     (note,) = a.notes
     assert "moves by one permutation shared by all of them: nesting is planned one level deep" in note
     assert a.report()["notes"] == [note]
-    from fxfuse.render import render_text
+    from fxfuse.frontend.render import render_text
 
     assert note in render_text(a, "grouped")
 

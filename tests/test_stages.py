@@ -9,10 +9,10 @@ import torch
 import digits
 import fxfuse
 from clirun import refused, run
-from fxfuse.errors import FxfuseError
-from fxfuse.fuse import FusionResult
-from fxfuse.refine import RefineConfig
-from fxfuse.stages import StageError, agreement_scorer, fuse_best, split
+from fxfuse.core.errors import FxfuseError
+from fxfuse.api.fuse import FusionResult
+from fxfuse.backend.refine import RefineConfig
+from fxfuse.backend.stages import StageError, agreement_scorer, fuse_best, split
 
 pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 

@@ -10,7 +10,7 @@ import pytest
 RULES = Path(__file__).resolve().parents[1] / "rules" / "nn.yaml"
 PROBE = """
 import sys
-from fxfuse.cli import main
+from fxfuse.commands.cli import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
@@ -40,9 +40,9 @@ def test_rules_check_imports_torch_only_for_the_op_schemas():
 
 def test_package_names_are_imported_on_first_use():
     probe = ("import sys, fxfuse; assert 'torch' not in sys.modules; "
-             "import fxfuse.permute, fxfuse.trace, fxfuse.barrier; "
+             "import fxfuse.api.permute, fxfuse.frontend.trace, fxfuse.api.barrier; "
              "assert callable(fxfuse.permute) and callable(fxfuse.trace) and callable(fxfuse.barrier); "
-             "assert fxfuse.compile.__module__ == 'fxfuse.fuse' and fxfuse.Recipe.__module__ == 'fxfuse.recipe'; "
+             "assert fxfuse.compile.__module__ == 'fxfuse.api.fuse' and fxfuse.Recipe.__module__ == 'fxfuse.recipes.recipe'; "
              "print(sorted(set(fxfuse.__all__) - set(dir(fxfuse))))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

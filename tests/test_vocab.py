@@ -1,4 +1,4 @@
-"""Language models with different vocabularies: rows matched by token string (``fxfuse.vocab``).
+"""Language models with different vocabularies: rows matched by token string (``fxfuse.models.vocab``).
 
 Tiny GPT-2 and BERT models are built here with WordLevel tokenizers whose vocabularies overlap partly and in
 other orders. A model fused with its own copy, vocabulary shuffled and hidden units permuted, gives the
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fxfuse import compile as fuse
-from fxfuse.io import hf_example_inputs
-from fxfuse.permute import permute
-from fxfuse.vocab import VocabError, match, read_vocab, reindex
+from fxfuse.models.io import hf_example_inputs
+from fxfuse.api.permute import permute
+from fxfuse.models.vocab import VocabError, match, read_vocab, reindex
 
 from clirun import refused, run
 
@@ -215,7 +215,7 @@ def _bpe(texts, size: int):
 def test_cli_union_of_bpe_tokenizers_keeps_both_models_merges(tmp_path, capsys):
     """Two BPE tokenizers learnt on different text: the union tokenizer holds every token at its union id and
     splits each model's words as its own tokenizer did (the target's merges first, then the source's)."""
-    from fxfuse.vocab import read_vocab
+    from fxfuse.models.vocab import read_vocab
 
     tok_a = _bpe(["the quick brown fox jumps over the lazy dog " * 5, "hello world foo bar"], 60)
     tok_b = _bpe(["a stitch in time saves nine the fox " * 5, "hello there world"], 60)
@@ -260,7 +260,7 @@ def test_quality_best_scores_candidates_on_the_matched_models(tmp_path):
 
 
 def test_refinement_mixes_vocabulary_rows_per_row_and_stays_exact():
-    from fxfuse.refine import RefineConfig, _mix
+    from fxfuse.backend.refine import RefineConfig, _mix
 
     has = torch.tensor([[True, True, False], [True, False, True]])
     states = [{"e": torch.tensor([[1.0], [2.0], [0.0]])}, {"e": torch.tensor([[3.0], [0.0], [5.0]])}]

@@ -18,8 +18,8 @@ import torch
 import fxfuse
 import zoo
 from digits import DigitsMLP, DigitsViT
-from fxfuse.fuse import FusionError
-from fxfuse.verify import compare_outputs
+from fxfuse.api.fuse import FusionError
+from fxfuse.frontend.verify import compare_outputs
 
 TOL = 1e-5
 
@@ -186,8 +186,8 @@ def test_cli_wide_into_narrow_example(tmp_path, capsys):
     import json
     from pathlib import Path
 
-    from fxfuse.cli import main
-    from fxfuse.io import load_model
+    from fxfuse.commands.cli import main
+    from fxfuse.models.io import load_model
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     out = tmp_path / "fused"

@@ -21,11 +21,11 @@ import torch
 
 import fxfuse
 import zoo
-from fxfuse.derived import forget_derived, loaded_copy
-from fxfuse.layout import permute_tensor
-from fxfuse.permute import permute_state_dict
-from fxfuse.spaces import Concat, Leaf, Product, expr_leaves
-from fxfuse.trace import USER_INPUT
+from fxfuse.core.derived import forget_derived, loaded_copy
+from fxfuse.planner.layout import permute_tensor
+from fxfuse.api.permute import permute_state_dict
+from fxfuse.frontend.spaces import Concat, Leaf, Product, expr_leaves
+from fxfuse.frontend.trace import USER_INPUT
 from outputs import run, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""The commands of the ``fxfuse`` command line, one module each (``fxfuse.cli`` builds the parser from them).
+"""The commands of the ``fxfuse`` command line, one module each (``fxfuse.commands.cli`` builds the parser from them).
 
     explain_command   fxfuse explain MODEL
     permute_command   fxfuse permute MODEL -o DIR
@@ -8,5 +8,5 @@
     shared            progress, warnings, common flags and checks
 
 Each has ``add_parser(sub)``; the flags of the recipe options come from the
-schema (``fxfuse.recipe.add_options``). They import torch only when they run.
+schema (``fxfuse.recipes.recipe.add_options``). They import torch only when they run.
 """

@@ -8,14 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import FxfuseError
+from ..core.errors import FxfuseError
 from .shared import (EPILOG, Progress, add_common, check_calib_file, check_calibration, check_paths, progress_bar,
                      warn_unused_options)
 
 
 def add_parser(sub) -> None:
     """``fxfuse barrier``: its sub-command and flags."""
-    from ..recipe import add_options
+    from ..recipes.recipe import add_options
 
     p = sub.add_parser("barrier", help="loss along the line from model A to model B, vanilla and aligned",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -38,12 +38,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .. import atomic
-    from ..barrier import barrier, plot
-    from ..data import load_calibration, load_labelled
-    from ..io import check_output_path, load_model
-    from ..recipe import refine_config
-    from ..rules import load_rules
+    from ..models import atomic
+    from ..api.barrier import barrier, plot
+    from ..models.data import load_calibration, load_labelled
+    from ..models.io import check_output_path, load_model
+    from ..recipes.recipe import refine_config
+    from ..frontend.rules import load_rules
 
     progress = Progress(args.quiet)
     check_paths([("--plot", args.plot)], list(args.models),
@@ -66,7 +66,7 @@ def run(args) -> int:
     if args.cost == "activations" or args.repair:
         check_calib_file(args.calib, calib, a)
     if refine is not None:
-        from ..barrier import check_refine_data
+        from ..api.barrier import check_refine_data
 
         check_refine_data(refine, [a.module, b.module], a.args, a.kwargs, f"--refine-data {args.refine_data}")
     warn_unused_options(args, set(a.module.state_dict()) == set(b.module.state_dict()))

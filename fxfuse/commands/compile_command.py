@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FxfuseError
+from ..core.errors import FxfuseError
 from .shared import (EPILOG, Progress, add_common, analysis_notes, check_calib_file, check_calibration, check_paths,
                      check_untie, progress_bar, provenance, warn, warn_unused_options)
 
 
 def add_parser(sub) -> None:
     """``fxfuse compile``: its sub-command and flags (every recipe option)."""
-    from ..recipe import add_options
+    from ..recipes.recipe import add_options
 
     p = sub.add_parser("compile", help="align models into one basis and fuse them",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
 def compile_recipe(args):
     """The recipe of a ``compile`` command: a recipe file's (the one MODEL given) or the models', with the
     flags given overriding it."""
-    from ..recipe import Recipe, RecipeError, given, is_recipe_file
+    from ..recipes.recipe import Recipe, RecipeError, given, is_recipe_file
 
     flags = given(args)
     recipes = [m for m in args.models if is_recipe_file(m)]
@@ -76,8 +76,8 @@ def compile_recipe(args):
 def _check_workers(recipe) -> None:
     """Refuse, before any process starts, more workers than calibration batches (each needs one) or than
     the processors this process may run on."""
-    from ..calibration import CALIB_BATCH, samples
-    from ..data import load_calibration
+    from ..models.calibration import CALIB_BATCH, samples
+    from ..models.data import load_calibration
 
     n = samples(load_calibration(recipe.calib) if recipe.calib else recipe.calib_random)
     batches = max(1, n // CALIB_BATCH)  # batches hold at least CALIB_BATCH samples (or all, when fewer)
@@ -92,14 +92,14 @@ def _check_workers(recipe) -> None:
 
 
 def _is_recipe(arg: str) -> bool:
-    from ..recipe import is_recipe_file
+    from ..recipes.recipe import is_recipe_file
 
     return is_recipe_file(arg)
 
 
 def run(args) -> int:
-    from ..device import resolve
-    from ..distributed import in_launched_group, init_from_env, local_group, wait_workers
+    from ..core.device import resolve
+    from ..models.distributed import in_launched_group, init_from_env, local_group, wait_workers
 
     recipe = compile_recipe(args)
     resolve(recipe.device)  # before any loading: a GPU asked for and absent fails at once
@@ -140,13 +140,13 @@ class _CompileJob:
     refine: Any
     rules: Any
     out_dtype: Any
-    matched: Any = None  # {source index: fxfuse.convert.Converted} of sources matched by graph
+    matched: Any = None  # {source index: fxfuse.frontend.convert.Converted} of sources matched by graph
 
 
 def _compile(args, given) -> int:
-    """``given``: the recipe as written (and saved); it runs with its quality settled (``fxfuse.recipe.settled``)."""
-    from ..distributed import WorkerDone, world
-    from ..recipe import settled
+    """``given``: the recipe as written (and saved); it runs with its quality settled (``fxfuse.recipes.recipe.settled``)."""
+    from ..models.distributed import WorkerDone, world
+    from ..recipes.recipe import settled
 
     progress = Progress(args.quiet)
     recipe = settled(given)
@@ -162,7 +162,7 @@ def _compile(args, given) -> int:
         result.module.to(job.out_dtype)
     report = dict(result.report, models=[m.spec for m in job.loaded], fxfuse=provenance(args.argv))
     if job.matched:
-        from ..convert import report_entry
+        from ..frontend.convert import report_entry
 
         report["correspondence"] = report_entry(job.matched, report["models"])
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
@@ -170,7 +170,7 @@ def _compile(args, given) -> int:
     _print_refinement(report, recipe)
     _print_quality(report)
     if args.show_depth_map:
-        from ..render import render_depth_maps
+        from ..frontend.render import render_depth_maps
 
         sys.stdout.write(render_depth_maps(report["depth_maps"], report["width_maps"]))
     if job.labelled is not None:
@@ -183,12 +183,12 @@ def _compile_job(args, recipe, progress):
     """Check the outputs, load the data and the models; ``(job, target's LoadedModel)``, before any work."""
     import torch
 
-    from ..checks import check_inputs
-    from ..data import load_calibration, load_labelled
-    from ..io import check_output_path, load_model
-    from ..lazy import open_out_of_core
-    from ..recipe import refine_config
-    from ..rules import load_rules
+    from ..core.checks import check_inputs
+    from ..models.data import load_calibration, load_labelled
+    from ..models.io import check_output_path, load_model
+    from ..backend.lazy import open_out_of_core
+    from ..recipes.recipe import refine_config
+    from ..frontend.rules import load_rules
 
     out = check_output_path(args.output, args.force, directory=True)
     if args.report:
@@ -200,13 +200,13 @@ def _compile_job(args, recipe, progress):
     rules = load_rules(recipe.rules)
     out_dtype = getattr(torch, recipe.dtype) if recipe.dtype else None
     if recipe.quality == "best":
-        from ..stages import refusal
+        from ..backend.stages import refusal
 
         problem = refusal({"cost": recipe.cost, "groups": recipe.groups, "repair": recipe.repair,
                            "method": recipe.method, "calib": calib, "refine": refine})
         if problem:
             raise FxfuseError(problem)
-    from ..vocab import check_specs
+    from ..models.vocab import check_specs
 
     check_specs(recipe.models, recipe.vocab, recipe.target)  # vocabularies that differ: matched by string, or refused
     if recipe.vocab is not None and args.eval:
@@ -224,18 +224,18 @@ def _compile_job(args, recipe, progress):
             loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
     if not -len(loaded) <= recipe.target < len(loaded):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
-    from ..convert import loaded_to_target
+    from ..frontend.convert import loaded_to_target
 
     loaded, matched = loaded_to_target(loaded, recipe.target % len(loaded), recipe.match, progress)
     tgt = loaded[recipe.target]
     if recipe.vocab is not None:  # the output's tokenizer files can be written: checked before the work
-        from ..vocab import output_files
+        from ..models.vocab import output_files
 
         output_files(recipe.models, [m.module for m in loaded], recipe.target, recipe.vocab)
     check_untie(recipe, tgt)
     _warn_repair_after_refine(recipe)
     if refine is not None:
-        from ..barrier import check_refine_data
+        from ..api.barrier import check_refine_data
 
         check_refine_data(refine, [m.module for m in loaded], tgt.args, tgt.kwargs, f"--data {recipe.refine_data}",
                           recipe.target)
@@ -254,8 +254,8 @@ def _compile_job(args, recipe, progress):
 
 def _evaluate_parents(job: _CompileJob, tgt, eval_file: str | None, progress) -> list:
     """Every parent's accuracy on the ``--eval`` data, run now: data that does not fit fails before the work."""
-    from ..checks import check_inputs, check_labels, guarded
-    from ..evaluate import accuracy, predict
+    from ..core.checks import check_inputs, check_labels, guarded
+    from ..models.evaluate import accuracy, predict
 
     rows = []
     if job.labelled is None:
@@ -275,9 +275,9 @@ def _fuse_job(job: _CompileJob, tgt, recipe, args, progress):
     ``(result, job, target)`` (the job and target change when the models had to be loaded in memory)."""
     from dataclasses import replace
 
-    from ..errors import TraceError
-    from ..fuse import compile as fuse_models
-    from ..io import load_model
+    from ..core.errors import TraceError
+    from ..api.fuse import compile as fuse_models
+    from ..models.io import load_model
 
     def fuse(job, tgt):
         run = recipe.override({"match": "names"}) if job.matched else recipe
@@ -326,8 +326,8 @@ def _print_quality(report: dict) -> None:
 def _evaluate_fused(job: _CompileJob, tgt, recipe, fused, rows: list, eval_file: str, progress) -> dict:
     """The ``--eval`` table: the parents (``rows``), the vanilla average where defined, the fused model; printed
     and returned for the report."""
-    from ..evaluate import accuracy
-    from ..fuse import FusionError, compile as fuse_models
+    from ..models.evaluate import accuracy
+    from ..api.fuse import FusionError, compile as fuse_models
 
     progress("evaluating")
     x, y = job.labelled
@@ -350,16 +350,16 @@ def _evaluate_fused(job: _CompileJob, tgt, recipe, fused, rows: list, eval_file:
 
 def _write_compiled(job: _CompileJob, tgt, recipe, result, report: dict, args, progress) -> None:
     """The output directory (weights, ``report.json``, the recipe, the model card), ``--report``, the last line."""
-    from ..card import model_card
-    from ..io import save_model, write_text_atomic
-    from ..lazy import save_hf_out_of_core
-    from ..recipe import RECIPE_FILE
+    from ..recipes.card import model_card
+    from ..models.io import save_model, write_text_atomic
+    from ..backend.lazy import save_hf_out_of_core
+    from ..recipes.recipe import RECIPE_FILE
 
     text = json.dumps(report, indent=1, default=float) + "\n"
     saved = recipe.resolved()
     extra = {"report.json": text, RECIPE_FILE: saved.to_yaml(), "README.md": model_card(report, saved)}
     if recipe.vocab is not None:  # the chosen vocabulary's tokenizer files (and vocab_size)
-        from ..vocab import output_files
+        from ..models.vocab import output_files
 
         extra.update(output_files(recipe.models, [m.module for m in job.loaded], recipe.target, recipe.vocab))
     if result.state is not None:

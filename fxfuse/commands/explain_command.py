@@ -10,7 +10,7 @@ from .shared import EPILOG, Progress, add_common, check_paths, load_and_analyze
 
 def add_parser(sub) -> None:
     """``fxfuse explain``: its sub-command and flags."""
-    from ..recipe import add_options
+    from ..recipes.recipe import add_options
 
     p = sub.add_parser("explain", help="show a model's permutation spaces, pinned axes and rule coverage (or, "
                        "with TARGET --correspondence, which weight of MODEL is which of TARGET)",
@@ -32,15 +32,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..io import check_output_path, write_text_atomic
-    from ..render import render_dot, render_text
+    from ..models.io import check_output_path, write_text_atomic
+    from ..frontend.render import render_dot, render_text
 
     progress = Progress(args.quiet)
     if args.correspondence or args.target:
         return _correspondence(args, progress)
     check_paths([("--dot", args.dot), ("--graph", args.graph)], [args.model], [("--rules", args.rules)])
     if args.graph:
-        from ..graph import check_graph_path
+        from ..frontend.graph import check_graph_path
 
         check_graph_path(args.graph)
     for path in (args.dot, args.graph):
@@ -49,8 +49,8 @@ def run(args) -> int:
     folded = None
     if args.groups == "full":
         from ..passes.analyse import canonical_analysis
-        from ..io import load_model
-        from ..rules import load_rules
+        from ..models.io import load_model
+        from ..frontend.rules import load_rules
 
         loaded = load_model(args.model, trust_pickle=args.trust_pickle)
         analysis, folded = canonical_analysis(loaded.module, loaded.args, dict(loaded.kwargs or {}),
@@ -61,7 +61,7 @@ def run(args) -> int:
         write_text_atomic(args.dot, render_dot(analysis), force=args.force, owned="graph")
         progress(f"wrote {args.dot}")
     if args.graph:
-        from ..graph import graph_text, space_graph
+        from ..frontend.graph import graph_text, space_graph
 
         write_text_atomic(args.graph, graph_text(space_graph(analysis), args.graph), force=args.force,
                           owned="graph")
@@ -79,10 +79,10 @@ def run(args) -> int:
 
 
 def _correspondence(args, progress) -> int:
-    """``explain MODEL TARGET --correspondence``: the table of ``fxfuse.convert.convert``, text or JSON."""
-    from ..convert import convert, table
-    from ..errors import FxfuseError
-    from ..io import load_model
+    """``explain MODEL TARGET --correspondence``: the table of ``fxfuse.frontend.convert.convert``, text or JSON."""
+    from ..frontend.convert import convert, table
+    from ..core.errors import FxfuseError
+    from ..models.io import load_model
 
     if not args.target:
         raise FxfuseError("--correspondence needs two models: MODEL TARGET")

@@ -11,7 +11,7 @@ from .shared import (EPILOG, Progress, add_common, analysis_notes, check_paths, 
 
 def add_parser(sub) -> None:
     """``fxfuse permute``: its sub-command and flags."""
-    from ..recipe import add_options
+    from ..recipes.recipe import add_options
 
     p = sub.add_parser("permute", help="write a randomly permuted copy that computes the same function",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -25,10 +25,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checks import check_finite_weights
-    from ..io import check_output_path, save_model
-    from ..permute import checked_permutation, random_permutations
-    from ..rules import load_rules
+    from ..core.checks import check_finite_weights
+    from ..models.io import check_output_path, save_model
+    from ..api.permute import checked_permutation, random_permutations
+    from ..frontend.rules import load_rules
 
     progress = Progress(args.quiet)
     check_paths([("-o", args.output)], [args.model], [("--rules", args.rules)])
@@ -55,9 +55,9 @@ def run(args) -> int:
 
 
 def _move_by_groups(args, progress: Progress, out) -> int:
-    from ..io import load_model, save_model
-    from ..permute import move_by_group_elements
-    from ..rules import load_rules
+    from ..models.io import load_model, save_model
+    from ..api.permute import move_by_group_elements
+    from ..frontend.rules import load_rules
 
     rules = load_rules(args.rules)
     progress(f"loading {args.model}")

@@ -20,10 +20,10 @@ def add_parser(sub) -> None:
 
 
 def run_check(args) -> int:
-    from ..errors import RuleError
-    from ..rank_check import check_ranks
-    from ..rules import parse_rule_file
-    from ..schema import unresolved_ops
+    from ..core.errors import RuleError
+    from ..frontend.rank_check import check_ranks
+    from ..frontend.rules import parse_rule_file
+    from ..core.schema import unresolved_ops
 
     for f in args.files:
         rules = parse_rule_file(f)
@@ -43,7 +43,7 @@ def run_check(args) -> int:
 
 
 def run_list(args) -> int:
-    from ..rules import load_rules
+    from ..frontend.rules import load_rules
 
     ruleset = load_rules(args.rules)
     rows = sorted((op, r.kind, r.source) for op, r in ruleset.rules.items())

@@ -2,7 +2,7 @@
 
 A command module (``fxfuse.commands.*_command``) has ``add_parser(sub)``, which
 adds its sub-command and flags (the recipe options among them generated from
-the schema, ``fxfuse.recipe.add_options``), and the function its parser runs.
+the schema, ``fxfuse.recipes.recipe.add_options``), and the function its parser runs.
 Nothing here imports torch at import time: ``fxfuse --help`` stays quick.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from ..errors import FxfuseError
+from ..core.errors import FxfuseError
 
 EPILOG = """model specs:
   DIR                        a Hugging Face model directory (config.json + safetensors), or a
@@ -37,7 +37,7 @@ class Progress:
 
     def bar(self, description: str, total: int | None):
         """A progress bar with ETA on stderr, drawn only on a terminal and without --quiet."""
-        from ..progress import tqdm_bar
+        from ..core.progress import tqdm_bar
 
         return tqdm_bar(description, total, sys.stderr, self.quiet or not sys.stderr.isatty())
 
@@ -49,7 +49,7 @@ def warn(message: str) -> None:
 
 def add_common(p: argparse.ArgumentParser, recipe_flags: bool = False) -> None:
     """Flags of every command; ``--rules`` and ``--strict`` as declared by the recipe schema."""
-    from ..recipe import add_options
+    from ..recipes.recipe import add_options
 
     if not recipe_flags:
         add_options(p, ("rules", "strict"), overriding=False)
@@ -118,10 +118,10 @@ def warn_analysis(analysis) -> list[str]:
 
 
 def check_paths(outputs: list[tuple[str, str | None]], models: list[str], files: list[tuple[str, Any]]) -> None:
-    """Refuse, before any work, an output that is, holds or lies inside an input (``fxfuse.guard``).
+    """Refuse, before any work, an output that is, holds or lies inside an input (``fxfuse.core.guard``).
 
     ``files``: ``(flag, path or paths)`` of the data and rule files read."""
-    from ..guard import check_outputs, file_inputs, model_inputs
+    from ..core.guard import check_outputs, file_inputs, model_inputs
 
     inputs = model_inputs(models)
     for flag, paths in files:
@@ -132,9 +132,9 @@ def check_paths(outputs: list[tuple[str, str | None]], models: list[str], files:
 def load_and_analyze(args, progress: Progress, check=None):
     """``(LoadedModel, Analysis)`` of ``args.model`` under ``args.rules``; ``check(module, spec)`` runs on the
     loaded module before it is traced."""
-    from ..io import load_model
-    from ..rules import load_rules
-    from ..spaces import analyze
+    from ..models.io import load_model
+    from ..frontend.rules import load_rules
+    from ..frontend.spaces import analyze
 
     rules = load_rules(args.rules)
     progress(f"loading {args.model}")
@@ -161,7 +161,7 @@ def warn_unused_options(args, same_depths: bool) -> None:
         warn(f"{data} is ignored with --cost weights (weight matching reads no data; only models of different "
              "depths and --repair use calibration inputs)")
     elif args.cost == "activations" and data is None:
-        from ..calibration import DEFAULT_CALIB_RANDOM
+        from ..models.calibration import DEFAULT_CALIB_RANDOM
 
         warn(f"--cost activations without --calib: correlating on {DEFAULT_CALIB_RANDOM} random inputs "
              "(pass --calib FILE with real inputs)")
@@ -171,9 +171,9 @@ def warn_unused_options(args, same_depths: bool) -> None:
 
 
 def check_calibration(args, calib) -> None:
-    """Enough calibration samples for ``--cost activations`` (``fxfuse.checks.check_calibration_size``)."""
-    from ..calibration import samples
-    from ..checks import check_calibration_size
+    """Enough calibration samples for ``--cost activations`` (``fxfuse.core.checks.check_calibration_size``)."""
+    from ..models.calibration import samples
+    from ..core.checks import check_calibration_size
 
     if getattr(args, "method", "ot") != "ot" or args.cost != "activations":
         return
@@ -185,7 +185,7 @@ def check_calibration(args, calib) -> None:
 
 def check_calib_file(path: str | None, calib, model) -> None:
     """A calibration file's tensors matched to ``model``'s inputs now, so that a mismatch names the file."""
-    from ..calibration import CalibrationError, calibration_batches
+    from ..models.calibration import CalibrationError, calibration_batches
 
     if not path:
         return
@@ -197,7 +197,7 @@ def check_calib_file(path: str | None, calib, model) -> None:
 
 def check_untie(args, loaded) -> None:
     """An untied weight is recorded only by a Hugging Face config: refuse it where the output could not keep it."""
-    from ..io import HF
+    from ..models.io import HF
 
     if getattr(args, "untie", False) and loaded.source != HF:
         raise FxfuseError("--untie needs a Hugging Face model directory as the target (its config records the "

@@ -1,9 +1,9 @@
-"""Pass 2, ``analyse``: trace → canonicalise → analyse each model into spaces (``fxfuse.spaces``).
+"""Pass 2, ``analyse``: trace → canonicalise → analyse each model into spaces (``fxfuse.frontend.spaces``).
 
     SameDepth ──analyse──▶ Analysed   (one Analysis per model, the spaces pinned by the user, group levels)
 
 With ``groups="full"`` norm scales are first folded into their linear readers
-(``fxfuse.canonicalize``) and the folded models are analysed. With a weights
+(``fxfuse.frontend.canonicalize``) and the folded models are analysed. With a weights
 cost and permutations only, a model of the same class and config as one
 already traced shares its analysis (only the graph's structure is read).
 The analyses must agree: the same spaces, sizes differing only where a space
@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..rules import RuleSet
-from ..spaces import Analysis, analyze, expr_leaves
+from ..frontend.rules import RuleSet
+from ..frontend.spaces import Analysis, analyze, expr_leaves
 from .inputs import FusionError, Inputs, Options, Progress, quiet
 from .relayer import SameDepth
 
@@ -29,7 +29,7 @@ class Analysed:
     """Each model's analysis, on the models as they will be aligned.
 
     ``models``: the relayered models, canonicalised with ``groups="full"``;
-    ``states``: their weights; ``canonical``: one ``fxfuse.canonicalize.Canonical``
+    ``states``: their weights; ``canonical``: one ``fxfuse.frontend.canonicalize.Canonical``
     per model with ``groups="full"``, else empty; ``levels``: space id → the
     largest group level allowed in every model (empty without ``groups="full"``);
     ``fixed``: space id → why the user pinned it.
@@ -86,10 +86,10 @@ def analyse(inputs: Inputs, same_depth: SameDepth, options: Options, progress: P
 
 def canonical_analysis(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], rules: RuleSet, strict: bool,
                        untie: bool = False):
-    """Fold norm scales (``fxfuse.canonicalize``), then analyse the folded model; ``(analysis, Canonical)``."""
-    from ..canonicalize import canonicalize
-    from ..spaces import analyze_traced
-    from ..trace import trace
+    """Fold norm scales (``fxfuse.frontend.canonicalize``), then analyse the folded model; ``(analysis, Canonical)``."""
+    from ..frontend.canonicalize import canonicalize
+    from ..frontend.spaces import analyze_traced
+    from ..frontend.trace import trace
 
     traced = trace(model, args, kwargs)
     folded = canonicalize(traced, untie)

@@ -3,7 +3,7 @@
     Checked ──average──▶ Fused   (the fused module; out of core its weights, made per tensor on access)
 
 With ``repair=True`` the fused units are rescaled to the interpolated
-statistics of the aligned models on the calibration inputs (``fxfuse.repair``).
+statistics of the aligned models on the calibration inputs (``fxfuse.backend.repair``).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..emit import average_states, build_module
-from ..lazy import averaged_tensors
+from ..backend.emit import average_states, build_module
+from ..backend.lazy import averaged_tensors
 from .analyse import Analysed
 from .check import Checked
 from .inputs import Inputs, Options, Progress, quiet
@@ -38,12 +38,12 @@ def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Optio
         return Fused(skeleton, averaged_tensors(checked.aligned, options.weights, target, options.out_dtype))
     state = average_states(checked.aligned, options.weights, analysed.states[target])
     if options.vocab is not None:  # vocabulary rows: averaged over the models that have the token
-        from ..vocab import per_row_average
+        from ..models.vocab import per_row_average
 
         state = per_row_average(state, options.vocab.match, options.vocab.keys, options.weights)
     if not options.repair:
         return Fused(build_module(skeleton, state))
-    from ..repair import repair_state, trace_for
+    from ..backend.repair import repair_state, trace_for
 
     (progress or quiet)("repairing unit statistics on the calibration inputs")
     batches = inputs.calibration(options.seed)

@@ -4,10 +4,10 @@
 
 Exact maps (permutations and group elements): the aligned copy, run in the
 target's class, must match the (relayered) source on the example inputs within
-``fxfuse.verify.CHECK_TOL``, else ``FusionError`` names the space at fault and
+``fxfuse.frontend.verify.CHECK_TOL``, else ``FusionError`` names the space at fault and
 the ops it passes through. Soft maps, other widths and relayered depths change
 the function by design: their drift against the model as given is reported.
-Weights are run one submodule at a time (``fxfuse.lazy.run_streamed``), so the
+Weights are run one submodule at a time (``fxfuse.backend.lazy.run_streamed``), so the
 check works out of core; half precision is checked in float32.
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..emit import build_module
-from ..lazy import aligned_tensors, compute_dtype, run_streamed
-from ..plan import Alignment
-from ..rules import RuleSet
-from ..spaces import Analysis
-from ..verify import check_outputs, output_tensors, relative_error
+from ..backend.emit import build_module
+from ..backend.lazy import aligned_tensors, compute_dtype, run_streamed
+from ..planner.plan import Alignment
+from ..frontend.rules import RuleSet
+from ..frontend.spaces import Analysis
+from ..frontend.verify import check_outputs, output_tensors, relative_error
 from .analyse import Analysed
 from .emitting import Emitted
 from .inputs import FusionError, Inputs, Progress, quiet

@@ -1,9 +1,9 @@
-"""Pass 5, ``emit``: every model's weights moved into the target's basis by its alignment (``fxfuse.emit``).
+"""Pass 5, ``emit``: every model's weights moved into the target's basis by its alignment (``fxfuse.backend.emit``).
 
     Planned ──emit──▶ Emitted   (aligned weights per model; the target's and unaligned models' as they are)
 
 Out of core the aligned weights are a mapping that moves each tensor when it
-is read (``fxfuse.lazy.aligned_tensors``), so no aligned copy is held.
+is read (``fxfuse.backend.lazy.aligned_tensors``), so no aligned copy is held.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from ..lazy import aligned_tensors
+from ..backend.lazy import aligned_tensors
 from .analyse import Analysed
 from .planning import Planned
 

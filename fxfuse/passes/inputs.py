@@ -14,15 +14,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..calibration import Calibration, CalibrationError, main_input, samples
-from ..calibration import calibration_batches as batches_of
-from ..device import compute as compute_device
-from ..errors import FxfuseError
-from ..groups import MODES as GROUP_MODES
-from ..lazy import in_memory
-from ..progress import bar
-from ..recipe import BY_NAME as OPTIONS
-from ..rules import RuleSet, load_rules
+from ..models.calibration import Calibration, CalibrationError, main_input, samples
+from ..models.calibration import calibration_batches as batches_of
+from ..core.device import compute as compute_device
+from ..core.errors import FxfuseError
+from ..frontend.groups import MODES as GROUP_MODES
+from ..backend.lazy import in_memory
+from ..core.progress import bar
+from ..recipes.recipe import BY_NAME as OPTIONS
+from ..frontend.rules import RuleSet, load_rules
 
 Progress = Callable[[str], None]
 
@@ -61,10 +61,10 @@ class Options:
     groups: str = "perm"
     untie: bool = False
     repair: bool = False
-    refine: Any = None  # a fxfuse.refine.RefineConfig
+    refine: Any = None  # a fxfuse.backend.refine.RefineConfig
     out_dtype: torch.dtype | None = None
     device: str = "cpu"
-    vocab: Any = None  # a fxfuse.vocab.Matched: models re-indexed into one vocabulary, rows averaged per row
+    vocab: Any = None  # a fxfuse.models.vocab.Matched: models re-indexed into one vocabulary, rows averaged per row
 
     @classmethod
     def of(cls, n_models: int, *, target: int = 0, weights: Sequence[float] | None = None, calib: Any = None,
@@ -94,7 +94,7 @@ class Options:
 
     @property
     def on(self) -> torch.device | None:
-        """The device the arithmetic moves to, ``None`` for the CPU (``fxfuse.device.compute``)."""
+        """The device the arithmetic moves to, ``None`` for the CPU (``fxfuse.core.device.compute``)."""
         return compute_device(self.device)
 
     @property
@@ -178,7 +178,7 @@ def prepare(models: Sequence[nn.Module], example_args: tuple, example_kwargs: Ma
 
 def calibration_batches(calib: Calibration, args: tuple, kwargs: Mapping[str, Any], seed: int = 0,
                         forward: nn.Module | None = None) -> list[tuple[tuple, dict]]:
-    """Batches of every batched input (``fxfuse.calibration``); bad data raises ``FusionError``."""
+    """Batches of every batched input (``fxfuse.models.calibration``); bad data raises ``FusionError``."""
     try:
         return batches_of(calib, args, kwargs, seed, forward)
     except CalibrationError as exc:

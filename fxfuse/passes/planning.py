@@ -1,10 +1,10 @@
-"""Pass 3, ``plan``: one alignment per source model, into the target's basis (``fxfuse.plan.align``).
+"""Pass 3, ``plan``: one alignment per source model, into the target's basis (``fxfuse.planner.plan.align``).
 
     Analysed ──plan──▶ Planned   (an Alignment per model, None for the target)
 
-The cost is weight matching (``fxfuse.plan.WeightCost``, iterated to a fixed
+The cost is weight matching (``fxfuse.planner.plan.WeightCost``, iterated to a fixed
 point) or activation statistics on the calibration batches
-(``fxfuse.activations``; with several workers each collects its shard, the
+(``fxfuse.planner.activations``; with several workers each collects its shard, the
 sums are reduced, and worker 0 alone goes on: the others stop with
 ``WorkerDone``). Spaces pinned by the user, and spaces whose every member
 lies in an identity block added by ``relayer``, stay at the identity.
@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
-from ..activations import activation_cost
-from ..distributed import WorkerDone, all_reduce_sums, shard, world
-from ..lazy import aligned_tensors, in_memory
-from ..plan import Alignment, WeightCost, align, blocks
-from ..spaces import Analysis
+from ..planner.activations import activation_cost
+from ..models.distributed import WorkerDone, all_reduce_sums, shard, world
+from ..backend.lazy import aligned_tensors, in_memory
+from ..planner.plan import Alignment, WeightCost, align, blocks
+from ..frontend.spaces import Analysis
 from .analyse import Analysed
 from .inputs import Inputs, Options, Progress, quiet
 from .relayer import SameDepth

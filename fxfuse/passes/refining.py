@@ -1,4 +1,4 @@
-"""Pass 4 (optional), ``refine``: learn the maps further on labelled data (``fxfuse.refine``).
+"""Pass 4 (optional), ``refine``: learn the maps further on labelled data (``fxfuse.backend.refine``).
 
     Planned ──refine──▶ (Planned, report)   (new exact maps)
 """
@@ -12,8 +12,8 @@ from .relayer import SameDepth
 
 def refine(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, planned: Planned, options: Options,
            progress: Progress | None = None) -> tuple[Planned, dict]:
-    """Refine ``planned`` by ``options.refine`` (a ``fxfuse.refine.RefineConfig``); the new plan and its report."""
-    from ..refine import refine_fusion
+    """Refine ``planned`` by ``options.refine`` (a ``fxfuse.backend.refine.RefineConfig``); the new plan and its report."""
+    from ..backend.refine import refine_fusion
 
     say = progress or quiet
     config = options.refine

@@ -1,9 +1,9 @@
-"""Pass 1, ``relayer``: bring every model to the target's depth (cross-layer alignment, ``fxfuse.depth``).
+"""Pass 1, ``relayer``: bring every model to the target's depth (cross-layer alignment, ``fxfuse.planner.depth``).
 
     Inputs ──relayer──▶ SameDepth   (models with the target's block lists, one DepthPlan per relayered model)
 
 A source whose list of repeated blocks has another length has its blocks
-matched to the target's by the dynamic program of ``fxfuse.depth.depth_map``
+matched to the target's by the dynamic program of ``fxfuse.planner.depth.depth_map``
 on block outputs; unmatched source blocks are left out, unmatched target
 blocks get identity blocks (writers at zero).
 """
@@ -16,14 +16,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..depth import DepthMap, Relayered, depth_map, find_block_lists, relayer as relayer_blocks, writer_params
-from ..verify import compare_outputs
+from ..planner.depth import DepthMap, Relayered, depth_map, find_block_lists, relayer as relayer_blocks, writer_params
+from ..frontend.verify import compare_outputs
 from .inputs import FusionError, Inputs, Options, Progress, quiet
 
 
 @dataclass(frozen=True)
 class DepthPlan:
-    """How one source model was brought to the target's depth (``fxfuse.depth``)."""
+    """How one source model was brought to the target's depth (``fxfuse.planner.depth``)."""
 
     maps: tuple[DepthMap, ...]
     relayered: Relayered

@@ -8,8 +8,8 @@ from typing import Mapping
 
 import torch
 
-from ..groups import NAMES as GROUP_NAMES
-from ..verify import CHECK_TOL
+from ..frontend.groups import NAMES as GROUP_NAMES
+from ..frontend.verify import CHECK_TOL
 from .analyse import Analysed
 from .average import Fused
 from .check import Checked

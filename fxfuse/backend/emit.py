@@ -1,0 +1,141 @@
+"""Emission: apply alignments to weights, average them, load the result into a copy of the target.
+
+Permutations move tensors exactly (``fxfuse.planner.layout``). Other maps act per axis
+by a matrix built from the axis expression: a leaf takes its map ``A_s`` where
+the parameter writes the units and ``C_s = A_s·diag(1/1ᵀA_s)`` where it reads
+them (a contraction axis; see ``fxfuse.core.solvers``), a product the Kronecker
+product of its parts (a nested part under a matrix parent: the block matrix
+``M[(j,a),(k,b)] = A_H[j,k]·[b = π_{jk}(a)]``), a concatenation the
+block-diagonal of its segments; the tensor becomes ``Σ_k M[j,k] W[…k…]`` along
+that axis. Between spaces of different sizes the result has the target's shape.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core.derived import loaded_copy
+from ..core.errors import FxfuseError
+from ..planner.layout import nested_matrix, permute_tensor
+from ..planner.plan import Alignment
+from ..core.solvers import consumer
+from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf, Product
+
+
+def aligned_state(analysis: Analysis, state: Mapping[str, torch.Tensor], alignment: Alignment) -> dict[str, torch.Tensor]:
+    """``state`` moved into the target basis (tensors outside any space are copied).
+
+    ``analysis`` is the source model's (its layouts give the source shapes and
+    which axes read their units).
+    """
+    if any(m.q is not None for m in alignment.maps.values()):
+        from ..planner.groupmaps import aligned_state_groups
+
+        return aligned_state_groups(analysis, state, alignment)
+    out = dict(state)
+    perms = alignment.perms()
+    parents = analysis.parents
+    mixed = {s: m for s, m in alignment.maps.items() if not m.hard or m.pair_perms is not None}
+    for name, layout in analysis.layouts.items():
+        t = state[name]
+        if not t.is_floating_point():
+            continue
+        if mixed and any(_mentions(ax, mixed) for ax in layout.axes):
+            t = _apply_matrices(t, layout.axes, layout.consumed, alignment, parents)
+        else:
+            t = permute_tensor(t, layout.axes, perms, parents)
+        for key in (name,) + layout.aliases:
+            if key in out:
+                out[key] = t
+    return out
+
+
+def _mentions(expr: AxisExpr, spaces) -> bool:
+    if isinstance(expr, Leaf):
+        return expr.space in spaces
+    return any(_mentions(p, spaces) for p in expr.parts)
+
+
+def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int],
+                reads: bool = False) -> torch.Tensor:
+    """The ``n_t × n_s`` matrix one axis moves by (identity for unmapped spaces); ``reads``: a contraction axis."""
+    maps = alignment.maps
+    if isinstance(expr, Leaf):
+        m = maps.get(expr.space)
+        if m is None:
+            return torch.eye(expr.size, dtype=torch.float64)
+        if m.matrix is not None:
+            A = m.matrix.double()
+            return consumer(A) if reads else A
+        if m.perm is not None and m.perm.dim() == 1:
+            return torch.eye(expr.size, dtype=torch.float64)[m.perm]
+        raise FxfuseError(f"space s{expr.space} is nested under a space of another axis (units moved per unit of "
+                          "their parent, as in a grouped convolution or a mixture of experts): only permutations can "
+                          "move it, not soft maps or maps between widths")
+    if isinstance(expr, Concat):
+        return torch.block_diag(*(axis_matrix(p, alignment, parents, reads) for p in expr.parts))
+    parts = _factors(expr)  # a nested space follows its parent even across nested products
+    mats: list[torch.Tensor] = []
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        nxt = parts[i + 1] if i + 1 < len(parts) else None
+        if (isinstance(part, Leaf) and isinstance(nxt, Leaf) and parents.get(nxt.space) == part.space
+                and nxt.space in maps):
+            mats.append(_nested(part, nxt, alignment, reads))
+            i += 2
+            continue
+        mats.append(axis_matrix(part, alignment, parents, reads))
+        i += 1
+    out = mats[0]
+    for m in mats[1:]:
+        out = torch.kron(out, m)
+    return out
+
+
+def _factors(expr: Product) -> list[AxisExpr]:
+    """The factors of a product, nested products flattened (row-major products are associative)."""
+    return [f for part in expr.parts for f in (_factors(part) if isinstance(part, Product) else [part])]
+
+
+def _nested(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool) -> torch.Tensor:
+    """``M[(j,a),(k,b)] = A_H[j,k]·[b = π_{jk}(a)]`` (hard parent: ``π_{j,p(j)} = perm[j]``)."""
+    A = axis_matrix(parent, alignment, {}, reads)
+    cm = alignment.maps[child.space]
+    if cm.pair_perms is not None:
+        return nested_matrix(A, cm.pair_perms)
+    n_t, n_s = A.shape
+    pairs = cm.perm.unsqueeze(1).expand(n_t, n_s, child.size)  # only (j, p(j)) has weight
+    return nested_matrix(A, pairs)
+
+
+def _apply_matrices(t, axes, consumed, alignment, parents) -> torch.Tensor:
+    out = t.detach().double()
+    for d, expr in enumerate(axes):
+        M = axis_matrix(expr, alignment, parents, bool(consumed[d]) if d < len(consumed) else False)
+        if M.shape[0] == M.shape[1] and torch.equal(M, torch.eye(M.shape[0], dtype=M.dtype)):
+            continue
+        out = torch.tensordot(M, out, dims=([1], [d])).movedim(0, d)
+    return out.to(t.dtype)
+
+
+def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                   like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``Σ_m w_m · state_m`` for floating tensors; other entries come from ``like`` (the target)."""
+    out = {}
+    for key, ref in like.items():
+        if ref.is_floating_point():
+            acc = torch.zeros_like(ref, dtype=torch.promote_types(ref.dtype, torch.float32))
+            for w, s in zip(weights, states):
+                if w:
+                    acc.add_(s[key], alpha=w)
+            out[key] = acc.to(ref.dtype)
+        else:
+            out[key] = ref.clone()
+    return out
+
+
+def build_module(target: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    return loaded_copy(target, state).eval()
