@@ -32,6 +32,7 @@ from ..core.exprs import AxisExpr, Concat, Leaf, Product, expr_leaves, expr_text
 from .groups import INVERTIBLE, NAMES, ORTHO, PERM, SpaceGroup, meet
 from .op_context import OpContext, subgraph_prefix  # noqa: F401  (also imported from here)
 from .rules import RuleSet, load_rules
+from .shape_kinds import VIEW_KINDS  # noqa: F401  (also imported from here)
 from .space_types import Analysis, Member, ParamLayout, Space, UnfitRule, UnruledOp  # noqa: F401  (also imported from here)
 from .trace import TracedModel, trace
 from .walker import Walker
