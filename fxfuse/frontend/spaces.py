@@ -57,7 +57,9 @@ def analyze_traced(traced: TracedModel, rules: RuleSet | None = None, strict: bo
     return _result(walker, pins or {})
 
 
-# -- result
+# ---------------------------------------------------------------- the Analysis of a finished walk
+
+
 def _result(w: Walker, pins: Mapping[str, str]) -> Analysis:
     """The ``Analysis`` of a finished walk: spaces from the store's leaf classes, layouts, groups, nesting."""
     store = w.store

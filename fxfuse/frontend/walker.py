@@ -268,6 +268,7 @@ class Walker:
         self.env[node] = self.fresh(val, f"constant '{node.target}'")
 
     def other(self, node: torch.fx.Node, val: Any, frame: _Frame) -> None:
+        """Any other opcode (``call_module``, ``call_method``; not in an exported graph): fresh atoms."""
         self.env[node] = self.fresh(val)
 
     def output(self, node: torch.fx.Node, frame: _Frame) -> list:
