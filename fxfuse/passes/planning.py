@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
-from ..planner.activations import activation_cost
-from ..models.distributed import WorkerDone, all_reduce_sums, shard, world
 from ..backend.lazy import aligned_tensors, in_memory
+from ..frontend.spaces import Analysis
+from ..models.distributed import WorkerDone, all_reduce_sums, shard, world
+from ..planner.activations import activation_cost
 from ..planner.plan import Alignment, align, blocks
 from ..planner.weight_cost import WeightCost
-from ..frontend.spaces import Analysis
 from .analyse import Analysed
 from .inputs import Inputs, Options, Progress, quiet
 from .relayer import SameDepth
