@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from .. import passes
+from ..frontend.rules import RuleSet
+from ..frontend.spaces import Analysis
 from ..models.calibration import Calibration
 from ..passes import FusionError, calibration_batches  # noqa: F401  (public names, used with compile)
 from ..planner.plan import Alignment
 from ..recipes.recipe import accepts_recipe
-from ..frontend.rules import RuleSet
-from ..frontend.spaces import Analysis
 
 
 @dataclass(frozen=True)
