@@ -125,7 +125,8 @@ def floor(a: str, b: str) -> dict:
     torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
     import fxfuse
     from fxfuse.backend.lazy import CheckpointTensors, load_hf_out_of_core
-    from fxfuse.planner.plan import WeightCost, blocks
+    from fxfuse.planner.plan import blocks
+    from fxfuse.planner.weight_cost import WeightCost
 
     loaded, _ = load_hf_out_of_core(a)
     analysis = fxfuse.analyze(loaded.module, (), example_kwargs=loaded.kwargs)  # shapes only; not counted

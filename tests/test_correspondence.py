@@ -104,8 +104,9 @@ def test_a_pair_that_differs_in_one_op_is_refused(parents):
     relu, _ = hw.mini_gpt(1, act="relu")
     with pytest.raises(CorrespondenceError) as err:
         fuse([a, relu], args)
-    assert str(err.value) == ("the graphs differ: model 1 node relu (aten.relu.default) against model 0 node mul "
-                              "(aten.mul.Tensor)")
+    assert str(err.value) == ("model 1 is a MiniGPT, model 0 a GPT2LMHeadModel, and matching their weights by graph "
+                              "failed: the graphs differ: model 1 node relu (aten.relu.default) against model 0 node "
+                              "mul (aten.mul.Tensor)")
 
 
 class _Head(nn.Module):
@@ -152,7 +153,8 @@ def test_a_weight_without_counterpart_is_refused(parents):
     a, _, args = parents
     extra, _ = hw.mini_gpt(1)
     extra.spare = nn.Parameter(torch.ones(3))  # never read
-    with pytest.raises(CorrespondenceError, match=r"^model 1 spare has no counterpart in model 0: the graph reads "
+    with pytest.raises(CorrespondenceError, match=r"^model 1 is a MiniGPT, model 0 a GPT2LMHeadModel, and matching their weights by graph failed: "
+                                                  r"model 1 spare has no counterpart in model 0: the graph reads "
                                                   r"no such weight there$"):
         fuse([a, extra], args)
 
@@ -162,7 +164,8 @@ def test_a_tied_target_filled_from_two_different_source_tensors_is_refused(paren
     untied, _ = hw.mini_gpt(1)
     with torch.no_grad():
         untied.unembed.weight.mul_(2.0)  # no longer the embedding: GPT-2's tied head cannot hold both
-    with pytest.raises(CorrespondenceError, match=r"^model 0 lm_head.weight is read in several places that model 1 "
+    with pytest.raises(CorrespondenceError, match=r"^model 1 is a MiniGPT, model 0 a GPT2LMHeadModel, and matching their weights by graph failed: "
+                                                  r"model 0 lm_head.weight is read in several places that model 1 "
                                                   r"fills from different values \(one of them (unembed|tokens).weight"
                                                   r"\): the models do not tie the same weights$"):
         fuse([a, untied], args)
@@ -189,7 +192,9 @@ def test_an_op_without_weights_that_differs_fails_the_check(parents):
 
     unmasked = Unmasked().eval()
     unmasked.load_state_dict(mini.state_dict())
-    with pytest.raises(CorrespondenceError, match=r"^model 1 moved into the class and names of model 0 computes "
+    with pytest.raises(CorrespondenceError, match=r"^model 1 is a Unmasked, model 0 a GPT2LMHeadModel, and matching "
+                                                  r"their weights by graph failed: model 1 moved into the class and "
+                                                  r"names of model 0 computes "
                                                   r"something else \(relative error .* > 0.0001\)"):
         fuse([a, unmasked], args)
 

@@ -21,12 +21,18 @@ import torch
 from torch import nn
 
 from .. import passes
+from ..frontend.correspond import CorrespondenceError
+from ..frontend.rules import RuleSet
+from ..frontend.spaces import Analysis
 from ..models.calibration import Calibration
 from ..passes import FusionError, calibration_batches  # noqa: F401  (public names, used with compile)
 from ..planner.plan import Alignment
 from ..recipes.recipe import accepts_recipe
-from ..frontend.rules import RuleSet
-from ..frontend.spaces import Analysis
+
+
+class ArchitecturesDiffer(FusionError, CorrespondenceError):
+    """Models of different classes whose graphs do not match (``match="auto"``): a fusion error, said as
+    the correspondence found it."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,13 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
 
     models = list(models)
     each = list(model_inputs or [(tuple(example_args), dict(example_kwargs or {}))] * len(models))
-    models, matched = to_target(models, each, target if -len(models) <= target < len(models) else 0, match,
-                                progress=progress)
+    try:
+        models, matched = to_target(models, each, target if -len(models) <= target < len(models) else 0, match,
+                                    progress=progress)
+    except CorrespondenceError as exc:
+        if match != "auto":
+            raise
+        raise ArchitecturesDiffer(str(exc)) from None
     if isinstance(vocab, str):
         from ..models.vocab import prepare_models
 

@@ -35,9 +35,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..planner.activations import _Capture, _Stored, _Streamed, on_device
 from ..core.errors import FxfuseError
 from ..frontend.trace import BUFFER, PARAMETER, TracedModel, trace
+from ..planner.activations import _Capture, _Stored, _Streamed, on_device
 
 NONLINEAR = frozenset({"relu", "relu_", "gelu", "silu", "tanh", "sigmoid", "hardtanh", "hardswish", "hardsigmoid",
                        "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "prelu", "relu6"})

@@ -138,7 +138,14 @@ def to_target(models: Sequence[nn.Module], inputs: Sequence[Inputs], target: int
         if i == target or (match == "auto" and type(m) is type(models[target])):
             continue
         say(f"matching {labels[i]} to {labels[target]} by graph")
-        done[i] = convert(m, inputs[i], models[target], inputs[target], (labels[i], labels[target]))
+        try:
+            done[i] = convert(m, inputs[i], models[target], inputs[target], (labels[i], labels[target]))
+        except CorrespondenceError as exc:
+            if match != "auto":
+                raise
+            raise CorrespondenceError(f"{labels[i]} is a {type(m).__name__}, {labels[target]} a "
+                                      f"{type(models[target]).__name__}, and matching their weights by graph "
+                                      f"failed: {exc}") from None
         models[i] = done[i].module
     return models, done
 

@@ -26,6 +26,10 @@ pair in topological order, and their weight operands pair one to one, giving
 ``Piece`` s ``view_t(target) ← view_s(source)``. A graph that differs in one op,
 a weight without a counterpart and nodes whose weights cannot be told apart
 are each refused in one line naming both sides.
+
+(One module above 500 lines on purpose: the canonical form and the matching
+share the ``Node``/``Operand`` records and read as one algorithm, top to
+bottom; apart, neither has a second user.)
 """
 from __future__ import annotations
 

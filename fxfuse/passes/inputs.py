@@ -14,15 +14,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..models.calibration import Calibration, CalibrationError, main_input, samples
-from ..models.calibration import calibration_batches as batches_of
+from ..backend.lazy import in_memory
 from ..core.device import compute as compute_device
 from ..core.errors import FxfuseError
-from ..frontend.groups import MODES as GROUP_MODES
-from ..backend.lazy import in_memory
 from ..core.progress import bar
-from ..recipes.recipe import BY_NAME as OPTIONS
+from ..frontend.groups import MODES as GROUP_MODES
 from ..frontend.rules import RuleSet, load_rules
+from ..models.calibration import Calibration, CalibrationError, main_input, samples
+from ..models.calibration import calibration_batches as batches_of
+from ..recipes.recipe import BY_NAME as OPTIONS
 
 Progress = Callable[[str], None]
 
