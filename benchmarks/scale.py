@@ -1,7 +1,8 @@
 """Scale: time and peak memory of ``fxfuse compile`` on large pairs, against the floor measured in the same run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/scale.py [--pairs bert-base,llama-1b,llama-1b-bf16] [--keep]
-                                                       [--device cpu|cuda|auto]
+                                                       [--device cpu|cuda|auto] [--groups perm|full]
+                                                       [--max-passes N]
 
 Each pair is two independently initialised Hugging Face models built from a
 config with random weights (seeds 0 and 1), written as sharded safetensors
@@ -25,6 +26,13 @@ For each pair the script runs, each in a fresh process:
    which the compile wall time includes and the floor does not (and, apart,
    ``import fxfuse`` alone: transformers is imported only for a Hugging Face
    model).
+
+``--groups full`` compiles with ``--groups full`` (norm scales folded,
+orthogonal maps by Procrustes); the floor is the same (the products of a
+Procrustes solve are those of weight matching). ``--max-passes N`` caps the
+coordinate descent (the recipe key ``max_passes``, given in a recipe file): orthogonal maps of
+random-weight pairs rarely reach a fixed point, so a capped run measures the
+cost per pass.
 
 The floor runs with as many threads as the compile (``torch.get_num_threads()``,
 which ``OMP_NUM_THREADS`` sets; ``THREADS=N`` overrides). The last lines give
@@ -117,7 +125,8 @@ def floor(a: str, b: str) -> dict:
     torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
     import fxfuse
     from fxfuse.backend.lazy import CheckpointTensors, load_hf_out_of_core
-    from fxfuse.planner.plan import WeightCost, blocks
+    from fxfuse.planner.plan import blocks
+    from fxfuse.planner.weight_cost import WeightCost
 
     loaded, _ = load_hf_out_of_core(a)
     analysis = fxfuse.analyze(loaded.module, (), example_kwargs=loaded.kwargs)  # shapes only; not counted
@@ -160,18 +169,24 @@ def _run_measured(argv: list[str], env: dict) -> tuple[float, float, str, float]
         return wall, usage.ru_maxrss / 2 ** 20, out.read(), usage.ru_utime + usage.ru_stime
 
 
-def measure(name: str, device: str = "cpu") -> dict:
+def measure(name: str, device: str = "cpu", groups: str = "perm", max_passes: int | None = None) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
     a, b = build(name)
     print(f"{name}: checkpoints ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     out = CACHE / f"{name}-fused"
-    row = {"pair": name}
+    row = {"pair": name if groups == "perm" else f"{name} (groups {groups})"}
     try:
-        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.commands.cli", "compile", str(a), str(b), "-o",
+        given = [str(a), str(b)]
+        if max_passes:  # a recipe key without a flag
+            recipe = CACHE / f"{name}-recipe.yaml"
+            recipe.write_text(f"models: [{a}, {b}]\nmax_passes: {max_passes}\n")
+            given = [str(recipe)]
+        wall, rss, text, cpu = _run_measured([sys.executable, "-m", "fxfuse.commands.cli", "compile", *given, "-o",
                                               str(out), "--force", "-q"]
-                                             + (["--device", device] if device != "cpu" else []), env)
+                                             + (["--device", device] if device != "cpu" else [])
+                                             + (["--groups", groups] if groups != "perm" else []), env)
         report = json.loads((out / "report.json").read_text())
         row.update(wall_s=wall, cpu_s=cpu, peak_rss_gib=rss, timings=report["timings"], passes=report["passes"],
                    self_check=report["self_check"], stdout=text.strip(), solve_seconds=report.get("solve_seconds"))
@@ -192,6 +207,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the built checkpoints for the next run")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="fxfuse compile --device")
+    parser.add_argument("--groups", default="perm", choices=("perm", "full"), help="fxfuse compile --groups")
+    parser.add_argument("--max-passes", type=int, help="the recipe key max_passes of the compile")
     parser.add_argument("--floor", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
@@ -203,7 +220,7 @@ def main() -> None:
         for name in names:
             if name not in PAIRS:
                 raise SystemExit(f"unknown pair {name!r} (one of {', '.join(PAIRS)})")
-            rows.append(measure(name, args.device))
+            rows.append(measure(name, args.device, args.groups, args.max_passes))
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     finally:

@@ -72,7 +72,8 @@ def unavoidable(a: str, b: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     import fxfuse
     from fxfuse.models.io import load_model
-    from fxfuse.planner.plan import WeightCost, blocks
+    from fxfuse.planner.plan import blocks
+    from fxfuse.planner.weight_cost import WeightCost
 
     t0 = time.perf_counter()
     la, lb = load_model(a), load_model(b)

@@ -314,7 +314,8 @@ def test_cli_hf_encoder_decoder_with_named_inputs(tmp_path, capsys):
 
 def test_weight_matching_notes_a_space_without_compared_tensors():
     """A planned space that no floating-point tensor carries (an integer index buffer, or all left out)."""
-    from fxfuse.planner.plan import WeightCost, align
+    from fxfuse.planner.plan import align
+    from fxfuse.planner.weight_cost import WeightCost
 
     model, args = zoo.mlp()
     a = fxfuse.analyze(model, args)
@@ -331,7 +332,8 @@ def test_heads_without_a_tensor_of_their_own_are_solved_in_the_first_pass():
     """head_bias: heads and head dims are separate spaces and every tensor with heads also has a head
     dim. The first pass must still see those tensors (their unsolved axes reduced, not left out), or it
     fixes heads at the identity and the descent settles on a wrong basis."""
-    from fxfuse.planner.plan import WeightCost, align
+    from fxfuse.planner.plan import align
+    from fxfuse.planner.weight_cost import WeightCost
 
     model, args = zoo.head_bias()
     a = fxfuse.analyze(model, args)

@@ -23,7 +23,7 @@ def _declared() -> set[str]:
 def _imported(relative: bool = False) -> set[str]:
     """Top-level names the library imports, or (``relative``) the names of its own modules it imports."""
     names = set()
-    for path in (ROOT / "fxfuse").glob("*.py"):
+    for path in (ROOT / "fxfuse").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import) and not relative:
                 names |= {a.name.split(".")[0] for a in node.names}

@@ -246,3 +246,119 @@ def test_activations_out_of_core_equal_in_memory_fusion(tmp_path, pair):
     report = json.loads((out / "report.json").read_text())
     assert [s["models"] for s in report["spaces"]] == json.loads(json.dumps([s["models"] for s in
                                                                            expected.report["spaces"]]))
+
+
+def _with_norm_values(model, seed: int):
+    """``model`` with every 1-D parameter (norm scales and shifts, biases) moved off its initial value, so that
+    folding the norm scales changes the weights."""
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _twins(root: Path, kind: str) -> tuple[str, str]:
+    def make(seed):
+        torch.manual_seed(seed)
+        if kind == "llama":  # pre-norm, RMSNorm scales folded into q/k/v and the MLP
+            return _llama(seed)
+        if kind == "gpt2":  # pre-norm, LayerNorm scale and shift folded into Conv1D (addmm) readers
+            return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4,
+                                                                        vocab_size=96, n_positions=64)).eval()
+        return transformers.BertModel(transformers.BertConfig(  # post-norm: no fold, heads by Procrustes
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+            max_position_embeddings=64)).eval()
+
+    for seed in (0, 1):
+        _with_norm_values(make(seed), seed).save_pretrained(root / f"{kind}{seed}")
+    return str(root / f"{kind}0"), str(root / f"{kind}1")
+
+
+ACTIVATIONS = ("--cost", "activations", "--calib-random", "16")
+REPAIR = ("--repair", "--calib-random", "16")
+
+
+def _options(extra) -> dict:
+    """``fxfuse.compile`` keywords of the CLI options ``extra``."""
+    return {**(dict(cost="activations", calib=16) if "activations" in extra else {}),
+            **(dict(repair=True, calib=16) if "--repair" in extra else {})}
+
+
+@pytest.mark.parametrize("kind, extra", [("llama", ()), ("gpt2", ()), ("bert", ()), ("llama", ACTIVATIONS),
+                                         ("llama", REPAIR), ("bert", REPAIR)])
+def test_groups_full_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, kind, extra):
+    """``--groups full`` on Hugging Face twins: norm scales folded per tensor as it is read
+    (``fxfuse.backend.streamfold``), Procrustes solved on streamed products, dense maps applied per tensor as it is
+    written: the written weights are the in-memory fusion's, bit for bit, and no model is loaded in memory."""
+    import fxfuse.models.io
+    import fxfuse.backend.streamfold as streamfold
+
+    a, b = _twins(tmp_path, kind)
+    made = []
+    original = streamfold.FoldedTensors._make
+    monkeypatch.setattr(streamfold.FoldedTensors, "_make", lambda self, key: made.append(key) or original(self, key))
+
+    def refuse(*_a, **_k):
+        raise AssertionError("loaded in memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(fxfuse.models.io, "load_model", refuse)
+        out = _compile(tmp_path / "out", a, b, extra=("--groups", "full", *extra))
+    la, lb = load_model(a), load_model(b)
+    expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, groups="full", **_options(extra))
+    report = json.loads((out / "report.json").read_text())
+    folded = [f for c in report["canonicalize"] for f in c["folded"]]
+    assert bool(folded) == (kind != "bert") and bool(made) == (kind != "bert")  # BERT's norms feed residual adds
+    solvers = {m["solver"] for s in report["spaces"] for m in s["models"]}
+    assert any("procrustes" in s for s in solvers), solvers  # dense maps, not only permutations
+    assert report["canonicalize"] == json.loads(json.dumps(expected.report["canonicalize"]))
+    written, state = _tensors(out), expected.module.state_dict()
+    assert written and written.keys() <= state.keys()
+    for k, t in written.items():
+        assert torch.equal(t, state[k]), k
+    assert report["self_check"][1]["error"] <= 1e-4
+    if "--repair" in extra:
+        assert report["repair"] == json.loads(json.dumps(expected.report["repair"]))
+        assert any(p["units"] for p in report["repair"]["points"])
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_repair_out_of_core_equals_in_memory_fusion(tmp_path, monkeypatch, dtype):
+    """``--repair`` (permutations) on Hugging Face twins: the graph runs op by op on fused weights made per
+    tensor, the corrections are kept as vectors and applied as each tensor is written; ``--dtype`` rounds the
+    repaired weights once, as converting the in-memory result does."""
+    import fxfuse.models.io
+    import fxfuse.backend.streamrepair as streamrepair
+
+    a, b = _twins(tmp_path, "gpt2")
+    folds = []
+    original = streamrepair.RepairedTensors.fold
+    monkeypatch.setattr(streamrepair.RepairedTensors, "fold",
+                        lambda self, *a: folds.append(a[0].weight) or original(self, *a))
+    with monkeypatch.context() as m:
+        m.setattr(fxfuse.models.io, "load_model", lambda *_a, **_k: pytest.fail("loaded in memory"))
+        out = _compile(tmp_path / "out", a, b, extra=REPAIR + (("--dtype", dtype) if dtype else ()))
+    assert folds  # repaired out of core, the folds kept as vectors
+    la, lb = load_model(a), load_model(b)
+    expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, repair=True, calib=16)
+    state = expected.module.to(getattr(torch, dtype)).state_dict() if dtype else expected.module.state_dict()
+    written = _tensors(out)
+    assert written and written.keys() <= state.keys()
+    for k, t in written.items():
+        assert torch.equal(t, state[k]), k
+    report = json.loads((out / "report.json").read_text())
+    assert report["repair"] == json.loads(json.dumps(expected.report["repair"]))
+
+
+def test_groups_full_with_untie_is_fused_in_memory(tmp_path, capsys):
+    """Untying a weight changes the module: out of core it is refused, so the CLI loads the models."""
+    a, b = _twins(tmp_path, "gpt2")
+    out = tmp_path / "out"
+    assert main(["compile", a, b, "-o", str(out), "--groups", "full", "--untie"]) == 0
+    assert f"loading {a}" in capsys.readouterr().err
+    la, lb = load_model(a), load_model(b)
+    expected = fxfuse.compile([la.module, lb.module], (), example_kwargs=la.kwargs, groups="full", untie=True)
+    written, state = _tensors(out), expected.module.state_dict()
+    assert written and all(torch.equal(t, state[k]) for k, t in written.items())

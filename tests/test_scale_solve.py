@@ -6,7 +6,8 @@ import torch
 
 import fxfuse
 import zoo
-from fxfuse.planner.plan import WeightCost, align
+from fxfuse.planner.plan import align
+from fxfuse.planner.weight_cost import WeightCost
 
 
 class _Counted:

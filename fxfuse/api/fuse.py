@@ -21,12 +21,18 @@ import torch
 from torch import nn
 
 from .. import passes
+from ..frontend.correspond import CorrespondenceError
+from ..frontend.rules import RuleSet
+from ..frontend.spaces import Analysis
 from ..models.calibration import Calibration
 from ..passes import FusionError, calibration_batches  # noqa: F401  (public names, used with compile)
 from ..planner.plan import Alignment
 from ..recipes.recipe import accepts_recipe
-from ..frontend.rules import RuleSet
-from ..frontend.spaces import Analysis
+
+
+class ArchitecturesDiffer(FusionError, CorrespondenceError):
+    """Models of different classes whose graphs do not match (``match="auto"``): a fusion error, said as
+    the correspondence found it."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
             refine: Any = None, states: Sequence[Mapping[str, torch.Tensor]] | None = None,
             out_dtype: torch.dtype | None = None, device: str = "cpu", quality: str | None = None,
-            vocab: Any = None, vocabularies: Sequence[Any] | None = None) -> FusionResult:
+            vocab: Any = None, vocabularies: Sequence[Any] | None = None,
+            match: str = "auto", model_inputs: Sequence[tuple] | None = None) -> FusionResult:
     """Fuse ``models`` into the basis and class of ``models[target]``.
 
     The options may come as one ``fxfuse.Recipe`` instead: ``compile(recipe)``
@@ -112,7 +119,26 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     the union vocabulary first; shared rows are averaged, a row one model has
     is taken from it, moved into the target's basis (``fxfuse.models.vocab``; the
     counts under ``vocab`` in the report).
+
+    ``match``: how a source's weights find the target's (``fxfuse.frontend.convert``):
+    ``"names"`` as they are named, ``"graph"`` by matching the two exported
+    graphs (other names, layouts, fused projections; the source is moved into
+    the target's class first and checked), ``"auto"`` by graph for a source of
+    another class than the target. ``model_inputs``: each model's example
+    ``(args, kwargs)`` where the classes take different inputs (default: the
+    target's for all).
     """
+    from ..frontend.convert import noted, to_target
+
+    models = list(models)
+    each = list(model_inputs or [(tuple(example_args), dict(example_kwargs or {}))] * len(models))
+    try:
+        models, matched = to_target(models, each, target if -len(models) <= target < len(models) else 0, match,
+                                    progress=progress)
+    except CorrespondenceError as exc:
+        if match != "auto":
+            raise
+        raise ArchitecturesDiffer(str(exc)) from None
     if isinstance(vocab, str):
         from ..models.vocab import prepare_models
 
@@ -121,11 +147,11 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     if quality == "best":
         from ..backend.stages import fuse_best
 
-        return fuse_best(compile, models, example_args, dict(
+        return noted(fuse_best(compile, models, example_args, dict(
             example_kwargs=example_kwargs, target=target, cost=cost, calib=calib, solver=solver, reg=reg,
             weights=weights, pin=pin, method=method, rules=rules, seed=seed, max_passes=max_passes, strict=strict,
             heads=heads, depth_cost=depth_cost, groups=groups, untie=untie, progress=progress, repair=repair,
-            refine=refine, states=states, out_dtype=out_dtype, device=device, vocab=vocab))
+            refine=refine, states=states, out_dtype=out_dtype, device=device, vocab=vocab)), matched)
     if quality not in (None, "fast"):
         raise FusionError(f"unknown quality {quality!r} (fast, best)")
     start, timings = time.perf_counter(), {}
@@ -155,4 +181,5 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     timings["total_s"] = time.perf_counter() - start
     report = passes.report(options, inputs, same_depth, analysed, planned, checked, fused, timings, refined)
     say(f"fused {len(models)} models in {timings['total_s']:.1f}s")
-    return FusionResult(fused.module, checked.modules, report, planned.alignments, analysed.ref, fused.state)
+    return noted(FusionResult(fused.module, checked.modules, report, planned.alignments, analysed.ref, fused.state),
+                 matched)

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ..core.derived import loaded_copy
-from ..planner.layout import permute_tensor
 from ..frontend.rules import RuleSet, load_rules
 from ..frontend.spaces import Analysis, analyze
 from ..frontend.verify import check_moved
+from ..planner.layout import permute_tensor
 
 Permutations = Mapping[int, torch.Tensor]
 

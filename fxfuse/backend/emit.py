@@ -18,10 +18,10 @@ from torch import nn
 
 from ..core.derived import loaded_copy
 from ..core.errors import FxfuseError
-from ..planner.layout import nested_matrix, permute_tensor
-from ..planner.plan import Alignment
 from ..core.solvers import consumer
 from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf, Product
+from ..planner.layout import nested_matrix, permute_tensor
+from ..planner.plan import Alignment
 
 
 def aligned_state(analysis: Analysis, state: Mapping[str, torch.Tensor], alignment: Alignment) -> dict[str, torch.Tensor]:

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from ..core.derived import forget_derived
-from ..models.checkpoint import INDEX, WEIGHTS, CheckpointTensors  # noqa: F401  (also imported from here)
 from ..core.errors import SpecError
 from ..core.progress import bar
+from ..models.checkpoint import INDEX, WEIGHTS, CheckpointTensors  # noqa: F401  (also imported from here)
 
 SHARD_BYTES = 1024 ** 3  # bytes per output shard (at most one shard is held)
 

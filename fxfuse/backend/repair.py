@@ -35,9 +35,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..planner.activations import _Capture
 from ..core.errors import FxfuseError
 from ..frontend.trace import BUFFER, PARAMETER, TracedModel, trace
+from ..planner.activations import _Capture, _Stored, _Streamed, on_device
 
 NONLINEAR = frozenset({"relu", "relu_", "gelu", "silu", "tanh", "sigmoid", "hardtanh", "hardswish", "hardsigmoid",
                        "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "prelu", "relu6"})
@@ -193,18 +193,33 @@ def repair_points(traced: TracedModel) -> list[RepairPoint]:
 
 def run_graph(traced: TracedModel, state: Mapping[str, torch.Tensor], args: tuple, kwargs: Mapping[str, Any],
               wanted: set[str]) -> dict[str, torch.Tensor]:
-    """Values of the ``wanted`` nodes of ``traced``'s graph with its parameters and buffers taken from ``state``."""
+    """Values of the ``wanted`` nodes of ``traced``'s graph with its parameters and buffers taken from ``state``
+    (a state that is no dict is read by each op that uses a tensor, as the traced skeleton's dtype)."""
     ep = traced.exported
     flat = list(ep._graph_module_flat_inputs(tuple(args), dict(kwargs)))
     phs = [n for n in ep.graph_module.graph.nodes if n.op == "placeholder"]
+    streamed = not isinstance(state, dict)
+    gm = _on_cpu(traced) if streamed else ep.graph_module
     for i, node in enumerate(phs):
         p = traced.placeholders.get(node.name)
         if p is not None and p.kind in (PARAMETER, BUFFER) and p.target in state:
-            flat[i] = state[p.target]
-    cap = _Capture(ep.graph_module, wanted)
+            flat[i] = _Stored(p.target, flat[i].dtype) if streamed else state[p.target]
+    cap = _Streamed(gm, wanted, state, None) if streamed else _Capture(gm, wanted)
     with torch.no_grad():
         cap.run(*flat)
     return cap.values
+
+
+_LAST_MOVED: list = [None, None]  # (exported program, its graph module run on the CPU): the last one made
+
+
+def _on_cpu(traced: TracedModel):
+    """The graph of a model traced on ``meta`` weights, its devices made the CPU (``fxfuse.planner.activations.on_device``)."""
+    from types import SimpleNamespace
+
+    if _LAST_MOVED[0] is not traced.exported:
+        _LAST_MOVED[:] = [traced.exported, on_device(SimpleNamespace(traced=traced), None, True)[1]]
+    return _LAST_MOVED[1]
 
 
 def _units(value: torch.Tensor, dim: int) -> torch.Tensor:
@@ -252,7 +267,11 @@ class RepairResult:
 
 
 def _fold(state: dict, point: RepairPoint, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """``y ← scale·y + shift`` on the point's output units, folded into its weight and bias."""
+    """``y ← scale·y + shift`` on the point's output units, folded into its weight and bias (by ``state.fold``
+    where the state makes its tensors on access)."""
+    if hasattr(state, "fold"):
+        state.fold(point, scale, shift)
+        return
     w = state[point.weight]
     shape = [1] * w.dim()
     shape[point.weight_dim] = -1
@@ -282,7 +301,9 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
     ``batches``: calibration batches ``[(args, kwargs), …]`` of the shape ``traced``
     was exported at. Returns the corrected state and a report per point: the
     largest relative change of a unit's std before repair (``collapse``: mean of
-    ``1 − σ_j / σ*_j``) and whether the shift could be folded.
+    ``1 − σ_j / σ*_j``) and whether the shift could be folded. ``fused`` is copied,
+    unless it takes the changes itself (``fold`` and item assignment;
+    ``fxfuse.backend.streamrepair``): then it is changed and returned as the state.
     """
     if not batches:
         raise RepairError("repair needs calibration inputs (--calib FILE): none were given")
@@ -298,7 +319,7 @@ def repair_state(traced: TracedModel, fused: Mapping[str, torch.Tensor], parents
         for key, (mu, sd) in unit_stats(traced, st, batches, repaired).items():
             tm, ts = targets.get(key, (0.0, 0.0))
             targets[key] = (tm + (w / wanted) * mu, ts + (w / wanted) * sd)
-    state = {k: v.clone() for k, v in fused.items()}
+    state = fused if hasattr(fused, "fold") else {k: v.clone() for k, v in fused.items()}
     entries = []
     for point in points:
         if point.running is not None:

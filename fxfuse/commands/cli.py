@@ -10,10 +10,10 @@ import time
 import warnings
 from pathlib import Path
 
+from ..core.errors import FxfuseError
 from . import barrier_command, compile_command, explain_command, permute_command, rules_command
 from .compile_command import compile_recipe  # noqa: F401  (imported from here)
 from .shared import EPILOG, version
-from ..core.errors import FxfuseError
 
 _IMPORTED = time.time()  # a stand-in for the process start where /proc does not tell it
 

@@ -140,6 +140,7 @@ class _CompileJob:
     refine: Any
     rules: Any
     out_dtype: Any
+    matched: Any = None  # {source index: fxfuse.frontend.convert.Converted} of sources matched by graph
 
 
 def _compile(args, given) -> int:
@@ -160,6 +161,10 @@ def _compile(args, given) -> int:
     if result.state is None and job.out_dtype is not None:
         result.module.to(job.out_dtype)
     report = dict(result.report, models=[m.spec for m in job.loaded], fxfuse=provenance(args.argv))
+    if job.matched:
+        from ..frontend.convert import report_entry
+
+        report["correspondence"] = report_entry(job.matched, report["models"])
     progress(f"coverage {report['coverage']:.1%} of the target's parameters can move")
     _warn_fusion(report, result.analysis)
     _print_refinement(report, recipe)
@@ -208,8 +213,10 @@ def _compile_job(args, recipe, progress):
         raise FxfuseError(f"--eval {args.eval}: with --vocab the parents do not share one token space to score "
                           "the labelled data in; evaluate the output model on its own")
     loaded, states = [], None
-    plain = (recipe.method == "ot" and recipe.groups == "perm" and not recipe.repair and refine is None
-             and labelled is None and recipe.quality != "best" and recipe.vocab is None)
+    plain = (recipe.method == "ot" and (recipe.groups == "perm" or (recipe.groups == "full" and not recipe.untie))
+             and refine is None
+             and labelled is None and recipe.quality != "best" and recipe.vocab is None
+             and recipe.match != "graph")
     if plain:  # Hugging Face twins in safetensors: fused out of core (activations streamed op by op)
         loaded, states = open_out_of_core(recipe.models, progress)
     if not loaded:
@@ -218,6 +225,9 @@ def _compile_job(args, recipe, progress):
             loaded.append(load_model(spec, trust_pickle=args.trust_pickle))
     if not -len(loaded) <= recipe.target < len(loaded):
         raise FxfuseError(f"--target {recipe.target} is out of range for {len(loaded)} models")
+    from ..frontend.convert import loaded_to_target
+
+    loaded, matched = loaded_to_target(loaded, recipe.target % len(loaded), recipe.match, progress)
     tgt = loaded[recipe.target]
     if recipe.vocab is not None:  # the output's tokenizer files can be written: checked before the work
         from ..models.vocab import output_files
@@ -239,7 +249,7 @@ def _compile_job(args, recipe, progress):
                                   or recipe.quality == "best"):
         check_calib_file(recipe.calib, calib, tgt)  # the data is read: a mismatch names the file now
     job = _CompileJob(out, tuple(loaded), None if states is None else tuple(states), calib, labelled, refine, rules,
-                      out_dtype)
+                      out_dtype, matched)
     return job, tgt
 
 
@@ -271,7 +281,8 @@ def _fuse_job(job: _CompileJob, tgt, recipe, args, progress):
     from ..models.io import load_model
 
     def fuse(job, tgt):
-        return fuse_models([m.module for m in job.loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=recipe,
+        run = recipe.override({"match": "names"}) if job.matched else recipe
+        return fuse_models([m.module for m in job.loaded], tgt.args, example_kwargs=tgt.kwargs, recipe=run,
                            calib=job.calib, rules=job.rules, progress=progress, refine=job.refine,
                            states=job.states, out_dtype=job.out_dtype,
                            vocabularies=list(recipe.models) if recipe.vocab else None)

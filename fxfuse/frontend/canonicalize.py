@@ -174,17 +174,27 @@ def _untie(module: nn.Module, names: list[str]) -> None:
         config.tie_word_embeddings = False
 
 
-def canonicalize(traced: TracedModel, untie: bool = False) -> Canonical:
-    """Fold every foldable per-channel scale of ``traced.module``; see the module doc."""
-    model = traced.module
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+@dataclass(frozen=True)
+class FoldStep:
+    """One fold to apply: ``readers`` as ``(kind, weight, bias)`` (kind ``linear``: ``W·diag(γ)``, ``addmm``:
+    ``diag(γ)·W``); ``fold_shift``: β moves into the readers' biases (else it stays, divided by γ, where given)."""
+
+    fold: Fold
+    readers: tuple[tuple[str, str, str | None], ...]
+    beta: str | None
+    fold_shift: bool
+
+
+def plan_folds(traced: TracedModel, untie: bool, scale_of) -> tuple[list[FoldStep], list[Refusal], set[str]]:
+    """The folds of ``traced`` (decided on its graph; ``scale_of(name)`` reads a scale, for the zeros test), the
+    scales refused and the weights to untie first; nothing is changed."""
     tied = {n for name, aliases in traced.aliases.items() for n in (name,) + tuple(aliases)}
     uses: dict[str, int] = {}
     for node in traced.graph.nodes:
         name = _param(traced, node)
         if name is not None:
             uses[name] = uses.get(name, 0) + len(node.users)
-    folds, refused = [], []
+    steps, refused = [], []
     untie_done: set[str] = set()
     for out, gamma, beta, width in _scale_sites(traced):
         readers, why = _readers(traced, out, width)
@@ -205,16 +215,29 @@ def canonicalize(traced: TracedModel, untie: bool = False) -> Canonical:
         if why:
             refused.append(Refusal(gamma, out.name, why))
             continue
-        g = state[gamma].double()
         fold_shift = beta is not None and all(b is not None for _, _, b, _ in readers)
-        if beta is not None and not fold_shift:  # γ⊙y + β = γ⊙(y + β/γ): the shift stays, divided by γ
-            if not bool((g != 0).all()):
-                refused.append(Refusal(gamma, out.name, "a reader has no bias to take the shift and the scale "
-                                                        "has zeros"))
-                continue
-            state[beta] = (state[beta].double() / g).to(state[beta].dtype)
+        if beta is not None and not fold_shift and not bool((scale_of(gamma) != 0).all()):
+            refused.append(Refusal(gamma, out.name, "a reader has no bias to take the shift and the scale "
+                                                    "has zeros"))
+            continue
         untie_done.update(untied)
-        for kind, w, b, _ in readers:
+        fold = Fold(gamma, beta if fold_shift else None, tuple(w for _, w, _, _ in readers), tuple(untied))
+        steps.append(FoldStep(fold, tuple((k, w, b) for k, w, b, _ in readers), beta, fold_shift))
+    return steps, refused, untie_done
+
+
+def canonicalize(traced: TracedModel, untie: bool = False) -> Canonical:
+    """Fold every foldable per-channel scale of ``traced.module``; see the module doc."""
+    model = traced.module
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    steps, refused, untie_done = plan_folds(traced, untie, lambda name: state[name])
+    folds = [step.fold for step in steps]
+    for step in steps:
+        gamma, beta, fold_shift = step.fold.scale, step.beta, step.fold_shift
+        g = state[gamma].double()
+        if beta is not None and not fold_shift:  # γ⊙y + β = γ⊙(y + β/γ): the shift stays, divided by γ
+            state[beta] = (state[beta].double() / g).to(state[beta].dtype)
+        for kind, w, b in step.readers:
             W = state[w].double()
             if fold_shift:
                 shift = state[beta].double()
@@ -225,7 +248,6 @@ def canonicalize(traced: TracedModel, untie: bool = False) -> Canonical:
         state[gamma] = torch.ones_like(state[gamma])
         if fold_shift:
             state[beta] = torch.zeros_like(state[beta])
-        folds.append(Fold(gamma, beta if fold_shift else None, tuple(w for _, w, _, _ in readers), tuple(untied)))
     if not folds:
         return Canonical(model, (), tuple(refused), 0.0)
     folded = copy.deepcopy(forget_derived(model))

@@ -50,7 +50,8 @@ import torch
 
 from ..core.axes import CONCAT, PRODUCT
 from .groups import PERM
-from .kinds import RuleMismatch, kind
+from .kinds import KINDS, Call, RuleMismatch, kind, walk
+from .op_context import OpContext
 
 # the rule that switches the recognition on (``rules/experts.yaml``); a rule file may replace it
 PATTERN_OP = "pattern.routed_experts"
@@ -393,3 +394,43 @@ def routed_experts(ctx) -> None:
         (names[match.rows], names[match.up_weight]), _expert_units(match.act, match.gated), (t, e, units))
     why = f"routed experts {match.name}: experts are chosen by index"
     ctx.walker.limits += [(a, PERM, why) for a in (e, units, h, oo, t)]
+
+
+@walk("routed_experts")
+def walk_routed_experts(walker, call: Call) -> None:
+    """A node owned by a routed-experts match: fresh axes; at its last node, the pattern's signature.
+
+    The kind (``routed_experts`` above) ties the subgraph's inputs and result; every axis of the nodes
+    it owns that it did not tie is pinned. A signature that does not fit pins every axis the subgraph
+    reads or writes.
+    """
+    node, val = call.node, call.val
+    store, env = walker.store, walker.env
+    env[node] = walker.fresh(val)
+    match = walker.experts[node]
+    if node is not match.out:
+        return
+    rule = call.rule
+    fit = walker.fits.setdefault(id(rule), [rule, {}, 0, None])
+    fit[1][PATTERN_OP] = fit[1].get(PATTERN_OP, 0) + 1
+    ctx = OpContext(walker, node, rule, PATTERN_OP, env[node], val)
+    before, store.touched = set(store.touched), set()
+    try:
+        KINDS[rule.kind].apply(ctx)
+    except (RuleMismatch, TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+        store.touched = before
+        reason = f"rule {rule.source} does not fit: {exc}"
+        fit[3] = fit[3] or f"{exc} (first at {node.name})"
+        walker.fail_closed(node, PATTERN_OP, list(node.all_input_nodes), reason)
+        for n in match.nodes:
+            for x in (n, *n.all_input_nodes):
+                for atom in walker.atoms_flat(env.get(x)):
+                    store.pin(atom, f"{reason}: {PATTERN_OP} at {node.name}")
+        return
+    related = {store.find(a) for a in store.touched}
+    store.touched = before | store.touched
+    fit[2] += 1
+    for n in match.nodes:
+        for atom in walker.atoms_flat(env.get(n)):
+            if store.size(atom) > 1 and store.find(atom) not in related:
+                store.pin(atom, f"inside routed experts {match.name}")

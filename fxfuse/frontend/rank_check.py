@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from ..core.errors import RuleError
-from .rules import Rule, Signature
 from ..core.schema import _is_tensor
+from .rules import Rule, Signature
 
 ELLIPSIS = (2,)  # the dims '...' stands for, the same in every tensor
 SIZES = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)  # one per axis name, all different

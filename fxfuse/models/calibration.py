@@ -25,8 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .data import INPUT_KEYS, LABEL_KEYS
 from ..core.errors import FxfuseError
+from .data import INPUT_KEYS, LABEL_KEYS
 
 CALIB_BATCH = 16  # calibration batch size: the models are traced once more at this shape
 DEFAULT_CALIB_RANDOM = 256  # random calibration inputs when none are given

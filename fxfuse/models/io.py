@@ -30,9 +30,9 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from . import atomic
 from ..core.checks import one_line
 from ..core.errors import SpecError
+from . import atomic
 
 MANIFEST = "fxfuse.json"
 WEIGHTS = "model.safetensors"

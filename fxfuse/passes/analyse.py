@@ -57,13 +57,21 @@ def analyse(inputs: Inputs, same_depth: SameDepth, options: Options, progress: P
     check_same_parameters(models, target)
     analyses: list[Analysis] = []
     canonical = []
+    states = list(inputs.states or ())
     for i, m in enumerate(models):
         twin = next((a for a in analyses if options.structure_only and same_architecture(a.traced.module, m)), None)
         if twin is not None:
             analyses.append(twin)
             continue
         say(f"tracing model {i} ({type(m).__name__})")
-        if options.full_groups:
+        if options.full_groups and not inputs.held:  # out of core: the folded weights are made on access
+            from ..backend.streamfold import canonical_analysis_streamed
+
+            a, c, states[i] = canonical_analysis_streamed(m, states[i], inputs.args, inputs.kwargs, inputs.rules,
+                                                          options.strict, options.untie)
+            canonical.append(c)
+            analyses.append(a)
+        elif options.full_groups:
             a, c = canonical_analysis(m, inputs.args, inputs.kwargs, inputs.rules, options.strict, options.untie)
             models[i] = c.module
             canonical.append(c)
@@ -80,7 +88,7 @@ def analyse(inputs: Inputs, same_depth: SameDepth, options: Options, progress: P
     ref = analyses[target]
     if options.method == "vanilla" and any(s.size != r.size for a in analyses for s, r in zip(a.spaces, ref.spaces)):
         raise FusionError("plain averaging needs models of equal widths (use the default method, ot)")
-    states = inputs.states or tuple(m.state_dict() for m in models)
+    states = states or tuple(m.state_dict() for m in models)
     return Analysed(tuple(models), tuple(analyses), tuple(states), tuple(canonical), levels, fixed, target)
 
 

@@ -34,6 +34,13 @@ def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Optio
             progress: Progress | None = None) -> Fused:
     """Average the aligned weights of ``checked`` with ``options.weights`` (see the module's docstring)."""
     target, skeleton = options.target, analysed.models[options.target]
+    if not inputs.held and options.repair:  # repaired on the streamed graph; folds kept as vectors
+        from ..backend.streamrepair import repair_streamed
+
+        state, report = repair_streamed(skeleton, averaged_tensors(checked.aligned, options.weights, target),
+                                        checked.aligned, options.weights, inputs.calibration(options.seed),
+                                        options.out_dtype, progress)
+        return Fused(skeleton, state, report)
     if not inputs.held:  # the fused weights are made tensor by tensor as they are written
         return Fused(skeleton, averaged_tensors(checked.aligned, options.weights, target, options.out_dtype))
     state = average_states(checked.aligned, options.weights, analysed.states[target])

@@ -20,10 +20,10 @@ from torch import nn
 
 from ..backend.emit import build_module
 from ..backend.lazy import aligned_tensors, compute_dtype, run_streamed
-from ..planner.plan import Alignment
 from ..frontend.rules import RuleSet
 from ..frontend.spaces import Analysis
 from ..frontend.verify import check_outputs, output_tensors, relative_error
+from ..planner.plan import Alignment
 from .analyse import Analysed
 from .emitting import Emitted
 from .inputs import FusionError, Inputs, Progress, quiet

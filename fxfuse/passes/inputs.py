@@ -14,15 +14,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..models.calibration import Calibration, CalibrationError, main_input, samples
-from ..models.calibration import calibration_batches as batches_of
+from ..backend.lazy import in_memory
 from ..core.device import compute as compute_device
 from ..core.errors import FxfuseError
-from ..frontend.groups import MODES as GROUP_MODES
-from ..backend.lazy import in_memory
 from ..core.progress import bar
-from ..recipes.recipe import BY_NAME as OPTIONS
+from ..frontend.groups import MODES as GROUP_MODES
 from ..frontend.rules import RuleSet, load_rules
+from ..models.calibration import Calibration, CalibrationError, main_input, samples
+from ..models.calibration import calibration_batches as batches_of
+from ..recipes.recipe import BY_NAME as OPTIONS
 
 Progress = Callable[[str], None]
 
@@ -160,10 +160,11 @@ def prepare(models: Sequence[nn.Module], example_args: tuple, example_kwargs: Ma
     held = states is None or all(in_memory(s) for s in states)
     if states is not None and len(states) != len(models):
         raise FusionError(f"{len(states)} weight mappings for {len(models)} models")
-    if not held and (options.method != "ot" or options.groups != "perm" or options.repair
-                     or options.refine is not None or options.vocab is not None):
-        raise FusionError("out-of-core fusion supports the ot method with permutations (no repair or "
-                          "refinement); load the models in memory")
+    if not held and (options.method != "ot" or options.groups not in ("perm", "full")
+                     or options.refine is not None or options.vocab is not None
+                     or (options.groups == "full" and options.untie)):
+        raise FusionError("out-of-core fusion supports the ot method with permutations or full groups (no "
+                          "refinement or untying); load the models in memory")
     check_finite(states or [m.state_dict() for m in models], progress)
     args, kwargs = tuple(example_args), dict(example_kwargs or {})
     batches, notes = None, ()

@@ -2,7 +2,7 @@
 
     Analysed ──plan──▶ Planned   (an Alignment per model, None for the target)
 
-The cost is weight matching (``fxfuse.planner.plan.WeightCost``, iterated to a fixed
+The cost is weight matching (``fxfuse.planner.weight_cost.WeightCost``, iterated to a fixed
 point) or activation statistics on the calibration batches
 (``fxfuse.planner.activations``; with several workers each collects its shard, the
 sums are reduced, and worker 0 alone goes on: the others stop with
@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
-from ..planner.activations import activation_cost
-from ..models.distributed import WorkerDone, all_reduce_sums, shard, world
 from ..backend.lazy import aligned_tensors, in_memory
-from ..planner.plan import Alignment, WeightCost, align, blocks
 from ..frontend.spaces import Analysis
+from ..models.distributed import WorkerDone, all_reduce_sums, shard, world
+from ..planner.activations import activation_cost
+from ..planner.plan import Alignment, align, blocks
+from ..planner.weight_cost import WeightCost
 from .analyse import Analysed
 from .inputs import Inputs, Options, Progress, quiet
 from .relayer import SameDepth

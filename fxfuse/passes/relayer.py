@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..planner.depth import DepthMap, Relayered, depth_map, find_block_lists, relayer as relayer_blocks, writer_params
 from ..frontend.verify import compare_outputs
+from ..planner.depth import DepthMap, Relayered, depth_map, find_block_lists, relayer as relayer_blocks, writer_params
 from .inputs import FusionError, Inputs, Options, Progress, quiet
 
 

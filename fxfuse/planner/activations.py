@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from ..core.device import host, to as to_device
-from .layout import pieces
-from .plan import ActivationCost, blocks
 from ..core.progress import bar
 from ..frontend.spaces import Analysis, Concat, Leaf, Product, expr_leaves, subgraph_prefix
+from .layout import pieces
+from .plan import ActivationCost, blocks
 
 # Ops whose outputs are read: where spaces are made (linear, conv), normalised (norms) and carried
 # (the residual adds). Summing correlations over up to ``nodes_per_space`` such nodes, spread

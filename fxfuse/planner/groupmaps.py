@@ -17,8 +17,8 @@ from typing import Mapping
 
 import torch
 
-from ..frontend.groups import INVERTIBLE, ORTHO, ORTHO_ONES, PERM
 from ..core.solvers import consumer
+from ..frontend.groups import INVERTIBLE, ORTHO, ORTHO_ONES, PERM
 from ..frontend.spaces import Analysis, AxisExpr, Concat, Product
 
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..frontend.groups import ORTHO_ONES, PERM
-from .groupmaps import ones_complement
 from ..core.maps import Block, TransportMap, _pairwise
 from ..core.solvers import assignment
+from ..frontend.groups import ORTHO_ONES, PERM
+from .groupmaps import ones_complement
 
 
 def procrustes(S: np.ndarray, fix_ones: bool = False, device: torch.device | None = None) -> np.ndarray:

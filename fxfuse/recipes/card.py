@@ -130,6 +130,21 @@ def _stages(report: Mapping[str, Any]) -> list[str]:
             *_table(["candidate", "score", "seconds", "outcome"], rows)]
 
 
+def _correspondence(report: Mapping[str, Any]) -> list[str]:
+    """Sources matched by graph (``fxfuse.frontend.convert``), with what their weights went through."""
+    entry = report.get("correspondence")
+    if not entry:
+        return []
+    lines = ["## Correspondence", "", "Parameters were matched by graph, not by name: each source below was moved "
+             "into the target's class and names first, and its outputs checked against the original's before any "
+             "alignment.", ""]
+    for i, c in entry.items():
+        kinds = ", ".join(sorted({row[2] for row in c["rows"]}))
+        lines.append(f"- model {i} ({c['model']}): {len(c['rows'])} tensors or slices ({kinds}); self-check "
+                     f"error {_figure(c['error'])}")
+    return lines + [""]
+
+
 def model_card(report: Mapping[str, Any], recipe) -> str:
     """Markdown for the output of ``compile``: ``report`` as in its ``report.json``, ``recipe`` as saved."""
     prov = report.get("fxfuse", {})
@@ -150,7 +165,8 @@ def model_card(report: Mapping[str, Any], recipe) -> str:
     coverage = report.get("coverage")
     lines += ["## Coverage", "", f"{_figure(coverage, '.1%')} of the target's parameters lie on axes that can "
               "move (the rest is pinned: averaged as it is).", ""]
-    lines += _vocabulary(report) + _stages(report) + _checks(report) + _evaluation(report) + _barrier(report)
+    lines += (_vocabulary(report) + _correspondence(report) + _stages(report) + _checks(report) + _evaluation(report)
+              + _barrier(report))
     notes = report.get("notes") or []
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]

@@ -137,6 +137,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "str", "cpu", "where activations, similarity products, Procrustes and refinement run: cpu, "
            "cuda (an error where torch sees no GPU) or auto (cuda where there is one); assignments and the "
            "self-check stay on the CPU", choices=("cpu", "cuda", "auto")),
+    Option("match", "str", "auto", "how a source's weights find the target's: by their names, or by matching "
+           "the two exported graphs (other names, layouts, fused projections: the source is moved into the "
+           "target's class and names first, and checked); auto: by graph for a model of another class than the "
+           "target, by names otherwise", choices=("auto", "names", "graph")),
     Option("seed", "int", 0, "seed of the descent order and random calibration"),
     Option("rules", "paths", (), "extra rule file (repeatable; later files override earlier and the shipped rules)",
            metavar="FILE", to_compile=False),
@@ -419,6 +423,7 @@ def accepts_recipe(compile_fn: Callable) -> Callable:
             models = [m.module for m in loaded]
             target = loaded[recipe.target % len(loaded)] if -len(loaded) <= recipe.target < len(loaded) else loaded[0]
             keywords.setdefault("example_kwargs", target.kwargs)
+            keywords.setdefault("model_inputs", [(m.args, m.kwargs) for m in loaded])
             example_args = target.args
             if recipe.vocab is not None:
                 keywords.setdefault("vocabularies", recipe.models)  # read from each directory's tokenizer.json

@@ -1,0 +1,208 @@
+"""The maps that refinement learns: a latent matrix per map of an alignment, its projection to the
+nearest group element, and the differentiable move of a state dict by those matrices.
+
+``project(L, group) = argmax_{P ∈ group} ⟨P, L⟩``: a linear assignment for permutations, a
+many-to-one matching for spaces of different sizes, ``U Vᵀ`` (``L = U Σ Vᵀ``) for orthogonal maps
+(on ``1^⊥`` for ``orthogonal_ones``); ``straight_through`` passes the gradient through the
+projection (``P + L − stop_gradient(L)``); ``rotation`` is ``exp(A − Aᵀ)``. ``Mover`` applies the
+per-axis matrices of ``fxfuse.backend.emit`` to a state dict, differentiably. The descent itself is
+``fxfuse.backend.refine``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..core.errors import FxfuseError
+from ..core.solvers import assignment, consumer, matching
+from ..frontend.groups import ORTHO_ONES
+from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf
+from ..planner.groupmaps import ones_complement
+from ..planner.plan import Alignment
+
+GROUPS = ("permutation", "matching", "orthogonal", "orthogonal_ones")
+ORTHO_TOL = 1e-6          # an initial group map farther than this from orthogonal is refused
+
+
+class RefineError(FxfuseError):
+    """Refinement cannot run on these inputs."""
+
+
+def project(latent: torch.Tensor, group: str) -> torch.Tensor:
+    """The exact group element nearest to ``latent`` (``(…, n_t, n_s)``), as a matrix.
+
+    ``permutation``: ``argmax_P ⟨P, L⟩`` (a linear assignment); ``matching``: the
+    hard many-to-one map maximising ``⟨A, L⟩`` (rows sum to 1); ``orthogonal``:
+    ``U Vᵀ`` from the SVD ``L = U Σ Vᵀ`` (the orthogonal Procrustes solution);
+    ``orthogonal_ones``: the orthogonal maps with ``Q·1 = 1``, ``B O Bᵀ + 11ᵀ/n``
+    with ``O`` the projection of ``Bᵀ L B`` (``B`` an orthonormal basis of ``1^⊥``).
+    """
+    if group == "orthogonal":
+        U, _, Vh = torch.linalg.svd(latent.detach())
+        return U @ Vh
+    if group == "orthogonal_ones":
+        n = latent.shape[-1]
+        B = ones_complement(n).to(latent.device, latent.dtype)
+        O = project(B.T @ latent.detach() @ B, "orthogonal")
+        return B @ O @ B.T + torch.full((n, n), 1.0 / n, dtype=latent.dtype, device=latent.device)
+    if group not in ("permutation", "matching"):
+        raise RefineError(f"unknown group {group!r} (one of {', '.join(GROUPS)})")
+    flat = latent.detach().reshape(-1, *latent.shape[-2:]).double().cpu().numpy()
+    out = np.zeros_like(flat)
+    for i, L in enumerate(flat):
+        if group == "matching":
+            out[i] = matching(-L)
+        else:
+            out[i, np.arange(L.shape[0]), assignment(-L)] = 1.0
+    return torch.from_numpy(out).to(latent.device, latent.dtype).reshape(latent.shape)
+
+
+def straight_through(latent: torch.Tensor, group: str) -> torch.Tensor:
+    """``project(L)`` in the forward pass, the identity's gradient in the backward pass."""
+    return project(latent, group) + latent - latent.detach()
+
+
+def _one_hot(perm: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.eye(n)[perm]
+
+
+def rotation(generator: torch.Tensor, group: str) -> torch.Tensor:
+    """``exp(A − Aᵀ)`` (``(…, n, n)``), differentiable: an orthogonal map; for ``orthogonal_ones`` the rotation
+    acts on ``1^⊥`` only (``A`` is ``(…, n−1, n−1)``, the map ``B exp(A − Aᵀ) Bᵀ + 11ᵀ/n``)."""
+    R = torch.linalg.matrix_exp(generator - generator.transpose(-1, -2))
+    if group != "orthogonal_ones":
+        return R
+    n = generator.shape[-1] + 1
+    B = ones_complement(n).to(generator.device, generator.dtype)
+    return B @ R @ B.T + torch.full((n, n), 1.0 / n, dtype=generator.dtype, device=generator.device)
+
+
+# ---------------------------------------------------------------- latents of one alignment
+
+
+@dataclass(frozen=True)
+class Latent:
+    """One refinable map: ``group``, and whether it is a nested ``(n_parent, m, m)`` stack of inner maps."""
+
+    space: int
+    group: str
+    nested: bool
+
+
+def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None
+               ) -> tuple[dict[int, Latent], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """``(kinds, initial latents, fixed pair perms)`` for every map of ``alignment``; refuses soft maps.
+
+    A group map (``q``: ``(n, n)``, or ``(n_parent, m, m)`` inside heads) is orthogonal
+    (``orthogonal_ones`` where ``levels`` says the space keeps the ones vector);
+    an initial map that is not orthogonal is refused.
+    """
+    kinds, init, pairs = {}, {}, {}
+    for sid, m in alignment.maps.items():
+        if m.q is not None:
+            q = m.q.double()
+            eye = torch.eye(q.shape[-1], dtype=q.dtype)
+            if float((q.transpose(-1, -2) @ q - eye).abs().max()) > ORTHO_TOL:
+                raise RefineError(f"space s{sid} moves by a group map that is not orthogonal: refinement learns "
+                                  "orthogonal maps only")
+            group = "orthogonal_ones" if (levels or {}).get(sid) == ORTHO_ONES else "orthogonal"
+            kinds[sid], init[sid] = Latent(sid, group, q.dim() == 3), m.q.double()
+            continue
+        if m.pair_perms is not None:  # inner maps of heads under a matching of heads: kept as solved
+            pairs[sid] = m.pair_perms
+            continue
+        if m.perm is not None:
+            p = m.perm
+            if p.dim() == 1:
+                kinds[sid], init[sid] = Latent(sid, "permutation", False), _one_hot(p, p.shape[0])
+            else:
+                kinds[sid], init[sid] = Latent(sid, "permutation", True), torch.eye(p.shape[1])[p]
+            continue
+        if not m.matching:
+            raise RefineError(f"space s{sid} has a soft (sinkhorn) map, which is no group element: refinement "
+                              "needs hard maps (use the exact solver)")
+        kinds[sid], init[sid] = Latent(sid, "matching", False), (m.matrix > 0).float()
+    return kinds, init, pairs
+
+
+def _axis_matrix(expr: AxisExpr, mats: Mapping[int, torch.Tensor], pairs: Mapping[int, torch.Tensor],
+                 parents: Mapping[int, int], reads: bool, orthogonal: frozenset[int] = frozenset(),
+                 device: torch.device | None = None) -> torch.Tensor:
+    """The ``n_t × n_s`` matrix one axis moves by, differentiable in ``mats`` (see ``fxfuse.backend.emit.axis_matrix``).
+
+    ``mats[s]``: ``(n_t, n_s)`` for a root space, ``(n_parent, m, m)`` for a space
+    nested under a parent (the inner map under every target parent unit). An
+    axis that reads units moves by ``consumer(A)`` (``= P`` for a permutation),
+    by ``O`` itself for an orthogonal map ``O`` (the inverse transpose).
+    """
+    if isinstance(expr, Leaf):
+        M = mats.get(expr.space)
+        if M is None or M.dim() != 2:
+            return torch.eye(expr.size, device=device)
+        return consumer(M) if reads and expr.space not in orthogonal else M
+    if isinstance(expr, Concat):
+        return torch.block_diag(*(_axis_matrix(p, mats, pairs, parents, reads, orthogonal, device)
+                                  for p in expr.parts))
+    parts, out, i = list(expr.parts), [], 0
+    while i < len(parts):
+        part, nxt = parts[i], parts[i + 1] if i + 1 < len(parts) else None
+        if (isinstance(part, Leaf) and isinstance(nxt, Leaf) and parents.get(nxt.space) == part.space
+                and (nxt.space in mats or nxt.space in pairs)):
+            A = _axis_matrix(part, mats, pairs, parents, reads, orthogonal, device)
+            n_t, n_s = A.shape
+            if nxt.space in pairs:
+                pp = pairs[nxt.space]
+                inner = torch.eye(nxt.size, device=device)[pp.to(device)]  # (n_t, n_s, m, m): [b == π_jk(a)]
+                block = A[:, :, None, None] * inner
+            else:
+                block = A[:, :, None, None] * mats[nxt.space][:, None, :, :]
+            out.append(block.permute(0, 2, 1, 3).reshape(n_t * nxt.size, n_s * nxt.size))
+            i += 2
+            continue
+        out.append(_axis_matrix(part, mats, pairs, parents, reads, orthogonal, device))
+        i += 1
+    M = out[0]
+    for m in out[1:]:
+        M = torch.kron(M, m)
+    return M
+
+
+class Mover:
+    """Moves one source state into the target basis by given (differentiable) maps."""
+
+    def __init__(self, analysis: Analysis, state: Mapping[str, torch.Tensor], pairs: Mapping[int, torch.Tensor],
+                 spaces: set[int], orthogonal: frozenset[int] = frozenset(), device: torch.device | None = None):
+        """``device``: where the state lies and the maps are built (``None``: the CPU)."""
+        self.state, self.pairs, self.parents, self.orthogonal = state, pairs, analysis.parents, orthogonal
+        self.device = device
+        self.moved: list[tuple[str, tuple[str, ...], list[tuple[int, AxisExpr, bool]]]] = []
+        touched = set(spaces) | set(pairs)
+        skip = analysis.scales if orthogonal else frozenset()  # c·1 commutes with every map (fxfuse.planner.groupmaps)
+        for name, layout in analysis.layouts.items():
+            if not state[name].is_floating_point() or name in skip:
+                continue
+            axes = [(d, e, bool(layout.consumed[d]) if d < len(layout.consumed) else False)
+                    for d, e in enumerate(layout.axes) if any(leaf.space in touched for leaf in _leaves(e))]
+            if axes:
+                self.moved.append((name, layout.aliases, axes))
+
+    def __call__(self, mats: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(self.state)
+        for name, aliases, axes in self.moved:
+            t = self.state[name].float()
+            for d, expr, reads in axes:
+                M = _axis_matrix(expr, mats, self.pairs, self.parents, reads, self.orthogonal, self.device)
+                t = torch.tensordot(M.to(t.dtype), t, dims=([1], [d])).movedim(0, d)
+            for key in (name,) + aliases:
+                if key in out:
+                    out[key] = t
+        return out
+
+
+def _leaves(expr: AxisExpr) -> list[Leaf]:
+    if isinstance(expr, Leaf):
+        return [expr]
+    return [leaf for p in expr.parts for leaf in _leaves(p)]
