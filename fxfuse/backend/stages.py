@@ -243,47 +243,44 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
     best_of: dict[str, str] = {}
     for name in sorted(results, key=lambda n: results[n][2]):
         best_of.setdefault(results[name][0]["groups"], name)
-    refined_kept = False
-    if refine is not None:
-        refined = []
-        for name in best_of.values():
-            got = run(f"{name} + refine {refine.steps}", dict(results[name][0], refine=refine))
+    def best_with(label: str, bases, extra: Mapping[str, Any]):
+        """Each base ``(name, options)`` fused again with ``extra``: ``(name, options, result, score)`` of the
+        lowest score (ties: the better aligned), the others said; ``None`` where none could run."""
+        ran = []
+        for base, options in bases:
+            got = run(f"{base} + {label}", dict(options, **extra))
             if got is None:
                 notes.append(f"quality best: {trials[-1].name} {trials[-1].reason}")
                 continue
-            refined.append((trials[-1].name, trials[-1].options, *got))
-        if refined:
-            name, options, got_result, got_score = min(refined, key=lambda r: r[3])  # ties: the better aligned
-            for other, _o, _r, other_score in refined:
-                if other != name:
-                    notes.append(f"quality best: '{other}' not kept ({scorer.short} {other_score:.4g} against "
-                                 f"{got_score:.4g} for '{name}')")
-            if got_score < score:
-                chosen_name, changes, result, score = name, options, got_result, got_score
-                refined_kept = True
-            else:
-                notes.append(f"quality best: stage refine dropped: it made the result worse ({scorer.short} "
-                             f"{got_score:.4g} against {score:.4g} without it)")
+            ran.append((trials[-1].name, trials[-1].options, *got))
+        if not ran:
+            return None
+        best = min(ran, key=lambda r: r[3])
+        notes.extend(f"quality best: '{other}' not kept ({scorer.short} {other_score:.4g} against {best[3]:.4g} "
+                     f"for '{best[0]}')" for other, _o, _r, other_score in ran if other != best[0])
+        return best
+
+    def kept(stage: str, best) -> bool:
+        """Whether the stage's ``best`` scores lower than the result without it (else said)."""
+        if best is None:
+            return False
+        if best[3] < score:
+            return True
+        notes.append(f"quality best: stage {stage} dropped: it made the result worse ({scorer.short} "
+                     f"{best[3]:.4g} against {score:.4g} without it)")
+        return False
+
+    refined_kept = False
+    if refine is not None:
+        best = best_with(f"refine {refine.steps}", [(n, results[n][0]) for n in best_of.values()], {"refine": refine})
+        if kept("refine", best):
+            chosen_name, changes, result, score = best
+            refined_kept = True
     # repair: of the refined result, else of the best alignment of each group level (the chosen one first)
     bases = [(chosen_name, changes)] if refined_kept else [(n, results[n][0]) for n in best_of.values()]
-    repaired = []
-    for name, options in bases:
-        got = run(f"{name} + repair", dict(options, repair=True))
-        if got is None:
-            notes.append(f"quality best: {trials[-1].name} {trials[-1].reason}")
-            continue
-        repaired.append((trials[-1].name, trials[-1].options, *got))
-    if repaired:
-        name, options, got_result, got_score = min(repaired, key=lambda r: r[3])  # ties: the better aligned
-        for other, _o, _r, other_score in repaired:
-            if other != name:
-                notes.append(f"quality best: '{other}' not kept ({scorer.short} {other_score:.4g} against "
-                             f"{got_score:.4g} for '{name}')")
-        if got_score < score:
-            chosen_name, changes, result, score = name, options, got_result, got_score
-        else:
-            notes.append(f"quality best: stage repair dropped: it made the result worse ({scorer.short} "
-                         f"{got_score:.4g} against {score:.4g} without it)")
+    best = best_with("repair", bases, {"repair": True})
+    if kept("repair", best):
+        chosen_name, changes, result, score = best
     trials = [replace(t, kept=t.name == chosen_name) for t in trials]
     refitted, refit = _refit(compile_fn, models, example_args, keywords, changes, say)
     # a guard, not a fair score (the refit saw the held-out samples): a refit that lands in a worse place
