@@ -272,3 +272,21 @@ def test_refinement_mixes_vocabulary_rows_per_row_and_stays_exact():
     result = fuse([a, b], (), example_kwargs=hf_example_inputs(a), vocab="target", vocabularies=[WORDS, words_b],
                   refine=RefineConfig(5, x, x.clone(), head="causal"))
     assert "refine" in result.report and all(c["error"] <= 1e-4 for c in result.report["self_check"])
+
+
+def test_same_size_tokenizers_that_differ_are_refused_without_vocab(tmp_path, capsys):
+    """Rows are fused by id without --vocab: two tokenizers that give one id different tokens are refused
+    (their rows would average different tokens); the same tokenizer on both sides fuses as before."""
+    a = _gpt2(len(WORDS))
+    words_b = WORDS[:2] + WORDS[2:][::-1]  # the same tokens, other ids
+    spec_a, spec_b = _save(a, WORDS, tmp_path / "a"), _save(_gpt2(len(WORDS), seed=1), words_b, tmp_path / "b")
+    capsys.readouterr()
+    line = refused(capsys, tmp_path, "compile", spec_a, spec_b, "-o", str(tmp_path / "o"))
+    assert line == (f"{spec_b}: its tokenizer gives {len(WORDS) - 2} of {len(WORDS)} ids other tokens than "
+                    f"{spec_a}'s: pass --vocab target or --vocab union to match their rows by token string")
+    same = _save(_gpt2(len(WORDS), seed=1), WORDS, tmp_path / "c")
+    capsys.readouterr()
+    code, _, err = run(capsys, "compile", spec_a, same, "-o", tmp_path / "f", "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "compile", spec_a, spec_b, "-o", tmp_path / "g", "--quiet", "--vocab", "target")
+    assert code == 0, err

@@ -414,6 +414,27 @@ def check_specs(specs: Sequence[str], mode: str | None, target: int = 0) -> None
         big = specs[sizes.index(max(sizes))]
         raise VocabError(f"{big}: the vocabularies differ in size ({shown} tokens): pass --vocab target or "
                          "--vocab union to match their rows by token string")
+    _check_same_tokens(specs, target)
+
+
+def _check_same_tokens(specs: Sequence[str], target: int) -> None:
+    """Without ``--vocab``, rows are fused by id: Hugging Face directories whose tokenizers give the same id to
+    different tokens are refused in one line (their rows would average different tokens)."""
+    if not -len(specs) <= target < len(specs) or not all((Path(s) / TOKENIZER).is_file() for s in specs):
+        return
+    try:
+        import tokenizers  # noqa: F401  (with transformers; without it, nothing to compare)
+    except ImportError:
+        return
+    target %= len(specs)
+    ref = read_vocab(specs[target])
+    for spec in specs:
+        tokens = read_vocab(spec)
+        differ = sum(a != b for a, b in zip(tokens, ref)) + abs(len(tokens) - len(ref))
+        if differ:
+            raise VocabError(f"{spec}: its tokenizer gives {differ} of {max(len(tokens), len(ref))} ids other tokens "
+                             f"than {specs[target]}'s: pass --vocab target or --vocab union to match their rows "
+                             "by token string")
 
 
 def output_files(specs: Sequence[str], modules: Sequence[nn.Module], target: int, mode: str) -> dict[str, str]:
