@@ -143,7 +143,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         from ..models.vocab import prepare_models
 
         vocab = prepare_models(models, vocabularies, target, vocab, example_args, example_kwargs, calib)
-        models, example_args, example_kwargs = vocab.models, vocab.args, vocab.kwargs
+        models, example_args, example_kwargs = list(vocab.models), vocab.args, vocab.kwargs
     if quality == "best":
         from ..backend.stages import fuse_best
 
@@ -156,7 +156,6 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         raise FusionError(f"unknown quality {quality!r} (fast, best)")
     start, timings = time.perf_counter(), {}
     say = progress or passes.inputs.quiet
-    models = list(models)
     options = passes.Options.of(len(models), target=target, weights=weights, calib=calib, cost=cost, solver=solver,
                                 reg=reg, pin=tuple(pin), method=method, seed=seed, max_passes=max_passes,
                                 strict=strict, heads=heads, depth_cost=depth_cost, groups=groups, untie=untie,
