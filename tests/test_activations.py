@@ -7,6 +7,8 @@
 * Spaces inside higher-order subgraphs (a block under ``torch.no_grad()``) are
   read there.
 * A space without signal is kept at the identity with a note and a warning.
+* Samples that fail a check the traced graph makes on its inputs are named
+  in one line.
 * Models with several inputs (encoder-decoder) get calibration batches of
   every input, random or from a file of named tensors.
 * Weight matching: a space without any tensor to compare is noted; heads that
@@ -24,6 +26,7 @@ from torch import nn
 
 import fxfuse
 import zoo
+from fxfuse.core.errors import InputCheckError
 from fxfuse.planner.activations import _Stats, _units, graph_ops
 from fxfuse.models.calibration import calibration_batches
 from fxfuse.commands.cli import main
@@ -424,3 +427,31 @@ def test_rows_of_data_dependent_size_are_no_samples():
     b, _ = zoo.jetmoe(1)
     r = fxfuse.compile([b, a], args, target=1, cost="activations", calib=16)
     assert r.report["cost"] == "activations" and type(r.module) is type(a)
+
+
+class _PoolsEnd(nn.Module):
+    """Pools the hidden state at the end-of-sequence token (id 2), as encoder-decoder classifiers do: the
+    exported graph checks that every sample holds one."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.out = nn.Embedding(16, 8), nn.Linear(8, 12), nn.Linear(12, 3)
+
+    def forward(self, ids):
+        h = self.fc(self.emb(ids)).relu()
+        return self.out(h[ids.eq(2)].view(ids.shape[0], -1, 12)[:, -1])
+
+
+def test_samples_that_fail_an_input_check_of_the_graph_are_named_in_one_line():
+    torch.manual_seed(0)
+    model = _PoolsEnd().eval()
+    ids = torch.randint(3, 16, (2, 6))
+    ids[:, -1] = 2
+    good = torch.randint(3, 16, (32, 6))
+    good[:, -1] = 2
+    fused = fxfuse.compile([model, model], (ids,), cost="activations", calib=good)  # real samples: fine
+    assert torch.equal(fused.module(ids), model(ids))
+    with pytest.raises(InputCheckError) as err:  # random ids: no end-of-sequence token
+        fxfuse.compile([model, model], (ids,), cost="activations", calib=torch.randint(3, 16, (32, 6)))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("node '") and "--calib" in msg, msg

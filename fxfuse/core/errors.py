@@ -33,3 +33,8 @@ class StrictError(FxfuseError):
 
 class UnsoundError(FxfuseError):
     """A moved copy of a model computes something else: names the space, its ops and their rules."""
+
+
+class InputCheckError(FxfuseError):
+    """A check the traced model makes on its inputs (``aten._assert_scalar``) fails on samples other than
+    the example: names the node and the check."""

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..core.errors import InputCheckError
 from ..core.device import host, to as to_device
 from ..core.progress import bar
 from ..frontend.spaces import Analysis, Concat, Leaf, Product, expr_leaves, subgraph_prefix
@@ -211,6 +212,9 @@ def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None,
     return out
 
 
+_INPUT_CHECKS = (torch.ops.aten._assert_scalar.default, torch.ops.aten._assert_async.msg)
+
+
 class _Capture(torch.fx.Interpreter):
     """Runs a graph keeping the values of ``wanted`` nodes; higher-order ops run their submodules the same way."""
 
@@ -219,7 +223,22 @@ class _Capture(torch.fx.Interpreter):
         self.wanted, self.prefix = wanted, prefix
         self.values = {} if values is None else values
 
+    def run(self, *args, **kwargs):
+        try:
+            return super().run(*args, **kwargs)
+        except InputCheckError as exc:  # the interpreter appends the node's code on further lines
+            raise InputCheckError(str(exc).splitlines()[0]) from None
+
     def run_node(self, n):
+        if n.op == "call_function" and n.target in _INPUT_CHECKS:
+            try:
+                return super().run_node(n)
+            except RuntimeError as exc:
+                check = str(exc).splitlines()[0] if str(exc) else "an input check"
+                raise InputCheckError(
+                    f"node {n.name!r}: {check}; the example inputs pass this check of the traced model but these "
+                    "samples do not (random token ids hold no special tokens, such as the end-of-sequence token "
+                    "a classifier pools): give samples shaped like real inputs (--calib FILE)") from None
         if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             args = tuple(self._inner(a, v) for a, v in zip(n.args, args))
