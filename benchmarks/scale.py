@@ -13,7 +13,11 @@ at a time; removed afterwards unless ``--keep``):
 * ``llama-1b``: LlamaForCausalLM, hidden 2048, 22 layers, 32 query / 4 key-value
   heads, MLP 5632, vocabulary 32000 (1.1 B), float32;
 * ``llama-1b-bf16``: the same weights in bfloat16 (converted shard by shard);
-* ``llama-1b-4l``: ``llama-1b``'s shapes with 4 layers (0.43 B), a quicker view of its solve.
+* ``llama-1b-4l``: ``llama-1b``'s shapes with 4 layers (0.43 B), a quicker view of its solve;
+* ``llama-7b``: Llama-2-7B's shapes (hidden 4096, 32 layers, 32 heads, MLP 11008,
+  vocabulary 32000; 6.7 B) in bfloat16, random weights written tensor by tensor
+  (``N(0, 0.02²)``, norms ones; 13.5 GB per model); ``llama-7b-2l``: the same
+  shapes with 2 layers (0.67 B), a quick view of its per-layer cost.
 
 For each pair the script runs, each in a fresh process:
 
@@ -21,7 +25,9 @@ For each pair the script runs, each in a fresh process:
    RSS of that process (``wait4``);
 2. the *floor*: read every tensor of both checkpoints into memory, then form
    every space's similarity products once (``Σ W_a W_bᵀ`` over its member
-   axes, float32); any weight-matching fusion does at least this;
+   axes, float32); any weight-matching fusion does at least this. Where both
+   checkpoints do not fit in 40 % of the memory (the 7 B pair), every tensor is
+   read once, then read again by the products;
 3. the interpreter's start-up with ``import torch, transformers, fxfuse``,
    which the compile wall time includes and the floor does not (and, apart,
    ``import fxfuse`` alone: transformers is imported only for a Hugging Face
@@ -53,7 +59,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache" / "scale"
-PAIRS = ("bert-base", "llama-1b", "llama-1b-bf16", "llama-1b-4l")
+PAIRS = ("bert-base", "llama-1b", "llama-1b-bf16", "llama-1b-4l", "llama-7b", "llama-7b-2l")
+SHARD_BYTES = 2 * 2 ** 30  # the random 7 B-shaped checkpoints: shards of at most this
 
 
 def _config(name: str):
@@ -61,6 +68,11 @@ def _config(name: str):
 
     if name == "bert-base":
         return transformers.BertModel, transformers.BertConfig()
+    if name.startswith("llama-7b"):  # Llama-2-7B's shapes
+        return transformers.LlamaForCausalLM, transformers.LlamaConfig(
+            hidden_size=4096, intermediate_size=11008, num_hidden_layers=2 if name == "llama-7b-2l" else 32,
+            num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+            tie_word_embeddings=False, dtype="bfloat16")
     config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632,
                                       num_hidden_layers=4 if name == "llama-1b-4l" else 22,
                                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
@@ -80,6 +92,10 @@ def build(name: str) -> tuple[Path, Path]:
             _to_bf16(src, d)
         return dirs
     cls, config = _config(name)
+    if name.startswith("llama-7b"):
+        for seed, d in zip((0, 1), dirs):
+            _random_bf16(cls, config, seed, d)
+        return dirs
     for seed, d in zip((0, 1), dirs):
         torch.manual_seed(seed)
         model = cls(config).eval()
@@ -90,6 +106,48 @@ def build(name: str) -> tuple[Path, Path]:
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
     return dirs
+
+
+def _random_bf16(cls, config, seed: int, dst: Path) -> None:
+    """A checkpoint of ``cls(config)``'s shapes in bfloat16, written tensor by tensor (no model in memory):
+    norm weights ones, every other tensor ``~ N(0, initializer_range²)`` (the Llama init)."""
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    shard: dict = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def flush() -> None:
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        shard.clear()
+
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = torch.empty(shape, dtype=torch.bfloat16)
+            for rows in torch.split(t.view(shape[0], -1), 1024):  # float32 in pieces
+                rows.copy_(torch.randn(rows.shape, generator=g) * config.initializer_range)
+        if shard and sum(v.numel() * 2 for v in shard.values()) + t.numel() * 2 > SHARD_BYTES:
+            flush()
+        shard[key] = t
+        total += t.numel() * 2
+    flush()
+    config.architectures = [cls.__name__]
+    config.save_pretrained(tmp)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
 
 
 def _to_bf16(src: Path, dst: Path) -> None:
@@ -131,21 +189,31 @@ def floor(a: str, b: str) -> dict:
     loaded, _ = load_hf_out_of_core(a)
     analysis = fxfuse.analyze(loaded.module, (), example_kwargs=loaded.kwargs)  # shapes only; not counted
     t0, c0 = time.perf_counter(), time.process_time()
-    states = []
-    for path in (a, b):
-        tensors = CheckpointTensors.from_dir(Path(path))
-        states.append({k: tensors[k] for k in tensors})
+    stored = [CheckpointTensors.from_dir(Path(path)) for path in (a, b)]
+    size = sum(f.stat().st_size for path in (a, b) for f in Path(path).glob("*.safetensors"))
+    held = size < 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if held:  # both in memory
+        states = [{k: tensors[k] for k in tensors} for tensors in stored]
+    else:  # both do not fit: every tensor read once (the load), then read again by the products
+        for tensors in stored:
+            for k in tensors:
+                tensors[k]
+        states = stored
     t_load, c_load = time.perf_counter() - t0, time.process_time() - c0
     for name, layout in analysis.layouts.items():  # tied names read the stored tensor
-        for s in states:
+        for i, s in enumerate(states):
             if name not in s:
-                s[name] = next(s[alias] for alias in layout.aliases if alias in s)
+                alias = next(alias for alias in layout.aliases if alias in s)
+                if held:
+                    s[name] = s[alias]
+                else:
+                    states[i] = s = s.with_aliases({name: alias})
     cost = WeightCost(analysis, states[0], states[1])
     t1, c1 = time.perf_counter(), time.process_time()
     for blk in blocks(analysis, set()):
         cost.block(blk.root, blk.children, {})
     return {"load_s": t_load, "products_s": time.perf_counter() - t1,
-            "cpu_s": c_load + time.process_time() - c1}
+            "cpu_s": c_load + time.process_time() - c1, "held": held}
 
 
 def _run_measured(argv: list[str], env: dict) -> tuple[float, float, str, float]:
