@@ -24,8 +24,8 @@ and "heads left out" drops the in-head maps of those heads too.
 
 (a) data-free: the barrier when only a family is aligned (the rest at the
     identity), and when only it is left out (the rest aligned);
-(b) refined: the data-free maps with the refined maps of one family put in,
-    the refined maps with one family put back to its data-free maps (a
+(b) refined: the data-free maps with the refined maps of one family put in
+    (alone, and together with the refined stream map), the refined maps with one family put back to its data-free maps (a
     family whose head permutation refinement changed moves with its heads),
     and the refined maps with one family left out (at the identity);
 (c) per block: A's weights everywhere except one block's parameters,
@@ -258,7 +258,8 @@ def breakdown(a, b, example: tuple, data, labels, head: str, word_embedding: str
     scorer, free, ref, vanilla, plan_s = setup(a, b, example, data, labels, head, points, refine, progress)
     analysis = scorer.analysed.ref
     parents = dict(analysis.parents)
-    fams = families(analysis, stream_space(analysis, word_embedding))
+    stream = stream_space(analysis, word_embedding)
+    fams = families(analysis, stream)
     everything = set(free.maps)
     out = {"vanilla": vanilla.barrier, "parents": [vanilla.loss[0], vanilla.loss[-1]], "plan_s": plan_s,
            "families": {f.name: sorted(f.spaces) for f in fams}, "problems": [],
@@ -278,6 +279,8 @@ def breakdown(a, b, example: tuple, data, labels, head: str, word_embedding: str
         left = everything - with_children(f.spaces, parents)
         out.setdefault("refined", {})[f.name] = {
             "put_in": scorer.score(put_in, f"data-free + refined {f.name}"),
+            "with_stream": scorer.score(mixed(free, ref, f.spaces | {stream}, parents)[0],
+                                        f"data-free + refined stream and {f.name}"),
             "taken_out": scorer.score(taken_out, f"refined but {f.name} data-free"),
             "left_out": scorer.score(keep(ref, left), f"refined but {f.name} at the identity"),
             "spaces": sorted(moved_in | moved_out)}
@@ -298,7 +301,7 @@ def _rows(out: dict):
     for r in out.get("data_free", {}).values():
         yield from (r["only"], r["left_out"])
     for r in out.get("refined", {}).values():
-        yield from (r["put_in"], r["taken_out"], r["left_out"])
+        yield from (r["put_in"], r["with_stream"], r["taken_out"], r["left_out"])
     for r in out.get("blocks", {}).values():
         yield from (v for k, v in r.items() if isinstance(v, dict))
 
@@ -323,14 +326,15 @@ def format_tables(out: dict, title: str = "") -> str:
     if "refined" in out:
         ch = ",".join(f"s{s}" for s in out["changed"])
         lines += ["", f"(b) refined maps (spaces refinement changed: {ch or 'none'}): one family's refined map put "
-                  "into the data-free maps / put back to data-free in the refined maps / left out (identity) of the "
-                  "refined maps", "",
-                  "| family (spaces moved) | data-free + it refined | vs vanilla | refined, it data-free | vs vanilla "
-                  "| refined, it at identity | vs vanilla |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "into the data-free maps (alone / with the refined stream map) / put back to data-free in the "
+                  "refined maps / left out (identity) of the refined maps", "",
+                  "| family (spaces moved) | data-free + it refined | vs vanilla | + the stream refined | vs vanilla "
+                  "| refined, it data-free | vs vanilla | refined, it at identity | vs vanilla |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in out["refined"].items():
             sp = ",".join(f"s{s}" for s in r["spaces"])
-            lines.append(f"| {name} ({sp}) | {cell(r['put_in']['barrier'])} | {cell(r['taken_out']['barrier'])} | "
-                         f"{cell(r['left_out']['barrier'])} |")
+            lines.append(f"| {name} ({sp}) | {cell(r['put_in']['barrier'])} | {cell(r['with_stream']['barrier'])} | "
+                         f"{cell(r['taken_out']['barrier'])} | {cell(r['left_out']['barrier'])} |")
     if "blocks" in out:
         mid = {k: v["loss"][len(v["loss"]) // 2] - v["loss"][0] for k, v in out["base"].items() if not k.startswith("none")}
         lines += ["", "(c) A everywhere, one block interpolated towards B aligned: loss minus A's at λ = ½ and at "

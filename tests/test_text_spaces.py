@@ -49,6 +49,8 @@ def test_breakdown_tables_on_a_tiny_gpt2_pair():
     heads = fam["heads L0"]
     assert set(heads) < set(df["q/k L0"]["only_spaces"])
     assert set(fam["q/k L0"]) | set(fam["v/o L0"]) < set(df["heads L0"]["left_out_spaces"])
+    stream = out["refined"]["residual stream"]
+    assert stream["with_stream"]["barrier"] == stream["put_in"]["barrier"]  # the same maps
     assert {"MLP L1", "q/k (all layers)", "attention: heads, q/k, v/o (all layers)"} <= set(df) == set(out["refined"])
     # the stream alone moves the barrier: partial alignments are not the identity nor the whole alignment
     none = out["base"]["none aligned (norm scales folded only)"]["barrier"]
