@@ -60,8 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fxfuse import passes  # noqa: E402
 from fxfuse.api.barrier import Curve, curve  # noqa: E402
-from fxfuse.backend.refine import RefineConfig  # noqa: E402
 from fxfuse.backend.lazy import aligned_tensors  # noqa: E402
+from fxfuse.backend.refine import RefineConfig  # noqa: E402
 from fxfuse.planner.plan import Alignment, align  # noqa: E402
 from fxfuse.planner.weight_cost import WeightCost  # noqa: E402
 
