@@ -215,6 +215,27 @@ def test_tied_embeddings_out_of_core_equal_in_memory(tmp_path):
     assert written and all(torch.equal(t, expected[k]) for k, t in written.items())
 
 
+def test_a_stale_buffer_only_the_target_stores_is_written_from_it(tmp_path):
+    """An older checkpoint may still hold a buffer its class no longer loads (BERT's ``position_ids``): fused
+    with a newer save that lacks it, the weights are fused as without it and the buffer is the target's."""
+    import zoo
+    from safetensors.torch import save_file
+
+    for seed in (0, 1):
+        zoo.bert_mlm(seed=seed)[0].save_pretrained(tmp_path / f"m{seed}")
+    old = tmp_path / "old"
+    zoo.bert_mlm(seed=0)[0].save_pretrained(old)
+    stored = _tensors(old)
+    stale = torch.arange(64).unsqueeze(0)
+    save_file({**stored, "bert.embeddings.position_ids": stale}, str(old / "model.safetensors"),
+              metadata={"format": "pt"})
+    expected = _tensors(_compile(tmp_path / "new", tmp_path / "m0", tmp_path / "m1"))
+    written = _tensors(_compile(tmp_path / "out", old, tmp_path / "m1"))
+    assert torch.equal(written.pop("bert.embeddings.position_ids"), stale)
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(t, expected[k]) for k, t in written.items())
+
+
 def test_activations_out_of_core_equal_in_memory_fusion(tmp_path, pair):
     """``--cost activations`` on Hugging Face twins runs both graphs op by op with each weight read from its file
     by the op that uses it: the statistics, maps and written weights are the in-memory fusion's."""

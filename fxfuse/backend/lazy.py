@@ -243,16 +243,18 @@ def aligned_tensors(analysis, state: Mapping[str, torch.Tensor], alignment) -> M
 
 def averaged_tensors(states, weights, target: int, dtype: torch.dtype | None = None) -> Mapping[str, torch.Tensor]:
     """``Σ_m w_m · state_m`` (``fxfuse.backend.emit.average_states``) per tensor on access, each state read once, in
-    ``dtype`` (default: the target's); entries that are not floating come from the target."""
+    ``dtype`` (default: the target's); entries that are not floating come from the target, and so do entries
+    of the target's checkpoint that another lacks (a buffer its class no longer loads, such as an old
+    ``position_ids``: loading refuses a checkpoint that lacks a tensor the model reads)."""
     from .emit import average_states
 
     like = states[target]
 
     def make(key: str) -> torch.Tensor:
-        tensors = [s[key] for s in states]
-        ref = tensors[target]
-        if not ref.is_floating_point():
+        ref = like[key]
+        if not ref.is_floating_point() or any(key not in s for s in states):
             return ref
+        tensors = [s[key] for s in states]
         out = ref if dtype is None else ref.to(dtype)  # the average is rounded once, to ``dtype``
         return average_states([{key: x} for x in tensors], weights, {key: out})[key]
 
