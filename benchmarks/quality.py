@@ -18,7 +18,8 @@ accuracy (the fixed 400-image test split) of
   default, 0.06 on the cost normalised by its max);
 * fxfuse weights/activations with the exact solver and ``groups="full"``
   (norm scales folded, orthogonal residual streams and in-head maps), beside
-  the same settings with permutations (the loss barriers too);
+  the same settings with permutations (the loss barriers too); and with
+  groups full refined (``--refine-steps``, the rows marked ``+ refine``);
 
 once as produced ("one-shot") and once after one epoch of finetuning on the
 training split (``digits.train`` for 1 epoch: Adam, 10% linear warm-up, cosine
@@ -88,6 +89,8 @@ FUSIONS = [
     ("fxfuse weights/exact + refine + repair", {"cost": "weights", "solver": "exact", "refine": True, "repair": True}),
     ("fxfuse weights/exact, groups full", {"cost": "weights", "solver": "exact", "groups": "full"}),
     ("fxfuse activations/exact, groups full", {"cost": "activations", "solver": "exact", "groups": "full"}),
+    ("fxfuse weights/exact, groups full + refine", {"cost": "weights", "solver": "exact", "groups": "full",
+                                                    "refine": True}),
     # Not a method: a reference for how much a soft map can score by *removing* model 1's function.
     # With reg this large the plan is ~uniform, the aligned model 1 is at chance, and the average is
     # ~model 0 plus a constant. A sinkhorn row near or below it owes its one-shot score to that, not to
