@@ -156,6 +156,12 @@ def test_cli_refine_scales(tmp_path, capsys):
     assert report["refine"]["scales"]["lr"] == 0.02 and report["refine"]["scales"]["sites"] > 0
     recipe = yaml.safe_load((out / "fxfuse-recipe.yaml").read_text())
     assert recipe["refine_scales"] is True and recipe["refine_lr_scales"] == 0.02
+    capsys.readouterr()
+    assert main(["barrier", "digits:vit", "digits:vit", "--data", str(train), "--points", "3", "--groups", "full",
+                 "--refine", "3", "--refine-data", str(train), "--refine-scales", "--json", "-q"]) == 0
+    curves = json.loads(capsys.readouterr().out)
+    assert curves["refined"]["loss"][0] == pytest.approx(curves["vanilla"]["loss"][0], rel=1e-5)
+    assert curves["refined"]["loss"][-1] == pytest.approx(curves["vanilla"]["loss"][-1], rel=1e-5)
     assert main(["compile", "digits:vit", "digits:vit", "-o", str(tmp_path / "bad"), "--refine-scales", "-q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fxfuse: error:") and "--refine-scales" in err and len(err.strip().splitlines()) == 1
