@@ -34,6 +34,11 @@ refined to higher accuracy than the projection at every rate tried). The final
 orthogonal maps are projected once more in float64. Soft (sinkhorn) maps are no
 group element and are refused; the inner matchings of heads under a matching
 of heads stay as solved (their parent is refined).
+
+With ``scales`` the interpolated model also learns a scale and a shift per
+output unit of every repair point (``fxfuse.backend.scales``): applied to the
+mixed weights at the strength ``λ(1 − λ)/(w(1 − w))`` of the sampled point, they
+change the fused model only, never the maps or the aligned parents.
 """
 from __future__ import annotations
 
