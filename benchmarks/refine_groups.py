@@ -85,7 +85,8 @@ def main(argv=None) -> None:
         rows["vanilla"].append(digits.accuracy(van.module, *data[2:]))
         for mode in modes:
             t0 = time.perf_counter()
-            res = fxfuse.compile(list(parents), example[0], target=0, seed=0, **options(mode, args.steps, data, args.lr_scales))
+            res = fxfuse.compile(list(parents), example[0], target=0, seed=0,
+                                 **options(mode, args.steps, data, args.lr_scales))
             acc = digits.accuracy(res.module, *data[2:])
             rows[mode].append(acc)
             t = res.report["refine"]["seconds"] if "refine" in res.report else float("nan")
