@@ -9,7 +9,8 @@ Pairs are the ones of ``benchmarks/quality.py`` (``digits.vit``, pair i = seeds
 seed 0): ``perm`` / ``full`` are ``groups="perm"`` / ``"full"`` with the weights
 cost; ``act-full`` the activations cost on the first 512 training images;
 ``X+refine`` adds ``RefineConfig(--steps, training split)``; ``X+refineN``
-refines ``N`` steps. Printed: per pair and mean, test accuracy (400 images) and
+refines ``N`` steps; ``X+refine+scales`` also learns unit scales of the fused
+model (``scales=True``, ``--lr-scales``). Printed: per pair and mean, test accuracy (400 images) and
 the refinement's wall time.
 """
 from __future__ import annotations
@@ -49,15 +50,16 @@ def parent(seed: int, data):
     return model.eval(), example
 
 
-def options(mode: str, steps: int, data) -> dict:
+def options(mode: str, steps: int, data, lr_scales: float = 0.01) -> dict:
     base, _, refine = mode.partition("+")
+    refine, _, scales = refine.partition("+")
     kw = {"groups": "perm" if base in ("perm", "act-perm") else "full",
           "cost": "activations" if base.startswith("act") else "weights"}
     if kw["cost"] == "activations":
         kw["calib"] = data[0][:N_CALIB]
     if refine:
         n = int(refine[len("refine"):] or steps)
-        kw["refine"] = RefineConfig(n, data[0], data[1])
+        kw["refine"] = RefineConfig(n, data[0], data[1], scales=scales == "scales", lr_scales=lr_scales)
     return kw
 
 
@@ -67,6 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default="perm,full,perm+refine,full+refine")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr-scales", type=float, default=0.01, help="learning rate of the unit scales (+scales)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,7 +85,8 @@ def main(argv=None) -> None:
         rows["vanilla"].append(digits.accuracy(van.module, *data[2:]))
         for mode in modes:
             t0 = time.perf_counter()
-            res = fxfuse.compile(list(parents), example[0], target=0, seed=0, **options(mode, args.steps, data))
+            res = fxfuse.compile(list(parents), example[0], target=0, seed=0,
+                                 **options(mode, args.steps, data, args.lr_scales))
             acc = digits.accuracy(res.module, *data[2:])
             rows[mode].append(acc)
             t = res.report["refine"]["seconds"] if "refine" in res.report else float("nan")

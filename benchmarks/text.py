@@ -35,7 +35,9 @@ windows evenly spaced over the held-out stream, MLM masks from the fixed seed
 * activations with heads matched flat (``heads="flat"``);
 * weights and activations with ``groups="full"`` (norm scales folded, the tied
   LM head untied where the last norm's scale must go into it; orthogonal
-  residual streams and in-head maps), beside the same costs with permutations.
+  residual streams and in-head maps), beside the same costs with permutations;
+* weights, groups full, refined, with and without learnt unit scales of the
+  fused model (``--refine-scales`` turns them on in every refined row).
 
 ``--rows`` runs a subset of these settings (row names separated by semicolons).
 
@@ -104,9 +106,13 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
     ("fxfuse activations, groups full", {"cost": "activations", "groups": "full", "untie": True}),
     # learned refinement over the whole groups (orthogonal streams and in-head maps), from weight matching
     ("fxfuse weights, groups full + refine", {"cost": "weights", "groups": "full", "untie": True, "refine": True}),
+    # ... learning per-unit scales of the fused model with the maps (fxfuse.backend.scales)
+    ("fxfuse weights, groups full + refine + scales", {"cost": "weights", "groups": "full", "untie": True,
+                                                       "refine": True, "scales": True}),
 ]
 # --refine-steps, --refine-lr, --refine-lr-orthogonal; windows drawn from the train split
-REFINE = {"steps": 1000, "lr": 0.2, "lr_orthogonal": 0.03, "batch": 32, "windows": 8192}
+REFINE = {"steps": 1000, "lr": 0.2, "lr_orthogonal": 0.03, "batch": 32, "windows": 8192, "scales": False,
+          "lr_scales": 0.01}  # --refine-scales, --refine-lr-scales: learnt unit scales of the fused model
 REFINE_SEED = 777                                                    # starts of the refinement windows and their masks
 TARGET_REFINE_CUT = 0.95    # with refinement the barrier must fall by at least 95 %
 GROUP_PAIRS = [("fxfuse weights", "fxfuse weights, groups full"),
@@ -339,11 +345,13 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
             kw["calib"] = data["calib"]
         if kw.get("pin") == "residual":
             kw["pin"] = [pin_pattern]
+        scales = kw.pop("scales", False) or REFINE["scales"]
         if kw.pop("refine", False):
             from fxfuse.backend.refine import RefineConfig
 
             kw["refine"] = RefineConfig(REFINE["steps"], *data["refine"], head=HEAD[kind], lr=REFINE["lr"],
-                                        batch_size=REFINE["batch"], lr_orthogonal=REFINE["lr_orthogonal"])
+                                        batch_size=REFINE["batch"], lr_orthogonal=REFINE["lr_orthogonal"],
+                                        scales=scales, lr_scales=REFINE["lr_scales"])
         t0 = time.perf_counter()
         res = fxfuse.barrier(a, b, data["inputs"], data["labels"], data["example"], points=args.points,
                              head=HEAD[kind], seed=0, **kw)
@@ -533,9 +541,14 @@ def main(argv=None) -> None:
     ap.add_argument("--refine-lr", type=float, default=REFINE["lr"], help="learning rate of the + refine rows")
     ap.add_argument("--refine-lr-orthogonal", type=float, default=REFINE["lr_orthogonal"],
                     help="learning rate of the orthogonal maps in the + refine rows")
+    ap.add_argument("--refine-scales", action="store_true",
+                    help="every + refine row also learns per-unit scales of the fused model (fxfuse.backend.scales)")
+    ap.add_argument("--refine-lr-scales", type=float, default=REFINE["lr_scales"],
+                    help="learning rate of the unit scales (--refine-scales)")
     ap.add_argument("--rows", default="", help="semicolon-separated subset of the settings (default: all)")
     args = ap.parse_args(argv)
-    REFINE.update(steps=args.refine_steps, lr=args.refine_lr, lr_orthogonal=args.refine_lr_orthogonal)
+    REFINE.update(steps=args.refine_steps, lr=args.refine_lr, lr_orthogonal=args.refine_lr_orthogonal,
+                  scales=args.refine_scales, lr_scales=args.refine_lr_scales)
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--models: choose from {', '.join(KINDS)}")

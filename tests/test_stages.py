@@ -220,3 +220,39 @@ def test_a_refit_that_scores_worse_on_the_held_out_samples_is_dropped_and_said()
     assert any(n.startswith("quality best: the refit on all the samples dropped: it scored worse on the held-out "
                             "samples, which it saw (held-out KL ") and n.endswith("kept the fit on the first 80%")
                for n in result.report["notes"])
+
+
+@pytest.mark.parametrize("helps", [True, False])
+def test_unit_scales_are_a_stage_of_their_own(helps):
+    """``refine.scales``: every alignment is refined without them first; then the kept refinement learns them
+    too (or, where no refinement was kept, each alignment's); they are kept (and refitted with) only where they
+    score lower, else dropped and said."""
+    a, args = digits.vit(seed=1)
+    b, _ = digits.vit(seed=2)
+    vanilla = fxfuse.compile([a, b], args, method="vanilla").module
+    x, y = _labelled(a)
+
+    def bad(kw):
+        refine = kw.get("refine")
+        if kw.get("repair") or refine is None or kw.get("groups") != "full":
+            return True
+        return refine.scales != helps
+
+    fake = _Fake(good=a, bad=vanilla, bad_when=bad)
+    result = fuse_best(fake, [a, b], args, {"refine": RefineConfig(5, x, y, scales=True)})
+    q = result.report["quality"]
+    refined = [kw for kw in fake.calls[:-1] if kw.get("refine") is not None and not kw.get("repair")]
+    scaled = [c for c in q["candidates"] if c["options"].get("refine_scales") and not c["options"].get("repair")]
+    if helps:  # no refinement kept without scales: each alignment refined with them, the full one kept
+        assert [kw["refine"].scales for kw in refined] == [False, False, True, True]
+        assert [c["name"] for c in scaled] == ["weights, groups perm + refine 5 + scales",
+                                               "weights, groups full + refine 5 + scales"]
+        assert q["chosen"] == "weights, groups full + refine 5 + scales" and scaled[1]["kept"]
+    else:  # the full refinement kept; the scales on it score worse: dropped
+        assert [kw["refine"].scales for kw in refined] == [False, False, True]
+        assert [c["name"] for c in scaled] == ["weights, groups full + refine 5 + scales"]
+        assert q["chosen"] == "weights, groups full + refine 5" and not scaled[0]["kept"]
+        assert any(n.startswith("quality best: stage scales dropped: it made the result worse")
+                   for n in result.report["notes"])
+    assert fake.calls[-1]["refine"].scales == helps  # the refit keeps what was chosen
+    assert result.module is a

@@ -147,7 +147,9 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     ``repair=True``: every interpolated model is repaired at its own ``λ``
     (``fxfuse.backend.repair``, on ``calib``) before it is scored, on both curves.
     ``refine``: a ``fxfuse.backend.refine.RefineConfig`` (its own labelled data, not the
-    data scored here): also the curve of B aligned and then refined.
+    data scored here): also the curve of B aligned and then refined; with ``refine.scales``
+    the learnt unit scales are applied along it at strength ``λ(1 − λ) / (w(1 − w))`` (0 at
+    both ends, so the ends stay the parents; ``fxfuse.backend.scales``).
     """
     from ..models.calibration import main_input
     from .fuse import compile as fuse
@@ -181,10 +183,25 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
         options = dict(fuse_options, refine=replace(refine, head=refine.head or head))
         ref = fuse([model_a, model_b], example_args, example_kwargs=kwargs, target=0, progress=progress, **options)
         refined = curve(ref.aligned[0], ref.aligned[1].state_dict(), inputs, labels, head, points, input_key, progress,
-                        "refined", fix)
+                        "refined", _scaler(ref.scales, fix))
         report["refine"] = ref.report["refine"]
         report["refined_self_check"] = ref.report["self_check"]
     return BarrierResult(vanilla, aligned, head, report, refined)
+
+
+def _scaler(scales, then=None):
+    """``repair(state, state_a, state_b, λ)`` applying learnt unit scales (``fxfuse.backend.scales``) at their
+    strength ``s(λ) = λ(1 − λ) / (w(1 − w))``, 0 at both ends, then ``then`` (repair) if given; ``then`` itself
+    where there are no scales."""
+    if scales is None:
+        return then
+    from ..backend.scales import fold, strength
+
+    def fix(state: dict, state_a: Mapping, state_b: Mapping, lam: float) -> dict:
+        state = fold(state, scales, strength(lam, scales.weight))
+        return state if then is None else then(state, state_a, state_b, lam)
+
+    return fix
 
 
 def _repairer(model_a: nn.Module, example_args: tuple, kwargs: Mapping[str, Any], fuse_options: Mapping[str, Any]):

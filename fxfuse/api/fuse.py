@@ -43,6 +43,7 @@ class FusionResult:
     alignments: tuple[Alignment | None, ...] = field(default_factory=tuple)
     analysis: Analysis | None = None
     state: Mapping[str, torch.Tensor] | None = None  # out of core: the fused weights, made per tensor on access
+    scales: Any = None  # unit scales learnt by refinement, folded into ``module`` (fxfuse.backend.scales)
 
 
 @contextmanager
@@ -176,9 +177,9 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     with _timed(timings, "check_s"):
         checked = passes.check(inputs, same_depth, analysed, planned, emitted, progress)
     with _timed(timings, "repair_s" if options.repair else "average_s"):
-        fused = passes.average(inputs, analysed, checked, options, progress)
+        fused = passes.average(inputs, analysed, checked, options, progress, planned.scales)
     timings["total_s"] = time.perf_counter() - start
     report = passes.report(options, inputs, same_depth, analysed, planned, checked, fused, timings, refined)
     say(f"fused {len(models)} models in {timings['total_s']:.1f}s")
-    return noted(FusionResult(fused.module, checked.modules, report, planned.alignments, analysed.ref, fused.state),
-                 matched)
+    return noted(FusionResult(fused.module, checked.modules, report, planned.alignments, analysed.ref, fused.state,
+                              planned.scales), matched)

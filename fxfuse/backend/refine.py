@@ -34,6 +34,11 @@ refined to higher accuracy than the projection at every rate tried). The final
 orthogonal maps are projected once more in float64. Soft (sinkhorn) maps are no
 group element and are refused; the inner matchings of heads under a matching
 of heads stay as solved (their parent is refined).
+
+With ``scales`` the interpolated model also learns a scale and a shift per
+output unit of every repair point (``fxfuse.backend.scales``): applied to the
+mixed weights at the strength ``λ(1 − λ)/(w(1 − w))`` of the sampled point, they
+change the fused model only, never the maps or the aligned parents.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from ..core.derived import forget_derived
 from ..core.device import to as to_device
 from ..frontend.spaces import Analysis
 from ..planner.plan import Alignment
+from .scales import ScaleSite, UnitScales, apply as apply_scales, strength
 from .latents import (GROUPS, ORTHO_TOL, Latent, Mover, RefineError, latents_of, project, rotation,  # noqa: F401
                       straight_through)  # (also imported from here)
 
@@ -70,6 +76,8 @@ class RefineConfig:
     full``) learn at ``lr_orthogonal``, parametrised by ``orthogonal``:
     ``"project"`` (a latent matrix projected to ``U Vᵀ`` each step, straight-through
     gradient) or ``"exp"`` (``Q₀ exp(A − Aᵀ)``, ``A`` learnt from zero).
+    ``scales``: also learn per-unit scales and shifts of the fused model
+    (``fxfuse.backend.scales``) at ``lr_scales``, jointly with the maps.
     """
 
     steps: int
@@ -83,6 +91,8 @@ class RefineConfig:
     on_step: Callable[[int, int, float], None] | None = None
     lr_orthogonal: float = 0.03
     orthogonal: str = "exp"
+    scales: bool = False
+    lr_scales: float = 0.01
 
 
 # ---------------------------------------------------------------- refinement
@@ -90,8 +100,11 @@ class RefineConfig:
 
 @dataclass(frozen=True)
 class Refined:
+    """The refined maps, the report, and the learnt unit scales of the fused model (``None``: not asked)."""
+
     alignments: tuple[Alignment | None, ...]
     report: dict
+    scales: UnitScales | None = None
 
 
 def _mix_weights(weights: Sequence[float], target: int, g: torch.Generator) -> list[float]:
@@ -126,7 +139,8 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
            alignments: Sequence[Alignment | None], target: int, weights: Sequence[float], config: RefineConfig,
            call: Callable[[nn.Module, dict, torch.Tensor], Any], frozen: Sequence[Mapping[str, torch.Tensor]] = (),
            progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None,
-           device: torch.device | None = None, rows: tuple[tuple[str, ...], torch.Tensor] | None = None) -> Refined:
+           device: torch.device | None = None, rows: tuple[tuple[str, ...], torch.Tensor] | None = None,
+           sites: Sequence[ScaleSite] = ()) -> Refined:
     """Refine every source's ``alignment`` into the target's basis (see the module doc).
 
     ``module``: a model of the target's class (its forward runs with the mixed
@@ -137,7 +151,8 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     group level (``fxfuse.frontend.groups``; which orthogonal maps keep the ones vector);
     ``device``: where the states, the latents and the forward and backward
     passes live (``None``: in place, on the CPU); the projections' assignments
-    run on the CPU; ``rows``: vocabulary rows mixed per row (``_mix``).
+    run on the CPU; ``rows``: vocabulary rows mixed per row (``_mix``); ``sites``: where
+    ``config.scales`` learns unit scales (``fxfuse.backend.repair.scale_sites`` of the target).
     """
     from ..models.heads import head_loss
 
@@ -159,8 +174,23 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     ortho_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group in ORTHOGONAL]
     if not perm_params and not ortho_params:
         raise RefineError("nothing to refine: no source model has a free space")
+    if config.scales and not sites:
+        raise RefineError("--refine-scales: the target has no units to scale (no linear, convolution or norm whose "
+                          "output reaches a nonlinearity or a norm)")
+    sites = tuple(sites) if config.scales else ()
+    log_scale = [torch.zeros(site.units, device=device, requires_grad=True) for site in sites]
+    shift = [torch.zeros(site.units, device=device, requires_grad=True) for site in sites]
+    src = 1 - target if len(states) == 2 else None
+    at = weights[src] if src is not None and 0 < weights[src] < 1 else None
+
+    def scaled(state: dict, mix: Sequence[float]) -> dict:
+        if not sites:
+            return state
+        return apply_scales(state, sites, log_scale, shift, strength(mix[src], at) if at is not None else 1.0)
+
     opt = torch.optim.Adam([g for g in ({"params": perm_params, "lr": config.lr},
-                                        {"params": ortho_params, "lr": config.lr_orthogonal}) if g["params"]])
+                                        {"params": ortho_params, "lr": config.lr_orthogonal},
+                                        {"params": log_scale + shift, "lr": config.lr_scales}) if g["params"]])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
     g = torch.Generator().manual_seed(config.seed)
     probe = copy.deepcopy(forget_derived(module)).eval()
@@ -186,7 +216,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
 
     def eval_loss(mix: Sequence[float]) -> float:
         with torch.no_grad():
-            mixed = _mix(moved_states(project), mix, states[target], rows)
+            mixed = scaled(_mix(moved_states(project), mix, states[target], rows), mix)
             m = min(n, config.eval_samples)
             total = 0.0
             for s in range(0, m, config.batch_size):
@@ -196,7 +226,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
 
     ends = [eval_loss([float(m == i) for m in range(len(states))]) for i in range(len(states))]
     chord = sum(w * e for w, e in zip(weights, ends))
-    before = eval_loss(weights)
+    before = eval_loss(weights)  # (the scales start at the identity)
     t0 = time.perf_counter()
     losses = []
     order = torch.randperm(n, generator=g)
@@ -207,7 +237,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
         idx = order[pos:pos + config.batch_size]
         pos += config.batch_size
         mix = _mix_weights(weights, target, g)
-        mixed = _mix(moved_states(straight_through), mix, states[target], rows)
+        mixed = scaled(_mix(moved_states(straight_through), mix, states[target], rows), mix)
         loss = head_loss(call(probe, mixed, to_device(config.inputs[idx], device)),
                          to_device(config.labels[idx], device), head)
         opt.zero_grad(set_to_none=True)
@@ -230,7 +260,13 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
               "barrier_at_weights_before": before - chord, "barrier_at_weights_after": after - chord,
               "eval_samples": min(n, config.eval_samples),
               "units_changed": {i: {f"s{s}": c for s, c in per.items()} for i, per in changed.items()}}
-    return Refined(tuple(refined), report)
+    learnt = None
+    if sites:
+        learnt = UnitScales(sites, tuple(u.detach().cpu().clone() for u in log_scale),
+                            tuple(c.detach().cpu().clone() for c in shift), at)
+        report["scales"] = {"lr": config.lr_scales, "strength": "λ(1 − λ) / (w(1 − w))" if at is not None else "1",
+                            **learnt.summary()}
+    return Refined(tuple(refined), report, learnt)
 
 
 def _matrix(latent: torch.Tensor, group: str, base: torch.Tensor | None, project_fn) -> torch.Tensor:
@@ -307,9 +343,10 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=Non
 def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], states, alignments, depth_plans,
                   target: int, weights: Sequence[float], config: RefineConfig, args: tuple, kwargs: Mapping[str, Any],
                   progress: Callable[[str], None] | None = None, levels: Mapping[int, int] | None = None,
-                  device: torch.device | None = None, rows: tuple[tuple[str, ...], torch.Tensor] | None = None
-                  ) -> Refined:
-    """``refine`` inside ``fxfuse.compile``: the target's class runs the mixed state on the main input."""
+                  device: torch.device | None = None, rows: tuple[tuple[str, ...], torch.Tensor] | None = None,
+                  sites: Sequence[ScaleSite] = ()) -> Refined:
+    """``refine`` inside ``fxfuse.compile``: the target's class runs the mixed state on the main input;
+    ``sites``: where ``config.scales`` learns unit scales."""
     from ..models.heads import detect_head, HEADS
     from ..models.calibration import with_input
     from ..models.calibration import main_input
@@ -342,4 +379,4 @@ def refine_fusion(models: Sequence[nn.Module], analyses: Sequence[Analysis], sta
                              if k.startswith(block + ".") and k not in zeroed and v.is_floating_point()})
         frozen.append(keep)
     return refine(models[target], analyses, states, alignments, target, weights, replace(config, head=head), call,
-                  frozen, progress, levels, device, rows)
+                  frozen, progress, levels, device, rows, sites)

@@ -188,6 +188,16 @@ def repair_points(traced: TracedModel) -> list[RepairPoint]:
     return points
 
 
+def scale_sites(traced: TracedModel, state: Mapping[str, torch.Tensor]):
+    """The repair points that own their weight, as sites of learned per-unit scales
+    (``fxfuse.backend.scales.ScaleSite``, ``units`` read from ``state``), in graph order."""
+    from .scales import ScaleSite
+
+    return tuple(ScaleSite(p.node, p.weight, p.weight_dim, p.bias, int(state[p.weight].shape[p.weight_dim]))
+                 for p in repair_points(traced) if p.weight is not None and p.weight in state
+                 and state[p.weight].is_floating_point())
+
+
 # ---------------------------------------------------------------- running the graph with other weights
 
 

@@ -3,6 +3,8 @@
     data ─split─▶ (fit part, held-out part)
     align:  weights/perm ▸ weights/full ▸ activations/perm      the lowest score wins
     refine: the best perm and the best full alignment + refine; the lower one kept if it scores lower
+    scales: (with refine's ``scales``) the kept refinement again learning unit scales too, else each
+            alignment + refine with scales; kept if it scores lower
     repair: the refined result + repair, else the best perm and the best full alignment + repair;
             the lowest kept if it scores lower
     refit:  the kept options fused again on all the samples (the held-out part included); kept
@@ -63,7 +65,8 @@ class Trial:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "options": {k: v for k, v in self.options.items() if k != "refine"}
-                | ({"refine_steps": self.options["refine"].steps} if self.options.get("refine") else {}),
+                | ({"refine_steps": self.options["refine"].steps} if self.options.get("refine") else {})
+                | ({"refine_scales": True} if getattr(self.options.get("refine"), "scales", False) else {}),
                 "score": self.score, "seconds": round(self.seconds, 3), "kept": self.kept,
                 **({"reason": self.reason} if self.reason else {})}
 
@@ -184,7 +187,8 @@ def _refit(compile_fn, models, example_args: tuple, keywords: Mapping[str, Any],
     (repair's statistics, activation costs, the refinement's batches) the samples the scoring kept from them."""
     calib, refine = keywords.get("calib"), keywords.get("refine")
     if changes.get("refine") is not None:
-        changes = dict(changes, refine=replace(refine, steps=changes["refine"].steps))
+        changes = dict(changes, refine=replace(refine, steps=changes["refine"].steps,
+                                               scales=getattr(changes["refine"], "scales", False)))
     if calib is None and refine is not None:
         calib = refine.inputs
     say("quality best: refitting the kept candidate on all the samples")
@@ -272,10 +276,18 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
 
     refined_kept = False
     if refine is not None:
-        best = best_with(f"refine {refine.steps}", [(n, results[n][0]) for n in best_of.values()], {"refine": refine})
+        plain = replace(refine, scales=False)
+        best = best_with(f"refine {refine.steps}", [(n, results[n][0]) for n in best_of.values()], {"refine": plain})
         if kept("refine", best):
             chosen_name, changes, result, score = best
             refined_kept = True
+        if getattr(refine, "scales", False):  # unit scales: a stage of their own, on the refinement kept
+            bases = ([(chosen_name, changes)] if refined_kept else
+                     [(f"{n} + refine {refine.steps}", results[n][0]) for n in best_of.values()])
+            best = best_with("scales", bases, {"refine": refine})
+            if kept("scales", best):
+                chosen_name, changes, result, score = best
+                refined_kept = True
     # repair: of the refined result, else of the best alignment of each group level (the chosen one first)
     bases = [(chosen_name, changes)] if refined_kept else [(n, results[n][0]) for n in best_of.values()]
     best = best_with("repair", bases, {"repair": True})

@@ -306,6 +306,10 @@ def _print_refinement(report: dict, recipe) -> None:
               f"{r['loss_at_weights_before']:.4f} -> {r['loss_at_weights_after']:.4f}, barrier there "
               f"{r['barrier_at_weights_before']:.4f} -> "
               f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {recipe.refine_data})")
+        if "scales" in r:
+            sc = r["scales"]
+            print(f"learnt unit scales of the fused model at {sc['sites']} sites (folded into its weights; the "
+                  f"parents unchanged)")
 
 
 def _warn_repair_after_refine(recipe) -> None:

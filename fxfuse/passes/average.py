@@ -2,7 +2,8 @@
 
     Checked ──average──▶ Fused   (the fused module; out of core its weights, made per tensor on access)
 
-With ``repair=True`` the fused units are rescaled to the interpolated
+Unit scales learnt by refinement (``fxfuse.backend.scales``) are folded into the
+average at strength 1 (the fusion weights). With ``repair=True`` the fused units are rescaled to the interpolated
 statistics of the aligned models on the calibration inputs (``fxfuse.backend.repair``).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..backend.emit import average_states, build_module
 from ..backend.lazy import averaged_tensors
 from .analyse import Analysed
 from .check import Checked
-from .inputs import Inputs, Options, Progress, quiet
+from .inputs import FusionError, Inputs, Options, Progress, quiet
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,12 @@ class Fused:
 
 
 def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Options,
-            progress: Progress | None = None) -> Fused:
-    """Average the aligned weights of ``checked`` with ``options.weights`` (see the module's docstring)."""
+            progress: Progress | None = None, scales=None) -> Fused:
+    """Average the aligned weights of ``checked`` with ``options.weights`` (see the module's docstring);
+    ``scales``: a ``fxfuse.backend.scales.UnitScales`` folded into the average."""
     target, skeleton = options.target, analysed.models[options.target]
+    if scales is not None and not inputs.held:
+        raise FusionError("learnt unit scales need the models in memory")
     if not inputs.held and options.repair:  # repaired on the streamed graph; folds kept as vectors
         from ..backend.streamrepair import repair_streamed
 
@@ -48,6 +52,10 @@ def average(inputs: Inputs, analysed: Analysed, checked: Checked, options: Optio
         from ..models.vocab import per_row_average
 
         state = per_row_average(state, options.vocab.match, options.vocab.keys, options.weights)
+    if scales is not None:
+        from ..backend.scales import fold
+
+        state = fold(state, scales)
     if not options.repair:
         return Fused(build_module(skeleton, state))
     from ..backend.repair import repair_state, trace_for

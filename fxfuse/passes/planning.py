@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from ..backend.lazy import aligned_tensors, in_memory
@@ -33,6 +33,7 @@ class Planned:
     model with ``method="vanilla"``)."""
 
     alignments: tuple[Alignment | None, ...]
+    scales: Any = None  # learnt unit scales of the fused model (fxfuse.backend.scales.UnitScales), from refine
 
 
 def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Options,

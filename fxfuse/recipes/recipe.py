@@ -120,6 +120,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("refine_orthogonal", "str", "exp", "how --refine learns orthogonal maps (groups full): exp, Q0·exp(A - Aᵀ) "
            "about the data-free map; project, a latent matrix projected to the nearest orthogonal map each step",
            choices=("exp", "project"), to_compile=False),
+    Option("refine_scales", "bool", False, "--refine also learns a scale and a shift per output unit of every "
+           "linear, convolution and norm that reaches a nonlinearity or a norm, in the fused model only (folded into "
+           "its weights; the parents and the maps stay exact)", to_compile=False),
+    Option("refine_lr_scales", "float", 0.01, "Adam learning rate of the unit scales of --refine-scales",
+           check=_positive, to_compile=False),
     Option("head", "str", None, "how --refine reads the loss (default: from the model class)",
            choices=("classification", "mlm", "causal"), to_compile=False),
     Option("quality", "str", None, "fast: the options as given; best: try groups perm and full, activation matching, "
@@ -444,7 +449,8 @@ def accepts_recipe(compile_fn: Callable) -> Callable:
 
 def refine_config(values, flag: str = "--data", on_step=None):
     """A ``fxfuse.backend.refine.RefineConfig`` from a recipe's (or a namespace's) ``refine``, ``refine_data``,
-    ``refine_lr``, ``refine_batch``, ``refine_lr_orthogonal``, ``refine_orthogonal``, ``head`` and ``seed``;
+    ``refine_lr``, ``refine_batch``, ``refine_lr_orthogonal``, ``refine_orthogonal``, ``refine_scales``,
+    ``refine_lr_scales``, ``head`` and ``seed``;
     ``None`` without ``refine`` (with quality best and ``refine_data``: ``BEST_REFINE_STEPS`` steps).
     ``flag``: how the labelled data is given, for the messages."""
     steps = values.refine
@@ -453,6 +459,8 @@ def refine_config(values, flag: str = "--data", on_step=None):
     if steps is None:
         if values.refine_data:
             raise RecipeError(f"{flag} is only used with --refine STEPS (or --quality best)")
+        if getattr(values, "refine_scales", False):
+            raise RecipeError("--refine-scales is only used with --refine STEPS")
         return None
     if steps < 1:
         raise RecipeError(f"--refine {steps}: need at least one step")
@@ -467,4 +475,6 @@ def refine_config(values, flag: str = "--data", on_step=None):
     return RefineConfig(steps, x, y, head=getattr(values, "head", None), lr=values.refine_lr,
                         batch_size=values.refine_batch, seed=getattr(values, "seed", 0), on_step=on_step,
                         lr_orthogonal=getattr(values, "refine_lr_orthogonal", 0.03),
-                        orthogonal=getattr(values, "refine_orthogonal", "exp"))
+                        orthogonal=getattr(values, "refine_orthogonal", "exp"),
+                        scales=bool(getattr(values, "refine_scales", False)),
+                        lr_scales=getattr(values, "refine_lr_scales", 0.01))
