@@ -102,6 +102,9 @@ def save_then_signal(module, path):
     save(module, path)  # the weights file is written, the rename has not happened
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
 fxfuse.models.io.save_state = save_then_signal
+# Python raises KeyboardInterrupt on SIGINT unless the process started with SIGINT ignored (a job put in the
+# background by a non-interactive shell): the test runs as from a terminal, wherever it is started
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main(sys.argv[2:]))
 """
 
