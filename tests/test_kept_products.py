@@ -117,3 +117,13 @@ def test_only_products_asked_again_with_the_same_maps_are_kept():
         assert (i, 1) in cost.kept.entries  # the stream's product, with the MLP map
         assert (i, 0) not in cost.kept.entries  # the MLP space's, with the stream's map
     assert cost.kept.spilled == 0  # the zoo's products fit the room
+
+
+def test_the_scratch_file_takes_at_most_half_the_free_space(monkeypatch):
+    one = 8 * 8 * 4
+    monkeypatch.setattr(kept_products.shutil, "disk_usage", lambda _path: type("U", (), {"free": 5 * one})())
+    kept = KeptProducts(room=0)
+    assert kept.put("a", (1,), _product(0)) and kept.put("b", (1,), _product(1))
+    assert not kept.put("c", (1,), _product(2))  # a third would pass half of the free space
+    assert kept.spill == 5 * one // 2 and kept.spilled == 2 * one
+    assert _same(kept.get("b", (1,)), _product(1))

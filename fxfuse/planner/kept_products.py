@@ -6,15 +6,16 @@ other spaces. ``KeptProducts`` keeps each product under its piece and dim
 with a *tag* (those maps): ``get`` returns it, the same bits, while the tag
 is unchanged. Up to ``room`` bytes stay in memory, first come first kept
 (``put``: once the room is full, a stale product gives its place to the
-next, so that it goes to the products whose maps settle); the others go to an
-unnamed scratch file (removed by the system when it is closed, at most
-``spill`` bytes) and are read back on use, so peak memory stays bounded
-while products whose maps did not change are not made again. Without room
-in either, the product is not kept.
+next, so that it goes to the products whose maps settle); the others go to
+an unnamed scratch file (removed by the system when it is closed; at most
+``spill`` bytes and half the free space of its disk) and are read back on
+use, so peak memory stays bounded while products whose maps did not change
+are not made again. Without room in either, the product is not kept.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -111,6 +112,10 @@ class KeptProducts:
         try:
             if self._file is None:
                 self._file = tempfile.TemporaryFile()
+                # never more than half the free space of the disk it is on
+                self.spill = min(self.spill, shutil.disk_usage(tempfile.gettempdir()).free // 2)
+                if offset + product.numel() * product.element_size() > self.spill:
+                    return False
             view = memoryview(product.contiguous().numpy()).cast("B")
             done = 0
             while done < len(view):
