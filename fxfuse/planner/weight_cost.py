@@ -41,8 +41,8 @@ class WeightCost:
     (``fxfuse.planner.kept_products``: ``product_cache_bytes`` in memory, the
     rest up to ``product_spill_bytes`` in a scratch file) and reuses it,
     without reading the piece, while those maps are unchanged: the same bits
-    in the same order of additions. A product found stale is replaced in its
-    slot. Only products that a block can ask for again with the same maps are
+    in the same order of additions; a product found stale gives its slot to the
+    new one (``KeptProducts.put``). Only products that a block can ask for again with the same maps are
     kept: those of a piece whose other spaces are not all the other spaces the
     block reads (a residual stream's piece in one layer's MLP, while the
     stream is solved again for another layer's change), or of a block solved
