@@ -64,22 +64,25 @@ def test_kept_products_give_the_same_maps_bit_for_bit(name):
     if isinstance(args, dict):
         args, kwargs = (), args
     ta = fxfuse.analyze(a, args, example_kwargs=kwargs)
-    costs = [WeightCost(ta, a.state_dict(), b.state_dict()) for _ in range(3)]
-    costs[1].product_cache_bytes = 0  # every product made again, as before
-    costs[2].product_cache_bytes = 16 * 16 * 4  # room for a few small products only
+    costs = [WeightCost(ta, a.state_dict(), b.state_dict()) for _ in range(4)]
+    costs[1].product_cache_bytes = costs[1].product_spill_bytes = 0  # every product made again, as before
+    costs[2].product_cache_bytes = 16 * 16 * 4  # room for a few small products only, in memory
+    costs[2].product_spill_bytes = 0
+    costs[3].product_cache_bytes = 0  # every kept product in the scratch file
     counts = [_Products(c) for c in costs]
-    kept, fresh, few = (align(ta, c, seed=3) for c in costs)
-    assert kept.maps.keys() == fresh.maps.keys() == few.maps.keys() and kept.maps
-    assert kept.passes == fresh.passes == few.passes
-    for s, m in [(s, m) for s, m in kept.maps.items()] + [(s, m) for s, m in few.maps.items()]:
+    kept, fresh, few, spilled = (align(ta, c, seed=3) for c in costs)
+    assert kept.maps.keys() == fresh.maps.keys() == few.maps.keys() == spilled.maps.keys() and kept.maps
+    assert kept.passes == fresh.passes == few.passes == spilled.passes
+    for s, m in [(s, m) for run in (kept, few, spilled) for s, m in run.maps.items()]:
         other = fresh.maps[s]
         for field in ("perm", "matrix", "q", "pair_perms"):
             x, y = getattr(m, field), getattr(other, field)
             assert (x is None and y is None) or torch.equal(x, y), f"space {s} {field}"
         assert m.similarity_aligned == other.similarity_aligned and m.similarity_identity == other.similarity_identity
-    assert counts[0].count <= counts[1].count
+    assert counts[0].count <= counts[1].count and counts[3].count == counts[0].count
+    assert costs[3]._product_bytes == 0
     if name == "llama":  # its residual stream is solved again in later passes, most of its pieces' maps unchanged
-        assert kept.passes > 1 and counts[0].count < counts[1].count
+        assert kept.passes > 1 and counts[0].count < counts[1].count and costs[3].kept.spilled > 0
 
 
 def test_products_that_do_not_all_fit_keep_what_fits():
@@ -93,7 +96,7 @@ def test_products_that_do_not_all_fit_keep_what_fits():
     counts = []
     for room in (kept_bytes // 2, 0):
         cost = WeightCost(ta, a.state_dict(), b.state_dict())
-        cost.product_cache_bytes = room
+        cost.product_cache_bytes, cost.product_spill_bytes = room, 0
         counted = _Products(cost)
         got = align(ta, cost, seed=3)
         assert got.passes == full.passes > 1

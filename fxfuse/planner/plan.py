@@ -107,16 +107,22 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
     S, nested = cost.block(block.root, block.children, others, known_only)
     n_t, n_s = S.shape
     pairs = {c: _pairwise(S4) for c, S4 in nested.items()}
-    total = S + sum((v for v, _ in pairs.values()), np.zeros_like(S))
+    # S + Σ_c values_c, added as ``S + ((0 + v_1) + v_2 …)``; without nested spaces ``S + 0``, made once and
+    # negated in place (an n × n float64 matrix: a wide MLP space's is 250 MB)
+    total = S + (sum((v for v, _ in pairs.values()), np.zeros_like(S)) if pairs else 0.0)
+    np.negative(total, out=total)
     A = None
     if not block.root_free:
         p_root = np.arange(n_t)
     elif soft:
-        _, A = solve(-total, "sinkhorn", reg)
+        _, A = solve(total, "sinkhorn", reg)
+    elif solver == "exact" and n_t == n_s:  # ``solve``'s permutation, without its dense n × n map
+        p_root = assignment(total)
     else:
-        p_root, A = solve(-total, solver, reg)
+        p_root, A = solve(total, solver, reg)
         if p_root is not None:
             A = None
+    del total
     if A is not None:
         aligned = _block_value(S, nested, A, {c: pp for c, (_, pp) in pairs.items()})
     else:

@@ -4,7 +4,7 @@ For a block (a free space ``H`` and the spaces nested under it), ``S[j, k] = Σ 
 over every member axis, ``W_s'`` the source tensor with all *other* spaces already moved by their
 current maps (``fxfuse.planner.plan.align`` iterates to a fixed point); a tensor whose other axes are
 not solved yet is read with those axes reduced by their mean and mean square. Products of pieces with
-other movable dims are kept while those dims' maps stay (``PRODUCT_CACHE_BYTES``).
+other movable dims are kept while those dims' maps stay (``fxfuse.planner.kept_products``).
 """
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ import torch
 from ..core.device import host, to as to_device
 from ..core.maps import Block
 from ..frontend.spaces import Analysis
+from .kept_products import SPILL_BYTES, KeptProducts
 from .layout import apply_matrix, permute_piece, pieces
 
 
-# Room for the products of pieces with other movable dims (float32 ``n × n_s`` each), reused while those dims'
+# Memory for the products of pieces with other movable dims (float32 ``n × n_s`` each), reused while those dims'
 # maps stay: a residual stream re-solved in every pass recomputes only the products whose other maps changed.
-PRODUCT_CACHE_BYTES = 3 << 29  # 1.5 GiB: a 1.1 B Llama's stream x MLP products (66 × 16 MiB) with room to spare
+# Products beyond it go to a scratch file (at most ``SPILL_BYTES``), read back when reused.
+PRODUCT_CACHE_BYTES = 1 << 29  # 512 MiB
 
 
 class WeightCost:
@@ -35,16 +37,17 @@ class WeightCost:
     the target state is held in memory; when every other dim of the piece is
     fixed (pinned or outside all blocks, e.g. an embedding's vocabulary) the
     product ``T_d S_dᵀ`` never changes and is computed once. A piece with other
-    movable dims keeps its product (up to ``product_cache_bytes`` in all) with
-    the maps it was made with, and reuses it, without reading the piece, while
-    those maps are unchanged: the same bits in the same order of additions. A
-    product found stale is dropped, not replaced, so that the room goes to
-    the pieces whose maps settle first (it is kept again on its next use,
-    unless it was found stale twice: its maps keep moving, as heads do);
-    when the room is full, products never reused that an earlier block made
-    give way (those of blocks solved once, such as MLP spaces, to a residual
-    stream solved in every pass), and products that were reused stay: a
-    stream that does not fit keeps what fits instead of cycling through it.
+    movable dims keeps its product with the maps it was made with
+    (``fxfuse.planner.kept_products``: ``product_cache_bytes`` in memory, the
+    rest up to ``product_spill_bytes`` in a scratch file) and reuses it,
+    without reading the piece, while those maps are unchanged: the same bits
+    in the same order of additions; a product found stale gives its slot to the
+    new one (``KeptProducts.put``). Only products that a block can ask for again with the same maps are
+    kept: those of a piece whose other spaces are not all the other spaces the
+    block reads (a residual stream's piece in one layer's MLP, while the
+    stream is solved again for another layer's change), or of a block solved
+    again on its own account; an MLP space's products, which change with the
+    stream that is the only other space of all its pieces, are not.
     """
 
     def __init__(self, target: Analysis, target_state: Mapping[str, torch.Tensor],
@@ -78,12 +81,12 @@ class WeightCost:
         self._target_cache: dict[tuple, torch.Tensor] = {}
         self._static: dict[tuple, torch.Tensor] = {}
         self._last: tuple[str, list, list] | None = None
-        # (piece, dim) -> (spaces, their maps, product, [times reused], the block call that made it)
-        self._products: dict[tuple[int, int], tuple[tuple, tuple, torch.Tensor, list[int], int]] = {}
-        self._calls = 0
-        self._stale: dict[tuple[int, int], int] = {}  # (piece, dim) -> times its kept product was found stale
-        self._product_bytes = 0
         self.product_cache_bytes = PRODUCT_CACHE_BYTES
+        self.product_spill_bytes = SPILL_BYTES
+        self._kept: KeptProducts | None = None  # made on first use, with the room set then
+        self._others: dict[tuple, frozenset[int]] = {}  # (root, children) -> the other movable spaces its pieces read
+        self._block_others: frozenset[int] = frozenset()
+        self._block_root = -1
         self.coupled: set[int] = set()  # roots with a piece holding several of their nested children
 
     silent_reason = "no floating-point member tensor to compare"
@@ -142,37 +145,32 @@ class WeightCost:
     def _moved_product(self, i: int, d: int, mask: list[int], perms: Mapping[int, torch.Tensor],
                        n_s: int) -> torch.Tensor:
         """``T_d S'_dᵀ`` (``n × n_s``) of piece ``i`` along dim ``d``, the source moved by the maps of its other
-        spaces (``mask``); kept while the cache has room and reused, unread, while those maps are the same."""
+        spaces (``mask``); kept and reused, unread, while those maps are the same."""
         key = tuple(sorted({m for m in mask if m >= 0}))
-        maps = tuple(perms.get(sp) for sp in key)
-        hit = self._products.get((i, d))
-        if hit is not None and hit[0] == key and all(_same_map(x, y) for x, y in zip(hit[1], maps)):
-            hit[3][0] += 1
-            return hit[2]
+        tag = (key, tuple(perms.get(sp) for sp in key))
+        kept = self.kept
+        product = kept.get((i, d), tag)
+        if product is not None:
+            return product
         ps = self._pieces(i)[1]
         moved = permute_piece(ps, tuple(mask), perms, self.parents)
         product = self._mm(self._target(i, (d,)), moved.movedim(d, 0).reshape(n_s, -1))
-        size = _nbytes(product)
-        if hit is not None:  # its maps changed since: likely again, so the room goes to steadier pieces first
-            del self._products[(i, d)]
-            self._product_bytes -= size
-            self._stale[(i, d)] = self._stale.get((i, d), 0) + 1
-        elif self._stale.get((i, d), 0) < 2 and self._make_room(size):  # found stale twice: not kept again
-            self._product_bytes += size
-            self._products[(i, d)] = (key, maps, product, [0], self._calls)
+        # asked again with the same maps only if another space of the block's pieces (or the block itself) moves
+        if self._block_root in self.coupled or not self._block_others.issubset(key):
+            kept.put((i, d), tag, product)
         return product
 
-    def _make_room(self, size: int) -> bool:
-        """Whether ``size`` bytes fit, after dropping (oldest first) products never reused that an earlier
-        ``block`` call made (a block solved once, such as an MLP space); products reused stay."""
-        if self._product_bytes + size <= self.product_cache_bytes:
-            return True
-        unused = [k for k, e in self._products.items() if e[3][0] == 0 and e[4] < self._calls]
-        for k in unused:
-            self._product_bytes -= _nbytes(self._products.pop(k)[2])
-            if self._product_bytes + size <= self.product_cache_bytes:
-                return True
-        return False
+    @property
+    def kept(self) -> KeptProducts:
+        """The kept products (``product_cache_bytes`` in memory, ``product_spill_bytes`` in a scratch file)."""
+        if self._kept is None:
+            self._kept = KeptProducts(self.product_cache_bytes, self.product_spill_bytes, _same_tag)
+        return self._kept
+
+    @property
+    def _product_bytes(self) -> int:
+        """Bytes of kept products held in memory."""
+        return 0 if self._kept is None else self._kept.held
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a bᵀ`` (rows of ``a`` against rows of ``b``) on the CPU, computed on ``self.device`` if one is set."""
@@ -279,11 +277,21 @@ class WeightCost:
         return S, added
 
     def block(self, root, children, perms, known_only=False):
-        self._calls += 1
+        self._block_root = root
+        self._block_others = self._other_spaces(root, tuple(children))
         S, nested = self._block(root, children, perms, known_only, reduce_unknown=False)
         if known_only and not np.any(S) and not nested:  # every tensor has an unsolved axis: read them anyway
             S, nested = self._block(root, children, perms, known_only, reduce_unknown=True)
         return S, nested
+
+    def _other_spaces(self, root: int, children: tuple[int, ...]) -> frozenset[int]:
+        """The movable spaces, other than ``root`` and ``children``, of the pieces holding ``root``."""
+        got = self._others.get((root, children))
+        if got is None:
+            got = frozenset(m for _, _, mask in self._masks(root, children) for m in mask
+                            if m >= 0 and m in self.movable)
+            self._others[(root, children)] = got
+        return got
 
     def _block(self, root, children, perms, known_only: bool, reduce_unknown: bool):
         relevant = sorted(set(self.by_space.get(root, [])).union(*(self.by_space.get(c, []) for c in children)))
@@ -303,8 +311,9 @@ class WeightCost:
         return S.double().numpy(), nested
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def _same_tag(a: tuple, b: tuple) -> bool:
+    """Whether two tags (spaces, their maps) of a kept product are the same."""
+    return a[0] == b[0] and all(_same_map(x, y) for x, y in zip(a[1], b[1]))
 
 
 def _same_map(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
