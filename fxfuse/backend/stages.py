@@ -3,7 +3,7 @@
     data ─split─▶ (fit part, held-out part)
     align:  weights/perm ▸ weights/full ▸ activations/perm      the lowest score wins
     refine: the best perm and the best full alignment + refine; the lower one kept if it scores lower
-    scales: the kept refinement again learning unit scales too (``fxfuse.backend.scales``), else each
+    scales: (with refine's ``scales``) the kept refinement again learning unit scales too, else each
             alignment + refine with scales; kept if it scores lower
     repair: the refined result + repair, else the best perm and the best full alignment + repair;
             the lowest kept if it scores lower
@@ -281,13 +281,13 @@ def fuse_best(compile_fn, models, example_args: tuple, keywords: Mapping[str, An
         if kept("refine", best):
             chosen_name, changes, result, score = best
             refined_kept = True
-        # unit scales: a stage of their own, on the refinement kept
-        bases = ([(chosen_name, changes)] if refined_kept else
-                 [(f"{n} + refine {refine.steps}", results[n][0]) for n in best_of.values()])
-        best = best_with("scales", bases, {"refine": replace(refine, scales=True)})
-        if kept("scales", best):
-            chosen_name, changes, result, score = best
-            refined_kept = True
+        if getattr(refine, "scales", False):  # unit scales: a stage of their own, on the refinement kept
+            bases = ([(chosen_name, changes)] if refined_kept else
+                     [(f"{n} + refine {refine.steps}", results[n][0]) for n in best_of.values()])
+            best = best_with("scales", bases, {"refine": refine})
+            if kept("scales", best):
+                chosen_name, changes, result, score = best
+                refined_kept = True
     # repair: of the refined result, else of the best alignment of each group level (the chosen one first)
     bases = [(chosen_name, changes)] if refined_kept else [(n, results[n][0]) for n in best_of.values()]
     best = best_with("repair", bases, {"repair": True})
