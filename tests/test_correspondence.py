@@ -278,3 +278,38 @@ def test_compile_cli_writes_the_target_class_and_says_so(capsys, tmp_path, paren
     line = refused(capsys, tmp_path, "compile", "zoo:gpt2", "handwritten:mini_gpt_b", "-o", tmp_path / "o2",
                    "--match", "names", "-q")
     assert line == "model 1 is a MiniGPT, model 0 a GPT2LMHeadModel"
+
+
+def test_barrier_runs_to_a_handwritten_copy_as_to_the_hf_model(parents):
+    """``barrier`` moves B of another class into A's names first: both curves are those of the two HF models."""
+    from fxfuse.api.barrier import barrier
+
+    a, b, args = parents
+    ids = torch.randint(0, a.config.vocab_size, (4, args[0].shape[1]), generator=torch.Generator().manual_seed(0))
+    both_hf = barrier(a, b, ids, ids, args, points=3)
+    mixed = barrier(a, hw.from_hf(b), ids, ids, args, points=3)
+    for got, want in ((mixed.vanilla, both_hf.vanilla), (mixed.aligned, both_hf.aligned)):
+        assert got.loss == pytest.approx(want.loss, rel=1e-5, abs=1e-6)
+    assert mixed.report["correspondence"]["1"]["error"] <= 1e-6 and "correspondence" not in both_hf.report
+    with pytest.raises(FusionError):  # by names, the hand-written model's weights have no counterparts
+        barrier(a, hw.from_hf(b), ids, ids, args, points=3, match="names")
+
+
+def test_barrier_cli_by_graph(capsys, tmp_path):
+    """``fxfuse barrier`` of an HF GPT-2 and a hand-written one: matched by graph (auto), refused by names."""
+    a, args = zoo.gpt2(0)
+    ids = torch.randint(0, a.config.vocab_size, (4, args[0].shape[1]), generator=torch.Generator().manual_seed(0))
+    torch.save({"inputs": ids, "labels": ids}, tmp_path / "data.pt")
+    code, out, err = run(capsys, "barrier", "zoo:gpt2", "handwritten:mini_gpt_b", "--data", tmp_path / "data.pt",
+                         "--points", "3", "--json", "-q")
+    assert code == 0, err
+    curves = json.loads(out)
+    code, out, err = run(capsys, "barrier", "zoo:gpt2", "handwritten:gpt2_b", "--data", tmp_path / "data.pt",
+                         "--points", "3", "--json", "-q")
+    assert code == 0, err
+    both_hf = json.loads(out)  # the same B as a Hugging Face model: the same curves
+    for name in ("vanilla", "aligned"):
+        assert curves[name]["loss"] == pytest.approx(both_hf[name]["loss"], rel=1e-5, abs=1e-6), name
+    line = refused(capsys, tmp_path, "barrier", "zoo:gpt2", "handwritten:mini_gpt_b", "--data", tmp_path / "data.pt",
+                   "--match", "names", "-q")
+    assert line.startswith("model 1 is a MiniGPT, model 0 a GPT2LMHeadModel"), line

@@ -141,8 +141,12 @@ def check_refine_data(refine, models, example_args: tuple, example_kwargs: Mappi
 def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             example_args: tuple = (), *, example_kwargs: Mapping[str, Any] | None = None, points: int = 21,
             head: str | None = None, progress: Callable[[str], None] | None = None, repair: bool = False,
-            refine: Any = None, **fuse_options) -> BarrierResult:
+            refine: Any = None, match: str = "auto", **fuse_options) -> BarrierResult:
     """Loss along ``A → B`` for B as it is and for B aligned into A's basis (``fxfuse.compile`` options).
+
+    ``match``: as ``fxfuse.compile``'s: with ``"graph"`` (or ``"auto"`` and B of another class than A) B is
+    first moved into A's class and names by matching the two exported graphs (``fxfuse.frontend.convert``,
+    checked), and both curves run from A to that copy, which computes what B does.
 
     ``repair=True``: every interpolated model is repaired at its own ``λ``
     (``fxfuse.backend.repair``, on ``calib``) before it is scored, on both curves.
@@ -165,6 +169,11 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     check_data(inputs, labels, example, head)
     if repair and fuse_options.get("calib") is None:
         raise FxfuseError("--repair needs calibration inputs: pass --calib FILE (or --calib-random N)")
+    from ..frontend.convert import report_entry, to_target
+
+    (model_a, model_b), matched = to_target([model_a, model_b], [(tuple(example_args), kwargs)] * 2, 0, match,
+                                            ["model A", "model B"], progress)
+    fuse_options["match"] = "names"  # B, moved or not, has A's names now
     _check_fit(model_a, model_b, inputs, labels, head, input_key)
     if progress:
         progress("aligning B into A's basis")
@@ -174,6 +183,8 @@ def barrier(model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, labels
     vanilla = curve(model_a, model_b.state_dict(), inputs, labels, head, points, input_key, progress, "vanilla", fix)
     aligned = curve(result.aligned[0], aligned_b, inputs, labels, head, points, input_key, progress, "aligned", fix)
     report = {"fusion": {k: result.report[k] for k in ("cost", "solver", "self_check", "passes", "timings")}}
+    if matched:
+        report["correspondence"] = report_entry(matched, ["model A", "model B"])
     refined = None
     if refine is not None:
         from dataclasses import replace

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--points", type=int, default=21, help="interpolation points including both ends (default 21)")
     p.add_argument("--head", choices=["classification", "mlm", "causal"],
                    help="how to read the loss (default: from the model class)")
-    add_options(p, ("cost", "calib", "calib_random", "solver", "reg", "pin", "heads", "groups", "untie", "repair",
+    add_options(p, ("match", "cost", "calib", "calib_random", "solver", "reg", "pin", "heads", "groups", "untie", "repair",
                     "refine", "refine_lr", "refine_batch", "refine_lr_orthogonal", "refine_orthogonal", "refine_scales",
                     "refine_lr_scales"), overriding=False)
     p.add_argument("--refine-data", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels) for "
@@ -74,7 +74,7 @@ def run(args) -> int:
     result = barrier(a.module, b.module, inputs, labels, a.args, example_kwargs=a.kwargs, points=args.points,
                      head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,
                      reg=args.reg, pin=args.pin, rules=rules, strict=args.strict, heads=args.heads,
-                     repair=args.repair, refine=refine, groups=args.groups, untie=args.untie)
+                     repair=args.repair, refine=refine, groups=args.groups, untie=args.untie, match=args.match)
     if args.plot:
         out = Path(args.plot)
         fd, tmp = atomic.temp_file(out)
