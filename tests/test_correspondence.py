@@ -304,6 +304,10 @@ def test_barrier_cli_by_graph(capsys, tmp_path):
                          "--points", "3", "--json", "-q")
     assert code == 0, err
     curves = json.loads(out)
+    assert len(curves["correspondence"]["1"]["rows"]) == 29 and curves["correspondence"]["1"]["error"] <= 1e-6
+    code, out, err = run(capsys, "barrier", "zoo:gpt2", "handwritten:mini_gpt_b", "--data", tmp_path / "data.pt",
+                         "--points", "3", "-q")
+    assert code == 0 and out.startswith("B matched to A by graph: 29 rows, the moved copy's error "), err
     code, out, err = run(capsys, "barrier", "zoo:gpt2", "handwritten:gpt2_b", "--data", tmp_path / "data.pt",
                          "--points", "3", "--json", "-q")
     assert code == 0, err

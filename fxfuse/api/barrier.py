@@ -56,6 +56,8 @@ class BarrierResult:
             out[name] = {"loss": list(c.loss), "barrier": c.barrier}
             if c.accuracy is not None:
                 out[name]["accuracy"] = list(c.accuracy)
+        if "correspondence" in self.report:  # B matched to A by graph
+            out["correspondence"] = self.report["correspondence"]
         return out
 
 

@@ -92,6 +92,9 @@ def run(args) -> int:
         sys.stdout.write("\n")
         return 0
     r = result.refined
+    matched = result.report.get("correspondence", {}).get("1")
+    if matched:
+        print(f"B matched to A by graph: {len(matched['rows'])} rows, the moved copy's error {matched['error']:.1e}")
     print(f"loss along A → B ({result.head} head, {inputs.shape[0]} samples"
           + (", every point repaired" if args.repair else "") + "):")
     print(f"  {'λ':>5}  {'vanilla loss':>12} {'acc':>6}   {'fxfuse loss':>12} {'acc':>6}"
