@@ -68,33 +68,25 @@ def strength(lam: float, weight: float | None) -> float:
 
 
 def apply(state: Mapping[str, torch.Tensor], sites: Sequence[ScaleSite], log_scale: Sequence[torch.Tensor],
-          shift: Sequence[torch.Tensor], s: float = 1.0) -> dict[str, torch.Tensor]:
+          shift: Sequence[torch.Tensor], s: float = 1.0, work: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``state`` with every site's units rescaled at strength ``s`` (differentiable in the scales; the state's
-    tensors are not changed in place). A site without bias gets the scale only."""
+    tensors are not changed in place), computed in ``work`` (default: each tensor's own dtype) and returned in
+    each tensor's dtype. A site without bias gets the scale only."""
     out = dict(state)
     for site, u, c in zip(sites, log_scale, shift):
         w = out[site.weight]
-        a = torch.exp(s * u.to(w.device))
+        dt = work or w.dtype
+        a = torch.exp(s * u.to(device=w.device, dtype=work or u.dtype)).to(dt)
         shape = [1] * w.dim()
         shape[site.weight_dim] = -1
-        out[site.weight] = (w * a.to(w.dtype).view(shape))
+        out[site.weight] = (w.to(dt) * a.view(shape)).to(w.dtype)
         if site.bias is not None:
             b = out[site.bias]
-            out[site.bias] = b * a.to(b.dtype) + (s * c.to(b.device)).to(b.dtype)
+            out[site.bias] = (b.to(dt) * a + (s * c.to(device=b.device, dtype=work or c.dtype)).to(dt)).to(b.dtype)
     return out
 
 
 def fold(state: Mapping[str, torch.Tensor], scales: UnitScales, s: float = 1.0) -> dict[str, torch.Tensor]:
     """The scales folded into ``state`` at strength ``s``, computed in float64, each tensor in its own dtype."""
-    out = dict(state)
     with torch.no_grad():
-        for site, u, c in zip(scales.sites, scales.log_scale, scales.shift):
-            w = out[site.weight]
-            a = torch.exp(s * u.double()).to(w.device)
-            shape = [1] * w.dim()
-            shape[site.weight_dim] = -1
-            out[site.weight] = (w.double() * a.view(shape)).to(w.dtype)
-            if site.bias is not None:
-                b = out[site.bias]
-                out[site.bias] = (b.double() * a + s * c.double().to(b.device)).to(b.dtype)
-    return out
+        return apply(state, scales.sites, scales.log_scale, scales.shift, s, torch.float64)
