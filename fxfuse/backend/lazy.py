@@ -248,13 +248,14 @@ def averaged_tensors(states, weights, target: int, dtype: torch.dtype | None = N
     ``position_ids``: loading refuses a checkpoint that lacks a tensor the model reads)."""
     from .emit import average_states
 
+    target %= len(states)
     like = states[target]
 
     def make(key: str) -> torch.Tensor:
         ref = like[key]
         if not ref.is_floating_point() or any(key not in s for s in states):
             return ref
-        tensors = [s[key] for s in states]
+        tensors = [ref if i == target else s[key] for i, s in enumerate(states)]  # the target's read once
         out = ref if dtype is None else ref.to(dtype)  # the average is rounded once, to ``dtype``
         return average_states([{key: x} for x in tensors], weights, {key: out})[key]
 
