@@ -26,8 +26,8 @@ For each pair the script runs, each in a fresh process:
 2. the *floor*: read every tensor of both checkpoints into memory, then form
    every space's similarity products once (``Σ W_a W_bᵀ`` over its member
    axes, float32); any weight-matching fusion does at least this. Where both
-   checkpoints do not fit in 40 % of the memory (the 7 B pair), every tensor is
-   read once, then read again by the products;
+   checkpoints do not fit in 40 % of the memory (the 7 B pair), the products
+   read each tensor from its file as they use it (the load is then theirs);
 3. the interpreter's start-up with ``import torch, transformers, fxfuse``,
    which the compile wall time includes and the floor does not (and, apart,
    ``import fxfuse`` alone: transformers is imported only for a Hugging Face
@@ -192,13 +192,8 @@ def floor(a: str, b: str) -> dict:
     stored = [CheckpointTensors.from_dir(Path(path)) for path in (a, b)]
     size = sum(f.stat().st_size for path in (a, b) for f in Path(path).glob("*.safetensors"))
     held = size < 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if held:  # both in memory
-        states = [{k: tensors[k] for k in tensors} for tensors in stored]
-    else:  # both do not fit: every tensor read once (the load), then read again by the products
-        for tensors in stored:
-            for k in tensors:
-                tensors[k]
-        states = stored
+    # both in memory; where they do not fit, the products read each tensor from its file as they use it
+    states = [{k: tensors[k] for k in tensors} for tensors in stored] if held else stored
     t_load, c_load = time.perf_counter() - t0, time.process_time() - c0
     for name, layout in analysis.layouts.items():  # tied names read the stored tensor
         for i, s in enumerate(states):
