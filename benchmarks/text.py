@@ -37,7 +37,10 @@ windows evenly spaced over the held-out stream, MLM masks from the fixed seed
   LM head untied where the last norm's scale must go into it; orthogonal
   residual streams and in-head maps), beside the same costs with permutations;
 * weights, groups full, refined, with and without learnt unit scales of the
-  fused model (``--refine-scales`` turns them on in every refined row).
+  fused model (``--refine-scales`` turns them on in every refined row);
+* the same refinement on ``--sample`` sequences drawn from the two parents
+  (``fxfuse.sample_sequences``, causal LMs only; cached): no text is read, so
+  the row is data-free like weight matching.
 
 ``--rows`` runs a subset of these settings (row names separated by semicolons).
 
@@ -53,6 +56,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import statistics
 import sys
 import sysconfig
@@ -109,6 +113,9 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
     # ... learning per-unit scales of the fused model with the maps (fxfuse.backend.scales)
     ("fxfuse weights, groups full + refine + scales", {"cost": "weights", "groups": "full", "untie": True,
                                                        "refine": True, "scales": True}),
+    # data-free: refined on sequences sampled from the parents (fxfuse.models.sampling), no text read
+    ("fxfuse weights, groups full + refine on parents' samples", {"cost": "weights", "groups": "full",
+                                                                  "untie": True, "refine": "sampled"}),
 ]
 # --refine-steps, --refine-lr, --refine-lr-orthogonal; windows drawn from the train split
 REFINE = {"steps": 1000, "lr": 0.2, "lr_orthogonal": 0.03, "batch": 32, "windows": 8192, "scales": False,
@@ -118,6 +125,8 @@ TARGET_REFINE_CUT = 0.95    # with refinement the barrier must fall by at least 
 GROUP_PAIRS = [("fxfuse weights", "fxfuse weights, groups full"),
                ("fxfuse activations", "fxfuse activations, groups full")]
 TARGET_CUT = 0.5            # the best fxfuse setting must cut the vanilla barrier by at least half
+TARGET_FREE_CUT = 0.8       # reading no text (weights, or refined on the parents' samples): at least 80 %
+SAMPLED = "on parents' samples"
 END_TOL = 1e-4              # relative: aligned and vanilla curves must share their end losses
 
 
@@ -327,6 +336,26 @@ def at_half(c) -> tuple[float, float]:
     return c.loss[i], (c.accuracy[i] if c.accuracy else float("nan"))
 
 
+def sampled(kind: str, seeds: tuple, a, b, data: dict, corpus: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--sample`` sequences drawn from the pair (``fxfuse.sample_sequences``, seed 0), labelled by themselves;
+    cached next to the models (keyed by both models' cache names and the count)."""
+    if kind != "gpt2":
+        raise SystemExit("the parents' samples row needs causal LMs: run it with --models gpt2")
+    names = "_".join(cache_path(kind, s, corpus["info"]["sha1"]).stem for s in seeds)
+    path = CACHE / f"samples_{names}_{args.sample}.pt"
+    if path.exists():
+        x = torch.load(path)
+    else:
+        t0 = time.perf_counter()
+        x = fxfuse.sample_sequences([a, b], data["example"], None, args.sample, seed=0)
+        log(f"[{kind}] sampled {args.sample} sequences from seeds {seeds} in {time.perf_counter() - t0:.0f} s")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(x, tmp)
+        os.replace(tmp, path)  # a concurrent run writes the same sequences: the last rename wins
+    return x, x.clone()
+
+
 def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args) -> dict:
     seeds = (2 * i + 1, 2 * i + 2)
     models, infos = [], []
@@ -346,10 +375,12 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
         if kw.get("pin") == "residual":
             kw["pin"] = [pin_pattern]
         scales = kw.pop("scales", False) or REFINE["scales"]
-        if kw.pop("refine", False):
+        refine_on = kw.pop("refine", False)
+        if refine_on:
             from fxfuse.backend.refine import RefineConfig
 
-            kw["refine"] = RefineConfig(REFINE["steps"], *data["refine"], head=HEAD[kind], lr=REFINE["lr"],
+            pair_data = data["refine"] if refine_on != "sampled" else sampled(kind, seeds, a, b, data, corpus, args)
+            kw["refine"] = RefineConfig(REFINE["steps"], *pair_data, head=HEAD[kind], lr=REFINE["lr"],
                                         batch_size=REFINE["batch"], lr_orthogonal=REFINE["lr_orthogonal"],
                                         scales=scales, lr_scales=REFINE["lr_scales"])
         t0 = time.perf_counter()
@@ -495,6 +526,15 @@ def print_kind(res: dict) -> dict:
     met = cut >= TARGET_CUT
     print(f"\nBest fxfuse setting: {best}, barrier {fx[best]:.4f} vs vanilla {van:.4f}: reduction {100 * cut:.1f}% "
           f"(target ≥ {100 * TARGET_CUT:.0f}%): {'MET' if met else 'NOT MET'}")
+    free = {row: v for row, v in fx.items() if "fxfuse weights" in row and ("refine" not in row or SAMPLED in row)}
+    result = {"best": best, "reduction": cut, "met": met}
+    if free:  # reads no text: weight matching, and refinement on sequences the parents drew
+        best_free = min(free, key=free.get)
+        cut_free = (van - free[best_free]) / van if van > 0 else float("nan")
+        print(f"Data-free (no text read): {best_free}, barrier {free[best_free]:.4f}: reduction "
+              f"{100 * cut_free:.1f}% (target ≥ {100 * TARGET_FREE_CUT:.0f}%): "
+              f"{'MET' if cut_free >= TARGET_FREE_CUT else 'NOT MET'}")
+        result.update(best_free=best_free, reduction_free=cut_free, met_free=cut_free >= TARGET_FREE_CUT)
     print("Reduction vs vanilla per setting: " + ", ".join(
         f"{row} {100 * (van - v) / van:.1f}%" for row, v in fx.items()))
     for perm, full in GROUP_PAIRS:
@@ -502,7 +542,6 @@ def print_kind(res: dict) -> dict:
             print(f"groups perm vs full ({perm[7:]}): barrier {fx[perm]:.4f} -> {fx[full]:.4f}; reduction vs vanilla "
                   f"{100 * (van - fx[perm]) / van:.1f}% -> {100 * (van - fx[full]) / van:.1f}%")
     refined = {row: v for row, v in fx.items() if "refine" in row}
-    result = {"best": best, "reduction": cut, "met": met}
     if refined:
         best_ref = min(refined, key=refined.get)
         cut_ref = (van - refined[best_ref]) / van if van > 0 else float("nan")
@@ -545,6 +584,8 @@ def main(argv=None) -> None:
                     help="every + refine row also learns per-unit scales of the fused model (fxfuse.backend.scales)")
     ap.add_argument("--refine-lr-scales", type=float, default=REFINE["lr_scales"],
                     help="learning rate of the unit scales (--refine-scales)")
+    ap.add_argument("--sample", type=int, default=2048,
+                    help="sequences sampled from each pair for the parents' samples row")
     ap.add_argument("--rows", default="", help="semicolon-separated subset of the settings (default: all)")
     args = ap.parse_args(argv)
     REFINE.update(steps=args.refine_steps, lr=args.refine_lr, lr_orthogonal=args.refine_lr_orthogonal,

@@ -27,6 +27,7 @@ _LAZY = {
     "FusionError": "api.fuse", "FusionResult": "api.fuse", "compile": "api.fuse",
     "Recipe": "recipes.recipe", "RecipeError": "recipes.recipe",
     "BarrierResult": "api.barrier", "barrier": "api.barrier",
+    "sample_sequences": "models.sampling",
 }
 __all__ = ["FxfuseError", "RuleError", "SpecError", "StrictError", "TraceError", "UnsoundError", *sorted(_LAZY)]
 

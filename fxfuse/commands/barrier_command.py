@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--points", type=int, default=21, help="interpolation points including both ends (default 21)")
     p.add_argument("--head", choices=["classification", "mlm", "causal"],
                    help="how to read the loss (default: from the model class)")
-    add_options(p, ("match", "cost", "calib", "calib_random", "solver", "reg", "pin", "heads", "groups", "untie", "repair",
+    add_options(p, ("match", "cost", "calib", "calib_random", "sample", "sample_length", "solver", "reg", "pin", "heads", "groups", "untie", "repair",
                     "refine", "refine_lr", "refine_batch", "refine_lr_orthogonal", "refine_orthogonal", "refine_scales",
                     "refine_lr_scales"), overriding=False)
     p.add_argument("--refine-data", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels) for "
@@ -64,12 +64,25 @@ def run(args) -> int:
     refine = refine_config(args, "--refine-data", on_step=progress_bar(args.quiet))
     rules = load_rules(args.rules)
     a, b = (load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models)
+    if args.sample_length is not None and not args.sample:
+        raise FxfuseError(f"--sample-length {args.sample_length} is only used with --sample N")
+    if args.sample:  # causal LMs without a dataset: the refinement and calibration data drawn from A and B
+        from ..models.sampling import labelled_by_themselves, sample_sequences
+
+        if args.head not in (None, "causal"):
+            raise FxfuseError(f"--sample draws causal LM sequences: --head {args.head} cannot read them")
+        calib = sample_sequences([a.module, b.module], a.args, a.kwargs, args.sample,
+                                 names=[f"model A ({args.models[0]})", f"model B ({args.models[1]})"],
+                                 progress=progress, length=args.sample_length)
+        if refine is not None and not args.refine_data:
+            refine = labelled_by_themselves(refine, calib)
     if args.cost == "activations" or args.repair:
         check_calib_file(args.calib, calib, a)
     if refine is not None:
         from ..api.barrier import check_refine_data
 
-        check_refine_data(refine, [a.module, b.module], a.args, a.kwargs, f"--refine-data {args.refine_data}")
+        check_refine_data(refine, [a.module, b.module], a.args, a.kwargs,
+                          f"--refine-data {args.refine_data}" if args.refine_data else f"--sample {args.sample}")
     warn_unused_options(args, set(a.module.state_dict()) == set(b.module.state_dict()))
     result = barrier(a.module, b.module, inputs, labels, a.args, example_kwargs=a.kwargs, points=args.points,
                      head=args.head, progress=progress, cost=args.cost, calib=calib, solver=args.solver,

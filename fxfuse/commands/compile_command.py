@@ -79,7 +79,7 @@ def _check_workers(recipe) -> None:
     from ..models.calibration import CALIB_BATCH, samples
     from ..models.data import load_calibration
 
-    n = samples(load_calibration(recipe.calib) if recipe.calib else recipe.calib_random)
+    n = recipe.sample or samples(load_calibration(recipe.calib) if recipe.calib else recipe.calib_random)
     batches = max(1, n // CALIB_BATCH)  # batches hold at least CALIB_BATCH samples (or all, when fewer)
     if recipe.workers > batches:
         raise FxfuseError(f"--workers {recipe.workers}: {recipe.workers} workers for {batches} calibration batches "
@@ -141,6 +141,7 @@ class _CompileJob:
     rules: Any
     out_dtype: Any
     matched: Any = None  # {source index: fxfuse.frontend.convert.Converted} of sources matched by graph
+    sampled: Mapping | None = None  # --sample: how the sequences were drawn (for the report)
 
 
 def _compile(args, given) -> int:
@@ -161,6 +162,8 @@ def _compile(args, given) -> int:
     if result.state is None and job.out_dtype is not None:
         result.module.to(job.out_dtype)
     report = dict(result.report, models=[m.spec for m in job.loaded], fxfuse=provenance(args.argv))
+    if job.sampled:
+        report["sample"] = dict(job.sampled)
     if job.matched:
         from ..frontend.convert import report_entry
 
@@ -195,6 +198,7 @@ def _compile_job(args, recipe, progress):
         check_output_path(args.report, args.force, owned="report")
     calib = load_calibration(recipe.calib) if recipe.calib else recipe.calib_random
     check_calibration(recipe, calib)
+    _check_sample(recipe)
     labelled = load_labelled(args.eval) if args.eval else None
     refine = refine_config(recipe, "--data", on_step=progress_bar(args.quiet))
     rules = load_rules(recipe.rules)
@@ -216,7 +220,7 @@ def _compile_job(args, recipe, progress):
     plain = (recipe.method == "ot" and (recipe.groups == "perm" or (recipe.groups == "full" and not recipe.untie))
              and refine is None
              and labelled is None and recipe.quality != "best" and recipe.vocab is None
-             and recipe.match != "graph")
+             and recipe.match != "graph" and not recipe.sample)
     if plain:  # Hugging Face twins in safetensors: fused out of core (activations streamed op by op)
         loaded, states = open_out_of_core(recipe.models, progress)
     if not loaded:
@@ -235,6 +239,9 @@ def _compile_job(args, recipe, progress):
         output_files(recipe.models, [m.module for m in loaded], recipe.target, recipe.vocab)
     check_untie(recipe, tgt)
     _warn_repair_after_refine(recipe)
+    sampled = None
+    if recipe.sample:
+        calib, refine, sampled = _sampled(recipe, loaded, tgt, refine, progress)
     if refine is not None:
         from ..api.barrier import check_refine_data
 
@@ -244,13 +251,51 @@ def _compile_job(args, recipe, progress):
     warn_unused_options(recipe, same_depths)
     named = calib.items() if isinstance(calib, Mapping) else [(None, calib)] if isinstance(calib, torch.Tensor) else []
     for key, x in named:
-        check_inputs(tgt.module, x, f"--calib {recipe.calib}" + (f" ({key})" if key else ""))
+        where = f"--sample {recipe.sample}" if recipe.sample else f"--calib {recipe.calib}"
+        check_inputs(tgt.module, x, where + (f" ({key})" if key else ""))
     if recipe.method == "ot" and (recipe.cost == "activations" or recipe.repair or not same_depths
                                   or recipe.quality == "best"):
         check_calib_file(recipe.calib, calib, tgt)  # the data is read: a mismatch names the file now
     job = _CompileJob(out, tuple(loaded), None if states is None else tuple(states), calib, labelled, refine, rules,
-                      out_dtype, matched)
+                      out_dtype, matched, sampled)
     return job, tgt
+
+
+def _check_sample(recipe) -> None:
+    """``--sample`` with options that cannot read sampled sequences: refused before any loading."""
+    if recipe.sample_length is not None and not recipe.sample:
+        raise FxfuseError(f"--sample-length {recipe.sample_length} is only used with --sample N")
+    if not recipe.sample:
+        return
+    from ..core.checks import check_calibration_size
+
+    if recipe.head not in (None, "causal"):
+        raise FxfuseError(f"--sample draws causal LM sequences: --head {recipe.head} cannot read them "
+                          "(leave --head out, or give --head causal)")
+    if recipe.vocab is not None:
+        raise FxfuseError(f"--sample with --vocab {recipe.vocab}: the parents do not share one token space to "
+                          "sample in; pass --calib FILE (and --data FILE) instead")
+    if recipe.cost == "activations" and recipe.method == "ot":
+        check_calibration_size(recipe.sample, f"--sample {recipe.sample}")
+
+
+def _sampled(recipe, loaded, tgt, refine, progress):
+    """``(calib, refine, report entry)``: ``--sample N`` sequences drawn from the loaded parents; the refinement
+    data too where ``--data`` is not given (``fxfuse.models.sampling``)."""
+    from ..models.sampling import labelled_by_themselves, sample_sequences
+
+    t0 = time.perf_counter()
+    names = [f"model {i} ({m.spec})" for i, m in enumerate(loaded)]
+    x = sample_sequences([m.module for m in loaded], tgt.args, tgt.kwargs, recipe.sample, seed=recipe.seed,
+                         names=names, progress=progress, length=recipe.sample_length)
+    if refine is not None and not recipe.refine_data:
+        refine = labelled_by_themselves(refine, x)
+    entry = {"sequences": int(x.shape[0]), "length": int(x.shape[1]), "seed": recipe.seed,
+             "seconds": round(time.perf_counter() - t0, 3), "refine_data": refine is not None and not recipe.refine_data,
+             "drawn": "sequence i from parent i mod M, its first token uniform over the vocabulary"}
+    progress(f"sampled {entry['sequences']} sequences of {entry['length']} tokens from the parents "
+             f"in {entry['seconds']:.1f}s")
+    return x, refine, entry
 
 
 def _evaluate_parents(job: _CompileJob, tgt, eval_file: str | None, progress) -> list:
@@ -305,7 +350,8 @@ def _print_refinement(report: dict, recipe) -> None:
         print(f"refined {r['steps']} steps in {r['seconds']:.1f}s: loss at the fusion weights "
               f"{r['loss_at_weights_before']:.4f} -> {r['loss_at_weights_after']:.4f}, barrier there "
               f"{r['barrier_at_weights_before']:.4f} -> "
-              f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} samples of {recipe.refine_data})")
+              f"{r['barrier_at_weights_after']:.4f} (on {r['eval_samples']} "
+              + (f"samples of {recipe.refine_data})" if recipe.refine_data else "sequences sampled from the parents)"))
         if "scales" in r:
             sc = r["scales"]
             print(f"learnt unit scales of the fused model at {sc['sites']} sites (folded into its weights; the "

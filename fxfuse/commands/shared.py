@@ -152,7 +152,8 @@ def warn_unused_options(args, same_depths: bool) -> None:
     """Options that do nothing in the chosen mode, and random calibration inputs, said on stderr."""
     if args.reg is not None and args.solver == "exact":
         warn("--reg is ignored with --solver exact (it regularises sinkhorn)")
-    data = "--calib" if args.calib else "--calib-random" if args.calib_random is not None else None
+    data = ("--calib" if args.calib else "--calib-random" if args.calib_random is not None
+            else "--sample" if getattr(args, "sample", None) else None)
     if getattr(args, "method", "ot") == "vanilla":
         if args.cost != "weights" or data:
             warn("--method vanilla averages the weights as they are: --cost and calibration inputs are ignored")

@@ -107,6 +107,17 @@ def _vocabulary(report: Mapping[str, Any]) -> list[str]:
             *_table(["model", "vocabulary rows", "rows kept", "tokens shared with the target"], rows)]
 
 
+def _sampled(report: Mapping[str, Any]) -> list[str]:
+    """Where the data came from when the parents drew it (``--sample``)."""
+    sm = report.get("sample")
+    if not sm:
+        return []
+    use = "the calibration inputs" + (" and, labelled by themselves, the refinement data" if sm.get("refine_data")
+                                      else "")
+    return ["## Data", "", f"No dataset was read: {sm['sequences']} sequences of {sm['length']} tokens were sampled "
+            f"from the parents (seed {sm['seed']}; {sm['drawn']}) and served as {use}.", ""]
+
+
 def _refit(refit: Mapping[str, int] | None) -> str:
     if not refit:
         return ""
@@ -165,7 +176,7 @@ def model_card(report: Mapping[str, Any], recipe) -> str:
     coverage = report.get("coverage")
     lines += ["## Coverage", "", f"{_figure(coverage, '.1%')} of the target's parameters lie on axes that can "
               "move (the rest is pinned: averaged as it is).", ""]
-    lines += (_vocabulary(report) + _correspondence(report) + _stages(report) + _checks(report) + _evaluation(report)
+    lines += (_vocabulary(report) + _correspondence(report) + _sampled(report) + _stages(report) + _checks(report) + _evaluation(report)
               + _barrier(report))
     notes = report.get("notes") or []
     if notes:

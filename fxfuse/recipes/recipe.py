@@ -87,6 +87,12 @@ OPTIONS: tuple[Option, ...] = (
            group="calibration", to_compile=False),
     Option("calib_random", "int", None, "N random calibration inputs (smoke tests)", metavar="N",
            group="calibration", check=_at_least_one, to_compile=False),
+    Option("sample", "int", None, "N token sequences sampled from the parents (causal LMs), for fusing without a "
+           "dataset: the calibration inputs, and the data of --refine and --quality best where --data is not given "
+           "(labelled by themselves)", metavar="N", group="calibration", check=_at_least_one, to_compile=False),
+    Option("sample_length", "int", None, "tokens per --sample sequence (default: the positions the model's config "
+           "allows, at most 64)", metavar="L", check=lambda v: None if v >= 2 else f"need at least 2 tokens, got {v}",
+           to_compile=False),
     Option("solver", "str", "exact", "hard assignment / exact OT, or soft entropic OT", choices=("exact", "sinkhorn")),
     Option("reg", "float", None, "sinkhorn regularisation on the max-normalised cost (default 0.06)",
            check=_positive),
@@ -335,11 +341,11 @@ MODE_OPTIONS = ("cost", "groups", "repair", "refine", "method", "solver")  # opt
 
 
 def settled(recipe: "Recipe") -> "Recipe":
-    """``recipe`` with its ``quality`` decided: as given, else ``best`` where calibration inputs (a file) or
-    labelled data are given and every mode option is at its default, else ``fast``."""
+    """``recipe`` with its ``quality`` decided: as given, else ``best`` where calibration inputs (a file or
+    ``sample``) or labelled data are given and every mode option is at its default, else ``fast``."""
     if recipe.quality is not None:
         return recipe
-    data = bool(recipe.calib or recipe.refine_data)
+    data = bool(recipe.calib or recipe.refine_data or recipe.sample)
     plain = all(getattr(recipe, name) == BY_NAME[name].default for name in MODE_OPTIONS)
     return dataclasses.replace(recipe, quality="best" if data and plain else "fast")
 
@@ -452,9 +458,12 @@ def refine_config(values, flag: str = "--data", on_step=None):
     ``refine_lr``, ``refine_batch``, ``refine_lr_orthogonal``, ``refine_orthogonal``, ``refine_scales``,
     ``refine_lr_scales``, ``head`` and ``seed``;
     ``None`` without ``refine`` (with quality best and ``refine_data``: ``BEST_REFINE_STEPS`` steps).
+    With ``sample`` and no ``refine_data`` the data is empty here: the compile fills in the sampled
+    sequences (``fxfuse.models.sampling.labelled_by_themselves``).
     ``flag``: how the labelled data is given, for the messages."""
     steps = values.refine
-    if steps is None and values.refine_data and getattr(values, "quality", None) == "best":
+    sampled = bool(getattr(values, "sample", None)) and not values.refine_data
+    if steps is None and (values.refine_data or sampled) and getattr(values, "quality", None) == "best":
         steps = BEST_REFINE_STEPS
     if steps is None:
         if values.refine_data:
@@ -464,14 +473,19 @@ def refine_config(values, flag: str = "--data", on_step=None):
         return None
     if steps < 1:
         raise RecipeError(f"--refine {steps}: need at least one step")
-    if not values.refine_data:
-        raise RecipeError(f"--refine needs labelled data: pass {flag} FILE")
+    if not values.refine_data and not sampled:
+        raise RecipeError(f"--refine needs labelled data: pass {flag} FILE (or --sample N)")
     if values.refine_batch < 1 or not values.refine_lr > 0:
         raise RecipeError("--refine-batch must be at least 1 and --refine-lr positive")
+    import torch
+
     from ..models.data import load_labelled
     from ..backend.refine import RefineConfig
 
-    x, y = load_labelled(values.refine_data)
+    if sampled:  # filled in once drawn (fxfuse.models.sampling.labelled_by_themselves)
+        x = y = torch.zeros((0, 0), dtype=torch.long)
+    else:
+        x, y = load_labelled(values.refine_data)
     return RefineConfig(steps, x, y, head=getattr(values, "head", None), lr=values.refine_lr,
                         batch_size=values.refine_batch, seed=getattr(values, "seed", 0), on_step=on_step,
                         lr_orthogonal=getattr(values, "refine_lr_orthogonal", 0.03),

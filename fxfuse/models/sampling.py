@@ -1,0 +1,148 @@
+"""Token sequences sampled from the parents: data for the data-aware stages without a dataset.
+
+A causal LM ``f`` maps token ids ``x`` of shape ``(N, T)`` to logits ``(N, T, V)``
+whose row ``t`` reads ``x[:, :t+1]`` only. With ``M`` parents, sequence ``i`` is
+drawn from parent ``m = i mod M`` (the mixture of the parents' sequence
+distributions, one forward per token):
+
+    x_0 ~ U{0, …, V − 1},    x_{t+1} ~ softmax(f_m(x)[t] / τ)      (t = 0 … T − 2)
+
+Every forward takes the whole ``(n, T)`` batch, the positions after ``t`` still
+zero: a causal model's row ``t`` ignores them, so every call has one shape
+(checked first: a model whose row ``t`` moves with a later token is refused).
+``T`` is ``length``, else the positions a Hugging Face config allows, at most
+``DEFAULT_LENGTH``, else the example's length. Batches hold at most ``LOGITS_BYTES`` of float32 logits.
+The draws use one ``torch.Generator`` seeded with ``seed``: the same parents and
+seed give the same sequences.
+
+The sequences serve as calibration inputs and, labelled by themselves (causal
+LM: position ``t`` predicts token ``t + 1``), as refinement data: the stages then
+fit the fused model to what the parents say, scored on held-out sequences.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import FxfuseError
+from .calibration import batched_inputs, forward_names, with_input
+from .evaluate import logits_of
+
+LOGITS_BYTES = 256 * 2 ** 20   # float32 logits of one sampling batch, at most
+CAUSAL_TOL = 1e-4              # relative change of an earlier row that a later token may cause
+TEMPERATURE = 1.0
+DEFAULT_LENGTH = 64            # tokens per sequence where the config allows it and none is asked for
+
+
+class SamplingError(FxfuseError):
+    """Models that sequences cannot be sampled from (not causal LMs over token ids)."""
+
+
+def _token_slot(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]):
+    """The one batched input: integer token ids ``(B, T)``."""
+    slots = batched_inputs(args, kwargs, forward_names(model)[0])
+    if len(slots) != 1:
+        raise SamplingError(f"--sample draws token sequences: the models take {len(slots)} batched inputs "
+                            f"({', '.join(s.name for s in slots)}); sampling needs token ids (N, T) alone")
+    x = slots[0].example
+    if x.dim() != 2 or x.is_floating_point() or x.is_complex():
+        raise SamplingError(f"--sample draws token sequences: the models' input '{slots[0].name}' is "
+                            f"{str(x.dtype).replace('torch.', '')} of shape {tuple(x.shape)}, not token ids (N, T)")
+    return slots[0]
+
+
+def default_length(model: nn.Module, example_length: int) -> int:
+    """``min(positions, DEFAULT_LENGTH)`` where a Hugging Face config gives the positions, else the example's."""
+    config = getattr(model, "config", None)
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, k, None), int)), None)
+    return min(positions, DEFAULT_LENGTH) if positions else example_length
+
+
+def _logits(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], key, x: torch.Tensor) -> torch.Tensor:
+    a, kw = with_input(args, kwargs, key, x)
+    return logits_of(model(*a, **kw)).float()
+
+
+def _check_causal(models: Sequence[nn.Module], names: Sequence[str], args, kwargs, key, x: torch.Tensor,
+                  g: torch.Generator) -> int:
+    """``V``, the size of every model's logits; each model's row ``t < T/2`` unchanged by new tokens after it."""
+    n, length = x.shape
+    half = length // 2
+    later, vocab = None, None
+    for model, name in zip(models, names):
+        out = _logits(model, args, kwargs, key, x)
+        if out.dim() != 3 or tuple(out.shape[:2]) != (n, length):
+            raise SamplingError(f"--sample: {name} returns logits of shape {tuple(out.shape)} for token ids of shape "
+                                f"{(n, length)}; sampling needs a language model's (N, T, V)")
+        if vocab is not None and out.shape[-1] != vocab:
+            raise SamplingError(f"--sample: {name} predicts {out.shape[-1]} tokens, the first model {vocab}")
+        vocab = int(out.shape[-1])
+        if later is None:
+            later = x.clone()
+            later[:, half:] = torch.randint(0, vocab, (n, length - half), generator=g, dtype=x.dtype)
+        moved = _logits(model, args, kwargs, key, later)
+        diff = float((out[:, :half] - moved[:, :half]).abs().max())
+        if diff > CAUSAL_TOL * max(1.0, float(out[:, :half].abs().max())):
+            raise SamplingError(f"--sample: {name} is not a causal LM (its logits at a position changed by {diff:.2g} "
+                                "when only later tokens did); sampling needs causal language models")
+    return vocab
+
+
+@torch.no_grad()
+def sample_sequences(models: Sequence[nn.Module], args: tuple, kwargs: Mapping[str, Any] | None, n: int,
+                     seed: int = 0, names: Sequence[str] | None = None, temperature: float = TEMPERATURE,
+                     progress: Callable[[str], None] | None = None, length: int | None = None) -> torch.Tensor:
+    """``n`` token sequences ``(n, T)`` drawn from the parents (module docstring).
+
+    ``args``/``kwargs``: an example the models run on (its token ids give the dtype); ``names``: how
+    messages call each model; ``length``: ``T`` (default ``default_length``).
+    """
+    if n < 1:
+        raise SamplingError(f"--sample {n}: need at least one sequence")
+    if not models:
+        raise SamplingError("--sample: no model to sample from")
+    kwargs = dict(kwargs or {})
+    names = list(names or (f"model {i}" for i in range(len(models))))
+    slot = _token_slot(models[0], tuple(args), kwargs)
+    length = int(length or default_length(models[0], int(slot.example.shape[1])))
+    if length < 2:
+        raise SamplingError(f"--sample-length {length}: need at least 2 tokens")
+    example = torch.zeros((2, length), dtype=slot.example.dtype)
+    g = torch.Generator().manual_seed(seed)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        check = torch.Generator().manual_seed(seed)  # the draws below do not depend on the check's
+        probe = torch.randint(0, 2, example.shape, generator=check, dtype=example.dtype)
+        vocab = _check_causal(models, names, tuple(args), kwargs, slot.key, probe, check)
+        out = torch.zeros((n, length), dtype=example.dtype)
+        out[:, 0] = torch.randint(0, vocab, (n,), generator=g, dtype=example.dtype)
+        batch = max(1, min(n, LOGITS_BYTES // (4 * length * vocab)))
+        done, total = 0, n * (length - 1)
+        for m, model in enumerate(models):
+            rows = torch.arange(m, n, len(models))
+            for start in range(0, len(rows), batch):
+                idx = rows[start:start + batch]
+                x = out[idx]
+                for t in range(length - 1):
+                    logits = _logits(model, tuple(args), kwargs, slot.key, x)[:, t] / temperature
+                    x[:, t + 1] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+                out[idx] = x
+                done += len(idx) * (length - 1)
+                if progress is not None:
+                    progress(f"sampling {n} sequences of {length} tokens from the parents: {done * 100 // total}%")
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return out
+
+
+def labelled_by_themselves(config, x: torch.Tensor):
+    """A ``fxfuse.backend.refine.RefineConfig`` on the sampled sequences ``x`` as a causal LM's data."""
+    from dataclasses import replace
+
+    return replace(config, inputs=x, labels=x.clone(), head=config.head or "causal")
