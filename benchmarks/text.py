@@ -119,7 +119,7 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
 ]
 # --refine-steps, --refine-lr, --refine-lr-orthogonal; windows drawn from the train split
 REFINE = {"steps": 1000, "lr": 0.2, "lr_orthogonal": 0.03, "batch": 32, "windows": 8192, "scales": False,
-          "lr_scales": 0.01}  # --refine-scales, --refine-lr-scales: learnt unit scales of the fused model
+          "lr_scales": 0.01, "condition": None}  # --refine-scales, --refine-lr-scales: learnt unit scales of the fused model
 REFINE_SEED = 777                                                    # starts of the refinement windows and their masks
 TARGET_REFINE_CUT = 0.95    # with refinement the barrier must fall by at least 95 %
 GROUP_PAIRS = [("fxfuse weights", "fxfuse weights, groups full"),
@@ -353,6 +353,11 @@ def sampled(kind: str, seeds: tuple, a, b, data: dict, corpus: dict, args) -> tu
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         torch.save(x, tmp)
         os.replace(tmp, path)  # a concurrent run writes the same sequences: the last rename wins
+    from fxfuse.models.heads import evaluate
+
+    own = [evaluate(m, x[:512], x[:512], "causal")[0] for m in (a, b)]
+    log(f"[{kind}] seeds {seeds}: the parents' loss on {min(512, len(x))} of their samples "
+        f"{own[0]:.4f} / {own[1]:.4f} (held-out text: see the table)")
     return x, x.clone()
 
 
@@ -382,7 +387,8 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
             pair_data = data["refine"] if refine_on != "sampled" else sampled(kind, seeds, a, b, data, corpus, args)
             kw["refine"] = RefineConfig(REFINE["steps"], *pair_data, head=HEAD[kind], lr=REFINE["lr"],
                                         batch_size=REFINE["batch"], lr_orthogonal=REFINE["lr_orthogonal"],
-                                        scales=scales, lr_scales=REFINE["lr_scales"])
+                                        scales=scales, lr_scales=REFINE["lr_scales"],
+                                        condition=REFINE["condition"])
         t0 = time.perf_counter()
         res = fxfuse.barrier(a, b, data["inputs"], data["labels"], data["example"], points=args.points,
                              head=HEAD[kind], seed=0, **kw)
@@ -584,12 +590,14 @@ def main(argv=None) -> None:
                     help="every + refine row also learns per-unit scales of the fused model (fxfuse.backend.scales)")
     ap.add_argument("--refine-lr-scales", type=float, default=REFINE["lr_scales"],
                     help="learning rate of the unit scales (--refine-scales)")
+    ap.add_argument("--refine-condition", type=float, default=None,
+                    help="refine the in-head value/output maps over invertible maps of this condition number at most")
     ap.add_argument("--sample", type=int, default=2048,
                     help="sequences sampled from each pair for the parents' samples row")
     ap.add_argument("--rows", default="", help="semicolon-separated subset of the settings (default: all)")
     args = ap.parse_args(argv)
     REFINE.update(steps=args.refine_steps, lr=args.refine_lr, lr_orthogonal=args.refine_lr_orthogonal,
-                  scales=args.refine_scales, lr_scales=args.refine_lr_scales)
+                  scales=args.refine_scales, lr_scales=args.refine_lr_scales, condition=args.refine_condition)
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--models: choose from {', '.join(KINDS)}")

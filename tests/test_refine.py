@@ -357,3 +357,43 @@ def test_the_refined_barrier_curve_ends_at_b_with_an_untied_head():
     for c in (res.aligned, res.refined):
         assert c.loss[0] == pytest.approx(res.vanilla.loss[0], rel=1e-4)
         assert c.loss[-1] == pytest.approx(res.vanilla.loss[-1], rel=1e-4)
+
+
+def test_stretched_maps_are_invertible_within_the_bound_and_read_by_their_inverse_transpose():
+    from fxfuse.backend.latents import stretched
+
+    g = torch.Generator().manual_seed(0)
+    eye = torch.eye(5, dtype=torch.float64)
+    for scale in (0.0, 0.1, 10.0):  # at zero the identity; large generators stay within the bound
+        X = scale * torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+        M, R = stretched(X, 4.0)
+        torch.testing.assert_close(R.transpose(-1, -2) @ M, eye.expand(3, 5, 5))  # R = M^{-T}
+        assert float(torch.linalg.cond(M).max()) <= 4.0 + 1e-9
+        if scale == 0.0:
+            torch.testing.assert_close(M, eye.expand(3, 5, 5))
+        if scale == 10.0:
+            assert float(torch.linalg.cond(M).min()) > 1.5  # stretched, within the (Frobenius, so loose) bound
+
+
+def test_refinement_over_invertible_in_head_maps_stays_exact_and_within_the_bound():
+    """``condition``: the value/output in-head maps learn over invertible maps: they leave the orthogonal group,
+    stay within the condition bound, and B's aligned copy still computes B (the self-check exact)."""
+    import zoo
+    from fxfuse.frontend.groups import INVERTIBLE
+
+    a, args = zoo.gpt2(seed=0)
+    b, _ = zoo.gpt2(seed=1)
+    ids = torch.randint(0, zoo.VOCAB, (32, zoo.SEQ), generator=torch.Generator().manual_seed(0))
+    config = RefineConfig(20, ids, ids.clone(), batch_size=8, eval_samples=16, condition=3.0, lr_orthogonal=0.1)
+    r = fxfuse.compile([a, b], args, groups="full", untie=True, refine=config)
+    levels = {s["id"]: _level(s["group"]) for s in r.report["spaces"]}
+    inv = [m.q.double() for s, m in r.alignments[1].maps.items() if levels.get(s) == INVERTIBLE and m.q is not None]
+    assert inv and r.report["refine"]["invertible"]["spaces"] == len(inv)
+    eye = torch.eye(inv[0].shape[-1], dtype=torch.float64)
+    assert any(not torch.allclose(q.transpose(-1, -2) @ q, eye.expand_as(q), atol=1e-3) for q in inv)
+    assert max(float(torch.linalg.cond(q).max()) for q in inv) <= 3.0 + 1e-9
+    assert r.report["refine"]["invertible"]["largest_condition"] <= 3.0 + 1e-9
+    assert all(c["hard"] and c["error"] <= 1e-4 for c in r.report["self_check"] if c)
+    assert compare_outputs(b, r.aligned[1], args) <= 1e-4
+    with pytest.raises(RefineError, match="--refine-condition 3.0: need a bound above 1, with --refine-orthogonal exp"):
+        fxfuse.compile([a, b], args, groups="full", untie=True, refine=replace(config, orthogonal="project"))

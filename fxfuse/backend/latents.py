@@ -4,7 +4,8 @@ nearest group element, and the differentiable move of a state dict by those matr
 ``project(L, group) = argmax_{P ∈ group} ⟨P, L⟩``: a linear assignment for permutations, a
 many-to-one matching for spaces of different sizes, ``U Vᵀ`` (``L = U Σ Vᵀ``) for orthogonal maps
 (on ``1^⊥`` for ``orthogonal_ones``); ``straight_through`` passes the gradient through the
-projection (``P + L − stop_gradient(L)``); ``rotation`` is ``exp(A − Aᵀ)``. ``Mover`` applies the
+projection (``P + L − stop_gradient(L)``); ``rotation`` is ``exp(A − Aᵀ)``; ``stretched`` adds
+a bounded symmetric stretch for the maps of an invertible group. ``Mover`` applies the
 per-axis matrices of ``fxfuse.backend.emit`` to a state dict, differentiably. The descent itself is
 ``fxfuse.backend.refine``.
 """
@@ -13,17 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+import math
+
 import numpy as np
 import torch
 
 from ..core.errors import FxfuseError
 from ..core.solvers import assignment, consumer, matching
-from ..frontend.groups import ORTHO_ONES
+from ..frontend.groups import INVERTIBLE, ORTHO_ONES
 from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf
 from ..planner.groupmaps import ones_complement
 from ..planner.plan import Alignment
 
-GROUPS = ("permutation", "matching", "orthogonal", "orthogonal_ones")
+GROUPS = ("permutation", "matching", "orthogonal", "orthogonal_ones", "invertible")
 ORTHO_TOL = 1e-6          # an initial group map farther than this from orthogonal is refused
 
 
@@ -80,6 +83,23 @@ def rotation(generator: torch.Tensor, group: str) -> torch.Tensor:
     return B @ R @ B.T + torch.full((n, n), 1.0 / n, dtype=generator.dtype, device=generator.device)
 
 
+def stretched(generator: torch.Tensor, condition: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R·exp(S), R·exp(−S))`` from one generator ``X`` (``(…, n, n)``), differentiable: ``R = exp(X − Xᵀ)``
+    and ``S = c·(X + Xᵀ)/2 / max(c, ‖(X + Xᵀ)/2‖_F)``, ``c = ln(condition)/2``.
+
+    ``M = R·exp(S)`` is invertible with condition number ``≤ e^{2c} = condition`` (the eigenvalues of
+    ``S`` lie in ``[−c, c]``, since ``‖S‖₂ ≤ ‖S‖_F ≤ c``: a smooth bound, loose where ``S`` has high rank;
+    an eigenvalue clamp would divide by the gaps of the eigenvalues, all 0 at the start), and ``R·exp(−S) = M^{−T}``: how an axis that reads ``M``'s units moves,
+    with no inverse computed. ``X = 0`` gives the identity.
+    """
+    R = torch.linalg.matrix_exp(generator - generator.transpose(-1, -2))
+    sym = (generator + generator.transpose(-1, -2)) / 2
+    c = math.log(condition) / 2
+    norm = sym.flatten(-2).norm(dim=-1)[..., None, None]
+    S = sym * (c / torch.clamp(norm, min=c))
+    return R @ torch.linalg.matrix_exp(S), R @ torch.linalg.matrix_exp(-S)
+
+
 # ---------------------------------------------------------------- latents of one alignment
 
 
@@ -92,12 +112,13 @@ class Latent:
     nested: bool
 
 
-def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None
+def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None, invertible: bool = False
                ) -> tuple[dict[int, Latent], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """``(kinds, initial latents, fixed pair perms)`` for every map of ``alignment``; refuses soft maps.
 
     A group map (``q``: ``(n, n)``, or ``(n_parent, m, m)`` inside heads) is orthogonal
-    (``orthogonal_ones`` where ``levels`` says the space keeps the ones vector);
+    (``orthogonal_ones`` where ``levels`` says the space keeps the ones vector; ``invertible``
+    where ``levels`` allows any invertible map and ``invertible`` asks for it);
     an initial map that is not orthogonal is refused.
     """
     kinds, init, pairs = {}, {}, {}
@@ -108,7 +129,9 @@ def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None
             if float((q.transpose(-1, -2) @ q - eye).abs().max()) > ORTHO_TOL:
                 raise RefineError(f"space s{sid} moves by a group map that is not orthogonal: refinement learns "
                                   "orthogonal maps only")
-            group = "orthogonal_ones" if (levels or {}).get(sid) == ORTHO_ONES else "orthogonal"
+            level = (levels or {}).get(sid)
+            group = ("orthogonal_ones" if level == ORTHO_ONES
+                     else "invertible" if invertible and level == INVERTIBLE else "orthogonal")
             kinds[sid], init[sid] = Latent(sid, group, q.dim() == 3), m.q.double()
             continue
         if m.pair_perms is not None:  # inner maps of heads under a matching of heads: kept as solved
@@ -189,12 +212,17 @@ class Mover:
             if axes:
                 self.moved.append((name, layout.aliases, axes))
 
-    def __call__(self, mats: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, mats: Mapping[int, torch.Tensor], read_mats: Mapping[int, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """``read_mats``: the maps axes that read units move by where that is not ``mats`` itself (an
+        invertible map's inverse transpose); those spaces are in ``orthogonal`` (no ``consumer``)."""
         out = dict(self.state)
+        reading = {**mats, **(read_mats or {})}
         for name, aliases, axes in self.moved:
             t = self.state[name].float()
             for d, expr, reads in axes:
-                M = _axis_matrix(expr, mats, self.pairs, self.parents, reads, self.orthogonal, self.device)
+                M = _axis_matrix(expr, reading if reads else mats, self.pairs, self.parents, reads, self.orthogonal,
+                                 self.device)
                 t = torch.tensordot(M.to(t.dtype), t, dims=([1], [d])).movedim(0, d)
             for key in (name,) + aliases:
                 if key in out:

@@ -57,9 +57,10 @@ from ..frontend.spaces import Analysis
 from ..planner.plan import Alignment
 from .scales import ScaleSite, UnitScales, apply as apply_scales, strength
 from .latents import (GROUPS, ORTHO_TOL, Latent, Mover, RefineError, latents_of, project, rotation,  # noqa: F401
-                      straight_through)  # (also imported from here)
+                      straight_through, stretched)  # (also imported from here)
 
 ORTHOGONAL = ("orthogonal", "orthogonal_ones")
+CONTINUOUS = ORTHOGONAL + ("invertible",)  # maps learnt by a generator about their initial map (not projected)
 PARAMETRISATIONS = ("project", "exp")
 LAMBDA_HALF_WIDTH = 0.1   # two models: λ ~ U[w_B − 0.1, w_B + 0.1]
 WEIGHT_JITTER = 0.2       # more models: w_m · U[1 − 0.2, 1 + 0.2], renormalised
@@ -78,6 +79,10 @@ class RefineConfig:
     gradient) or ``"exp"`` (``Q₀ exp(A − Aᵀ)``, ``A`` learnt from zero).
     ``scales``: also learn per-unit scales and shifts of the fused model
     (``fxfuse.backend.scales``) at ``lr_scales``, jointly with the maps.
+    ``condition``: spaces whose group is invertible (the in-head value/output
+    maps) learn over invertible maps ``Q₀·R·exp(S)`` of condition number at most
+    ``condition`` (``fxfuse.backend.latents.stretched``; needs ``"exp"``), at
+    ``lr_orthogonal``; ``None``: orthogonally, like the others.
     """
 
     steps: int
@@ -93,6 +98,7 @@ class RefineConfig:
     orthogonal: str = "exp"
     scales: bool = False
     lr_scales: float = 0.01
+    condition: float | None = None
 
 
 # ---------------------------------------------------------------- refinement
@@ -164,14 +170,16 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
     if config.orthogonal not in PARAMETRISATIONS:
         raise RefineError(f"unknown parametrisation {config.orthogonal!r} of orthogonal maps "
                           f"(one of {', '.join(PARAMETRISATIONS)})")
+    if config.condition is not None and (not config.condition > 1 or config.orthogonal != "exp"):
+        raise RefineError(f"--refine-condition {config.condition}: need a bound above 1, with --refine-orthogonal exp")
     head = config.head
     if device is not None:
         states = [{k: to_device(v, device) for k, v in st.items()} for st in states]
         frozen = [{k: to_device(v, device) for k, v in fr.items()} for fr in frozen]
     movers, latents, kinds, bases = _latent_maps(analyses, states, alignments, target, levels, config.orthogonal,
-                                                 device)
-    perm_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group not in ORTHOGONAL]
-    ortho_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group in ORTHOGONAL]
+                                                 device, config.condition)
+    perm_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group not in CONTINUOUS]
+    ortho_params = [L for i, per in latents.items() for s, L in per.items() if kinds[i][s].group in CONTINUOUS]
     if not perm_params and not ortho_params:
         raise RefineError("nothing to refine: no source model has a free space")
     if config.scales and not sites:
@@ -207,9 +215,15 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
             if i not in movers:
                 out.append(st)
                 continue
-            mats = {sid: _matrix(L, kinds[i][sid].group, bases[i].get(sid), project_fn).float()
-                    for sid, L in latents[i].items()}
-            moved = movers[i](mats)
+            mats, read_mats = {}, {}
+            for sid, L in latents[i].items():
+                if kinds[i][sid].group == "invertible":
+                    write, read = stretched(L, config.condition)
+                    base = bases[i][sid].to(L.dtype)
+                    mats[sid], read_mats[sid] = (base @ write).float(), (base @ read).float()
+                else:
+                    mats[sid] = _matrix(L, kinds[i][sid].group, bases[i].get(sid), project_fn).float()
+            moved = movers[i](mats, read_mats)
             moved.update(frozen[i])
             out.append(moved)
         return out
@@ -251,7 +265,7 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
             say(f"refining: step {step + 1}/{config.steps}, loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
     seconds = time.perf_counter() - t0
     after = eval_loss(weights)
-    refined, changed = _projected(alignments, latents, kinds, bases)
+    refined, changed = _projected(alignments, latents, kinds, bases, config.condition)
     k = max(1, len(losses) // 10)
     report = {"steps": config.steps, "seconds": seconds, "lr": config.lr, "batch_size": config.batch_size,
               "seed": config.seed, "samples": int(n), "head": head,
@@ -260,6 +274,11 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
               "barrier_at_weights_before": before - chord, "barrier_at_weights_after": after - chord,
               "eval_samples": min(n, config.eval_samples),
               "units_changed": {i: {f"s{s}": c for s, c in per.items()} for i, per in changed.items()}}
+    if config.condition is not None:
+        conds = [float(torch.linalg.cond(al.maps[sid].q.double()).max())
+                 for i, al in enumerate(refined) if i in kinds for sid, k in kinds[i].items() if k.group == "invertible"]
+        report["invertible"] = {"bound": config.condition, "spaces": len(conds),
+                                "largest_condition": max(conds, default=1.0)}
     learnt = None
     if sites:
         learnt = UnitScales(sites, tuple(u.detach().cpu().clone() for u in log_scale),
@@ -279,7 +298,7 @@ def _matrix(latent: torch.Tensor, group: str, base: torch.Tensor | None, project
 
 def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alignment | None], target: int,
                  levels: Mapping[int, int] | None = None, orthogonal: str = "project",
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, condition: float | None = None):
     """Per source model ``i``: a ``Mover`` of its weights, its latents (leaf tensors with gradients, one per
     space, initialised at its alignment's maps; with ``orthogonal="exp"`` an orthogonal map's latent is a
     generator starting at zero about the initial map), their kinds and those initial maps;
@@ -288,12 +307,12 @@ def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alig
     for i, al in enumerate(alignments):
         if i == target or al is None:
             continue
-        k, init, pairs = latents_of(al, levels)
+        k, init, pairs = latents_of(al, levels, invertible=condition is not None)
         movers[i] = Mover(analyses[i], states[i], pairs, set(k),
-                          frozenset(s for s, lat in k.items() if lat.group in ORTHOGONAL), device)
+                          frozenset(s for s, lat in k.items() if lat.group in CONTINUOUS), device)
         kinds[i], latents[i], bases[i] = k, {}, {}
         for sid, lat in k.items():
-            if lat.group in ORTHOGONAL and orthogonal == "exp":
+            if lat.group in CONTINUOUS and orthogonal == "exp":
                 n = init[sid].shape[-1] - (lat.group == "orthogonal_ones")
                 bases[i][sid] = to_device(init[sid], device)
                 latents[i][sid] = torch.zeros(*init[sid].shape[:-2], n, n, device=device, requires_grad=True)
@@ -308,7 +327,8 @@ def _final_orthogonal(latent: torch.Tensor, group: str, base: torch.Tensor | Non
     return project(M, group).cpu()
 
 
-def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=None) -> tuple[list, dict]:
+def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=None,
+               condition: float | None = None) -> tuple[list, dict]:
     """The alignments with every learnt latent projected to its group; and, per model and space, how many units
     (for an orthogonal map: how many of its rows, one per unit) changed."""
     refined, changed = [], {}
@@ -319,8 +339,12 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=Non
         maps = dict(al.maps)
         for sid, L in latents[i].items():
             old = al.maps[sid]
-            if kinds[i][sid].group in ORTHOGONAL:
-                Q = _final_orthogonal(L, kinds[i][sid].group, (bases or {}).get(i, {}).get(sid))
+            if kinds[i][sid].group in CONTINUOUS:
+                base = (bases or {}).get(i, {}).get(sid)
+                if kinds[i][sid].group == "invertible":  # exact as it is: no projection (float64)
+                    Q = (base.double() @ stretched(L.detach().double(), condition)[0]).cpu()
+                else:
+                    Q = _final_orthogonal(L, kinds[i][sid].group, base)
                 new = replace(old, q=Q.to(old.q.dtype), similarity_aligned=float("nan"), solver=old.solver + ", refined")
                 moved = int((~torch.isclose(Q, old.q.double(), atol=1e-6).all(-1)).sum())
                 maps[sid] = new

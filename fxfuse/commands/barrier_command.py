@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--head", choices=["classification", "mlm", "causal"],
                    help="how to read the loss (default: from the model class)")
     add_options(p, ("match", "cost", "calib", "calib_random", "sample", "sample_length", "solver", "reg", "pin", "heads", "groups", "untie", "repair",
-                    "refine", "refine_lr", "refine_batch", "refine_lr_orthogonal", "refine_orthogonal", "refine_scales",
+                    "refine", "refine_lr", "refine_batch", "refine_lr_orthogonal", "refine_orthogonal", "refine_condition", "refine_scales",
                     "refine_lr_scales"), overriding=False)
     p.add_argument("--refine-data", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels) for "
                    "--refine (the curves are scored on --data)")

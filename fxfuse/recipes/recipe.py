@@ -126,6 +126,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("refine_orthogonal", "str", "exp", "how --refine learns orthogonal maps (groups full): exp, Q0·exp(A - Aᵀ) "
            "about the data-free map; project, a latent matrix projected to the nearest orthogonal map each step",
            choices=("exp", "project"), to_compile=False),
+    Option("refine_condition", "float", None, "--refine learns the maps of spaces whose group is invertible (in-head "
+           "value/output dims) over invertible maps of condition number at most K, not orthogonally (needs "
+           "--refine-orthogonal exp)", metavar="K", check=lambda v: None if v > 1 else f"need a bound above 1, got {v}",
+           to_compile=False),
     Option("refine_scales", "bool", False, "--refine also learns a scale and a shift per output unit of every "
            "linear, convolution and norm that reaches a nonlinearity or a norm, in the fused model only (folded into "
            "its weights; the parents and the maps stay exact)", to_compile=False),
@@ -470,6 +474,8 @@ def refine_config(values, flag: str = "--data", on_step=None):
             raise RecipeError(f"{flag} is only used with --refine STEPS (or --quality best)")
         if getattr(values, "refine_scales", False):
             raise RecipeError("--refine-scales is only used with --refine STEPS")
+        if getattr(values, "refine_condition", None) is not None:
+            raise RecipeError("--refine-condition is only used with --refine STEPS")
         return None
     if steps < 1:
         raise RecipeError(f"--refine {steps}: need at least one step")
@@ -491,4 +497,5 @@ def refine_config(values, flag: str = "--data", on_step=None):
                         lr_orthogonal=getattr(values, "refine_lr_orthogonal", 0.03),
                         orthogonal=getattr(values, "refine_orthogonal", "exp"),
                         scales=bool(getattr(values, "refine_scales", False)),
-                        lr_scales=getattr(values, "refine_lr_scales", 0.01))
+                        lr_scales=getattr(values, "refine_lr_scales", 0.01),
+                        condition=getattr(values, "refine_condition", None))
