@@ -98,6 +98,7 @@ def test_cli_compile_with_sample_refines_on_the_sequences_and_says_so(tmp_path, 
     assert report["sample"]["refine_data"] is True
     assert report["refine"]["steps"] == 4
     assert "sequences sampled from the parents" in stdout
+    assert "--sample is ignored" not in err  # it is the refinement's data
     assert "No dataset was read: 24 sequences of 16 tokens were sampled from the parents" in (
         out / "README.md").read_text()
     assert "sample: 24" in (out / "fxfuse-recipe.yaml").read_text()

@@ -158,7 +158,8 @@ def warn_unused_options(args, same_depths: bool) -> None:
         if args.cost != "weights" or data:
             warn("--method vanilla averages the weights as they are: --cost and calibration inputs are ignored")
     elif (args.cost == "weights" and data and same_depths and not getattr(args, "repair", False)
-          and getattr(args, "quality", None) != "best"):
+          and getattr(args, "quality", None) != "best"
+          and not (data == "--sample" and getattr(args, "refine", None) is not None)):  # the refinement data
         warn(f"{data} is ignored with --cost weights (weight matching reads no data; only models of different "
              "depths and --repair use calibration inputs)")
     elif args.cost == "activations" and data is None:

@@ -128,13 +128,15 @@ def sample_sequences(models: Sequence[nn.Module], args: tuple, kwargs: Mapping[s
             for start in range(0, len(rows), batch):
                 idx = rows[start:start + batch]
                 x = out[idx]
+                every = max(1, (length - 1) // 4)
                 for t in range(length - 1):
                     logits = _logits(model, tuple(args), kwargs, slot.key, x)[:, t] / temperature
                     x[:, t + 1] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+                    if progress is not None and ((t + 1) % every == 0 or t == length - 2):
+                        share = (done + len(idx) * (t + 1)) * 100 // total
+                        progress(f"sampling {n} sequences of {length} tokens from the parents: {share}%")
                 out[idx] = x
                 done += len(idx) * (length - 1)
-                if progress is not None:
-                    progress(f"sampling {n} sequences of {length} tokens from the parents: {done * 100 // total}%")
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
