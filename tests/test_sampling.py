@@ -26,6 +26,15 @@ class Successor(nn.Module):
         return self.table[ids]  # (N, T, V)
 
 
+class WholeOnly(Successor):
+    """The same LM, traced at one length: it refuses prefixes."""
+
+    def forward(self, ids):
+        if ids.shape[1] != T:
+            raise RuntimeError(f"expected sequences of {T} tokens")
+        return super().forward(ids)
+
+
 class Mean(nn.Module):
     """Not causal: every position reads the mean of the whole sequence's embeddings."""
 
@@ -62,6 +71,17 @@ def test_each_sequence_follows_its_parent_from_a_uniform_first_token():
         step = 1 if i % 2 == 0 else 3  # sequence i from parent i mod 2
         assert torch.equal(row, (row[0] + step * torch.arange(T)) % V), (i, row)
     assert len(set(x[:, 0].tolist())) > 1  # the first tokens are drawn, not fixed
+
+
+def test_a_model_that_takes_whole_sequences_only_gives_the_same_samples():
+    ids = torch.zeros((2, T), dtype=torch.long)
+    soft = [Successor(1), Successor(3)]
+    for m in soft:  # not sure of the next token: the draws use the generator
+        m.table.data /= 20
+    whole = [WholeOnly(1), WholeOnly(3)]
+    for w, m in zip(whole, soft):
+        w.table.data.copy_(m.table.data)
+    assert torch.equal(sample_sequences(soft, (ids,), None, 8, seed=2), sample_sequences(whole, (ids,), None, 8, seed=2))
 
 
 def test_the_same_seed_gives_the_same_sequences_and_another_seed_others():

@@ -7,9 +7,12 @@ distributions, one forward per token):
 
     x_0 ~ U{0, …, V − 1},    x_{t+1} ~ softmax(f_m(x)[t] / τ)      (t = 0 … T − 2)
 
-Every forward takes the whole ``(n, T)`` batch, the positions after ``t`` still
-zero: a causal model's row ``t`` ignores them, so every call has one shape
-(checked first: a model whose row ``t`` moves with a later token is refused).
+Token ``t + 1`` is drawn from a forward on the prefix ``x[:, :t+1]`` (about half
+the work of whole sequences) where every model gives the same logits on a
+prefix as on the whole sequence; else on the whole ``(n, T)`` batch, the
+positions after ``t`` still zero, which a causal model's row ``t`` ignores (a
+model traced at one shape). Both are checked first: a model whose row ``t``
+moves with a later token is refused.
 ``T`` is ``length``, else the positions a Hugging Face config allows, at most
 ``DEFAULT_LENGTH``, else the example's length. Batches hold at most ``LOGITS_BYTES`` of float32 logits.
 The draws use one ``torch.Generator`` seeded with ``seed``: the same parents and
@@ -66,12 +69,25 @@ def _logits(model: nn.Module, args: tuple, kwargs: Mapping[str, Any], key, x: to
     return logits_of(model(*a, **kw)).float()
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).abs().max()) <= CAUSAL_TOL * max(1.0, float(a.abs().max()))
+
+
+def _on_prefixes(model: nn.Module, args, kwargs, key, x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether ``model`` runs on prefixes of ``x`` (lengths 1 and ``T/2``) and gives there the rows of ``out``."""
+    try:
+        return all(_same(out[:, :k], _logits(model, args, kwargs, key, x[:, :k])) for k in (1, x.shape[1] // 2))
+    except Exception:  # noqa: BLE001 - a model traced at one shape: sampled on whole sequences instead
+        return False
+
+
 def _check_causal(models: Sequence[nn.Module], names: Sequence[str], args, kwargs, key, x: torch.Tensor,
-                  g: torch.Generator) -> int:
-    """``V``, the size of every model's logits; each model's row ``t < T/2`` unchanged by new tokens after it."""
+                  g: torch.Generator) -> tuple[int, bool]:
+    """``(V, prefixes)``: the size of every model's logits, and whether every model can be run on prefixes;
+    each model's row ``t < T/2`` must stay unchanged by new tokens after it."""
     n, length = x.shape
     half = length // 2
-    later, vocab = None, None
+    later, vocab, prefixes = None, None, True
     for model, name in zip(models, names):
         out = _logits(model, args, kwargs, key, x)
         if out.dim() != 3 or tuple(out.shape[:2]) != (n, length):
@@ -84,11 +100,12 @@ def _check_causal(models: Sequence[nn.Module], names: Sequence[str], args, kwarg
             later = x.clone()
             later[:, half:] = torch.randint(0, vocab, (n, length - half), generator=g, dtype=x.dtype)
         moved = _logits(model, args, kwargs, key, later)
-        diff = float((out[:, :half] - moved[:, :half]).abs().max())
-        if diff > CAUSAL_TOL * max(1.0, float(out[:, :half].abs().max())):
+        if not _same(out[:, :half], moved[:, :half]):
+            diff = float((out[:, :half] - moved[:, :half]).abs().max())
             raise SamplingError(f"--sample: {name} is not a causal LM (its logits at a position changed by {diff:.2g} "
                                 "when only later tokens did); sampling needs causal language models")
-    return vocab
+        prefixes = prefixes and _on_prefixes(model, args, kwargs, key, x, out)
+    return vocab, prefixes
 
 
 @torch.no_grad()
@@ -118,7 +135,7 @@ def sample_sequences(models: Sequence[nn.Module], args: tuple, kwargs: Mapping[s
     try:
         check = torch.Generator().manual_seed(seed)  # the draws below do not depend on the check's
         probe = torch.randint(0, 2, example.shape, generator=check, dtype=example.dtype)
-        vocab = _check_causal(models, names, tuple(args), kwargs, slot.key, probe, check)
+        vocab, prefixes = _check_causal(models, names, tuple(args), kwargs, slot.key, probe, check)
         out = torch.zeros((n, length), dtype=example.dtype)
         out[:, 0] = torch.randint(0, vocab, (n,), generator=g, dtype=example.dtype)
         batch = max(1, min(n, LOGITS_BYTES // (4 * length * vocab)))
@@ -130,7 +147,8 @@ def sample_sequences(models: Sequence[nn.Module], args: tuple, kwargs: Mapping[s
                 x = out[idx]
                 every = max(1, (length - 1) // 4)
                 for t in range(length - 1):
-                    logits = _logits(model, tuple(args), kwargs, slot.key, x)[:, t] / temperature
+                    ctx = x[:, :t + 1] if prefixes else x
+                    logits = _logits(model, tuple(args), kwargs, slot.key, ctx)[:, t] / temperature
                     x[:, t + 1] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
                     if progress is not None and ((t + 1) % every == 0 or t == length - 2):
                         share = (done + len(idx) * (t + 1)) * 100 // total
