@@ -40,6 +40,7 @@ def _worker(rank: int, size: int, port: int, out: str) -> None:
         cost = _cost(shard(_batches(), rank, size), reduce=all_reduce_sums)
         if rank == 0:
             torch.save({"stats": cost.stats, "nested": cost.nested_stats}, out)
+        dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early may abort the other)
     finally:
         dist.destroy_process_group()
 
