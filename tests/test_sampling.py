@@ -168,3 +168,14 @@ def test_cli_barrier_refines_on_sequences_sampled_from_a_and_b(tmp_path, capsys)
     assert code == 0, err
     result = json.loads(out)
     assert result["refined"] is not None and len(result["refined"]["loss"]) == 3
+
+
+def test_cli_barrier_refuses_sample_options_before_loading(tmp_path, capsys):
+    ids = torch.zeros((2, 4), dtype=torch.long)
+    torch.save({"inputs": ids, "labels": ids}, tmp_path / "eval.pt")
+    missing = [tmp_path / "no-a", tmp_path / "no-b"]  # never loaded: the flags are refused first
+    msg = refused(capsys, tmp_path, "barrier", *missing, "--data", tmp_path / "eval.pt", "--sample-length", 8, "-q")
+    assert msg == "--sample-length 8 is only used with --sample N"
+    msg = refused(capsys, tmp_path, "barrier", *missing, "--data", tmp_path / "eval.pt", "--sample", 8, "--head",
+                  "mlm", "-q")
+    assert msg.startswith("--sample draws causal LM sequences: --head mlm")

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from ..core.errors import FxfuseError
-from .shared import (EPILOG, Progress, add_common, check_calib_file, check_calibration, check_paths, progress_bar,
-                     warn_unused_options)
+from .shared import (EPILOG, Progress, add_common, check_calib_file, check_calibration, check_paths, check_sample,
+                     progress_bar, warn_unused_options)
 
 
 def add_parser(sub) -> None:
@@ -26,9 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--points", type=int, default=21, help="interpolation points including both ends (default 21)")
     p.add_argument("--head", choices=["classification", "mlm", "causal"],
                    help="how to read the loss (default: from the model class)")
-    add_options(p, ("match", "cost", "calib", "calib_random", "sample", "sample_length", "solver", "reg", "pin", "heads", "groups", "untie", "repair",
-                    "refine", "refine_lr", "refine_batch", "refine_lr_orthogonal", "refine_orthogonal", "refine_condition", "refine_scales",
-                    "refine_lr_scales"), overriding=False)
+    add_options(p, ("match", "cost", "calib", "calib_random", "sample", "sample_length", "solver", "reg", "pin",
+                    "heads", "groups", "untie", "repair", "refine", "refine_lr", "refine_batch", "refine_lr_orthogonal",
+                    "refine_orthogonal", "refine_condition", "refine_scales", "refine_lr_scales"), overriding=False)
     p.add_argument("--refine-data", metavar="FILE", help="labelled data (.pt/.safetensors: inputs, labels) for "
                    "--refine (the curves are scored on --data)")
     p.add_argument("--plot", metavar="PNG", help="draw both curves into this PNG (needs matplotlib)")
@@ -59,18 +59,15 @@ def run(args) -> int:
     inputs, labels = load_labelled(args.data)
     calib = load_calibration(args.calib) if args.calib else args.calib_random
     check_calibration(args, calib)
+    check_sample(args)
     if args.repair and calib is None:
         raise FxfuseError("--repair needs calibration inputs: pass --calib FILE (or --calib-random N)")
     refine = refine_config(args, "--refine-data", on_step=progress_bar(args.quiet))
     rules = load_rules(args.rules)
     a, b = (load_model(spec, trust_pickle=args.trust_pickle) for spec in args.models)
-    if args.sample_length is not None and not args.sample:
-        raise FxfuseError(f"--sample-length {args.sample_length} is only used with --sample N")
     if args.sample:  # causal LMs without a dataset: the refinement and calibration data drawn from A and B
         from ..models.sampling import labelled_by_themselves, sample_sequences
 
-        if args.head not in (None, "causal"):
-            raise FxfuseError(f"--sample draws causal LM sequences: --head {args.head} cannot read them")
         calib = sample_sequences([a.module, b.module], a.args, a.kwargs, args.sample,
                                  names=[f"model A ({args.models[0]})", f"model B ({args.models[1]})"],
                                  progress=progress, length=args.sample_length)

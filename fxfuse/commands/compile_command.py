@@ -21,7 +21,7 @@ from typing import Any
 
 from ..core.errors import FxfuseError
 from .shared import (EPILOG, Progress, add_common, analysis_notes, check_calib_file, check_calibration, check_paths,
-                     check_untie, progress_bar, provenance, warn, warn_unused_options)
+                     check_sample, check_untie, progress_bar, provenance, warn, warn_unused_options)
 
 
 def add_parser(sub) -> None:
@@ -198,7 +198,7 @@ def _compile_job(args, recipe, progress):
         check_output_path(args.report, args.force, owned="report")
     calib = load_calibration(recipe.calib) if recipe.calib else recipe.calib_random
     check_calibration(recipe, calib)
-    _check_sample(recipe)
+    check_sample(recipe)
     labelled = load_labelled(args.eval) if args.eval else None
     refine = refine_config(recipe, "--data", on_step=progress_bar(args.quiet))
     rules = load_rules(recipe.rules)
@@ -259,24 +259,6 @@ def _compile_job(args, recipe, progress):
     job = _CompileJob(out, tuple(loaded), None if states is None else tuple(states), calib, labelled, refine, rules,
                       out_dtype, matched, sampled)
     return job, tgt
-
-
-def _check_sample(recipe) -> None:
-    """``--sample`` with options that cannot read sampled sequences: refused before any loading."""
-    if recipe.sample_length is not None and not recipe.sample:
-        raise FxfuseError(f"--sample-length {recipe.sample_length} is only used with --sample N")
-    if not recipe.sample:
-        return
-    from ..core.checks import check_calibration_size
-
-    if recipe.head not in (None, "causal"):
-        raise FxfuseError(f"--sample draws causal LM sequences: --head {recipe.head} cannot read them "
-                          "(leave --head out, or give --head causal)")
-    if recipe.vocab is not None:
-        raise FxfuseError(f"--sample with --vocab {recipe.vocab}: the parents do not share one token space to "
-                          "sample in; pass --calib FILE (and --data FILE) instead")
-    if recipe.cost == "activations" and recipe.method == "ot":
-        check_calibration_size(recipe.sample, f"--sample {recipe.sample}")
 
 
 def _sampled(recipe, loaded, tgt, refine, progress):

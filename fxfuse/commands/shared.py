@@ -185,6 +185,25 @@ def check_calibration(args, calib) -> None:
         check_calibration_size(samples(calib), args.calib)
 
 
+def check_sample(args) -> None:
+    """``--sample`` (and ``--sample-length``) with options that cannot read sampled sequences: refused before
+    any loading (compile, barrier)."""
+    if args.sample_length is not None and not args.sample:
+        raise FxfuseError(f"--sample-length {args.sample_length} is only used with --sample N")
+    if not args.sample:
+        return
+    from ..core.checks import check_calibration_size
+
+    if args.head not in (None, "causal"):
+        raise FxfuseError(f"--sample draws causal LM sequences: --head {args.head} cannot read them "
+                          "(leave --head out, or give --head causal)")
+    if getattr(args, "vocab", None) is not None:
+        raise FxfuseError(f"--sample with --vocab {args.vocab}: the parents do not share one token space to "
+                          "sample in; pass --calib FILE (and --data FILE) instead")
+    if args.cost == "activations" and getattr(args, "method", "ot") == "ot":
+        check_calibration_size(args.sample, f"--sample {args.sample}")
+
+
 def check_calib_file(path: str | None, calib, model) -> None:
     """A calibration file's tensors matched to ``model``'s inputs now, so that a mismatch names the file."""
     from ..models.calibration import CalibrationError, calibration_batches
