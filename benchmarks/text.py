@@ -118,8 +118,9 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
                                                                   "untie": True, "refine": "sampled"}),
 ]
 # --refine-steps, --refine-lr, --refine-lr-orthogonal; windows drawn from the train split
+# --refine-scales, --refine-lr-scales: learnt unit scales of the fused model; --refine-condition: invertible v/o maps
 REFINE = {"steps": 1000, "lr": 0.2, "lr_orthogonal": 0.03, "batch": 32, "windows": 8192, "scales": False,
-          "lr_scales": 0.01, "condition": None}  # --refine-scales, --refine-lr-scales: learnt unit scales of the fused model
+          "lr_scales": 0.01, "condition": None}
 REFINE_SEED = 777                                                    # starts of the refinement windows and their masks
 TARGET_REFINE_CUT = 0.95    # with refinement the barrier must fall by at least 95 %
 GROUP_PAIRS = [("fxfuse weights", "fxfuse weights, groups full"),

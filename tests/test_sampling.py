@@ -35,6 +35,18 @@ class WholeOnly(Successor):
         return super().forward(ids)
 
 
+class WideHead(nn.Module):
+    """Predicts V tokens but embeds only V − 2: its own predictions cannot be fed back."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V - 2, 4)
+        self.head = nn.Linear(4, V)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
 class Mean(nn.Module):
     """Not causal: every position reads the mean of the whole sequence's embeddings."""
 
@@ -101,6 +113,8 @@ def test_models_that_are_not_causal_lms_over_token_ids_are_refused():
     ids = torch.zeros((2, T), dtype=torch.long)
     with pytest.raises(SamplingError, match="model 1 is not a causal LM"):
         sample_sequences([Successor(1), Mean()], (ids,), None, 4)
+    with pytest.raises(SamplingError, match=f"model 0 predicts {V} tokens but cannot read token {V - 1}"):
+        sample_sequences([WideHead()], (ids,), None, 4)
     with pytest.raises(SamplingError, match="not token ids"):
         sample_sequences([nn.Linear(4, 4)], (torch.zeros(2, 4),), None, 4)
     with pytest.raises(SamplingError, match="need at least one sequence"):

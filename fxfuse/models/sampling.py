@@ -84,7 +84,8 @@ def _on_prefixes(model: nn.Module, args, kwargs, key, x: torch.Tensor, out: torc
 def _check_causal(models: Sequence[nn.Module], names: Sequence[str], args, kwargs, key, x: torch.Tensor,
                   g: torch.Generator) -> tuple[int, bool]:
     """``(V, prefixes)``: the size of every model's logits, and whether every model can be run on prefixes;
-    each model's row ``t < T/2`` must stay unchanged by new tokens after it."""
+    each model's row ``t < T/2`` must stay unchanged by new tokens after it, and every token it may predict
+    must be one it reads."""
     n, length = x.shape
     half = length // 2
     later, vocab, prefixes = None, None, True
@@ -99,7 +100,12 @@ def _check_causal(models: Sequence[nn.Module], names: Sequence[str], args, kwarg
         if later is None:
             later = x.clone()
             later[:, half:] = torch.randint(0, vocab, (n, length - half), generator=g, dtype=x.dtype)
-        moved = _logits(model, args, kwargs, key, later)
+            later[:, -1] = vocab - 1  # the largest token a draw may give
+        try:
+            moved = _logits(model, args, kwargs, key, later)
+        except (IndexError, RuntimeError) as exc:
+            raise SamplingError(f"--sample: {name} predicts {vocab} tokens but cannot read token {vocab - 1} "
+                                f"({type(exc).__name__}); sampling feeds its predictions back as inputs") from None
         if not _same(out[:, :half], moved[:, :half]):
             diff = float((out[:, :half] - moved[:, :half]).abs().max())
             raise SamplingError(f"--sample: {name} is not a causal LM (its logits at a position changed by {diff:.2g} "
