@@ -2,7 +2,7 @@
 
     python benchmarks/digits_vit.py --widths 64,128 --recipes short,long --pairs 2   # train what is missing
 
-A model is ``hidden`` wide, 4 layers, 4 heads, MLP 4 × hidden, 2 × 2 patches of
+A model is ``hidden`` wide, 4 layers, 4 heads (``--heads``), MLP 4 × hidden, 2 × 2 patches of
 the 8 × 8 digits (16 tokens + CLS). Two training recipes:
 
 * ``short``: the shipped digits ViT recipe (``digits.HYPERPARAMS["vit"]``: Adam,
@@ -12,7 +12,7 @@ the 8 × 8 digits (16 tokens + CLS). Two training recipes:
   batch 16, the same schedule.
 
 Pair ``i`` is seeds ``(2i + 1, 2i + 2)``. Trained weights are cached under
-``benchmarks/.cache/digits_vit/`` (``h{hidden}-{recipe}-s{seed}.pt``): a second run
+``benchmarks/.cache/digits_vit/`` (``h{hidden}-{recipe}-s{seed}.pt``, ``h{hidden}x{heads}-…`` for other head counts): a second run
 loads them. Deterministic given the seed and the thread count.
 """
 from __future__ import annotations
@@ -41,11 +41,11 @@ RECIPES = {
 }
 
 
-def build(hidden: int, seed: int) -> torch.nn.Module:
+def build(hidden: int, seed: int, heads: int = HEADS) -> torch.nn.Module:
     """A fresh ``ViTForImageClassification`` for 8 × 8 one-channel digits, weights drawn from ``seed``."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=heads,
                     intermediate_size=4 * hidden, image_size=8, patch_size=2, num_channels=1, num_labels=10,
                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(seed)
@@ -82,10 +82,10 @@ def train(model: torch.nn.Module, recipe: str, seed: int, data) -> torch.nn.Modu
     return model.eval()
 
 
-def trained(hidden: int, recipe: str, seed: int, data=None, log=None) -> torch.nn.Module:
-    """The cached model ``(hidden, recipe, seed)``, trained and cached first if missing."""
-    path = CACHE / f"h{hidden}-{recipe}-s{seed}.pt"
-    model = build(hidden, seed)
+def trained(hidden: int, recipe: str, seed: int, data=None, log=None, heads: int = HEADS) -> torch.nn.Module:
+    """The cached model ``(hidden, recipe, seed)`` with ``heads`` heads, trained and cached first if missing."""
+    path = CACHE / (f"h{hidden}-{recipe}-s{seed}.pt" if heads == HEADS else f"h{hidden}x{heads}-{recipe}-s{seed}.pt")
+    model = build(hidden, seed, heads)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
@@ -97,7 +97,7 @@ def trained(hidden: int, recipe: str, seed: int, data=None, log=None) -> torch.n
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     if log:
-        log(f"trained h{hidden} {recipe} seed {seed} in {time.perf_counter() - t0:.0f} s")
+        log(f"trained h{hidden} ({heads} heads) {recipe} seed {seed} in {time.perf_counter() - t0:.0f} s")
     return model
 
 
@@ -108,6 +108,7 @@ def main(argv=None) -> None:
     ap.add_argument("--widths", default="64,128,256")
     ap.add_argument("--recipes", default="short,long")
     ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=HEADS, help="attention heads (the head size is hidden / heads)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -115,8 +116,9 @@ def main(argv=None) -> None:
     for recipe in args.recipes.split(","):
         for hidden in (int(w) for w in args.widths.split(",")):
             for seed in range(1, 2 * args.pairs + 1):
-                m = trained(hidden, recipe, seed, (x_tr, y_tr), log=lambda s: print(s, file=sys.stderr, flush=True))
-                print(f"h{hidden} {recipe} seed {seed}: test accuracy {accuracy(m, x_te, y_te):.4f}", flush=True)
+                m = trained(hidden, recipe, seed, (x_tr, y_tr), log=lambda s: print(s, file=sys.stderr, flush=True),
+                            heads=args.heads)
+                print(f"h{hidden} ({args.heads} heads) {recipe} seed {seed}: test accuracy {accuracy(m, x_te, y_te):.4f}", flush=True)
 
 
 if __name__ == "__main__":

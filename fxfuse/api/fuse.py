@@ -59,7 +59,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
             reg: float | None = None, weights: Sequence[float] | None = None, pin: Sequence[str] = (),
             method: str = "ot", rules: RuleSet | None = None, seed: int = 0, max_passes: int = 50,
             strict: bool = False, heads: str = "nested", depth_cost: str = "cka", groups: str = "perm",
-            untie: bool = False, progress: Callable[[str], None] | None = None, repair: bool = False,
+            untie: bool = False, width_maps: str = "embedding", progress: Callable[[str], None] | None = None,
+            repair: bool = False,
             refine: Any = None, states: Sequence[Mapping[str, torch.Tensor]] | None = None,
             out_dtype: torch.dtype | None = None, device: str = "cpu", quality: str | None = None,
             vocab: Any = None, vocabularies: Sequence[Any] | None = None,
@@ -98,6 +99,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     (``fxfuse.planner.procrustes``), permutations elsewhere. ``"perm"``: permutations only.
     ``untie``: a norm scale whose reader is a tied weight (a tied LM head) may be
     folded into an untied copy of it (reported under ``canonicalize``).
+    ``width_maps``: with ``groups="full"``, a space whose widths differ moves by a stretched orthonormal
+    embedding (``"embedding"``: exact into a wider target) or by a hard matching (``"matching"``).
 
     Out of core (``states``: each model's weights as a mapping that reads them
     on access, ``fxfuse.backend.lazy.CheckpointTensors``; the modules may hold ``meta``
@@ -151,7 +154,8 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
         return noted(fuse_best(compile, models, example_args, dict(
             example_kwargs=example_kwargs, target=target, cost=cost, calib=calib, solver=solver, reg=reg,
             weights=weights, pin=pin, method=method, rules=rules, seed=seed, max_passes=max_passes, strict=strict,
-            heads=heads, depth_cost=depth_cost, groups=groups, untie=untie, progress=progress, repair=repair,
+            heads=heads, depth_cost=depth_cost, groups=groups, untie=untie, width_maps=width_maps,
+            progress=progress, repair=repair,
             refine=refine, states=states, out_dtype=out_dtype, device=device, vocab=vocab)), matched)
     if quality not in (None, "fast"):
         raise FusionError(f"unknown quality {quality!r} (fast, best)")
@@ -160,6 +164,7 @@ def compile(models: Sequence[nn.Module], example_args: tuple = (), *, example_kw
     options = passes.Options.of(len(models), target=target, weights=weights, calib=calib, cost=cost, solver=solver,
                                 reg=reg, pin=tuple(pin), method=method, seed=seed, max_passes=max_passes,
                                 strict=strict, heads=heads, depth_cost=depth_cost, groups=groups, untie=untie,
+                                width_maps=width_maps,
                                 repair=repair, refine=refine, out_dtype=out_dtype, device=device, vocab=vocab)
     inputs = passes.prepare(models, example_args, example_kwargs, options, calib, rules, states, progress)
     with _timed(timings, "depth_s"):

@@ -30,20 +30,23 @@ def aligned_state(analysis: Analysis, state: Mapping[str, torch.Tensor], alignme
     ``analysis`` is the source model's (its layouts give the source shapes and
     which axes read their units).
     """
-    if any(m.q is not None for m in alignment.maps.values()):
+    maps = alignment.maps
+    grouped = any(m.q is not None for m in maps.values())
+    if grouped and not any(m.embeds or m.matrix is not None for m in maps.values()):  # one width: in place
         from ..planner.groupmaps import aligned_state_groups
 
         return aligned_state_groups(analysis, state, alignment)
     out = dict(state)
     perms = alignment.perms()
     parents = analysis.parents
-    mixed = {s: m for s, m in alignment.maps.items() if not m.hard or m.pair_perms is not None}
+    mixed = {s: m for s, m in maps.items() if not m.hard or m.pair_perms is not None or m.q is not None}
     for name, layout in analysis.layouts.items():
         t = state[name]
         if not t.is_floating_point():
             continue
         if mixed and any(_mentions(ax, mixed) for ax in layout.axes):
-            t = _apply_matrices(t, layout.axes, layout.consumed, alignment, parents)
+            t = _apply_matrices(t, layout.axes, layout.consumed, alignment, parents,
+                                uniform=grouped and name in analysis.scales)
         else:
             t = permute_tensor(t, layout.axes, perms, parents)
         for key in (name,) + layout.aliases:
@@ -59,13 +62,25 @@ def _mentions(expr: AxisExpr, spaces) -> bool:
 
 
 def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int],
-                reads: bool = False) -> torch.Tensor:
-    """The ``n_t × n_s`` matrix one axis moves by (identity for unmapped spaces); ``reads``: a contraction axis."""
+                reads: bool = False, uniform: bool = False) -> torch.Tensor:
+    """The ``n_t × n_s`` matrix one axis moves by (identity for unmapped spaces); ``reads``: a contraction axis.
+
+    A group map ``Q`` (or an embedding between widths) moves writers by ``Q`` and readers by ``(Q⁺)ᵀ``
+    (``Q^{-T}``; ``(n_s/n_t)·Q`` for an embedding); ``uniform``: the axis of a uniform per-channel scale
+    (``Analysis.scales``), which a group map leaves uniform: ``11ᵀ/n_s`` (the mean, at the target's width).
+    """
     maps = alignment.maps
     if isinstance(expr, Leaf):
         m = maps.get(expr.space)
         if m is None:
             return torch.eye(expr.size, dtype=torch.float64)
+        if m.q is not None and m.q.dim() == 2:
+            Q = m.q.double()
+            if uniform:
+                return torch.full(Q.shape, 1.0 / Q.shape[1], dtype=torch.float64)
+            if not reads:
+                return Q
+            return Q * (Q.shape[1] / Q.shape[0]) if m.embeds else torch.linalg.inv(Q).T
         if m.matrix is not None:
             A = m.matrix.double()
             return consumer(A) if reads else A
@@ -75,7 +90,7 @@ def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int]
                           "their parent, as in a grouped convolution or a mixture of experts): only permutations can "
                           "move it, not soft maps or maps between widths")
     if isinstance(expr, Concat):
-        return torch.block_diag(*(axis_matrix(p, alignment, parents, reads) for p in expr.parts))
+        return torch.block_diag(*(axis_matrix(p, alignment, parents, reads, uniform) for p in expr.parts))
     parts = _factors(expr)  # a nested space follows its parent even across nested products
     mats: list[torch.Tensor] = []
     i = 0
@@ -84,10 +99,10 @@ def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int]
         nxt = parts[i + 1] if i + 1 < len(parts) else None
         if (isinstance(part, Leaf) and isinstance(nxt, Leaf) and parents.get(nxt.space) == part.space
                 and nxt.space in maps):
-            mats.append(_nested(part, nxt, alignment, reads))
+            mats.append(_nested(part, nxt, alignment, reads, uniform))
             i += 2
             continue
-        mats.append(axis_matrix(part, alignment, parents, reads))
+        mats.append(axis_matrix(part, alignment, parents, reads, uniform))
         i += 1
     out = mats[0]
     for m in mats[1:]:
@@ -100,21 +115,29 @@ def _factors(expr: Product) -> list[AxisExpr]:
     return [f for part in expr.parts for f in (_factors(part) if isinstance(part, Product) else [part])]
 
 
-def _nested(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool) -> torch.Tensor:
-    """``M[(j,a),(k,b)] = A_H[j,k]·[b = π_{jk}(a)]`` (hard parent: ``π_{j,p(j)} = perm[j]``)."""
-    A = axis_matrix(parent, alignment, {}, reads)
+def _nested(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool, uniform: bool = False) -> torch.Tensor:
+    """``M[(j,a),(k,b)] = A_H[j,k]·[b = π_{jk}(a)]`` (hard parent: ``π_{j,p(j)} = perm[j]``); for in-head group
+    maps ``Q_j`` (``(n_t, m, m)``): ``A_H[j,k]·C_j[a,b]``, ``C_j = Q_j`` or ``Q_j^{-T}`` where the axis reads."""
+    A = axis_matrix(parent, alignment, {}, reads, uniform)
     cm = alignment.maps[child.space]
     if cm.pair_perms is not None:
         return nested_matrix(A, cm.pair_perms)
+    if cm.q is not None:
+        C = cm.q.double()
+        C = (torch.full_like(C, 1.0 / C.shape[-1]) if uniform
+             else torch.linalg.inv(C).transpose(1, 2) if reads else C)
+        n_t, n_s = A.shape
+        m = C.shape[-1]
+        return (A[:, :, None, None] * C[:, None]).permute(0, 2, 1, 3).reshape(n_t * m, n_s * m)
     n_t, n_s = A.shape
     pairs = cm.perm.unsqueeze(1).expand(n_t, n_s, child.size)  # only (j, p(j)) has weight
     return nested_matrix(A, pairs)
 
 
-def _apply_matrices(t, axes, consumed, alignment, parents) -> torch.Tensor:
+def _apply_matrices(t, axes, consumed, alignment, parents, uniform: bool = False) -> torch.Tensor:
     out = t.detach().double()
     for d, expr in enumerate(axes):
-        M = axis_matrix(expr, alignment, parents, bool(consumed[d]) if d < len(consumed) else False)
+        M = axis_matrix(expr, alignment, parents, bool(consumed[d]) if d < len(consumed) else False, uniform)
         if M.shape[0] == M.shape[1] and torch.equal(M, torch.eye(M.shape[0], dtype=M.dtype)):
             continue
         out = torch.tensordot(M, out, dims=([1], [d])).movedim(0, d)

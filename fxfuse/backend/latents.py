@@ -43,14 +43,15 @@ def project(latent: torch.Tensor, group: str) -> torch.Tensor:
     ``orthogonal_ones``: the orthogonal maps with ``Q·1 = 1``, ``B O Bᵀ + 11ᵀ/n``
     with ``O`` the projection of ``Bᵀ L B`` (``B`` an orthonormal basis of ``1^⊥``).
     """
-    if group == "orthogonal":
-        U, _, Vh = torch.linalg.svd(latent.detach())
+    if group == "orthogonal":  # thin where the widths differ: orthonormal columns or rows
+        U, _, Vh = torch.linalg.svd(latent.detach(), full_matrices=latent.shape[-1] == latent.shape[-2])
         return U @ Vh
     if group == "orthogonal_ones":
-        n = latent.shape[-1]
-        B = ones_complement(n).to(latent.device, latent.dtype)
-        O = project(B.T @ latent.detach() @ B, "orthogonal")
-        return B @ O @ B.T + torch.full((n, n), 1.0 / n, dtype=latent.dtype, device=latent.device)
+        n_t, n = latent.shape[-2:]
+        Bt = ones_complement(n_t).to(latent.device, latent.dtype)
+        B = Bt if n_t == n else ones_complement(n).to(latent.device, latent.dtype)
+        O = project(Bt.T @ latent.detach() @ B, "orthogonal")
+        return Bt @ O @ B.T + torch.full((n_t, n), 1.0 / math.sqrt(n_t * n), dtype=latent.dtype, device=latent.device)
     if group not in ("permutation", "matching"):
         raise RefineError(f"unknown group {group!r} (one of {', '.join(GROUPS)})")
     flat = latent.detach().reshape(-1, *latent.shape[-2:]).double().cpu().numpy()
@@ -105,11 +106,25 @@ def stretched(generator: torch.Tensor, condition: float) -> tuple[torch.Tensor, 
 
 @dataclass(frozen=True)
 class Latent:
-    """One refinable map: ``group``, and whether it is a nested ``(n_parent, m, m)`` stack of inner maps."""
+    """One refinable map: ``group``, and whether it is a nested ``(n_parent, m, m)`` stack of inner maps;
+    ``stretch``: ``√(n_t/n_s)`` of an embedding between widths (the latent is its orthonormal ``Q̃``: writers
+    move by ``stretch·Q̃``, readers by ``Q̃/stretch``; ``fxfuse.planner.procrustes.embedding``)."""
 
     space: int
     group: str
     nested: bool
+    stretch: float = 1.0
+
+
+def about(base: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """A map rotated about its initial ``base``: ``base·R``, or ``R·base`` where ``base`` embeds into more
+    units than it reads (``n_t > n_s``: every orthonormal ``n_t × n_s`` map is reached from the left)."""
+    return R @ base if base.shape[-2] > base.shape[-1] else base @ R
+
+
+def generator_size(shape: torch.Size, group: str) -> int:
+    """The side of the generator of a map of ``shape`` rotated by ``about`` (``1^⊥`` for ``orthogonal_ones``)."""
+    return max(shape[-2:]) - (group == "orthogonal_ones")
 
 
 def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None, invertible: bool = False
@@ -124,15 +139,15 @@ def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None, in
     kinds, init, pairs = {}, {}, {}
     for sid, m in alignment.maps.items():
         if m.q is not None:
-            q = m.q.double()
-            eye = torch.eye(q.shape[-1], dtype=q.dtype)
-            if float((q.transpose(-1, -2) @ q - eye).abs().max()) > ORTHO_TOL:
+            q = m.q.double() / m.stretch
+            gram = q.transpose(-1, -2) @ q if q.shape[-2] >= q.shape[-1] else q @ q.transpose(-1, -2)
+            if float((gram - torch.eye(gram.shape[-1], dtype=q.dtype)).abs().max()) > ORTHO_TOL:
                 raise RefineError(f"space s{sid} moves by a group map that is not orthogonal: refinement learns "
                                   "orthogonal maps only")
             level = (levels or {}).get(sid)
             group = ("orthogonal_ones" if level == ORTHO_ONES
-                     else "invertible" if invertible and level == INVERTIBLE else "orthogonal")
-            kinds[sid], init[sid] = Latent(sid, group, q.dim() == 3), m.q.double()
+                     else "invertible" if invertible and level == INVERTIBLE and not m.embeds else "orthogonal")
+            kinds[sid], init[sid] = Latent(sid, group, q.dim() == 3, m.stretch), q
             continue
         if m.pair_perms is not None:  # inner maps of heads under a matching of heads: kept as solved
             pairs[sid] = m.pair_perms
@@ -197,15 +212,23 @@ class Mover:
     """Moves one source state into the target basis by given (differentiable) maps."""
 
     def __init__(self, analysis: Analysis, state: Mapping[str, torch.Tensor], pairs: Mapping[int, torch.Tensor],
-                 spaces: set[int], orthogonal: frozenset[int] = frozenset(), device: torch.device | None = None):
-        """``device``: where the state lies and the maps are built (``None``: the CPU)."""
+                 spaces: set[int], orthogonal: frozenset[int] = frozenset(), device: torch.device | None = None,
+                 widths: Mapping[int, int] | None = None):
+        """``device``: where the state lies and the maps are built (``None``: the CPU); ``widths``: the target's
+        size of every space embedded into another width (a uniform scale on it is resized to that, its mean)."""
         self.state, self.pairs, self.parents, self.orthogonal = state, pairs, analysis.parents, orthogonal
         self.device = device
         self.moved: list[tuple[str, tuple[str, ...], list[tuple[int, AxisExpr, bool]]]] = []
+        self.resized: dict[str, torch.Tensor] = {}
         touched = set(spaces) | set(pairs)
         skip = analysis.scales if orthogonal else frozenset()  # c·1 commutes with every map (fxfuse.planner.groupmaps)
         for name, layout in analysis.layouts.items():
-            if not state[name].is_floating_point() or name in skip:
+            if not state[name].is_floating_point():
+                continue
+            if name in skip:
+                t = _resized(state[name], layout.axes, widths or {})
+                if t is not None:
+                    self.resized.update({key: t for key in (name,) + layout.aliases})
                 continue
             axes = [(d, e, bool(layout.consumed[d]) if d < len(layout.consumed) else False)
                     for d, e in enumerate(layout.axes) if any(leaf.space in touched for leaf in _leaves(e))]
@@ -217,6 +240,7 @@ class Mover:
         """``read_mats``: the maps axes that read units move by where that is not ``mats`` itself (an
         invertible map's inverse transpose); those spaces are in ``orthogonal`` (no ``consumer``)."""
         out = dict(self.state)
+        out.update({k: v for k, v in self.resized.items() if k in out})
         reading = {**mats, **(read_mats or {})}
         for name, aliases, axes in self.moved:
             t = self.state[name].float()
@@ -228,6 +252,22 @@ class Mover:
                 if key in out:
                     out[key] = t
         return out
+
+
+def _resized(t: torch.Tensor, axes: tuple[AxisExpr, ...], widths: Mapping[int, int]) -> torch.Tensor | None:
+    """A uniform scale ``t`` with every axis on an embedded space resized to the target's width (its mean there);
+    ``None`` where none is."""
+    if not any(leaf.space in widths for e in axes for leaf in _leaves(e)):
+        return None
+    for d, e in enumerate(axes):
+        if isinstance(e, Leaf) and e.space in widths:
+            shape = list(t.shape)
+            shape[d] = widths[e.space]
+            t = t.mean(d, keepdim=True).expand(shape).contiguous()
+        elif any(leaf.space in widths for leaf in _leaves(e)):
+            raise RefineError(f"a uniform scale on space s{_leaves(e)[0].space} inside a composite axis: refinement "
+                              "cannot resize it to the target's width")
+    return t
 
 
 def _leaves(expr: AxisExpr) -> list[Leaf]:

@@ -56,8 +56,8 @@ from ..core.device import to as to_device
 from ..frontend.spaces import Analysis
 from ..planner.plan import Alignment
 from .scales import ScaleSite, UnitScales, apply as apply_scales, strength
-from .latents import (GROUPS, ORTHO_TOL, Latent, Mover, RefineError, latents_of, project, rotation,  # noqa: F401
-                      straight_through, stretched)  # (also imported from here)
+from .latents import (GROUPS, ORTHO_TOL, Latent, Mover, RefineError, about, generator_size, latents_of, project,  # noqa: F401
+                      rotation, straight_through, stretched)  # (also imported from here)
 
 ORTHOGONAL = ("orthogonal", "orthogonal_ones")
 CONTINUOUS = ORTHOGONAL + ("invertible",)  # maps learnt by a generator about their initial map (not projected)
@@ -222,7 +222,11 @@ def refine(module: nn.Module, analyses: Sequence[Analysis], states: Sequence[Map
                     base = bases[i][sid].to(L.dtype)
                     mats[sid], read_mats[sid] = (base @ write).float(), (base @ read).float()
                 else:
-                    mats[sid] = _matrix(L, kinds[i][sid].group, bases[i].get(sid), project_fn).float()
+                    M = _matrix(L, kinds[i][sid].group, bases[i].get(sid), project_fn).float()
+                    stretch = kinds[i][sid].stretch
+                    mats[sid] = M * stretch if stretch != 1.0 else M
+                    if stretch != 1.0:  # an embedding between widths: readers by (Q⁺)ᵀ = Q̃ / stretch
+                        read_mats[sid] = M / stretch
             moved = movers[i](mats, read_mats)
             moved.update(frozen[i])
             out.append(moved)
@@ -293,7 +297,7 @@ def _matrix(latent: torch.Tensor, group: str, base: torch.Tensor | None, project
     orthogonal map is parametrised by a generator ``A`` about its initial map ``Q₀ = base``."""
     if base is None:
         return project_fn(latent, group)
-    return base.to(latent.dtype) @ rotation(latent, group)
+    return about(base.to(latent.dtype), rotation(latent, group))
 
 
 def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alignment | None], target: int,
@@ -308,12 +312,13 @@ def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alig
         if i == target or al is None:
             continue
         k, init, pairs = latents_of(al, levels, invertible=condition is not None)
+        widths = {s: init[s].shape[-2] for s, lat in k.items() if lat.stretch != 1.0}
         movers[i] = Mover(analyses[i], states[i], pairs, set(k),
-                          frozenset(s for s, lat in k.items() if lat.group in CONTINUOUS), device)
+                          frozenset(s for s, lat in k.items() if lat.group in CONTINUOUS), device, widths)
         kinds[i], latents[i], bases[i] = k, {}, {}
         for sid, lat in k.items():
             if lat.group in CONTINUOUS and orthogonal == "exp":
-                n = init[sid].shape[-1] - (lat.group == "orthogonal_ones")
+                n = generator_size(init[sid].shape, lat.group)
                 bases[i][sid] = to_device(init[sid], device)
                 latents[i][sid] = torch.zeros(*init[sid].shape[:-2], n, n, device=device, requires_grad=True)
             else:
@@ -323,7 +328,7 @@ def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alig
 
 def _final_orthogonal(latent: torch.Tensor, group: str, base: torch.Tensor | None) -> torch.Tensor:
     """The learnt orthogonal map in float64, projected once more so it is orthogonal to rounding."""
-    M = latent.detach().double() if base is None else base.double() @ rotation(latent.detach().double(), group)
+    M = latent.detach().double() if base is None else about(base.double(), rotation(latent.detach().double(), group))
     return project(M, group).cpu()
 
 
@@ -344,7 +349,7 @@ def _projected(alignments: Sequence[Alignment | None], latents, kinds, bases=Non
                 if kinds[i][sid].group == "invertible":  # exact as it is: no projection (float64)
                     Q = (base.double() @ stretched(L.detach().double(), condition)[0]).cpu()
                 else:
-                    Q = _final_orthogonal(L, kinds[i][sid].group, base)
+                    Q = _final_orthogonal(L, kinds[i][sid].group, base) * kinds[i][sid].stretch
                 new = replace(old, q=Q.to(old.q.dtype), similarity_aligned=float("nan"), solver=old.solver + ", refined")
                 moved = int((~torch.isclose(Q, old.q.double(), atol=1e-6).all(-1)).sum())
                 maps[sid] = new

@@ -36,23 +36,35 @@ class TransportMap:
     similarity_aligned: float = 0.0
     matching: bool = False
     q: torch.Tensor | None = None  # a group map (n × n), or one per parent unit (n_parent × n × n): fxfuse.planner.groupmaps
+    # between widths: a stretched orthonormal embedding (n_t × n_s, fxfuse.planner.procrustes.embedding)
     solver: str = ""
 
     @property
+    def embeds(self) -> bool:
+        """A group map between different widths: ``q`` is ``√(n_t/n_s)·Q̃``, ``Q̃`` with orthonormal columns or rows."""
+        return self.q is not None and self.q.dim() == 2 and self.q.shape[0] != self.q.shape[1]
+
+    @property
+    def stretch(self) -> float:
+        """``√(n_t/n_s)``: what an embedding's orthonormal ``Q̃`` is multiplied by (1 for every other map)."""
+        return (self.q.shape[0] / self.q.shape[1]) ** 0.5 if self.embeds else 1.0
+
+    @property
     def hard(self) -> bool:
-        """A permutation: the aligned model computes exactly what the source does."""
-        return self.matrix is None
+        """The aligned model computes exactly what the source does: a permutation, a group map, an embedding into
+        a wider target (not into a narrower one: that projects the source)."""
+        return self.matrix is None and not (self.embeds and self.q.shape[0] < self.q.shape[1])
 
     @property
     def kind(self) -> str:
         if self.q is not None:
-            return "group"
+            return "embedding" if self.embeds else "group"
         return "permutation" if self.hard else "matching" if self.matching else "soft"
 
     def descent_value(self) -> torch.Tensor | None:
         """What the coordinate descent moves other tensors by: a perm, a matching's matrix, or pair perms."""
         if self.q is not None:
-            return self.q
+            return self.q / self.stretch if self.embeds else self.q
         if self.perm is not None:
             return self.perm
         if self.matching:

@@ -77,11 +77,24 @@ def node_limits(ctx: Any, walker: Any) -> list[tuple[int, int, str]]:
         for _, v in ctx.tensor_args():
             out += _positions(ctx.atoms(v), lambda d, r: ORTHO if d - r in quad else PERM, why)
         out += _positions(ctx.out_atoms(), lambda d, r: ORTHO if d - r in quad else PERM, why)
+        if not _quadratic_means(node):
+            _sums(walker, [a for a, lv, _ in out if lv == ORTHO], f"{where}: a sum of squares over the axis")
         return out
     for _, v in ctx.tensor_args():
         out += [(a, level, where) for a in ctx.atoms(v) or ()]
     out += [(a, level, where) for a in ctx.out_atoms()]
+    if level in (ORTHO_ONES, ORTHO):
+        _sums(walker, [a for a, _, _ in out], f"{where}: group {rule.group!r} declared for every axis")
     return out
+
+
+def _sums(walker: Any, atoms, why: str) -> None:
+    """Record atoms that an op keeps under orthogonal maps only as a *sum* over the axis (``q·k``, ``Σ x²``, a
+    tied parameter): between widths, an orthonormal embedding stretched by ``√(n_t/n_s)`` (which keeps
+    every mean, as a norm takes) would change them (``fxfuse.planner.procrustes.embedding``)."""
+    summed = getattr(walker, "summed", None)
+    if summed is not None:
+        summed.extend((a, why) for a in atoms)
 
 
 def _positions(atoms, level_at, where) -> list[tuple[int, int, str]]:
@@ -118,6 +131,7 @@ def _einsum_limits(ctx, walker, where) -> list[tuple[int, int, str]]:
             if len(params) != 1 or len(carriers.get(name, [])) < 2:
                 level, why = ORTHO, f"{where}: '{name}' is contracted between two activations (q·k)"
         limited[name] = (level, why)
+    summed = {n for n, (level, _) in limited.items() if level in (ORTHO_ONES, ORTHO) and n not in rule.means}
     for arg in rule.scale:  # a per-channel scale keeps the larger groups only while it is uniform
         if not ctx.has(arg):
             continue
@@ -140,6 +154,8 @@ def _einsum_limits(ctx, walker, where) -> list[tuple[int, int, str]]:
         names = [n for n in dim.names if sizes.get(n, 1) != 1] or list(dim.names)
         level, why = min((limited[n] for n in names), key=lambda x: x[0])
         out.append((atom, level, why))
+        if level in (ORTHO_ONES, ORTHO) and summed.intersection(names):
+            _sums(walker, [atom], f"{where}: summed over the axis ('means' does not list it)")
     ell_level = LEVELS[groups.get("...", "perm")]
     for atoms, _shape in ellipses:
         out += [(a, ell_level, where) for a in atoms]
@@ -200,6 +216,8 @@ def _reduce_limits(ctx, walker, where, kept_level) -> list[tuple[int, int, str]]
         if d in dims:
             level = ORTHO if d - len(atoms) in quad else PERM
             out.append((a, level, where + (": a sum of squares" if level == ORTHO else ": reduces the axis")))
+            if level == ORTHO and "mean" not in str(ctx.op):
+                _sums(walker, [a], f"{where}: a sum of squares over the axis")
         else:
             out.append((a, kept_level, where))
     out += [(a, kept_level, where) for a in ctx.out_atoms()]
@@ -211,6 +229,11 @@ def _is_square(node) -> bool:
 
     return (isinstance(node, torch.fx.Node) and node.op == "call_function"
             and str(node.target) == "aten.pow.Tensor_Scalar" and len(node.args) > 1 and node.args[1] == 2)
+
+
+def _quadratic_means(node) -> bool:
+    """Whether every reader of ``x²`` averages (``mean``) rather than sums: a norm's mean square."""
+    return all(str(u.target) == "aten.mean.dim" for u in node.users)
 
 
 def _quadratic_dims(node) -> set[int]:

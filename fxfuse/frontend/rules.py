@@ -23,7 +23,8 @@ from ..core.errors import RuleError
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 OP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}$")
-RULE_KEYS = {"op", "kind", "axes", "sizes", "pin", "free", "options", "note", "groups", "group", "scale", "custom"}
+RULE_KEYS = {"op", "kind", "axes", "sizes", "pin", "free", "options", "note", "groups", "group", "scale", "means",
+             "custom"}
 
 
 # ---------------------------------------------------------------- signatures
@@ -123,6 +124,7 @@ class Rule:
     groups: tuple[tuple[str, str], ...] = ()  # per axis name: the maps the op commutes with (default perm)
     group: str | None = None  # for every axis of a Python kind (or 'sum'/'product' for broadcast)
     scale: frozenset[str] = frozenset()  # arguments that scale per channel: larger groups need them uniform
+    means: frozenset[str] = frozenset()  # axes the op averages over (a norm): see fxfuse.frontend.groups
     custom: bool = False  # its ops are registered at run time (custom ops): torch.ops may not know them yet
 
     def option(self, key: str, default: Any = None) -> Any:
@@ -336,11 +338,18 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
     if not isinstance(custom, bool):
         raise fail("custom", f"expected true or false, got {custom!r}")
     groups, group, scale = _parse_groups(raw, names, kind_name, fail)
+    means = raw.get("means", []) or []
+    if not isinstance(means, list) or not all(isinstance(v, str) for v in means):
+        raise fail("means", "expected a list of axis names")
+    for name in means:
+        if name not in dict(groups):
+            raise fail("means", f"axis {name!r} has no group in 'groups' (only an axis with a larger group "
+                                "can be averaged over)")
     rule = Rule(
         ops=tuple(ops), kind=kind_name, source=f"{path.name}:{index}", axes=tuple(axes),
         sizes=tuple(sizes.items()), pin=sets["pin"], free=sets["free"],
         options=tuple(options.items()), note=note, origin=(str(path), index),
-        groups=groups, group=group, scale=scale, custom=custom,
+        groups=groups, group=group, scale=scale, means=frozenset(means), custom=custom,
     )
     from ..core.schema import check_rule  # reads torch.ops: imported only when a rule file is read
 

@@ -83,6 +83,7 @@ class Analysis:
     unfit_rules: tuple[UnfitRule, ...] = ()  # rules that fitted no node they were tried on
     nesting_notes: tuple[str, ...] = ()  # spaces whose nesting was cut to one level
     groups: Mapping[int, SpaceGroup] = field(default_factory=dict)  # the maps each space commutes with
+    summed: Mapping[int, str] = field(default_factory=dict)  # spaces an op keeps under orthogonal maps only as a sum
     scales: frozenset[str] = frozenset()  # uniform per-channel scales: left alone by non-permutation maps
     pattern_notes: tuple[str, ...] = ()  # subgraphs that looked like a recognised pattern and were not
     probes: Mapping[str, Any] = field(default_factory=dict)  # activations no node holds (fxfuse.frontend.experts.Probe)

@@ -121,7 +121,8 @@ def _result(w: Walker, pins: Mapping[str, str]) -> Analysis:
         missed.setdefault(why, []).append(w.names[n])
     misses = tuple(f"{why} at {', '.join(at)}: the expert axis stays pinned" for why, at in missed.items())
     return Analysis(w.traced, tuple(spaces), layouts, tuple(w.unruled), w.rules.files, node_axes,
-                    unfit, nesting_notes=notes, groups=_groups(w, ids, uses), scales=frozenset(w.scales),
+                    unfit, nesting_notes=notes, groups=_groups(w, ids, uses), summed=_summed(w, ids, uses),
+                    scales=frozenset(w.scales),
                     pattern_notes=misses, probes={name: replace(p, axes=_node_expr(w, list(p.axes), ids))
                                                   for name, p in w.probes.items()})
 
@@ -143,6 +144,22 @@ def _groups(w, ids: dict[int, int], uses: dict) -> dict[int, SpaceGroup]:
     for sid in ids.values():
         level, why = limit.get(sid, (PERM, "no op constrains it"))
         out[sid] = SpaceGroup(NAMES[min(level, INVERTIBLE)], why)
+    return out
+
+
+def _summed(w, ids: dict[int, int], uses: dict) -> dict[int, str]:
+    """Spaces that some op keeps under orthogonal maps only as a sum over the axis, with the first such op
+    (``fxfuse.frontend.groups``): between widths no stretched orthonormal embedding keeps them."""
+    out: dict[int, str] = {}
+    for atom, why in getattr(w, "summed", ()):
+        for leaf in w.leaf_roots(atom):
+            if leaf in ids:
+                out.setdefault(ids[leaf], why)
+    for (name, leaves), kinds in uses.items():
+        if len(kinds) > 1:
+            for leaf in leaves:
+                if leaf in ids:
+                    out.setdefault(ids[leaf], f"parameter {name} both writes and reads (contracts) the axis")
     return out
 
 

@@ -75,6 +75,7 @@ class Walker:
         self.fits: dict[int, list] = {}  # id(rule) -> [rule, ops seen, nodes fitted, first misfit reason]
         self.limits: list[tuple[int, int, str]] = []  # (atom, group level, why): see fxfuse.frontend.groups
         self.scales: set[str] = set()
+        self.summed: list[tuple[int, str]] = []  # (atom, why): kept by orthogonal maps only as a sum (groups.py)
         self._values = dict(traced.module.state_dict(keep_vars=False)) if values is None else values
         self._uniform: dict[str, bool] = {}
         self.prefix = ""  # where the walk is: "" at top level, "submodule/" inside a higher-order op's body

@@ -44,6 +44,13 @@ class Analysed:
     target: int = 0
 
     @property
+    def embeddable(self) -> frozenset[int]:
+        """Spaces with a group beyond the permutations that no model's ops keep only as a sum over the axis: where
+        their widths differ they move by a stretched orthonormal embedding (``fxfuse.planner.procrustes``)."""
+        return frozenset(s for s, level in (self.levels or {}).items()
+                         if level > 0 and not any(s in a.summed for a in self.analyses))
+
+    @property
     def ref(self) -> Analysis:
         """The target's analysis: the spaces every other model is aligned to."""
         return self.analyses[self.target]

@@ -19,6 +19,8 @@ from ..core.device import compute as compute_device
 from ..core.errors import FxfuseError
 from ..core.progress import bar
 from ..frontend.groups import MODES as GROUP_MODES
+
+WIDTH_MAPS = ("embedding", "matching")  # a stream of another width: stretched orthonormal embedding, or matching
 from ..frontend.rules import RuleSet, load_rules
 from ..models.calibration import Calibration, CalibrationError, main_input, samples
 from ..models.calibration import calibration_batches as batches_of
@@ -60,6 +62,7 @@ class Options:
     depth_cost: str = "cka"
     groups: str = "perm"
     untie: bool = False
+    width_maps: str = "embedding"
     repair: bool = False
     refine: Any = None  # a fxfuse.backend.refine.RefineConfig
     out_dtype: torch.dtype | None = None
@@ -77,7 +80,8 @@ class Options:
         opts = cls(target=target % n_models, weights=_fusion_weights(weights, n_models), **values)
         for name, allowed, what in (("cost", COSTS, "cost"), ("solver", SOLVERS, "solver"),
                                     ("heads", HEADS, "heads mode"), ("method", METHODS, "method"),
-                                    ("depth_cost", DEPTH_COSTS, "depth cost"), ("groups", GROUP_MODES, "groups")):
+                                    ("depth_cost", DEPTH_COSTS, "depth cost"), ("groups", GROUP_MODES, "groups"),
+                                    ("width_maps", WIDTH_MAPS, "width maps")):
             value = getattr(opts, name)
             if value not in allowed:
                 extra = "" if name == "heads" else "one of "

@@ -70,7 +70,8 @@ def plan(inputs: Inputs, same_depth: SameDepth, analysed: Analysed, options: Opt
         say(f"solving {len(ref.free_spaces)} spaces ({options.solver})")
         alignment = align(ref, cost_model, solver=options.solver, reg=options.reg, fixed=keep | silent | set(noisy),
                           seed=options.seed, iterative=options.cost == "weights", max_passes=options.max_passes,
-                          cost_name=options.cost, levels=analysed.levels, progress=progress)
+                          cost_name=options.cost, levels=analysed.levels, progress=progress,
+                          embeddable=analysed.embeddable if options.width_maps == "embedding" else frozenset())
         if weak:
             note = (f"activation assignment of space(s) {_names(weak)} is not determined by its signal (the even and "
                     "the odd calibration samples map most of its units differently: the models may not correspond "

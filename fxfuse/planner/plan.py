@@ -163,7 +163,8 @@ COUPLED_RESOLVES = 8  # re-solves of a block on its own account (nested children
 
 def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: float | None = None,
           fixed: set[int] = frozenset(), iterative: bool = True, seed: int = 0, max_passes: int = 50,
-          cost_name: str = "weights", levels: Mapping[int, int] | None = None, progress=None) -> Alignment:
+          cost_name: str = "weights", levels: Mapping[int, int] | None = None, progress=None,
+          embeddable: frozenset[int] = frozenset()) -> Alignment:
     """Hard block coordinate descent, then soft maps if asked.
 
     Pass 1 visits blocks in graph order and, when ``iterative``, lets each see
@@ -185,7 +186,8 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
 
     ``levels``: each space's group (``fxfuse.frontend.groups``); blocks with a group
     larger than the permutations are solved by ``fxfuse.planner.procrustes`` and stay
-    hard (function preserving) whatever the solver.
+    hard (function preserving) whatever the solver. A space of ``embeddable`` whose sizes differ moves by a
+    stretched orthonormal embedding (``fxfuse.planner.procrustes.embedding``), else by a matching.
     """
     from .procrustes import is_group_block, solve_group_block
 
@@ -197,7 +199,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     def solve_one(i: int, known_only: bool = False):
         with clock.timing(todo[i].root):
             if i in grouped:
-                got = solve_group_block(todo[i], clock, perms, levels, known_only)
+                got = solve_group_block(todo[i], clock, perms, levels, known_only, embeddable)
                 if got is not None:
                     return got
                 grouped.discard(i)  # sizes differ: permutations and matchings as usual

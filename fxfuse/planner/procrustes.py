@@ -9,6 +9,17 @@ is ``Q = U Vᵀ`` from ``S = U Σ Vᵀ`` (value ``Σ σ``). With ``Q·1 = 1`` re
 ``1^⊥``). Spaces whose group is ``invertible`` are solved orthogonally too
 (a subgroup; it keeps every map well conditioned).
 
+Widths that differ (``n_t × n_s``, a residual stream of another width): the maps
+are *stretched orthonormal embeddings* ``Q = √(n_t/n_s)·Q̃`` with ``Q̃`` maximising
+``tr(Q̃ᵀ S)`` over orthonormal columns (``n_t > n_s``) or rows (``n_t < n_s``):
+``Q̃ = U Vᵀ`` from the thin SVD (on ``1^⊥``, plus ``1_t 1_sᵀ/√(n_t n_s)``, with ones,
+so ``Q·1 = 1``). The stretch keeps every mean over the axis: ``‖Qx‖²/n_t = ‖x‖²/n_s``
+for ``x`` in the rows' span, so a LayerNorm or an RMS norm of the embedded stream is
+the embedded norm, eps included. Readers move by ``(Q⁺)ᵀ = (n_s/n_t)·Q``, so into a
+wider target the source computes exactly what it did; into a narrower one it is
+projected (not exact). A space some op keeps only as a *sum* over the axis (``q·k``,
+``Σ x²``, a tied weight: ``Analysis.summed``) is not embedded: a matching as before.
+
 Heads: for every pair of target head ``j`` and source head ``k`` the in-head
 maps are solved by Procrustes on that pair's block; the best value (the
 nuclear norm, which no in-head map of the source changes) is the pair's cost,
@@ -16,6 +27,8 @@ added to the head similarity; heads are then matched by a linear assignment
 and every target head keeps the in-head map of its matched pair.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -36,12 +49,26 @@ def procrustes(S: np.ndarray, fix_ones: bool = False, device: torch.device | Non
 
 
 def _polar(S: np.ndarray, device: torch.device | None) -> np.ndarray:
-    """``U Vᵀ`` of ``S = U Σ Vᵀ`` (batched over leading dims): numpy in place, or torch on ``device``."""
+    """``U Vᵀ`` of ``S = U Σ Vᵀ`` (batched over leading dims; thin where ``S`` is not square): numpy in place,
+    or torch on ``device``."""
+    full = S.shape[-1] == S.shape[-2]
     if device is None:
-        U, _, Vt = np.linalg.svd(S)
+        U, _, Vt = np.linalg.svd(S, full_matrices=full)
         return U @ Vt
-    U, _, Vt = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(S)).to(device))
+    U, _, Vt = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(S)).to(device), full_matrices=full)
     return (U @ Vt).cpu().numpy()
+
+
+def embedding(S: np.ndarray, fix_ones: bool = False, device: torch.device | None = None) -> np.ndarray:
+    """The stretched orthonormal embedding ``Q = √(n_t/n_s)·Q̃`` (``n_t × n_s``) with ``Q̃`` maximising
+    ``tr(Q̃ᵀ S)`` over orthonormal columns or rows (``Q·1_s = 1_t`` with ``fix_ones``); see the module doc."""
+    n_t, n_s = S.shape
+    if fix_ones and min(n_t, n_s) > 1:
+        Bt, Bs = ones_complement(n_t).numpy(), ones_complement(n_s).numpy()
+        Q = Bt @ _polar(Bt.T @ S @ Bs, device) @ Bs.T + np.full((n_t, n_s), 1.0 / np.sqrt(n_t * n_s))
+    else:
+        Q = _polar(S, device)
+    return Q * np.sqrt(n_t / n_s)
 
 
 def _pairwise_procrustes(S4: np.ndarray, fix_ones: bool, device: torch.device | None = None
@@ -69,16 +96,23 @@ def is_group_block(block: Block, levels) -> bool:
                              or any(levels.get(c, PERM) > PERM for c in block.children))
 
 
-def solve_group_block(block: Block, cost, perms, levels, known_only: bool = False
-                      ) -> tuple[dict[int, TransportMap], float, float] | None:
-    """Like ``fxfuse.planner.plan.solve_block`` for a block with group spaces; ``None`` where sizes differ."""
+def solve_group_block(block: Block, cost, perms, levels, known_only: bool = False,
+                      embeddable: frozenset[int] = frozenset()) -> tuple[dict[int, TransportMap], float, float] | None:
+    """Like ``fxfuse.planner.plan.solve_block`` for a block with group spaces; ``None`` where sizes differ, unless
+    the block is one space of ``embeddable`` (a stretched orthonormal embedding: the module doc)."""
     others = {s: p for s, p in perms.items() if s != block.root}  # children at their maps, as in solve_block
     S, nested = cost.block(block.root, block.children, others, known_only)
     n_t, n_s = S.shape
+    device = getattr(cost, "device", None)
+    if n_t != n_s and not block.children and block.root in embeddable:
+        Q = embedding(S, fix_ones=levels[block.root] == ORTHO_ONES, device=device)
+        m = TransportMap(block.root, q=torch.from_numpy(Q), similarity_identity=None, solver="procrustes, embedding")
+        Qn = m.descent_value().numpy()  # orthonormal: the similarity as the descent measures it
+        aligned = float((Qn * S).sum())
+        return {block.root: replace(m, similarity_aligned=aligned)}, _value(perms.get(block.root), S), aligned
     if n_t != n_s or any(S4.shape[2] != S4.shape[3] for S4 in nested.values()):
         return None
     rows = np.arange(n_t)
-    device = getattr(cost, "device", None)
     if not block.children:
         Q = procrustes(S, fix_ones=levels[block.root] == ORTHO_ONES, device=device)
         aligned = float((Q * S).sum())

@@ -110,6 +110,9 @@ OPTIONS: tuple[Option, ...] = (
            choices=("perm", "full")),
     Option("untie", "bool", False, "with groups full: untie a tied weight (an LM head) to fold a norm scale into it "
            "(reported)"),
+    Option("width_maps", "str", "embedding", "with groups full: a residual stream of another width moves by a "
+           "stretched orthonormal embedding (exact into a wider target) or by a hard matching",
+           choices=("embedding", "matching")),
     Option("repair", "bool", False, "rescale fused units to the interpolated statistics of the aligned models on "
            "the calibration inputs (needs --calib or --calib-random), folded into the weights"),
     Option("refine", "int", None, "refine the maps for STEPS steps by gradient descent on the loss of the "
