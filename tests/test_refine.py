@@ -344,6 +344,27 @@ def test_refinement_over_whole_groups_of_language_models(factory, untie):
     assert rep["loss_at_weights_after"] < rep["loss_at_weights_before"]
 
 
+@pytest.mark.parametrize("factory", ["llama", "gpt2"])
+@pytest.mark.parametrize("groups", ["perm", "full"])
+def test_refinement_learns_on_the_models_it_emits(factory, groups):
+    """The losses refinement reports are those of the models it writes: each aligned parent's is the parent's
+    own (its maps are exact), and the refined mix's is the fused model's. Llama's grouped-query attention puts two
+    spaces under each key/value head on one axis (query groups and value dims in ``o_proj``), which both must move."""
+    import zoo
+    from fxfuse.models.heads import head_loss
+
+    a, args = getattr(zoo, factory)(seed=0)
+    b, _ = getattr(zoo, factory)(seed=1)
+    ids = torch.randint(0, zoo.VOCAB, (16, zoo.SEQ), generator=torch.Generator().manual_seed(0))
+    r = fxfuse.compile([a, b], args, groups=groups, refine=RefineConfig(4, ids, ids.clone(), batch_size=8,
+                                                                         eval_samples=16))
+    rep = r.report["refine"]
+    with torch.no_grad():
+        own = [float(head_loss(m(ids).logits, ids, rep["head"])) for m in (a, b, r.module)]
+    assert rep["loss_of_models"] == pytest.approx(own[:2], rel=1e-5)
+    assert rep["loss_at_weights_after"] == pytest.approx(own[2], rel=1e-5)
+
+
 def test_the_refined_barrier_curve_ends_at_b_with_an_untied_head():
     """``--groups full --untie``: A's aligned copy carries an untied LM head; the refined curve runs B's refined
     state in that copy, so at λ = 1 it scores B itself (read in A's tied class, the untied head would be lost)."""

@@ -188,3 +188,28 @@ def test_means_must_name_an_axis_with_a_group(tmp_path):
                     "  groups: {c: orthogonal}\n  means: [d]\n")
     with pytest.raises(RuleError, match=r"bad.yaml.*means.*'d' has no group"):
         load_rules([path])
+
+
+def gqa_llama(seed: int, hidden: int, heads: int, kv_heads: int):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, head_dim=8,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      use_cache=False, tie_word_embeddings=False)
+    return zoo._hf("LlamaForCausalLM", cfg, seed, (zoo._ids(),))
+
+
+@pytest.mark.parametrize("groups", ["perm", "full"])
+def test_grouped_query_attention_of_different_widths(groups):
+    """Llamas of 2 and 3 key/value heads (2 query heads each): the query groups and the value dims are both nested
+    under the matched key/value heads on ``o_proj``'s input axis and move together; into the wider target with
+    ``groups full`` the narrow model is embedded exactly."""
+    a, args = gqa_llama(0, 32, 4, 2)
+    b, _ = gqa_llama(1, 48, 6, 3)
+    for target in (0, 1):
+        result = fxfuse.compile([a, b], args, target=target, groups=groups)
+        with torch.no_grad():
+            assert torch.isfinite(result.module(*args).logits).all()
+        assert (2, 3) in {tuple(w["sizes"]) for w in result.report["width_maps"]}
+        if groups == "full" and target == 1:
+            assert result.report["self_check"][0]["drift"] < TOL

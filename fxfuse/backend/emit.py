@@ -20,7 +20,7 @@ from ..core.derived import loaded_copy
 from ..core.errors import FxfuseError
 from ..core.solvers import consumer
 from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf, Product
-from ..planner.layout import nested_matrix, permute_tensor
+from ..planner.layout import joint_matrix, nested_matrix, permute_tensor
 from ..planner.plan import Alignment
 
 
@@ -99,8 +99,17 @@ def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int]
         nxt = parts[i + 1] if i + 1 < len(parts) else None
         if (isinstance(part, Leaf) and isinstance(nxt, Leaf) and parents.get(nxt.space) == part.space
                 and nxt.space in maps):
-            mats.append(_nested(part, nxt, alignment, reads, uniform))
-            i += 2
+            children = [nxt]  # every space nested under ``part`` that follows it on this axis
+            while (i + len(children) + 1 < len(parts) and isinstance(parts[i + len(children) + 1], Leaf)
+                   and parents.get(parts[i + len(children) + 1].space) == part.space
+                   and parts[i + len(children) + 1].space in maps):
+                children.append(parts[i + len(children) + 1])
+            if len(children) == 1:
+                mats.append(_nested(part, nxt, alignment, reads, uniform))
+            else:
+                mats.append(joint_matrix(axis_matrix(part, alignment, {}, reads, uniform),
+                                         [_inner(part, c, alignment, reads, uniform) for c in children]))
+            i += 1 + len(children)
             continue
         mats.append(axis_matrix(part, alignment, parents, reads, uniform))
         i += 1
@@ -132,6 +141,19 @@ def _nested(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool, unifor
     n_t, n_s = A.shape
     pairs = cm.perm.unsqueeze(1).expand(n_t, n_s, child.size)  # only (j, p(j)) has weight
     return nested_matrix(A, pairs)
+
+
+def _inner(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool, uniform: bool) -> torch.Tensor:
+    """``C[j,k,a,b]`` (``(n_t, n_s, m, m)``) of ``child`` under every pair of parent units (``joint_matrix``)."""
+    n_t, n_s = axis_matrix(parent, alignment, {}, reads, uniform).shape
+    cm, m = alignment.maps[child.space], child.size
+    if cm.pair_perms is not None:
+        return torch.eye(m, dtype=torch.float64)[cm.pair_perms]
+    if cm.q is not None:
+        C = cm.q.double()
+        C = (torch.full_like(C, 1.0 / m) if uniform else torch.linalg.inv(C).transpose(1, 2) if reads else C)
+        return C[:, None].expand(n_t, n_s, m, m)
+    return torch.eye(m, dtype=torch.float64)[cm.perm][:, None].expand(n_t, n_s, m, m)  # only (j, p(j)) has weight
 
 
 def _apply_matrices(t, axes, consumed, alignment, parents, uniform: bool = False) -> torch.Tensor:

@@ -22,8 +22,9 @@ import torch
 from ..core.errors import FxfuseError
 from ..core.solvers import assignment, consumer, matching
 from ..frontend.groups import INVERTIBLE, ORTHO_ONES
-from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf
+from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf, Product
 from ..planner.groupmaps import ones_complement
+from ..planner.layout import joint_matrix
 from ..planner.plan import Alignment
 
 GROUPS = ("permutation", "matching", "orthogonal", "orthogonal_ones", "invertible")
@@ -184,13 +185,24 @@ def _axis_matrix(expr: AxisExpr, mats: Mapping[int, torch.Tensor], pairs: Mappin
     if isinstance(expr, Concat):
         return torch.block_diag(*(_axis_matrix(p, mats, pairs, parents, reads, orthogonal, device)
                                   for p in expr.parts))
-    parts, out, i = list(expr.parts), [], 0
+    parts, out, i = _factors(expr), [], 0  # a nested space follows its parent even across nested products
     while i < len(parts):
         part, nxt = parts[i], parts[i + 1] if i + 1 < len(parts) else None
         if (isinstance(part, Leaf) and isinstance(nxt, Leaf) and parents.get(nxt.space) == part.space
                 and (nxt.space in mats or nxt.space in pairs)):
             A = _axis_matrix(part, mats, pairs, parents, reads, orthogonal, device)
             n_t, n_s = A.shape
+            children = [nxt]  # every space nested under ``part`` that follows it on this axis
+            while (i + len(children) + 1 < len(parts) and isinstance(parts[i + len(children) + 1], Leaf)
+                   and parents.get(parts[i + len(children) + 1].space) == part.space
+                   and (parts[i + len(children) + 1].space in mats or parts[i + len(children) + 1].space in pairs)):
+                children.append(parts[i + len(children) + 1])
+            if len(children) > 1:
+                inners = [torch.eye(c.size, device=device)[pairs[c.space].to(device)] if c.space in pairs
+                          else mats[c.space][:, None].expand(n_t, n_s, c.size, c.size) for c in children]
+                out.append(joint_matrix(A, inners))
+                i += 1 + len(children)
+                continue
             if nxt.space in pairs:
                 pp = pairs[nxt.space]
                 inner = torch.eye(nxt.size, device=device)[pp.to(device)]  # (n_t, n_s, m, m): [b == π_jk(a)]
@@ -268,6 +280,11 @@ def _resized(t: torch.Tensor, axes: tuple[AxisExpr, ...], widths: Mapping[int, i
             raise RefineError(f"a uniform scale on space s{_leaves(e)[0].space} inside a composite axis: refinement "
                               "cannot resize it to the target's width")
     return t
+
+
+def _factors(expr: AxisExpr) -> list[AxisExpr]:
+    """The factors of a product, nested products flattened (row-major products are associative)."""
+    return [f for part in expr.parts for f in (_factors(part) if isinstance(part, Product) else [part])]
 
 
 def _leaves(expr: AxisExpr) -> list[Leaf]:

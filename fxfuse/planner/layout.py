@@ -49,6 +49,19 @@ def nested_matrix(A: torch.Tensor, pair_perms: torch.Tensor) -> torch.Tensor:
     return (A[:, :, None, None] * inner).permute(0, 2, 1, 3).reshape(n_t * m, n_s * m)
 
 
+def joint_matrix(A: torch.Tensor, inners: list[torch.Tensor]) -> torch.Tensor:
+    """A parent and several spaces nested under it on one axis, moved together:
+    ``M[(j,a₁,a₂,…),(k,b₁,b₂,…)] = A[j,k]·Π_i C_i[j,k,a_i,b_i]`` (``inners``: ``C_i``, ``(n_t, n_s, m_i, m_i)``;
+    a pair perm ``π`` is ``C[j,k,a,b] = [b = π_jk(a)]``), row-major in ``(parent, child 1, child 2, …)``."""
+    n_t, n_s = A.shape
+    inner = inners[0]
+    for C in inners[1:]:
+        m1, m2 = inner.shape[-1], C.shape[-1]
+        inner = (inner[:, :, :, None, :, None] * C[:, :, None, :, None, :]).reshape(n_t, n_s, m1 * m2, m1 * m2)
+    m = inner.shape[-1]
+    return (A[:, :, None, None] * inner).permute(0, 2, 1, 3).reshape(n_t * m, n_s * m)
+
+
 def apply_matrix(t: torch.Tensor, d: int, M: torch.Tensor) -> torch.Tensor:
     """``t`` with dim ``d`` replaced by ``M @`` that dim."""
     return torch.tensordot(M.to(t.dtype), t, dims=([1], [d])).movedim(0, d)
@@ -60,6 +73,17 @@ def _apply_nested(t: torch.Tensor, e: int, d: int, M: torch.Tensor) -> torch.Ten
     rest = x.shape[2:]
     y = (M.to(t.dtype) @ x.reshape(x.shape[0] * x.shape[1], -1)).reshape(-1, x.shape[1], *rest)
     return y.movedim((0, 1), (e, d))
+
+
+def _apply_joint(t: torch.Tensor, e: int, dims: list[int], M: torch.Tensor) -> torch.Tensor:
+    """Move parent dim ``e`` and nested dims ``dims`` jointly by ``M`` (``joint_matrix``)."""
+    order = (e, *dims)
+    x = t.movedim(order, tuple(range(len(order))))
+    inner = x.shape[1:len(order)]
+    rest = x.shape[len(order):]
+    y = (M.to(t.dtype) @ x.reshape(-1, *rest).reshape(x.shape[0] * inner.numel(), -1))
+    y = y.reshape(-1, *inner, *rest)
+    return y.movedim(tuple(range(len(order))), order)
 
 
 def permute_piece(t: torch.Tensor, spaces: tuple[int, ...], perms: Mapping[int, torch.Tensor],
@@ -79,13 +103,16 @@ def permute_piece(t: torch.Tensor, spaces: tuple[int, ...], perms: Mapping[int, 
             t = y.reshape(y.shape[0], -1, *rest).movedim((0, 1), (e, d))
             continue
         if p.is_floating_point():
-            child = next((c for c in range(len(spaces)) if parents.get(spaces[c]) == spaces[d]
-                          and perms.get(spaces[c]) is not None and perms[spaces[c]].dim() == 3), None)
-            if child is None:
+            children = [c for c in range(len(spaces)) if parents.get(spaces[c]) == spaces[d]
+                        and perms.get(spaces[c]) is not None and perms[spaces[c]].dim() == 3]
+            if not children:
                 t = apply_matrix(t, d, p)
-            else:
-                t = _apply_nested(t, d, child, nested_matrix(p, perms[spaces[child]]))
-                done.add(child)
+            elif len(children) == 1:
+                t = _apply_nested(t, d, children[0], nested_matrix(p, perms[spaces[children[0]]]))
+            else:  # several spaces nested under one matched parent (query groups and head dims under KV heads)
+                inners = [torch.eye(perms[spaces[c]].shape[-1], dtype=p.dtype)[perms[spaces[c]]] for c in children]
+                t = _apply_joint(t, d, children, joint_matrix(p, inners))
+            done.update(children)
             continue
         if p.dim() == 1:
             t = t.index_select(d, p)
