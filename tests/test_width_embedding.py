@@ -213,3 +213,34 @@ def test_grouped_query_attention_of_different_widths(groups):
         assert (2, 3) in {tuple(w["sizes"]) for w in result.report["width_maps"]}
         if groups == "full" and target == 1:
             assert result.report["self_check"][0]["drift"] < TOL
+
+
+def test_cli_width_maps(tmp_path, capsys):
+    """``compile --groups full`` embeds the narrow ViT's stream into the wide one (exact, reported);
+    ``--width-maps matching`` matches it and is kept in the recipe."""
+    import json
+
+    import yaml
+
+    from fxfuse.commands.cli import main
+
+    a, _ = zoo.vit(seed=0, hidden=64, heads=4)
+    b, _ = zoo.vit(seed=1, hidden=96, heads=6)
+    a.save_pretrained(tmp_path / "narrow")
+    b.save_pretrained(tmp_path / "wide")
+    for maps in ("embedding", "matching"):
+        out = tmp_path / maps
+        flags = [] if maps == "embedding" else ["--width-maps", "matching"]
+        assert main(["compile", str(tmp_path / "narrow"), str(tmp_path / "wide"), "-o", str(out), "--target", "1",
+                     "--groups", "full", "-q", *flags]) == 0
+        report = json.loads((out / "report.json").read_text())
+        stream = next(s for s in report["spaces"] if s.get("sizes") == [64, 96] and s["group"] != "perm")
+        assert stream["models"][0]["map"] == maps
+        assert stream["models"][0]["hard"] == (maps == "embedding")
+        assert yaml.safe_load((out / "fxfuse-recipe.yaml").read_text()).get("width_maps", "embedding") == maps
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", str(tmp_path / "narrow"), str(tmp_path / "wide"), "-o", str(tmp_path / "bad"),
+              "--width-maps", "rectangular", "-q"])
+    assert exit_.value.code == 2
+    assert "--width-maps" in capsys.readouterr().err and not (tmp_path / "bad").exists()
