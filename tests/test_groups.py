@@ -11,6 +11,7 @@ from fxfuse.passes import canonical_analysis
 from fxfuse.frontend.groups import ORTHO
 from fxfuse.api.permute import move_by_group_elements
 from fxfuse.frontend.verify import compare_outputs
+from fxfuse.frontend.spaces import analyze
 
 TRANSFORMERS = ["bert", "bert_mlm", "roberta", "distilbert", "gpt2", "llama", "qwen2", "t5", "vit", "encoder", "mha"]
 
@@ -33,20 +34,27 @@ def test_prenorm_layernorm_stream_is_orthogonal_fixing_ones():
     assert "layer_norm" in a.group(stream.id).limited_by
 
 
-def test_rmsnorm_stream_is_orthogonal_and_rope_pins_the_query_key_dims():
-    _, _, a, folded = _canonical("llama")
+def test_rmsnorm_stream_is_orthogonal_and_rope_rotates_the_query_key_dims():
+    model, args, a, folded = _canonical("llama")
     assert len(folded.folds) == 5 and not folded.refused
     stream = next(s for s in a.spaces if any(m.param == "model.embed_tokens.weight" and m.axis == 1
                                              for m in s.members))
     assert a.group(stream.id).name == "orthogonal"
     assert "sum of squares" in a.group(stream.id).limited_by or "rms" in a.group(stream.id).limited_by.lower()
-    # RoPE rotates dim i with i + d/2 (slices of the halves tie them); cos and sin, from the unsaved inv_freq,
-    # pin the query/key dims
-    q_inside = [s for s in a.spaces if any(m.param.endswith("q_proj.weight") and m.axis == 0 for m in s.members)
-                and s.size == 4]
-    assert q_inside and all(not s.free and "inv_freq" in s.reason for s in q_inside)
-    v_inside = [s for s in a.spaces if s.free and s.parent is not None and s.size == 8]
+    # RoPE rotates dim i with i + d/2 by the position's angle: recognised whole, the query/key dims inside each
+    # key/value head are free and move by one 2x2 rotation per frequency pair
+    q_inside = [s for s in a.spaces if s.parent is not None and any(m.param.endswith("q_proj.weight")
+                                                                    for m in s.members)]
+    rotary = [s for s in q_inside if a.group(s.id).name == "rotary"]
+    assert len(rotary) == 2 and all(s.free and s.size == 8 for s in rotary)  # one per layer
+    assert all("rotary embedding" in a.group(s.id).limited_by for s in rotary)
+    v_inside = [s for s in a.spaces if s.free and s.parent is not None and s.size == 8 and s not in rotary]
     assert v_inside and {a.group(s.id).name for s in v_inside} == {"invertible"}
+    # op by op (permutations only), cos and sin, from the unsaved inv_freq, pin them as before
+    plain = analyze(model, args)
+    q_plain = [s for s in plain.spaces if any(m.param.endswith("q_proj.weight") and m.axis == 0 for m in s.members)
+               and s.size == 4]
+    assert q_plain and all(not s.free and "inv_freq" in s.reason for s in q_plain)
 
 
 def test_postnorm_bert_stream_stays_permutation_and_says_why():

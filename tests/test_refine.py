@@ -204,7 +204,7 @@ def test_orthogonal_projections_and_rotations_are_group_elements():
 
 def _assert_group_maps(alignment, levels):
     """Every map of ``alignment`` is an exact group element: a permutation, or orthogonal (fixing ``1``)."""
-    from fxfuse.frontend.groups import ORTHO_ONES
+    from fxfuse.frontend.groups import ORTHO_ONES, ROTARY
 
     kinds = set()
     for sid, m in alignment.maps.items():
@@ -220,6 +220,14 @@ def _assert_group_maps(alignment, levels):
             ones = torch.ones(q.shape[-1], dtype=q.dtype)
             torch.testing.assert_close(q @ ones, ones.expand(q.shape[:-1]), atol=1e-12, rtol=0)
             kinds.add("orthogonal_ones")
+        elif levels.get(sid) == ROTARY:  # one 2x2 rotation per frequency pair (i, i + m/2), nothing else
+            h = q.shape[-1] // 2
+            i = torch.arange(h)
+            planes = torch.zeros(q.shape[-2:], dtype=torch.bool)
+            planes[i, i] = planes[i + h, i + h] = planes[i, i + h] = planes[i + h, i] = True
+            assert float(q[..., ~planes].abs().max()) == 0.0
+            torch.testing.assert_close(q[..., i, i], q[..., i + h, i + h], atol=1e-12, rtol=0)
+            kinds.add("rotary")
         else:
             kinds.add("in-head" if q.dim() == 3 else "orthogonal")
     return kinds
@@ -258,9 +266,9 @@ def test_refinement_over_whole_groups_of_a_moved_copy_stays_exact(orthogonal):
 
 
 def _level(name: str) -> int:
-    from fxfuse.frontend.groups import LEVELS
+    from fxfuse.frontend.groups import SpaceGroup
 
-    return LEVELS[name]
+    return SpaceGroup(name).level
 
 
 @pytest.mark.parametrize("orthogonal", ["project", "exp"])
@@ -326,7 +334,7 @@ def test_cli_compile_with_groups_full_and_refine(tmp_path, capsys, data):
 
 @pytest.mark.parametrize("factory,untie", [("llama", False), ("gpt2", True)])
 def test_refinement_over_whole_groups_of_language_models(factory, untie):
-    """An RMSNorm stream (orthogonal; RoPE dims stay pinned) and a LayerNorm stream with the LM head untied
+    """An RMSNorm stream (orthogonal; the RoPE dims by 2x2 rotations) and a LayerNorm stream with the LM head untied
     (orthogonal fixing ``1``): refined maps stay group elements and the self-check exact."""
     import zoo
 
@@ -337,7 +345,8 @@ def test_refinement_over_whole_groups_of_language_models(factory, untie):
                        refine=RefineConfig(4, ids, ids.clone(), batch_size=8, eval_samples=16))
     levels = {s["id"]: _level(s["group"]) for s in r.report["spaces"]}
     stream = "orthogonal_ones" if untie else "orthogonal"
-    assert {"perm", stream} <= _assert_group_maps(r.alignments[1], levels)
+    assert {"perm", stream} | ({"rotary"} if factory == "llama" else set()) <= _assert_group_maps(r.alignments[1],
+                                                                                                 levels)
     assert all(c["hard"] and c["error"] <= 1e-4 for c in r.report["self_check"] if c)
     assert compare_outputs(b, r.aligned[1], args) <= 1e-4
     rep = r.report["refine"]

@@ -21,13 +21,13 @@ import torch
 
 from ..core.errors import FxfuseError
 from ..core.solvers import assignment, consumer, matching
-from ..frontend.groups import INVERTIBLE, ORTHO_ONES
+from ..frontend.groups import INVERTIBLE, ORTHO_ONES, ROTARY
 from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf, Product
 from ..planner.groupmaps import ones_complement
 from ..planner.layout import joint_matrix
 from ..planner.plan import Alignment
 
-GROUPS = ("permutation", "matching", "orthogonal", "orthogonal_ones", "invertible")
+GROUPS = ("permutation", "matching", "orthogonal", "orthogonal_ones", "invertible", "rotary")
 ORTHO_TOL = 1e-6          # an initial group map farther than this from orthogonal is refused
 
 
@@ -44,6 +44,11 @@ def project(latent: torch.Tensor, group: str) -> torch.Tensor:
     ``orthogonal_ones``: the orthogonal maps with ``Q·1 = 1``, ``B O Bᵀ + 11ᵀ/n``
     with ``O`` the projection of ``Bᵀ L B`` (``B`` an orthonormal basis of ``1^⊥``).
     """
+    if group == "rotary":  # one angle per frequency pair (i, i + m/2): φ = atan2(b, a) (fxfuse.planner.procrustes)
+        L = latent.detach()
+        h = L.shape[-1] // 2
+        i = torch.arange(h, device=L.device)
+        return block_rotation(torch.atan2(L[..., i + h, i] - L[..., i, i + h], L[..., i, i] + L[..., i + h, i + h]))
     if group == "orthogonal":  # thin where the widths differ: orthonormal columns or rows
         U, _, Vh = torch.linalg.svd(latent.detach(), full_matrices=latent.shape[-1] == latent.shape[-2])
         return U @ Vh
@@ -74,9 +79,18 @@ def _one_hot(perm: torch.Tensor, n: int) -> torch.Tensor:
     return torch.eye(n)[perm]
 
 
+def block_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """``(…, 2h, 2h)`` from ``angles`` ``(…, h)``, differentiable: a 2×2 rotation by ``φ_i`` on each pair ``(i, i + h)``."""
+    c, s = torch.diag_embed(torch.cos(angles)), torch.diag_embed(torch.sin(angles))
+    return torch.cat([torch.cat([c, -s], -1), torch.cat([s, c], -1)], -2)
+
+
 def rotation(generator: torch.Tensor, group: str) -> torch.Tensor:
     """``exp(A − Aᵀ)`` (``(…, n, n)``), differentiable: an orthogonal map; for ``orthogonal_ones`` the rotation
-    acts on ``1^⊥`` only (``A`` is ``(…, n−1, n−1)``, the map ``B exp(A − Aᵀ) Bᵀ + 11ᵀ/n``)."""
+    acts on ``1^⊥`` only (``A`` is ``(…, n−1, n−1)``, the map ``B exp(A − Aᵀ) Bᵀ + 11ᵀ/n``); for ``rotary`` the
+    generator is one angle per frequency pair (``(…, n/2)``, ``block_rotation``)."""
+    if group == "rotary":
+        return block_rotation(generator)
     R = torch.linalg.matrix_exp(generator - generator.transpose(-1, -2))
     if group != "orthogonal_ones":
         return R
@@ -123,9 +137,13 @@ def about(base: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return R @ base if base.shape[-2] > base.shape[-1] else base @ R
 
 
-def generator_size(shape: torch.Size, group: str) -> int:
-    """The side of the generator of a map of ``shape`` rotated by ``about`` (``1^⊥`` for ``orthogonal_ones``)."""
-    return max(shape[-2:]) - (group == "orthogonal_ones")
+def generator_shape(shape: torch.Size, group: str) -> tuple[int, ...]:
+    """The shape of the generator of a map of ``shape`` rotated by ``about``: ``(…, n, n)`` (``n − 1`` on ``1^⊥``
+    for ``orthogonal_ones``), ``(…, n/2)`` angles for ``rotary``."""
+    if group == "rotary":
+        return (*shape[:-2], shape[-1] // 2)
+    n = max(shape[-2:]) - (group == "orthogonal_ones")
+    return (*shape[:-2], n, n)
 
 
 def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None, invertible: bool = False
@@ -146,7 +164,7 @@ def latents_of(alignment: Alignment, levels: Mapping[int, int] | None = None, in
                 raise RefineError(f"space s{sid} moves by a group map that is not orthogonal: refinement learns "
                                   "orthogonal maps only")
             level = (levels or {}).get(sid)
-            group = ("orthogonal_ones" if level == ORTHO_ONES
+            group = ("orthogonal_ones" if level == ORTHO_ONES else "rotary" if level == ROTARY
                      else "invertible" if invertible and level == INVERTIBLE and not m.embeds else "orthogonal")
             kinds[sid], init[sid] = Latent(sid, group, q.dim() == 3, m.stretch), q
             continue

@@ -56,10 +56,10 @@ from ..core.device import to as to_device
 from ..frontend.spaces import Analysis
 from ..planner.plan import Alignment
 from .scales import ScaleSite, UnitScales, apply as apply_scales, strength
-from .latents import (GROUPS, ORTHO_TOL, Latent, Mover, RefineError, about, generator_size, latents_of, project,  # noqa: F401
+from .latents import (GROUPS, ORTHO_TOL, Latent, Mover, RefineError, about, generator_shape, latents_of, project,  # noqa: F401
                       rotation, straight_through, stretched)  # (also imported from here)
 
-ORTHOGONAL = ("orthogonal", "orthogonal_ones")
+ORTHOGONAL = ("orthogonal", "orthogonal_ones", "rotary")
 CONTINUOUS = ORTHOGONAL + ("invertible",)  # maps learnt by a generator about their initial map (not projected)
 PARAMETRISATIONS = ("project", "exp")
 LAMBDA_HALF_WIDTH = 0.1   # two models: λ ~ U[w_B − 0.1, w_B + 0.1]
@@ -318,9 +318,9 @@ def _latent_maps(analyses: Sequence[Analysis], states, alignments: Sequence[Alig
         kinds[i], latents[i], bases[i] = k, {}, {}
         for sid, lat in k.items():
             if lat.group in CONTINUOUS and orthogonal == "exp":
-                n = generator_size(init[sid].shape, lat.group)
                 bases[i][sid] = to_device(init[sid], device)
-                latents[i][sid] = torch.zeros(*init[sid].shape[:-2], n, n, device=device, requires_grad=True)
+                latents[i][sid] = torch.zeros(generator_shape(init[sid].shape, lat.group), device=device,
+                                              requires_grad=True)
             else:
                 latents[i][sid] = to_device(init[sid].float().clone(), device).requires_grad_(True)
     return movers, latents, kinds, bases

@@ -85,7 +85,7 @@ def canonical_analysis_streamed(model: nn.Module, state: Mapping[str, torch.Tens
     if untie_done:
         raise FxfuseError("untying a weight to fold a norm scale into it is done in memory only")
     if not steps:
-        return analyze_traced(traced, rules, strict, values=state), Canonical(model, (), tuple(refused), 0.0), state
+        return analyze_traced(traced, rules, strict, values=state, rotary=True), Canonical(model, (), tuple(refused), 0.0), state
     folded = FoldedTensors(state, steps)
     dtype = compute_dtype(state)
     before = output_tensors(run_streamed(model, state, traced.args, traced.kwargs, dtype))
@@ -95,5 +95,5 @@ def canonical_analysis_streamed(model: nn.Module, state: Mapping[str, torch.Tens
     if not err <= CHECK_TOL:
         raise FxfuseError(f"folding norm scales into their readers changed {type(model).__name__}'s function "
                           f"(relative error {err:.2e}); first fold: {folds[0].scale} into {', '.join(folds[0].readers)}")
-    analysis = analyze_traced(traced, rules, strict, values=folded)
+    analysis = analyze_traced(traced, rules, strict, values=folded, rotary=True)
     return analysis, Canonical(model, folds, tuple(refused), err), folded

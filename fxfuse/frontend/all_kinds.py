@@ -12,6 +12,7 @@ here, so that they are complete.
 from __future__ import annotations
 
 from . import experts  # noqa: F401  (registers the routed-experts pattern kind and its walk)
+from . import rotary  # noqa: F401  (registers the rotary-embedding pattern kind and its walk)
 from . import layer_kinds  # noqa: F401  (registers the composite-op kinds)
 from . import shape_kinds  # noqa: F401  (registers the kinds that move axes, and the walk of views)
 from .kinds import KINDS, WALKS

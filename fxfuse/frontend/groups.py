@@ -27,8 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 PERM, ORTHO_ONES, ORTHO, INVERTIBLE = 0, 1, 2, 3
-LEVELS = {"perm": PERM, "orthogonal_ones": ORTHO_ONES, "orthogonal": ORTHO, "invertible": INVERTIBLE}
-NAMES = {v: k for k, v in LEVELS.items()}
+# off the chain: a rotary embedding's dims (``fxfuse.frontend.rotary``) move only by a 2×2 rotation per frequency
+# pair ``(i, i + m/2)``; that group lies inside ``orthogonal`` and meets ``perm`` and ``orthogonal_ones`` in the
+# identity alone, which pins the space
+ROTARY, IDENTITY = 4, -1
+LEVELS = {"perm": PERM, "orthogonal_ones": ORTHO_ONES, "orthogonal": ORTHO, "invertible": INVERTIBLE}  # rules' groups
+NAMES = {v: k for k, v in LEVELS.items()} | {ROTARY: "rotary", IDENTITY: "identity"}
+_BY_NAME = {v: k for k, v in NAMES.items()}
 BROADCAST_GROUPS = ("sum", "product")
 MODES = ("perm", "full")
 
@@ -46,12 +51,31 @@ class SpaceGroup:
 
     @property
     def level(self) -> int:
-        return LEVELS[self.name]
+        return _BY_NAME[self.name]
+
+
+def meet_level(a: int, b: int) -> int:
+    """The largest group inside both: the smaller on the chain; ``rotary`` inside ``orthogonal`` and
+    ``invertible``, and only the identity in common with ``perm`` and ``orthogonal_ones``."""
+    if a == b or IDENTITY in (a, b):
+        return min(a, b)
+    if ROTARY in (a, b):
+        other = b if a == ROTARY else a
+        return ROTARY if other in (ORTHO, INVERTIBLE) else IDENTITY
+    return min(a, b)
 
 
 def meet(a: tuple[int, str] | None, b: tuple[int, str]) -> tuple[int, str]:
-    """The smaller of two ``(level, reason)`` limits (the first reason wins a tie)."""
-    return b if a is None or b[0] < a[0] else a
+    """The meet of two ``(level, reason)`` limits: the reason of the smaller (the first reason wins a tie; both
+    where the meet is smaller than either)."""
+    if a is None:
+        return b
+    level = meet_level(a[0], b[0])
+    if level == a[0]:
+        return a
+    if level == b[0]:
+        return b
+    return level, f"{a[1]}; and {b[1]}"
 
 
 # ---------------------------------------------------------------- per node

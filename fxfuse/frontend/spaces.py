@@ -45,11 +45,13 @@ def analyze(model: torch.nn.Module, example_args: tuple, rules: RuleSet | None =
 
 
 def analyze_traced(traced: TracedModel, rules: RuleSet | None = None, strict: bool = False,
-                   pins: Mapping[str, str] | None = None, values: Mapping[str, Any] | None = None) -> Analysis:
+                   pins: Mapping[str, str] | None = None, values: Mapping[str, Any] | None = None,
+                   rotary: bool = False) -> Analysis:
     """Run the rules over ``traced``'s graph. ``pins`` maps a param axis ``"name:axis"`` to a reason;
-    ``values``: the weights, read on access, where the module holds ``meta`` tensors (uniform scales)."""
+    ``values``: the weights, read on access, where the module holds ``meta`` tensors (uniform scales);
+    ``rotary``: recognise rotary embeddings, whose dims then move by rotations (whole groups only)."""
     rules = rules if rules is not None else load_rules()
-    walker = Walker(traced, rules, values)
+    walker = Walker(traced, rules, values, rotary)
     walker.run()
     if strict and walker.unruled:
         u = walker.unruled[0]
@@ -143,7 +145,7 @@ def _groups(w, ids: dict[int, int], uses: dict) -> dict[int, SpaceGroup]:
     out = {}
     for sid in ids.values():
         level, why = limit.get(sid, (PERM, "no op constrains it"))
-        out[sid] = SpaceGroup(NAMES[min(level, INVERTIBLE)], why)
+        out[sid] = SpaceGroup(NAMES[level if level in NAMES else INVERTIBLE], why)
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..core.axes import CONCAT, PRODUCT, AxisStore, Refinement
 from ..core.schema import check_rule
-from . import experts
+from . import experts, rotary
 from .all_kinds import KINDS, WALKS
 from .groups import PERM, node_limits
 from .kinds import Call, RuleMismatch
@@ -59,8 +59,11 @@ class _Frame:
 class Walker:
     """Walks one graph (and nested subgraphs) tying atoms; ``fxfuse.frontend.spaces`` builds the ``Analysis``."""
 
-    def __init__(self, traced: TracedModel, rules: RuleSet, values: Mapping[str, Any] | None = None):
-        self.traced, self.rules = traced, rules
+    def __init__(self, traced: TracedModel, rules: RuleSet, values: Mapping[str, Any] | None = None,
+                 rotary: bool = False):
+        """``rotary``: recognise rotary embeddings (``fxfuse.frontend.rotary``; with whole groups only)."""
+        self.traced, self.rules, self.with_rotary = traced, rules, rotary
+        self.rotary: dict[torch.fx.Node, Any] = {}  # node -> the rotary match that owns it
         self.store = AxisStore()
         self.env: dict[torch.fx.Node, Any] = {}
         self.unruled: list[UnruledOp] = []
@@ -224,6 +227,9 @@ class Walker:
             found = experts.find(graph)
             self.experts.update(found.owner())
             self.expert_misses.update(found.misses)
+        pattern = self.rules.lookup(rotary.PATTERN_OP)
+        if self.with_rotary and pattern is not None and pattern.kind == "rotary":
+            self.rotary.update(rotary.find(graph))
         frame = _Frame(top, inputs)
         for node in graph.nodes:
             val = node.meta.get("val")
@@ -291,6 +297,10 @@ class Walker:
         if node in self.experts:
             rule = self.rules.lookup(experts.PATTERN_OP)
             WALKS[rule.kind](self, Call(node, val, rule, experts.PATTERN_OP, None, ()))
+            return
+        if node in self.rotary:
+            rule = self.rules.lookup(rotary.PATTERN_OP)
+            WALKS[rule.kind](self, Call(node, val, rule, rotary.PATTERN_OP, None, ()))
             return
         if node.target is operator.getitem:
             self.getitem(node, val)

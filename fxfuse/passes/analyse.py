@@ -12,12 +12,14 @@ is free (a width).
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ..frontend.groups import IDENTITY, meet_level
 from ..frontend.rules import RuleSet
 from ..frontend.spaces import Analysis, analyze, expr_leaves
 from .inputs import FusionError, Inputs, Options, Progress, quiet
@@ -48,7 +50,7 @@ class Analysed:
         """Spaces with a group beyond the permutations that no model's ops keep only as a sum over the axis: where
         their widths differ they move by a stretched orthonormal embedding (``fxfuse.planner.procrustes``)."""
         return frozenset(s for s, level in (self.levels or {}).items()
-                         if level > 0 and not any(s in a.summed for a in self.analyses))
+                         if 0 < level <= 3 and not any(s in a.summed for a in self.analyses))
 
     @property
     def ref(self) -> Analysis:
@@ -86,9 +88,12 @@ def analyse(inputs: Inputs, same_depth: SameDepth, options: Options, progress: P
         else:
             analyses.append(analyze(m, inputs.args, rules=inputs.rules, strict=options.strict,
                                     example_kwargs=inputs.kwargs))
-    levels = ({s.id: min(a.group(s.id).level for a in analyses) for s in analyses[target].spaces}
-              if canonical else {})
+    levels = ({s.id: functools.reduce(meet_level, (a.group(s.id).level for a in analyses))
+               for s in analyses[target].spaces} if canonical else {})
     fixed = resolve_pins(analyses[target], options.pin)
+    for sid, level in levels.items():  # rotary dims limited further by another op: only the identity is left
+        if level == IDENTITY and sid not in fixed:
+            fixed[sid] = "its group is the identity alone: " + analyses[target].group(sid).limited_by
     check_compatible(analyses, target, fixed)  # head sizes are compared on the nested structure
     if options.heads == "flat":
         analyses = [replace(a, spaces=tuple(replace(s, parent=None) for s in a.spaces)) for a in analyses]
@@ -110,7 +115,7 @@ def canonical_analysis(model: nn.Module, args: tuple, kwargs: Mapping[str, Any],
     folded = canonicalize(traced, untie)
     if folded.folds:  # the graph is the same; its parameters changed
         traced = trace(folded.module, args, kwargs)
-    return analyze_traced(traced, rules, strict), folded
+    return analyze_traced(traced, rules, strict, rotary=True), folded
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:

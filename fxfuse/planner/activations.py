@@ -39,6 +39,7 @@ import torch
 from ..core.errors import InputCheckError
 from ..core.device import host, to as to_device
 from ..core.progress import bar
+from ..frontend.groups import ROTARY
 from ..frontend.spaces import Analysis, Concat, Leaf, Product, expr_leaves, subgraph_prefix
 from .layout import pieces
 from .plan import ActivationCost, blocks
@@ -182,14 +183,16 @@ def choose_nodes(analysis: Analysis, space: int, k: int, also: int | None = None
 
 
 def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None,
-           moved: frozenset[int] = frozenset()) -> list[tuple[int, torch.Tensor]]:
+           moved: frozenset[int] = frozenset(), rotated: frozenset[int] = frozenset()
+           ) -> list[tuple[int, torch.Tensor]]:
     """``(feature, (samples, units))`` matrices of ``value`` along ``space`` (joint ``space × child`` if nested).
 
     Every piece holding the space gives its samples (pieces pool them, same
     feature). Dims of other ``moved`` spaces are not samples (their order
     differs between the models): such a piece gives the mean (feature 1) and
     the mean square (feature 2) over those dims; a piece without them gives
-    its values (feature 0).
+    its values (feature 0). Where every such dim is of a ``rotated`` space (moved by rotations, whose mean
+    changes), only the mean square, which rotations keep.
     """
     out = []
     for view, spaces in pieces(value, tuple(exprs)):
@@ -208,7 +211,9 @@ def _units(value: torch.Tensor, exprs: tuple, space: int, child: int | None,
         kept = [i for i in range(view.dim()) if i not in units]
         dims = tuple(kept.index(i) for i in other)
         x = lead.double()
-        out += [(1, x.mean(dims).reshape(-1, width)), (2, (x * x).mean(dims).reshape(-1, width))]
+        if not all(spaces[i] in rotated for i in other):
+            out.append((1, x.mean(dims).reshape(-1, width)))
+        out.append((2, (x * x).mean(dims).reshape(-1, width)))
     return out
 
 
@@ -429,6 +434,7 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
     moved = frozenset(b.root for b in plan_blocks if b.root_free) | {c for b in plan_blocks for c in b.children}
     own = {b.root: frozenset(b.children) for b in plan_blocks}
     grouped_block = {b.root: any((levels or {}).get(s, 0) > 0 for s in (b.root,) + b.children) for b in plan_blocks}
+    rotary = frozenset(s for s, level in (levels or {}).items() if level == ROTARY)
     stats: dict[tuple[tuple[int, int | None], str, int], _Stats] = {}
     shown = bar(progress, "activations", len(batches))
     for i, (args, kwargs) in enumerate(batches):
@@ -442,8 +448,10 @@ def activation_cost(target: Analysis, source: Analysis, batches: Sequence[tuple[
             # the other nested dims of the block are moved too: samples only along dims that keep their order
             # (their moments are permutation-invariant; a block with a larger group keeps them as samples)
             others = moved - own[space] if child is None or grouped_block[space] else moved - {space, child}
-            for (feature, x), (_, y) in zip(_units(vt[node], exprs, space, child, others),
-                                            _units(vs[node], exprs_s, space, child, others)):
+            # a block's rotary dims move by rotations the samples cannot follow: reduced to their mean square
+            others |= rotary & own[space] - {child}
+            for (feature, x), (_, y) in zip(_units(vt[node], exprs, space, child, others, rotary),
+                                            _units(vs[node], exprs_s, space, child, others, rotary)):
                 st = stats.get((key, node, feature))
                 if st is None:
                     st = stats[(key, node, feature)] = _Stats(x.shape[1], y.shape[1], halves, device)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ..core.solvers import consumer
-from ..frontend.groups import INVERTIBLE, ORTHO, ORTHO_ONES, PERM
+from ..frontend.groups import IDENTITY, INVERTIBLE, ORTHO, ORTHO_ONES, PERM, ROTARY
 from ..frontend.spaces import Analysis, AxisExpr, Concat, Product
 
 
@@ -142,6 +143,20 @@ def ones_complement(n: int) -> torch.Tensor:
     return U[:, : n - 1]
 
 
+def rotations(angles: np.ndarray) -> np.ndarray:
+    """``(…, m, m)`` block rotations from ``angles`` (``(…, h)``, ``m = 2h``): ``R[i,i] = R[i+h,i+h] = cos φ_i``,
+    ``R[i+h,i] = sin φ_i = −R[i,i+h]``."""
+    h = angles.shape[-1]
+    i = np.arange(h)
+    R = np.zeros(angles.shape[:-1] + (2 * h, 2 * h))
+    c, s = np.cos(angles), np.sin(angles)
+    R[..., i, i] = c
+    R[..., i + h, i + h] = c
+    R[..., i + h, i] = s
+    R[..., i, i + h] = -s
+    return R
+
+
 def random_element(level: int, n: int, g: torch.Generator) -> torch.Tensor:
     """A random map of the group ``level`` on ``n`` units (invertible: condition number ≤ e)."""
     if level == ORTHO_ONES:
@@ -151,6 +166,9 @@ def random_element(level: int, n: int, g: torch.Generator) -> torch.Tensor:
     if level == INVERTIBLE:
         s = torch.exp(torch.rand(n, generator=g, dtype=torch.float64) - 0.5)
         return random_orthogonal(n, g) @ torch.diag(s) @ random_orthogonal(n, g)
+    if level == ROTARY:  # one uniform angle per frequency pair (i, i + n/2)
+        angles = (torch.rand(n // 2, generator=g, dtype=torch.float64) * 2 - 1) * torch.pi
+        return torch.from_numpy(rotations(angles.numpy()))
     raise ValueError(f"no random matrix for level {level}")
 
 
@@ -167,7 +185,10 @@ def random_group_maps(analysis: Analysis, seed: int = 0, largest: int = INVERTIB
     for s in analysis.spaces:
         if not (s.free and s.size > 1):
             continue
-        level = min(analysis.group(s.id).level, largest)
+        level = analysis.group(s.id).level
+        if level == ROTARY and largest < ORTHO or level == IDENTITY:
+            continue  # only the identity is left
+        level = level if level == ROTARY else min(level, largest)
         rows = analysis.spaces[s.parent].size if s.parent is not None else None
         if level == PERM:
             perm = (torch.randperm(s.size, generator=g) if rows is None

@@ -36,6 +36,7 @@ from ..core.maps import Alignment, Block, TransportMap, _pairwise  # noqa: F401 
 from ..core.progress import bar
 from ..core.solvers import assignment, solve
 from ..frontend.spaces import Analysis
+from ..frontend.groups import ROTARY
 from .weight_cost import WeightCost  # noqa: F401  (also imported from here)
 
 
@@ -93,9 +94,10 @@ def _block_value(S: np.ndarray, nested: Mapping[int, np.ndarray], root: np.ndarr
 
 
 def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor], solver: str = "exact",
-                reg: float | None = None, soft: bool = False, known_only: bool = False
-                ) -> tuple[dict[int, TransportMap], float, float]:
-    """Solve one block with the other spaces at ``perms``.
+                reg: float | None = None, soft: bool = False, known_only: bool = False,
+                rigid: frozenset[int] = frozenset()) -> tuple[dict[int, TransportMap], float, float]:
+    """Solve one block with the other spaces at ``perms``; nested children in ``rigid`` (a group without the
+    permutations: rotary dims) keep the identity under every parent pair.
 
     Returns the block's maps, the block's similarity under its maps in ``perms``
     (identity where absent; ``-inf`` where the sizes differ and there is none
@@ -106,7 +108,7 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
     others = {s: p for s, p in perms.items() if s != block.root}
     S, nested = cost.block(block.root, block.children, others, known_only)
     n_t, n_s = S.shape
-    pairs = {c: _pairwise(S4) for c, S4 in nested.items()}
+    pairs = {c: _identity_pairs(S4) if c in rigid else _pairwise(S4) for c, S4 in nested.items()}
     # S + Σ_c values_c, added as ``S + ((0 + v_1) + v_2 …)``; without nested spaces ``S + 0``, made once and
     # negated in place (an n × n float64 matrix: a wide MLP space's is 250 MB)
     total = S + (sum((v for v, _ in pairs.values()), np.zeros_like(S)) if pairs else 0.0)
@@ -158,6 +160,12 @@ def solve_block(block: Block, cost: CostModel, perms: Mapping[int, torch.Tensor]
     return maps, current, aligned
 
 
+def _identity_pairs(S4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Like ``fxfuse.core.maps._pairwise`` with the identity inside every parent pair: values ``Σ_a S4[j,k,a,a]``."""
+    n_t, n_s, m, _ = S4.shape
+    return np.einsum("jkaa->jk", S4), np.broadcast_to(np.arange(m), (n_t, n_s, m)).copy()
+
+
 COUPLED_RESOLVES = 8  # re-solves of a block on its own account (nested children sharing a piece)
 
 
@@ -193,6 +201,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
 
     todo = blocks(target, set(fixed))
     grouped = {i for i, b in enumerate(todo) if is_group_block(b, levels or {})}
+    rigid = frozenset(s for s, level in (levels or {}).items() if level == ROTARY)
 
     clock = _Clock(cost)
 
@@ -203,7 +212,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
                 if got is not None:
                     return got
                 grouped.discard(i)  # sizes differ: permutations and matchings as usual
-            return solve_block(todo[i], clock, perms, known_only=known_only)
+            return solve_block(todo[i], clock, perms, known_only=known_only, rigid=rigid)
 
     perms: dict[int, torch.Tensor] = {}
     results: dict[int, dict[int, TransportMap]] = {}
@@ -268,7 +277,7 @@ def align(target: Analysis, cost: CostModel, *, solver: str = "exact", reg: floa
     for i, block in enumerate(todo):
         if i not in grouped and (solver == "sinkhorn" or any(m.descent_value() is None for m in results[i].values())):
             with clock.timing(block.root):
-                maps, _, _ = solve_block(block, clock, perms, solver, reg, soft=solver == "sinkhorn")
+                maps, _, _ = solve_block(block, clock, perms, solver, reg, soft=solver == "sinkhorn", rigid=rigid)
         else:
             maps = results[i]
         final.update(maps)

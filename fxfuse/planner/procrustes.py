@@ -20,6 +20,11 @@ wider target the source computes exactly what it did; into a narrower one it is
 projected (not exact). A space some op keeps only as a *sum* over the axis (``q·k``,
 ``Σ x²``, a tied weight: ``Analysis.summed``) is not embedded: a matching as before.
 
+Rotary dims (``fxfuse.frontend.rotary``): one 2×2 rotation per frequency pair
+``(i, i + m/2)``. ``tr(Rᵀ S) = Σ_i a_i cos φ_i + b_i sin φ_i`` with ``a_i = S[i,i] +
+S[i+h,i+h]``, ``b_i = S[i+h,i] − S[i,i+h]``: ``φ_i = atan2(b_i, a_i)``, value
+``Σ_i √(a_i² + b_i²)``.
+
 Heads: for every pair of target head ``j`` and source head ``k`` the in-head
 maps are solved by Procrustes on that pair's block; the best value (the
 nuclear norm, which no in-head map of the source changes) is the pair's cost,
@@ -35,8 +40,8 @@ import torch
 
 from ..core.maps import Block, TransportMap, _pairwise
 from ..core.solvers import assignment
-from ..frontend.groups import ORTHO_ONES, PERM
-from .groupmaps import ones_complement
+from ..frontend.groups import ORTHO_ONES, PERM, ROTARY
+from .groupmaps import ones_complement, rotations
 
 
 def procrustes(S: np.ndarray, fix_ones: bool = False, device: torch.device | None = None) -> np.ndarray:
@@ -57,6 +62,16 @@ def _polar(S: np.ndarray, device: torch.device | None) -> np.ndarray:
         return U @ Vt
     U, _, Vt = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(S)).to(device), full_matrices=full)
     return (U @ Vt).cpu().numpy()
+
+
+def rotary(S: np.ndarray) -> np.ndarray:
+    """The block rotation ``R`` (one 2×2 rotation per pair ``(i, i + m/2)``) maximising ``tr(Rᵀ S)``, batched over
+    leading dims of ``S`` (``(…, m, m)``)."""
+    h = S.shape[-1] // 2
+    i = np.arange(h)
+    a = S[..., i, i] + S[..., i + h, i + h]
+    b = S[..., i + h, i] - S[..., i, i + h]
+    return rotations(np.arctan2(b, a))
 
 
 def embedding(S: np.ndarray, fix_ones: bool = False, device: torch.device | None = None) -> np.ndarray:
@@ -80,6 +95,12 @@ def _pairwise_procrustes(S4: np.ndarray, fix_ones: bool, device: torch.device | 
     else:
         Qs = _polar(S4, device)
     return np.einsum("jkab,jkab->jk", Qs, S4), Qs
+
+
+def _pairwise_rotary(S4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per head pair: value ``max_R tr(Rᵀ S4[j,k])`` ``(n, n)`` over block rotations, and the maps ``(n, n, m, m)``."""
+    Rs = rotary(S4)
+    return np.einsum("jkab,jkab->jk", Rs, S4), Rs
 
 
 def _value(M: torch.Tensor | None, S: np.ndarray) -> float:
@@ -114,7 +135,8 @@ def solve_group_block(block: Block, cost, perms, levels, known_only: bool = Fals
         return None
     rows = np.arange(n_t)
     if not block.children:
-        Q = procrustes(S, fix_ones=levels[block.root] == ORTHO_ONES, device=device)
+        Q = (rotary(S) if levels[block.root] == ROTARY
+             else procrustes(S, fix_ones=levels[block.root] == ORTHO_ONES, device=device))
         aligned = float((Q * S).sum())
         m = TransportMap(block.root, q=torch.from_numpy(Q), similarity_identity=float(np.trace(S)),
                          similarity_aligned=aligned, solver="procrustes")
@@ -122,7 +144,9 @@ def solve_group_block(block: Block, cost, perms, levels, known_only: bool = Fals
     values, tables = {}, {}
     for c, S4 in nested.items():
         level = levels.get(c, PERM)
-        values[c], tables[c] = (_pairwise_procrustes(S4, level == ORTHO_ONES, device) if level > PERM else _pairwise(S4))
+        values[c], tables[c] = (_pairwise_rotary(S4) if level == ROTARY
+                                else _pairwise_procrustes(S4, level == ORTHO_ONES, device) if level > PERM
+                                else _pairwise(S4))
     total = S + sum(values.values(), np.zeros_like(S))
     p = assignment(-total) if block.root_free else rows
     aligned = float(total[rows, p].sum())
