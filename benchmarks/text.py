@@ -93,10 +93,11 @@ CONFIG = {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "i
           "positions": SEQ, "dropout": 0.0}
 TRAIN = {"steps": 400, "batch": 32, "lr": 2e-3, "weight_decay": 0.01, "betas": (0.9, 0.98), "warmup": 0.05,
          "final_lr_factor": 0.1, "clip": 1.0}
-KINDS = ("bert", "gpt2")
-WORD_EMBEDDING = {"bert": "bert.embeddings.word_embeddings.weight", "gpt2": "transformer.wte.weight"}
-HEAD = {"bert": "mlm", "gpt2": "causal"}
-TITLE = {"bert": "BERT masked LM", "gpt2": "GPT-2 causal LM"}
+KINDS = ("bert", "gpt2", "llama")
+WORD_EMBEDDING = {"bert": "bert.embeddings.word_embeddings.weight", "gpt2": "transformer.wte.weight",
+                  "llama": "model.embed_tokens.weight"}
+HEAD = {"bert": "mlm", "gpt2": "causal", "llama": "causal"}
+TITLE = {"bert": "BERT masked LM", "gpt2": "GPT-2 causal LM", "llama": "Llama causal LM (RoPE, grouped-query)"}
 
 SETTINGS = [  # (row, compile options); calib and pin are filled in per model type
     ("fxfuse weights", {"cost": "weights"}),
@@ -113,6 +114,11 @@ SETTINGS = [  # (row, compile options); calib and pin are filled in per model ty
     # ... learning per-unit scales of the fused model with the maps (fxfuse.backend.scales)
     ("fxfuse weights, groups full + refine + scales", {"cost": "weights", "groups": "full", "untie": True,
                                                        "refine": True, "scales": True}),
+    # rotary embeddings (Llama): the query/key dims kept pinned, as op-by-op analysis leaves them
+    ("fxfuse weights, groups full, rotary pinned", {"cost": "weights", "groups": "full", "untie": True,
+                                                    "rules": "rotary pinned"}),
+    ("fxfuse weights, groups full, rotary pinned + refine", {"cost": "weights", "groups": "full", "untie": True,
+                                                             "rules": "rotary pinned", "refine": True}),
     # data-free: refined on sequences sampled from the parents (fxfuse.models.sampling), no text read
     ("fxfuse weights, groups full + refine on parents' samples", {"cost": "weights", "groups": "full",
                                                                   "untie": True, "refine": "sampled"}),
@@ -214,6 +220,15 @@ def build(kind: str, seed: int) -> torch.nn.Module:
                          max_position_embeddings=c["positions"], hidden_dropout_prob=c["dropout"],
                          attention_probs_dropout_prob=c["dropout"], pad_token_id=PAD, tie_word_embeddings=True)
         return BertForMaskedLM(cfg)
+    if kind == "llama":  # untied, two query heads per key/value head
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], num_hidden_layers=c["layers"],
+                          num_attention_heads=c["heads"], num_key_value_heads=max(1, c["heads"] // 2),
+                          intermediate_size=c["intermediate"], max_position_embeddings=c["positions"],
+                          attention_dropout=c["dropout"], use_cache=False, tie_word_embeddings=False,
+                          bos_token_id=SEP, eos_token_id=SEP)
+        return LlamaForCausalLM(cfg)
     cfg = GPT2Config(vocab_size=c["vocab"], n_embd=c["hidden"], n_layer=c["layers"], n_head=c["heads"],
                      n_inner=c["intermediate"], n_positions=c["positions"], resid_pdrop=c["dropout"],
                      embd_pdrop=c["dropout"], attn_pdrop=c["dropout"], use_cache=False,
@@ -340,8 +355,8 @@ def at_half(c) -> tuple[float, float]:
 def sampled(kind: str, seeds: tuple, a, b, data: dict, corpus: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
     """``--sample`` sequences drawn from the pair (``fxfuse.sample_sequences``, seed 0), labelled by themselves;
     cached next to the models (keyed by both models' cache names and the count)."""
-    if kind != "gpt2":
-        raise SystemExit("the parents' samples row needs causal LMs: run it with --models gpt2")
+    if HEAD[kind] != "causal":
+        raise SystemExit("the parents' samples row needs causal LMs: run it with --models gpt2 or llama")
     names = "_".join(cache_path(kind, s, corpus["info"]["sha1"]).stem for s in seeds)
     path = CACHE / f"samples_{names}_{args.sample}.pt"
     if path.exists():
@@ -362,6 +377,15 @@ def sampled(kind: str, seeds: tuple, a, b, data: dict, corpus: dict, args) -> tu
     return x, x.clone()
 
 
+def rotary_pinned():
+    """The shipped rules with the rotary-embedding pattern replaced by ``kind: pin`` (its dims stay in place)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "rotary-pinned.yaml"
+    path.write_text("- op: pattern.rotary_embedding\n  kind: pin\n")
+    return fxfuse.load_rules([path])
+
+
 def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args) -> dict:
     seeds = (2 * i + 1, 2 * i + 2)
     models, infos = [], []
@@ -380,6 +404,8 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
             kw["calib"] = data["calib"]
         if kw.get("pin") == "residual":
             kw["pin"] = [pin_pattern]
+        if kw.get("rules") == "rotary pinned":
+            kw["rules"] = rotary_pinned()
         scales = kw.pop("scales", False) or REFINE["scales"]
         refine_on = kw.pop("refine", False)
         if refine_on:
@@ -573,7 +599,7 @@ def print_kind(res: dict) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--models", default="bert,gpt2", help="comma-separated subset of bert,gpt2")
+    ap.add_argument("--models", default="bert,gpt2", help="comma-separated subset of bert,gpt2,llama")
     ap.add_argument("--points", type=int, default=11, help="λ values on each curve")
     ap.add_argument("--eval", type=int, default=512, help="held-out sequences")
     ap.add_argument("--calib", type=int, default=256, help="training sequences for activation matching")
