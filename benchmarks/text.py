@@ -98,6 +98,7 @@ WORD_EMBEDDING = {"bert": "bert.embeddings.word_embeddings.weight", "gpt2": "tra
                   "llama": "model.embed_tokens.weight"}
 HEAD = {"bert": "mlm", "gpt2": "causal", "llama": "causal"}
 TITLE = {"bert": "BERT masked LM", "gpt2": "GPT-2 causal LM", "llama": "Llama causal LM (RoPE, grouped-query)"}
+ROTARY_KINDS = ("llama",)
 
 SETTINGS = [  # (row, compile options); calib and pin are filled in per model type
     ("fxfuse weights", {"cost": "weights"}),
@@ -140,8 +141,10 @@ END_TOL = 1e-4              # relative: aligned and vanilla curves must share th
 ACTIVE: list[str] = []  # --rows
 
 
-def active_settings() -> list[tuple[str, dict]]:
-    return [(r, o) for r, o in SETTINGS if not ACTIVE or r in ACTIVE]
+def active_settings(kind: str | None = None) -> list[tuple[str, dict]]:
+    """The rows to run (``--rows``); the rotary-pinned rows only for models with rotary embeddings."""
+    return [(r, o) for r, o in SETTINGS if (not ACTIVE or r in ACTIVE)
+            and (kind is None or o.get("rules") != "rotary pinned" or kind in ROTARY_KINDS)]
 
 
 def log(msg: str) -> None:
@@ -398,7 +401,7 @@ def run_pair(kind: str, i: int, corpus: dict, data: dict, pin_pattern: str, args
               "problems": []}
     vanilla = None
     t_pair = time.perf_counter()
-    for row, opts in active_settings():
+    for row, opts in active_settings(kind):
         kw = dict(opts)
         if kw.get("cost") == "activations":
             kw["calib"] = data["calib"]
@@ -476,7 +479,7 @@ def run_kind(kind: str, corpus: dict, args) -> dict:
                 f"{pin_info['members']} member axes); pin pattern {pin_pattern!r}")
         rec = run_pair(kind, i, corpus, data, pin_pattern, args)
         pairs.append(rec)
-    rows = ["vanilla"] + [row for row, _ in active_settings()]
+    rows = ["vanilla"] + [row for row, _ in active_settings(kind)]
     summary = {}
     for row in rows:
         curves = [p["vanilla"] if row == "vanilla" else p["settings"][row]["curve"] for p in pairs]
@@ -553,7 +556,7 @@ def print_kind(res: dict) -> dict:
     print(f"\nParents' held-out loss: mean {par['mean']:.4f} (min–max {par['min']:.4f}–{par['max']:.4f}); per pair A / B: {per}. "
           f"For scale: a unigram byte model (train-split frequencies) scores {res['unigram_loss']:.4f}.")
     van = s["vanilla"]["barrier"]["mean"]
-    fx = {row: s[row]["barrier"]["mean"] for row, _ in active_settings()}
+    fx = {row: s[row]["barrier"]["mean"] for row, _ in active_settings(res["kind"])}
     best = min((r for r in fx if "refine" not in r), key=fx.get, default=min(fx, key=fx.get))
     cut = (van - fx[best]) / van if van > 0 else float("nan")
     met = cut >= TARGET_CUT

@@ -20,6 +20,14 @@ linear in the one operand that varies along an axis; a second varying operand
 is allowed only when it is a parameter that is uniform along it: a per-channel
 scale already folded away). ``scale: [weight]`` names arguments that multiply
 per channel: the declared groups hold only where they are uniform parameters.
+``means: [c]`` says the op averages over ``c`` (a norm); an orthogonal limit
+without it is recorded as a *sum* over the axis (``walker.summed``), which rules
+out stretched embeddings between widths (``fxfuse.planner.procrustes``).
+
+Off the chain, ``rotary`` (one 2×2 rotation per frequency pair, the dims a
+rotary embedding rotates: ``fxfuse.frontend.rotary``) lies inside
+``orthogonal`` and meets ``perm`` and ``orthogonal_ones`` in ``identity``: a
+space left with the identity alone is pinned.
 """
 from __future__ import annotations
 
