@@ -104,11 +104,11 @@ def axis_matrix(expr: AxisExpr, alignment: Alignment, parents: Mapping[int, int]
                    and parents.get(parts[i + len(children) + 1].space) == part.space
                    and parts[i + len(children) + 1].space in maps):
                 children.append(parts[i + len(children) + 1])
-            if len(children) == 1:
-                mats.append(_nested(part, nxt, alignment, reads, uniform))
-            else:
-                mats.append(joint_matrix(axis_matrix(part, alignment, {}, reads, uniform),
-                                         [_inner(part, c, alignment, reads, uniform) for c in children]))
+            if len(children) == 1 and maps[nxt.space].q is None:
+                mats.append(_nested(part, nxt, alignment, reads))
+            else:  # several children, or in-head group maps: M[(j,a,…),(k,b,…)] = A[j,k]·Π C_c[j,k]
+                A = axis_matrix(part, alignment, {}, reads, uniform)
+                mats.append(joint_matrix(A, [_inner(c, alignment, reads, uniform, *A.shape) for c in children]))
             i += 1 + len(children)
             continue
         mats.append(axis_matrix(part, alignment, parents, reads, uniform))
@@ -124,28 +124,21 @@ def _factors(expr: Product) -> list[AxisExpr]:
     return [f for part in expr.parts for f in (_factors(part) if isinstance(part, Product) else [part])]
 
 
-def _nested(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool, uniform: bool = False) -> torch.Tensor:
-    """``M[(j,a),(k,b)] = A_H[j,k]·[b = π_{jk}(a)]`` (hard parent: ``π_{j,p(j)} = perm[j]``); for in-head group
-    maps ``Q_j`` (``(n_t, m, m)``): ``A_H[j,k]·C_j[a,b]``, ``C_j = Q_j`` or ``Q_j^{-T}`` where the axis reads."""
-    A = axis_matrix(parent, alignment, {}, reads, uniform)
+def _nested(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool) -> torch.Tensor:
+    """``M[(j,a),(k,b)] = A_H[j,k]·[b = π_{jk}(a)]`` (hard parent: ``π_{j,p(j)} = perm[j]``)."""
+    A = axis_matrix(parent, alignment, {}, reads)
     cm = alignment.maps[child.space]
     if cm.pair_perms is not None:
         return nested_matrix(A, cm.pair_perms)
-    if cm.q is not None:
-        C = cm.q.double()
-        C = (torch.full_like(C, 1.0 / C.shape[-1]) if uniform
-             else torch.linalg.inv(C).transpose(1, 2) if reads else C)
-        n_t, n_s = A.shape
-        m = C.shape[-1]
-        return (A[:, :, None, None] * C[:, None]).permute(0, 2, 1, 3).reshape(n_t * m, n_s * m)
     n_t, n_s = A.shape
     pairs = cm.perm.unsqueeze(1).expand(n_t, n_s, child.size)  # only (j, p(j)) has weight
     return nested_matrix(A, pairs)
 
 
-def _inner(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool, uniform: bool) -> torch.Tensor:
-    """``C[j,k,a,b]`` (``(n_t, n_s, m, m)``) of ``child`` under every pair of parent units (``joint_matrix``)."""
-    n_t, n_s = axis_matrix(parent, alignment, {}, reads, uniform).shape
+def _inner(child: Leaf, alignment: Alignment, reads: bool, uniform: bool, n_t: int, n_s: int) -> torch.Tensor:
+    """``C[j,k,a,b]`` (``(n_t, n_s, m, m)``) of ``child`` under every pair of parent units (``joint_matrix``): its pair
+    perm, its in-head group map ``Q_j`` (``Q_j^{-T}`` where the axis reads; the mean for a uniform scale), or its
+    perm under a hard parent (only ``(j, p(j))`` has weight)."""
     cm, m = alignment.maps[child.space], child.size
     if cm.pair_perms is not None:
         return torch.eye(m, dtype=torch.float64)[cm.pair_perms]
@@ -153,7 +146,7 @@ def _inner(parent: Leaf, child: Leaf, alignment: Alignment, reads: bool, uniform
         C = cm.q.double()
         C = (torch.full_like(C, 1.0 / m) if uniform else torch.linalg.inv(C).transpose(1, 2) if reads else C)
         return C[:, None].expand(n_t, n_s, m, m)
-    return torch.eye(m, dtype=torch.float64)[cm.perm][:, None].expand(n_t, n_s, m, m)  # only (j, p(j)) has weight
+    return torch.eye(m, dtype=torch.float64)[cm.perm][:, None].expand(n_t, n_s, m, m)
 
 
 def _apply_matrices(t, axes, consumed, alignment, parents, uniform: bool = False) -> torch.Tensor:

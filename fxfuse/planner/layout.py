@@ -67,23 +67,14 @@ def apply_matrix(t: torch.Tensor, d: int, M: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(M.to(t.dtype), t, dims=([1], [d])).movedim(0, d)
 
 
-def _apply_nested(t: torch.Tensor, e: int, d: int, M: torch.Tensor) -> torch.Tensor:
-    """Move parent dim ``e`` and nested dim ``d`` jointly by ``M`` (``(n_t·m) × (n_s·m)``)."""
-    x = t.movedim((e, d), (0, 1))
-    rest = x.shape[2:]
-    y = (M.to(t.dtype) @ x.reshape(x.shape[0] * x.shape[1], -1)).reshape(-1, x.shape[1], *rest)
-    return y.movedim((0, 1), (e, d))
-
-
 def _apply_joint(t: torch.Tensor, e: int, dims: list[int], M: torch.Tensor) -> torch.Tensor:
-    """Move parent dim ``e`` and nested dims ``dims`` jointly by ``M`` (``joint_matrix``)."""
-    order = (e, *dims)
-    x = t.movedim(order, tuple(range(len(order))))
-    inner = x.shape[1:len(order)]
-    rest = x.shape[len(order):]
-    y = (M.to(t.dtype) @ x.reshape(-1, *rest).reshape(x.shape[0] * inner.numel(), -1))
-    y = y.reshape(-1, *inner, *rest)
-    return y.movedim(tuple(range(len(order))), order)
+    """Move parent dim ``e`` and nested dims ``dims`` jointly by ``M`` (``(n_t·m₁·m₂…) × (n_s·m₁·m₂…)``,
+    ``joint_matrix`` or ``nested_matrix``)."""
+    order = tuple(range(1 + len(dims)))
+    x = t.movedim((e, *dims), order)
+    inner, rest = x.shape[1:len(order)], x.shape[len(order):]
+    y = M.to(t.dtype) @ x.reshape(x.shape[0] * inner.numel(), -1)
+    return y.reshape(-1, *inner, *rest).movedim(order, (e, *dims))
 
 
 def permute_piece(t: torch.Tensor, spaces: tuple[int, ...], perms: Mapping[int, torch.Tensor],
@@ -108,7 +99,7 @@ def permute_piece(t: torch.Tensor, spaces: tuple[int, ...], perms: Mapping[int, 
             if not children:
                 t = apply_matrix(t, d, p)
             elif len(children) == 1:
-                t = _apply_nested(t, d, children[0], nested_matrix(p, perms[spaces[children[0]]]))
+                t = _apply_joint(t, d, children, nested_matrix(p, perms[spaces[children[0]]]))
             else:  # several spaces nested under one matched parent (query groups and head dims under KV heads)
                 inners = [torch.eye(perms[spaces[c]].shape[-1], dtype=p.dtype)[perms[spaces[c]]] for c in children]
                 t = _apply_joint(t, d, children, joint_matrix(p, inners))
