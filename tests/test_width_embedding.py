@@ -7,6 +7,8 @@ units by ``Q = √(n_t/n_s)·Q̃`` (``Q̃`` orthonormal columns, ``Q·1 = 1``: w
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -231,8 +233,11 @@ def test_cli_width_maps(tmp_path, capsys):
     for maps in ("embedding", "matching"):
         out = tmp_path / maps
         flags = [] if maps == "embedding" else ["--width-maps", "matching"]
+        capsys.readouterr()
         assert main(["compile", str(tmp_path / "narrow"), str(tmp_path / "wide"), "-o", str(out), "--target", "1",
-                     "--groups", "full", "-q", *flags]) == 0
+                     "--groups", "full", "--show-depth-map", "-q", *flags]) == 0
+        assert re.search(rf"width: s\d+ \(vit\.embeddings\.cls_token:2\) sizes 64 / 96 -> 96 by {maps}\n",
+                         capsys.readouterr().out)
         report = json.loads((out / "report.json").read_text())
         stream = next(s for s in report["spaces"] if s.get("sizes") == [64, 96] and s["group"] != "perm")
         assert stream["models"][0]["map"] == maps

@@ -147,7 +147,9 @@ def render_depth_maps(entries: list[dict], width_maps: list[dict] | None = None)
         lines.append(f"  output change of the relayered model {e['model']}: {e['drift']:.1e}")
     for w in width_maps or ():
         sizes = " / ".join(str(n) for n in w["sizes"])
-        lines.append(f"width: s{w['space']} ({w['name']}) sizes {sizes} -> {w['target_size']}")
+        kinds = ", ".join(w.get("maps", ()))
+        lines.append(f"width: s{w['space']} ({w['name']}) sizes {sizes} -> {w['target_size']}"
+                     + (f" by {kinds}" if kinds else ""))
     if not width_maps:
         lines.append("width: every model has the target's widths")
     return "\n".join(lines) + "\n"

@@ -64,12 +64,13 @@ def _spaces(analysed: Analysed, alignments, options: Options) -> tuple[list[dict
         entry = {"id": s.id, "name": s.name, "size": s.size, "free": s.free and s.id not in fixed,
                  "reason": fixed.get(s.id) or s.reason, "parent": s.parent, "roles": list(s.roles),
                  "members": len(s.members), "models": []}
-        if len(set(sizes)) > 1:
-            entry["sizes"] = sizes
-            widths.append({"space": s.id, "name": s.name, "sizes": sizes, "target_size": s.size})
         for i, al in enumerate(alignments):
             if al is not None and s.id in al.maps:
                 entry["models"].append(_map_entry(al.maps[s.id], i, sizes[i], options.solver))
+        if len(set(sizes)) > 1:
+            entry["sizes"] = sizes
+            widths.append({"space": s.id, "name": s.name, "sizes": sizes, "target_size": s.size,
+                           "maps": sorted({m["map"] for m in entry["models"]})})
         level = levels.get(s.id, 0)
         entry["group"] = GROUP_NAMES[level]
         limiting = [a.group(s.id).limited_by for a in analysed.analyses if a.group(s.id).level == level]
