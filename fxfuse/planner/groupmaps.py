@@ -108,7 +108,7 @@ def aligned_state_groups(analysis: Analysis, state: Mapping[str, torch.Tensor], 
         work = t.detach().double().clone().contiguous()
         reads = tuple(bool(c) for c in layout.consumed) + (False,) * (t.dim() - len(layout.consumed))
         for view, spaces, flags in _pieces(work, layout.axes, reads):
-            if any(s in maps for s in spaces):
+            if view.numel() and any(s in maps for s in spaces):  # (an empty piece: a slice of nothing)
                 view.copy_(_move_piece(view.clone(), spaces, flags, maps, parents))
         moved = work.to(t.dtype)
         for key in (name,) + layout.aliases:
