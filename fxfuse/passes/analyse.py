@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..frontend.groups import IDENTITY, meet_level
+from ..frontend.groups import IDENTITY, INVERTIBLE, PERM, meet_level
 from ..frontend.rules import RuleSet
 from ..frontend.spaces import Analysis, analyze, expr_leaves
 from .inputs import FusionError, Inputs, Options, Progress, quiet
@@ -50,7 +50,7 @@ class Analysed:
         """Spaces with a group beyond the permutations that no model's ops keep only as a sum over the axis: where
         their widths differ they move by a stretched orthonormal embedding (``fxfuse.planner.procrustes``)."""
         return frozenset(s for s, level in (self.levels or {}).items()
-                         if 0 < level <= 3 and not any(s in a.summed for a in self.analyses))
+                         if PERM < level <= INVERTIBLE and not any(s in a.summed for a in self.analyses))
 
     @property
     def ref(self) -> Analysis:
