@@ -23,7 +23,7 @@ from ..core.errors import FxfuseError
 from ..core.solvers import assignment, consumer, matching
 from ..frontend.groups import INVERTIBLE, ORTHO_ONES, ROTARY
 from ..frontend.spaces import Analysis, AxisExpr, Concat, Leaf, Product
-from ..planner.groupmaps import ones_complement
+from ..planner.groupmaps import block_rotation, nearest_block_rotation, ones_complement
 from ..planner.layout import joint_matrix
 from ..planner.plan import Alignment
 
@@ -44,11 +44,8 @@ def project(latent: torch.Tensor, group: str) -> torch.Tensor:
     ``orthogonal_ones``: the orthogonal maps with ``Q·1 = 1``, ``B O Bᵀ + 11ᵀ/n``
     with ``O`` the projection of ``Bᵀ L B`` (``B`` an orthonormal basis of ``1^⊥``).
     """
-    if group == "rotary":  # one angle per frequency pair (i, i + m/2): φ = atan2(b, a) (fxfuse.planner.procrustes)
-        L = latent.detach()
-        h = L.shape[-1] // 2
-        i = torch.arange(h, device=L.device)
-        return block_rotation(torch.atan2(L[..., i + h, i] - L[..., i, i + h], L[..., i, i] + L[..., i + h, i + h]))
+    if group == "rotary":  # one angle per frequency pair (i, i + m/2)
+        return nearest_block_rotation(latent.detach())
     if group == "orthogonal":  # thin where the widths differ: orthonormal columns or rows
         U, _, Vh = torch.linalg.svd(latent.detach(), full_matrices=latent.shape[-1] == latent.shape[-2])
         return U @ Vh
@@ -77,12 +74,6 @@ def straight_through(latent: torch.Tensor, group: str) -> torch.Tensor:
 
 def _one_hot(perm: torch.Tensor, n: int) -> torch.Tensor:
     return torch.eye(n)[perm]
-
-
-def block_rotation(angles: torch.Tensor) -> torch.Tensor:
-    """``(…, 2h, 2h)`` from ``angles`` ``(…, h)``, differentiable: a 2×2 rotation by ``φ_i`` on each pair ``(i, i + h)``."""
-    c, s = torch.diag_embed(torch.cos(angles)), torch.diag_embed(torch.sin(angles))
-    return torch.cat([torch.cat([c, -s], -1), torch.cat([s, c], -1)], -2)
 
 
 def rotation(generator: torch.Tensor, group: str) -> torch.Tensor:

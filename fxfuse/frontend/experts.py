@@ -52,6 +52,7 @@ from ..core.axes import CONCAT, PRODUCT
 from .groups import PERM
 from .kinds import KINDS, Call, RuleMismatch, kind, walk
 from .op_context import OpContext
+from .trace import ASSERT_METADATA as ASSERT, call_op as _op, node_shape as _shape
 
 # the rule that switches the recognition on (``rules/experts.yaml``); a rule file may replace it
 PATTERN_OP = "pattern.routed_experts"
@@ -60,7 +61,6 @@ ACTIVATIONS = ("aten.silu.default", "aten.gelu.default", "aten.relu.default", "a
                "aten.sigmoid.default")
 CASTS = ("aten.to.dtype", "aten._to_copy.default", "aten.alias.default", "aten.clone.default",
          "aten.contiguous.default")
-ASSERT = "aten._assert_tensor_metadata.default"
 EXACT = (torch.int32, torch.int64, torch.float32, torch.float64)  # hold every id and position of a layer exactly
 
 
@@ -86,15 +86,6 @@ class RoutedExperts:
 
 class Miss(Exception):
     """The subgraph around a top-k is not the routed-experts pattern; the message says where and why."""
-
-
-def _op(n: Any) -> str:
-    return str(n.target) if isinstance(n, torch.fx.Node) and n.op == "call_function" else ""
-
-
-def _shape(n: Any) -> tuple[int, ...] | None:
-    val = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _arg(n: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:

@@ -36,11 +36,11 @@ import torch
 
 from .groups import ROTARY
 from .kinds import kind, walk
+from .trace import ASSERT_METADATA as ASSERT, call_op as _op, node_shape as _shape
 
 PATTERN_OP = "pattern.rotary_embedding"
 PASS_THROUGH = ("aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten._to_copy.default",
                 "aten.alias.default", "aten.clone.default", "aten.contiguous.default", "aten.unsqueeze.default")
-ASSERT = "aten._assert_tensor_metadata.default"
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,6 @@ class Rotary:
     @property
     def name(self) -> str:
         return self.out.name
-
-
-def _op(n: Any) -> str:
-    return str(n.target) if isinstance(n, torch.fx.Node) and n.op == "call_function" else ""
-
-
-def _shape(n: Any) -> tuple[int, ...] | None:
-    val = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _last(dim: Any, rank: int) -> bool:

@@ -32,6 +32,20 @@ def op_name(target: Any) -> str:
     return f"{mod}.{getattr(target, '__name__', str(target))}".strip(".")
 
 
+ASSERT_METADATA = "aten._assert_tensor_metadata.default"  # export's dtype/device assertions: they read, never use
+
+
+def call_op(n: Any) -> str:
+    """``str(target)`` of a ``call_function`` node (``aten.mul.Tensor``), ``""`` for anything else."""
+    return str(n.target) if isinstance(n, torch.fx.Node) and n.op == "call_function" else ""
+
+
+def node_shape(n: Any) -> tuple[int, ...] | None:
+    """The traced shape of a node's tensor value, ``None`` where it has none."""
+    val = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
 @dataclass(frozen=True)
 class Placeholder:
     """A graph input: ``kind`` is input/parameter/buffer/constant; ``target`` its state-dict name."""

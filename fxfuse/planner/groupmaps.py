@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import numpy as np
 import torch
 
 from ..core.solvers import consumer
@@ -143,18 +142,19 @@ def ones_complement(n: int) -> torch.Tensor:
     return U[:, : n - 1]
 
 
-def rotations(angles: np.ndarray) -> np.ndarray:
-    """``(…, m, m)`` block rotations from ``angles`` (``(…, h)``, ``m = 2h``): ``R[i,i] = R[i+h,i+h] = cos φ_i``,
-    ``R[i+h,i] = sin φ_i = −R[i,i+h]``."""
-    h = angles.shape[-1]
-    i = np.arange(h)
-    R = np.zeros(angles.shape[:-1] + (2 * h, 2 * h))
-    c, s = np.cos(angles), np.sin(angles)
-    R[..., i, i] = c
-    R[..., i + h, i + h] = c
-    R[..., i + h, i] = s
-    R[..., i, i + h] = -s
-    return R
+def block_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """``(…, 2h, 2h)`` from ``angles`` ``(…, h)``, differentiable: a 2×2 rotation by ``φ_i`` on each pair
+    ``(i, i + h)``: ``R[i,i] = R[i+h,i+h] = cos φ_i``, ``R[i+h,i] = sin φ_i = −R[i,i+h]``."""
+    c, s = torch.diag_embed(torch.cos(angles)), torch.diag_embed(torch.sin(angles))
+    return torch.cat([torch.cat([c, -s], -1), torch.cat([s, c], -1)], -2)
+
+
+def nearest_block_rotation(S: torch.Tensor) -> torch.Tensor:
+    """The block rotation maximising ``tr(Rᵀ S)`` (batched over leading dims of ``S``, ``(…, m, m)``):
+    ``φ_i = atan2(S[i+h,i] − S[i,i+h], S[i,i] + S[i+h,i+h])`` (``fxfuse.planner.procrustes``)."""
+    h = S.shape[-1] // 2
+    i = torch.arange(h, device=S.device)
+    return block_rotation(torch.atan2(S[..., i + h, i] - S[..., i, i + h], S[..., i, i] + S[..., i + h, i + h]))
 
 
 def random_element(level: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -167,8 +167,7 @@ def random_element(level: int, n: int, g: torch.Generator) -> torch.Tensor:
         s = torch.exp(torch.rand(n, generator=g, dtype=torch.float64) - 0.5)
         return random_orthogonal(n, g) @ torch.diag(s) @ random_orthogonal(n, g)
     if level == ROTARY:  # one uniform angle per frequency pair (i, i + n/2)
-        angles = (torch.rand(n // 2, generator=g, dtype=torch.float64) * 2 - 1) * torch.pi
-        return torch.from_numpy(rotations(angles.numpy()))
+        return block_rotation((torch.rand(n // 2, generator=g, dtype=torch.float64) * 2 - 1) * torch.pi)
     raise ValueError(f"no random matrix for level {level}")
 
 

@@ -41,7 +41,7 @@ import torch
 from ..core.maps import Block, TransportMap, _pairwise
 from ..core.solvers import assignment
 from ..frontend.groups import ORTHO_ONES, PERM, ROTARY
-from .groupmaps import ones_complement, rotations
+from .groupmaps import nearest_block_rotation, ones_complement
 
 
 def procrustes(S: np.ndarray, fix_ones: bool = False, device: torch.device | None = None) -> np.ndarray:
@@ -67,11 +67,7 @@ def _polar(S: np.ndarray, device: torch.device | None) -> np.ndarray:
 def rotary(S: np.ndarray) -> np.ndarray:
     """The block rotation ``R`` (one 2×2 rotation per pair ``(i, i + m/2)``) maximising ``tr(Rᵀ S)``, batched over
     leading dims of ``S`` (``(…, m, m)``)."""
-    h = S.shape[-1] // 2
-    i = np.arange(h)
-    a = S[..., i, i] + S[..., i + h, i + h]
-    b = S[..., i + h, i] - S[..., i, i + h]
-    return rotations(np.arctan2(b, a))
+    return nearest_block_rotation(torch.from_numpy(np.ascontiguousarray(S))).numpy()
 
 
 def embedding(S: np.ndarray, fix_ones: bool = False, device: torch.device | None = None) -> np.ndarray:
